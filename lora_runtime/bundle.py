@@ -1,0 +1,301 @@
+"""The bundle: the contract between the compiler and the runtime.
+
+A bundle is a directory::
+
+    manifest.json                 generation, points, slot table, adapters, use-cases, hashes, versions
+    model.onnx                    the base graph with LoRA branches (base weights inline or linked)
+    patches/<adapter>.safetensors v1/v2: one adapter's slot values, padded to the slot shapes ("ROM")
+    patches/group.safetensors     v3: the rank-concatenated A/B of every adapter
+    <base data files>             external data of the base model, hard-linked, never rewritten
+
+It is written into a temporary sibling directory and renamed into place, so a failed or killed
+compile leaves nothing that loads as a bundle. :func:`open_bundle` checks every file named in the
+manifest (inside the bundle, size, SHA-256) and every patch header against the slot table before
+anything uses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_runtime.errors import BundleError, TensorFileError, UseCaseError
+from lora_runtime.tensorfile import read_header
+
+FORMAT = "lora_runtime.bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+GRAPH = "model.onnx"
+GROUP_PATCH = "patches/group.safetensors"
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+SLOT_KINDS = ("lora_A", "lora_B", "lora_scaling", "strength")
+_DTYPE_BYTES = {"float32": 4, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Column:
+    """Adapter ``adapter`` owns rank columns [start, stop) at a point, with its PEFT scaling there."""
+
+    adapter: str
+    start: int
+    stop: int
+    scaling: float
+
+
+@dataclass(frozen=True)
+class Point:
+    """An attachment point: the base op, its size, the slot rank and who sits there."""
+
+    module: str
+    node: str
+    op_type: str
+    in_features: int
+    out_features: int
+    rank: int
+    columns: tuple[Column, ...]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """An updatable tensor: what a switch writes. Shapes are fixed at compile time."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    kind: str  # one of SLOT_KINDS
+
+    @property
+    def nbytes(self) -> int:
+        n = _DTYPE_BYTES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    source: str
+    sha256: str  # of the adapter's safetensors file
+    config: dict[str, Any]
+    nbytes: int  # its own LoRA weights, unpadded, in float32
+    patch: str | None  # v1/v2: its patch file; v3: None (the group patch holds it)
+
+
+@dataclass(frozen=True)
+class UseCase:
+    name: str
+    strengths: dict[str, float]  # adapter -> strength; empty: the base model alone
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    sha256: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    name: str  # file name of the base model the bundle was compiled from
+    sha256: str  # of the base .onnx file
+    nbytes: int
+    data_files: tuple[str, ...]  # external data files, linked into the bundle under the same names
+
+
+@dataclass(frozen=True)
+class Manifest:
+    generation: str
+    base: BaseInfo
+    points: tuple[Point, ...]
+    slots: tuple[Slot, ...]
+    adapters: tuple[AdapterInfo, ...]
+    use_cases: tuple[UseCase, ...]
+    files: dict[str, FileInfo]
+    versions: dict[str, str]
+    graph: str = GRAPH
+    group_patch: str | None = None
+    default_adapter: str | None = None  # v2: the adapter the graph's parameters hold
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def use_case(self, name: str) -> UseCase:
+        for u in self.use_cases:
+            if u.name == name:
+                return u
+        raise UseCaseError(f"unknown use-case {name!r}; this bundle has {', '.join(self.use_case_names) or 'none'}")
+
+    @property
+    def use_case_names(self) -> list[str]:
+        return [u.name for u in self.use_cases]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [a.name for a in self.adapters]
+
+    def adapter(self, name: str) -> AdapterInfo:
+        for a in self.adapters:
+            if a.name == name:
+                return a
+        raise UseCaseError(f"unknown adapter {name!r}; this bundle has {', '.join(self.adapter_names)}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> Manifest:
+        try:
+            if not isinstance(d, dict) or d.get("format") != FORMAT:
+                raise BundleError(f"{where}: not a lora_runtime bundle manifest")
+            if d.get("format_version") != FORMAT_VERSION:
+                raise BundleError(f"{where}: format_version {d.get('format_version')!r}, this lora_runtime reads "
+                                  f"{FORMAT_VERSION}; recompile the bundle")
+            return cls(
+                generation=str(d["generation"]),
+                base=BaseInfo(**{**d["base"], "data_files": tuple(d["base"]["data_files"])}),
+                points=tuple(Point(**{**p, "columns": tuple(Column(**c) for c in p["columns"])}) for p in d["points"]),
+                slots=tuple(Slot(**{**s, "shape": tuple(s["shape"])}) for s in d["slots"]),
+                adapters=tuple(AdapterInfo(**a) for a in d["adapters"]),
+                use_cases=tuple(UseCase(**u) for u in d["use_cases"]),
+                files={k: FileInfo(**v) for k, v in d["files"].items()},
+                versions=dict(d["versions"]), graph=d["graph"], group_patch=d.get("group_patch"),
+                default_adapter=d.get("default_adapter"), extra=dict(d.get("extra", {})))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """An opened, validated bundle directory."""
+
+    path: Path
+    manifest: Manifest
+
+    def file(self, rel: str) -> Path:
+        return inside(self.path, rel)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def inside(root: Path, rel: str) -> Path:
+    """``root / rel``, refusing absolute paths, '..' and symlinks that leave the bundle."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise BundleError(f"{root}: manifest names the path {rel!r}, which is not inside the bundle")
+    p = root / rel
+    if not p.resolve().is_relative_to(root.resolve()):
+        raise BundleError(f"{root}: {rel!r} resolves outside the bundle")
+    return p
+
+
+def open_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True) -> Bundle:
+    """Read and validate a bundle: manifest, every file's size and hash, every patch against the slots."""
+    root = Path(path)
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{root}: not a bundle (no {MANIFEST})")
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{mpath}: larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        data = json.loads(mpath.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mpath}: not valid JSON ({e})") from e
+    manifest = Manifest.from_json(data, str(mpath))
+    for rel, info in manifest.files.items():
+        p = inside(root, rel)
+        if not p.is_file():
+            raise BundleError(f"{root}: file {rel!r} named in the manifest is missing")
+        size = p.stat().st_size
+        if size != info.nbytes:
+            raise BundleError(f"{p}: {size} bytes, the manifest says {info.nbytes} (truncated or replaced)")
+        if verify_hashes and sha256_file(p) != info.sha256:
+            raise BundleError(f"{p}: SHA-256 does not match the manifest (tampered or corrupt)")
+    bundle = Bundle(root, manifest)
+    for rel in _patch_files(manifest):
+        if rel not in manifest.files:
+            raise BundleError(f"{root}: patch {rel!r} is not listed in the manifest's files")
+        check_patch(bundle, rel)
+    return bundle
+
+
+def _patch_files(m: Manifest) -> list[str]:
+    return [a.patch for a in m.adapters if a.patch] + ([m.group_patch] if m.group_patch else [])
+
+
+def patched_slots(m: Manifest) -> list[Slot]:
+    """The slots a patch file carries: everything but the strength."""
+    return [s for s in m.slots if s.kind != "strength"]
+
+
+def check_patch(bundle: Bundle, rel: str) -> None:
+    """A patch's header must list exactly the patched slots, in slot order, with their shapes and dtypes."""
+    p = bundle.file(rel)
+    try:
+        tf = read_header(p)
+    except TensorFileError as e:
+        raise BundleError(str(e)) from e
+    want = [(s.name, s.shape, {"float32": "F32", "float16": "F16"}[s.dtype]) for s in patched_slots(bundle.manifest)]
+    got = [(e.name, e.shape, e.dtype) for e in tf.entries.values()]
+    if got != want:
+        diff = next(((w, g) for w, g in zip(want, got) if w != g), (want[len(got):][:1], got[len(want):][:1]))
+        raise BundleError(f"{p}: patch does not fit the slot table (expected {diff[0]}, found {diff[1]})")
+
+
+@contextmanager
+def staging(out: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
+    """A temporary sibling directory that becomes ``out`` only if the block completes."""
+    out = Path(out).absolute()
+    if out.exists():
+        if not force:
+            raise BundleError(f"{out}: already exists; pass --force (force=True) to replace it")
+        if not (out / MANIFEST).is_file() and any(out.iterdir()):
+            raise BundleError(f"{out}: exists and is not a bundle; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary directory
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.rename(out, old / "b")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    (root / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
+
+
+def file_table(root: Path, rels: list[str]) -> dict[str, FileInfo]:
+    return {rel: FileInfo(sha256_file(root / rel), (root / rel).stat().st_size) for rel in rels}
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

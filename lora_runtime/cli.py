@@ -1,0 +1,125 @@
+"""``lora-runtime``: compile, run, inspect, demo.
+
+Every bad input ends in one line on stderr and exit code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from lora_runtime.errors import InputError, LoraRuntimeError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LoraRuntimeError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"lora-runtime {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lora-runtime {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-runtime", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="base ONNX + PEFT adapters -> a v1/v2/v3 bundle")
+    c.add_argument("--base", required=True, help="base model .onnx (any exporter; external data allowed)")
+    c.add_argument("--adapter", action="append", default=[], metavar="NAME=PEFT_DIR", required=True,
+                   help="a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors); repeat")
+    c.add_argument("--generation", required=True, choices=["v1", "v2", "v3"])
+    c.add_argument("--use-case", action="append", default=None, metavar="NAME=ADAPTER[:S][,ADAPTER[:S]]",
+                   help="a use-case; NAME= is the base model alone; default: one per adapter at strength 1")
+    c.add_argument("-o", "--out", required=True, help="bundle directory to create")
+    c.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    c.set_defaults(func=_compile)
+
+    r = sub.add_parser("run", help="run use-cases of a bundle on inputs from an .npz")
+    r.add_argument("bundle")
+    r.add_argument("--use-case", required=True, help="use-case name")
+    r.add_argument("--inputs", required=True, help=".npz whose keys are the graph's input names")
+    r.add_argument("--outputs", required=True, help=".npz to write, keyed by output name")
+    r.set_defaults(func=_run)
+
+    i = sub.add_parser("inspect", help="show a bundle: points, slots, adapters, use-cases, padding")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true", help="the manifest plus derived numbers, as JSON")
+    i.set_defaults(func=_inspect)
+
+    d = sub.add_parser("demo", help="build the default model and adapters, compile v1/v2/v3, run every use-case")
+    d.add_argument("--size", default="tiny", help="model preset: tiny (default) or bench")
+    d.add_argument("--out", default="graphs/built/demo", help="where models and bundles go")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from lora_runtime.compiler.compile import compile_bundle, parse_adapter_arg
+
+    adapters = dict(parse_adapter_arg(a) for a in args.adapter)
+    if len(adapters) != len(args.adapter):
+        raise InputError("an adapter name is given twice in --adapter")
+    t0 = time.perf_counter()
+    bundle = compile_bundle(args.base, adapters, args.out, generation=args.generation, use_cases=args.use_case,
+                            force=args.force, report=lambda msg: print(f"compile: {msg}", file=sys.stderr))
+    m = bundle.manifest
+    size = sum(f.nbytes for f in m.files.values())
+    print(f"wrote {bundle.path} ({m.generation}, {len(m.points)} points, {len(m.adapters)} adapters, "
+          f"{len(m.use_cases)} use-cases, {size / 1e6:.2f} MB) in {time.perf_counter() - t0:.2f}s")
+    return 0
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read as .npz ({e})") from e
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lora_runtime.runtime.simple import run_use_case
+
+    feeds = load_npz(args.inputs)
+    outputs = run_use_case(args.bundle, args.use_case, feeds)
+    np.savez(args.outputs, **outputs)
+    print(f"{args.use_case}: wrote {', '.join(f'{k} {v.shape}' for k, v in outputs.items())} to {args.outputs}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from lora_runtime.bundle import open_bundle
+    from lora_runtime.inspect import describe, summary
+
+    bundle = open_bundle(args.bundle)
+    if args.json:
+        print(json.dumps(summary(bundle), indent=1))
+    else:
+        print(describe(bundle))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from lora_runtime.demo import run_demo
+
+    run_demo(args.size, Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Load a Hugging Face PEFT LoRA folder: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys are ``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r).
+Weights come back as float32 (F16 widens exactly, BF16 by bit shift); everything that is not a
+plain linear LoRA pair is rejected with the offending key named. Pickle files are never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lora_runtime.bundle import sha256_file
+from lora_runtime.errors import AdapterError, TensorFileError
+from lora_runtime.lora_config import LoraConfig, check_name, rank_and_scaling
+from lora_runtime.tensorfile import read_header
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+_FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One module's A (r, in) and B (out, r), with its resolved rank and scaling."""
+
+    module: str
+    a: np.ndarray  # (r, in) float32
+    b: np.ndarray  # (out, r) float32
+    scaling: float
+    dtype: str  # as stored in the file: "F32", "F16" or "BF16"
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.a.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.b.shape[0])
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One trained LoRA: its name, where it came from, its config and its pairs sorted by module."""
+
+    name: str
+    source: str
+    config: LoraConfig
+    pairs: tuple[LoraPair, ...]
+    sha256: str  # of adapter_model.safetensors
+
+    def pair(self, module: str) -> LoraPair | None:
+        return next((p for p in self.pairs if p.module == module), None)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.a.nbytes + p.b.nbytes for p in self.pairs)
+
+
+def load_adapter(path: str | os.PathLike[str], name: str | None = None) -> Adapter:
+    """Load and validate a PEFT LoRA folder. ``name`` defaults to the folder name."""
+    folder = Path(path)
+    try:
+        name = check_name("adapter", name if name is not None else folder.name)
+    except ValueError as e:
+        raise AdapterError(f"{folder}: {e}") from e
+    if not folder.is_dir():
+        raise AdapterError(f"{folder}: adapter folder not found (expected {CONFIG_FILE} + {WEIGHTS_FILE})")
+    config = _read_config(folder / CONFIG_FILE)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        hint = (f"; found {', '.join(pickles)}: pickle files are never loaded, re-save with "
+                "save_pretrained(..., safe_serialization=True)") if pickles else ""
+        raise AdapterError(f"{weights}: missing{hint}")
+    try:
+        tf = read_header(weights)
+        pairs = _read_pairs(tf, config)
+    except TensorFileError as e:
+        raise AdapterError(str(e)) from e
+    return Adapter(name, str(folder), config, pairs, sha256_file(weights))
+
+
+def _read_config(path: Path) -> LoraConfig:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise AdapterError(f"{path}: missing; a PEFT adapter folder needs {CONFIG_FILE}") from e
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path}: not valid JSON ({e})") from e
+    return LoraConfig.from_json(data, source=str(path))
+
+
+def _read_pairs(tf, config: LoraConfig) -> tuple[LoraPair, ...]:
+    path = tf.path
+    modules: dict[str, dict[str, str]] = {}
+    for key in tf.entries:
+        if "lora_embedding_" in key:
+            raise AdapterError(f"{path}: tensor {key!r} is an embedding LoRA; only Linear/Conv1D LoRA is supported")
+        if "lora_magnitude_vector" in key:
+            raise AdapterError(f"{path}: tensor {key!r} is a DoRA magnitude; DoRA adapters are not supported")
+        if not key.startswith(_PREFIX) or not key.endswith((_A, _B)):
+            why = ("modules_to_save weights are not LoRA" if config.extra.get("modules_to_save")
+                   else f"expected keys '{_PREFIX}<module>{_A}' / '{_B}'")
+            raise AdapterError(f"{path}: tensor {key!r} is not a LoRA A/B weight ({why})")
+        module, kind = key[len(_PREFIX):-len(_A)], key[-len(_A):]
+        modules.setdefault(module, {})[kind] = key
+    if not modules:
+        raise AdapterError(f"{path}: holds no LoRA tensors")
+    pairs = []
+    for module in sorted(modules):
+        keys = modules[module]
+        for kind in (_A, _B):
+            if kind not in keys:
+                raise AdapterError(f"{path}: module {module!r} has no {kind[1:]} tensor")
+        ea, eb = tf.entries[keys[_A]], tf.entries[keys[_B]]
+        for e in (ea, eb):
+            if e.dtype not in _FLOAT_DTYPES:
+                raise AdapterError(f"{path}: tensor {e.name!r} has dtype {e.dtype}; LoRA weights must be "
+                                   "F32, F16 or BF16")
+            if len(e.shape) != 2:
+                raise AdapterError(f"{path}: tensor {e.name!r} has shape {e.shape}; expected 2-D "
+                                   "(Conv LoRA is not supported)")
+        if ea.shape[0] != eb.shape[1]:
+            raise AdapterError(f"{path}: module {module!r}: lora_A {ea.shape} and lora_B {eb.shape} disagree on "
+                               "the rank (A is (r, in), B is (out, r))")
+        if not config.targets(module):
+            raise AdapterError(f"{path}: module {module!r} has LoRA tensors but target_modules "
+                               f"{config.target_modules!r} does not select it")
+        rank, scaling = rank_and_scaling(config, module)
+        if ea.shape[0] != rank:
+            raise AdapterError(f"{path}: tensor {ea.name!r} has rank {ea.shape[0]} but the config gives "
+                               f"module {module!r} rank {rank} (r / rank_pattern)")
+        a, b = tf.read(ea.name, float32=True), tf.read(eb.name, float32=True)
+        for e, t in ((ea, a), (eb, b)):
+            if not np.isfinite(t).all():
+                raise AdapterError(f"{path}: tensor {e.name!r} holds NaN or infinite values")
+        pairs.append(LoraPair(module, a.astype(np.float32, copy=False), b.astype(np.float32, copy=False),
+                              scaling, ea.dtype))
+    return tuple(pairs)
+

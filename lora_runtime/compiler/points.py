@@ -1,0 +1,164 @@
+"""Attachment points: which base-graph op each PEFT module path attaches to.
+
+A candidate is a top-level MatMul or Gemm whose weight is a constant 2-D initializer::
+
+    MatMul(x, W)                         W stored (in, out)
+    MatMul(x, Transpose(W, perm=[1,0]))  W stored (out, in)
+    Gemm(x, W, [C], transB=1)            W stored (out, in)    (torch Linear, TorchScript export)
+    Gemm(x, W, [C], transB=0)            W stored (in, out)    (GPT-2 Conv1D)
+
+Orientation comes from the op, never from the shape: square weights are common.
+Every candidate gets module-path aliases from the three ways exporters keep them:
+
+1. the weight's name, ``model.layers.0.self_attn.q_proj.weight`` (hand-built graphs, Gemm exports);
+2. the legacy exporter's node name, ``/model/layers.0/self_attn/q_proj/MatMul``;
+3. dynamo's node metadata ``pkg.torch.onnx.name_scopes`` (weights there are ``val_N``).
+
+A PEFT module matches a candidate when an alias equals it or one is a whole dotted suffix of the
+other (a wrapper module may prefix ``m.``). Exact matches win; otherwise the match must be unique.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+from dataclasses import dataclass
+
+import onnx
+
+from lora_runtime.errors import AttachmentError
+
+log = logging.getLogger(__name__)
+
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A MatMul/Gemm with a constant weight, and the module paths it may be known by."""
+
+    node: str  # node name (made unique by the caller if the graph left it empty)
+    op_type: str
+    x: str  # activation input
+    y: str  # output
+    weight: str  # initializer name
+    in_features: int
+    out_features: int
+    aliases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AttachmentPoint:
+    """A PEFT module path resolved to one candidate op."""
+
+    module: str
+    candidate: Candidate
+
+
+def find_candidates(graph: onnx.GraphProto) -> list[Candidate]:
+    """Every MatMul/Gemm in the top-level graph whose weight is a constant 2-D initializer, in graph order."""
+    inits = {t.name: t for t in graph.initializer}
+    producers = {out: n for n in graph.node for out in n.output}
+    out = []
+    for i, node in enumerate(graph.node):
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        name = node.name or f"{node.op_type}_{i}"
+        found = _weight_of(node, inits, producers)
+        if isinstance(found, str):
+            log.debug("not an attachment point: %s %s: %s", node.op_type, name, found)
+            continue
+        weight, transposed = found  # transposed: stored (out, in)
+        dims = tuple(inits[weight].dims)
+        d_in, d_out = (dims[1], dims[0]) if transposed else dims
+        out.append(Candidate(name, node.op_type, node.input[0], node.output[0], weight, int(d_in), int(d_out),
+                             _aliases(node, weight)))
+    return out
+
+
+def resolve(candidates: list[Candidate], modules: list[str], source: str) -> dict[str, AttachmentPoint]:
+    """Map each PEFT module path to exactly one candidate; fail clearly on none, several, or sharing."""
+    points: dict[str, AttachmentPoint] = {}
+    taken: dict[str, str] = {}
+    for module in modules:
+        exact = [c for c in candidates if module in c.aliases]
+        hits = exact or [c for c in candidates if any(_suffix(a, module) for a in c.aliases)]
+        if not hits:
+            sample = ", ".join(repr(a) for c in candidates[:3] for a in c.aliases[:1]) or "none"
+            raise AttachmentError(f"{source}: module {module!r} matches no MatMul/Gemm with a constant weight "
+                                  f"({len(candidates)} candidates, e.g. {sample})")
+        if len(hits) > 1:
+            nodes = ", ".join(repr(c.node) for c in hits[:4])
+            raise AttachmentError(f"{source}: module {module!r} matches {len(hits)} ops ({nodes}); "
+                                  "give the full module path")
+        c = hits[0]
+        if c.node in taken:
+            raise AttachmentError(f"{source}: modules {taken[c.node]!r} and {module!r} both resolve to op {c.node!r}")
+        taken[c.node] = module
+        points[module] = AttachmentPoint(module, c)
+    return points
+
+
+def _suffix(alias: str, module: str) -> bool:
+    return alias.endswith("." + module) or module.endswith("." + alias)
+
+
+def _weight_of(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
+               producers: dict[str, onnx.NodeProto]) -> tuple[str, bool] | str:
+    """(initializer name, stored transposed) or the reason this op is not a candidate."""
+    if len(node.input) < 2:
+        return "fewer than two inputs"
+    w = node.input[1]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Gemm":
+        if attrs.get("transA", 0):
+            return "Gemm with transA=1"
+        transposed = bool(attrs.get("transB", 0))
+    else:
+        transposed = False
+        p = producers.get(w)
+        if w not in inits and p is not None and p.op_type == "Transpose" and p.input[0] in inits:
+            perm = [a.ints for a in p.attribute if a.name == "perm"]
+            if perm and list(perm[0]) != [1, 0]:
+                return f"weight goes through Transpose with perm {list(perm[0])}"
+            w, transposed = p.input[0], True
+    if w not in inits:
+        if node.input[0] in inits:
+            return "the constant is the left operand"
+        return "second input is not a constant initializer"
+    if len(inits[w].dims) != 2:
+        return f"weight {w!r} is {len(inits[w].dims)}-D"
+    return w, transposed
+
+
+def _aliases(node: onnx.NodeProto, weight: str) -> tuple[str, ...]:
+    names: list[str] = []
+    if weight.endswith(".weight"):
+        names.append(weight[: -len(".weight")])
+    if "/" in node.name:
+        parts = [p for p in node.name.strip("/").split("/")[:-1] if p]
+        if parts:
+            names.append(".".join(parts))
+    scopes = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES), None)
+    if scopes:
+        path = _scope_path(scopes)
+        if path:
+            names.append(path)
+    return tuple(dict.fromkeys(names))
+
+
+def _scope_path(text: str) -> str:
+    """Module path from dynamo's ``name_scopes`` (a Python-literal list of scope names)."""
+    try:
+        scopes = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return ""
+    if not isinstance(scopes, (list, tuple)):
+        return ""
+    parts = [str(s) for s in scopes if s]
+    if not parts:
+        return ""
+    # Scopes are either cumulative ('model', 'model.layers.0', ...) or one level each ('model', 'layers.0').
+    if all(b.startswith(a + ".") for a, b in zip(parts, parts[1:])):
+        return parts[-1]
+    return ".".join(parts)

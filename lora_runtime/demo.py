@@ -1,0 +1,54 @@
+"""``lora-runtime demo``: the main job on the embedded default model, start to finish."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lora_runtime.compiler.compile import compile_bundle
+from lora_runtime.default_model import build_default, recipe
+from lora_runtime.progress import Progress
+from lora_runtime.runtime.simple import make_session, run_use_case
+
+
+def demo_use_cases(generation: str, adapters: list[str]) -> list[str]:
+    """Base, each adapter alone (the second one at 0.8), and for v3 a weighted mix of all of them."""
+    cases = ["base="] + [f"{a}={a}:{0.8 if i == 1 else 1.0}" for i, a in enumerate(adapters)]
+    if generation == "v3":
+        cases.append("mix=" + ",".join(f"{a}:{s}" for a, s in zip(adapters, (1.0, 0.5, 0.7))))
+    return cases
+
+
+def run_demo(size: str, out: Path) -> None:
+    r = recipe(size)
+    t0 = time.perf_counter()
+    print(f"building the default model '{size}' ({r.n_layers} layers, d={r.d_model}) and "
+          f"{len(r.adapters)} adapters in {out}", file=sys.stderr)
+    model = build_default(r, out / f"model-{size}")
+    feeds = model.inputs()
+    names = [a.name for a in r.adapters]
+    rows = []
+    with Progress("demo", total=3) as bar:
+        for gen in ("v1", "v2", "v3"):
+            path = out / f"bundle-{size}-{gen}"
+            bundle = compile_bundle(model.base, model.adapters, path, generation=gen,
+                                    use_cases=demo_use_cases(gen, names), force=True)
+            session = make_session(bundle)
+            base = None
+            for u in bundle.manifest.use_cases:
+                t = time.perf_counter()
+                logits = run_use_case(bundle, u.name, feeds, session=session)["logits"]
+                dt = time.perf_counter() - t
+                if base is None:
+                    base = logits
+                rows.append((gen, u.name, ", ".join(f"{k}:{v:g}" for k, v in u.strengths.items()) or "-",
+                             float(np.abs(logits - base).max()), dt * 1e3))
+            bar.step(gen)
+    print(f"\n{'gen':<4} {'use-case':<12} {'adapters:strength':<40} {'max|Δ| vs base':>15} {'run ms':>8}")
+    for gen, name, mix, delta, ms in rows:
+        print(f"{gen:<4} {name:<12} {mix:<40} {delta:>15.4f} {ms:>8.2f}")
+    print(f"\nbundles: {', '.join(str(out / f'bundle-{size}-{g}') for g in ('v1', 'v2', 'v3'))}")
+    print(f"inspect one with: lora-runtime inspect {out / f'bundle-{size}-v3'}   ({time.perf_counter() - t0:.1f}s)")

@@ -1,0 +1,47 @@
+"""What a bundle holds, for people (``describe``) and machines (``summary``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lora_runtime.bundle import Bundle, patched_slots
+
+
+def summary(bundle: Bundle) -> dict[str, Any]:
+    """The manifest plus derived numbers: slot bytes and each adapter's padding cost."""
+    m = bundle.manifest
+    patch_bytes = sum(s.nbytes for s in patched_slots(m))
+    adapters = []
+    for a in m.adapters:
+        adapters.append({"name": a.name, "own_bytes": a.nbytes,
+                         "patch_bytes": patch_bytes if m.generation != "v3" else None,
+                         "padding_bytes": patch_bytes - a.nbytes if m.generation != "v3" else 0,
+                         "points": sum(1 for p in m.points for c in p.columns if c.adapter == a.name)})
+    return {"path": str(bundle.path), "generation": m.generation,
+            "slot_bytes": sum(s.nbytes for s in m.slots), "patch_bytes": patch_bytes,
+            "file_bytes": sum(f.nbytes for f in m.files.values()),
+            "adapters": adapters, "manifest": m.to_json()}
+
+
+def describe(bundle: Bundle) -> str:
+    m = bundle.manifest
+    s = summary(bundle)
+    lines = [f"bundle {bundle.path}", f"  generation {m.generation}; base {m.base.name} (sha256 {m.base.sha256[:12]}…)",
+             f"  {len(m.points)} attachment points, {len(m.slots)} slots, {s['slot_bytes'] / 1e6:.3f} MB of slots, "
+             f"{s['file_bytes'] / 1e6:.3f} MB on disk", "", "  adapters"]
+    for a, info in zip(m.adapters, s["adapters"]):
+        cfg = a.config
+        pad = (f"patch {info['patch_bytes'] / 1e6:.3f} MB, padding {info['padding_bytes'] / 1e6:.3f} MB "
+               f"({100 * info['padding_bytes'] / max(info['patch_bytes'], 1):.0f}%)" if m.generation != "v3" else
+               "in the group patch")
+        lines.append(f"    {a.name:<16} r={cfg.get('r')} alpha={cfg.get('lora_alpha')} rslora={cfg.get('use_rslora')} "
+                     f"{info['points']} points, {a.nbytes / 1e6:.3f} MB own; {pad}")
+    lines += ["", "  use-cases"]
+    for u in m.use_cases:
+        mix = ", ".join(f"{k}:{v:g}" for k, v in u.strengths.items()) or "(base model)"
+        lines.append(f"    {u.name:<16} {mix}")
+    lines += ["", "  attachment points (module: op, in x out, slot rank, adapters[columns])"]
+    for p in m.points:
+        cols = " ".join(f"{c.adapter}[{c.start}:{c.stop}]" for c in p.columns)
+        lines.append(f"    {p.module}: {p.op_type} {p.in_features}x{p.out_features} r={p.rank} {cols}")
+    return "\n".join(lines)

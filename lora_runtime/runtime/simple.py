@@ -1,0 +1,99 @@
+"""Run one use-case of a bundle by feeding its slots as inputs: the reference path.
+
+This is the plain way to run a bundle: a session, the use-case's patch read from the bundle and
+fed next to the user's inputs. :class:`lora_runtime.Runtime` (resident slots, hot and cold switches)
+gives the same outputs without moving weights on every run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from lora_runtime.bundle import Bundle, Manifest, open_bundle
+from lora_runtime.errors import InputError, UseCaseError
+from lora_runtime.tensorfile import read_header
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+              "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
+def make_session(bundle: Bundle, *, providers: list[str] | None = None,
+                 session_options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    so = session_options or ort.SessionOptions()
+    so.log_severity_level = max(so.log_severity_level, 3)  # one warning per initializer-input otherwise
+    return ort.InferenceSession(str(bundle.file(bundle.manifest.graph)), so,
+                                providers=providers or ["CPUExecutionProvider"])
+
+
+def strength_vector(manifest: Manifest, strengths: Mapping[str, float]) -> np.ndarray:
+    """The ``lora_alpha`` value for a set of adapter strengths: a scalar (v1/v2) or one per adapter (v3)."""
+    for name, s in strengths.items():
+        manifest.adapter(name)
+        if not isinstance(s, (int, float, np.floating)) or not np.isfinite(s):
+            raise InputError(f"strength of adapter {name!r} must be a finite number, got {s!r}")
+    if manifest.generation == "v3":
+        return np.array([float(strengths.get(a, 0.0)) for a in manifest.adapter_names], np.float32)
+    if len(strengths) > 1:
+        raise UseCaseError(f"{manifest.generation} holds one adapter at a time, got {len(strengths)}: "
+                           "compile with --generation v3 for mixes")
+    return np.array(next(iter(strengths.values()), 0.0), np.float32)
+
+
+def slot_feeds(bundle: Bundle, strengths: Mapping[str, float]) -> dict[str, np.ndarray]:
+    """Every slot value for ``strengths``: the adapter's patch (v1/v2) and ``lora_alpha``."""
+    m = bundle.manifest
+    feeds: dict[str, np.ndarray] = {"lora_alpha": strength_vector(m, strengths)}
+    if m.generation == "v3":
+        return feeds
+    adapter = next(iter(strengths), None)
+    if m.generation == "v2" and adapter in (None, m.default_adapter):
+        return feeds  # the graph's parameters already hold it (or the strength is 0)
+    if adapter is None:  # v1, base alone: any finite weights do, the strength is 0
+        return feeds | {s.name: np.zeros(s.shape, np.float32) for s in m.slots if s.kind != "strength"}
+    tf = read_header(bundle.file(m.adapter(adapter).patch or ""))
+    return feeds | {name: tf.read(name) for name in tf.entries}
+
+
+def check_feeds(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
+                reserved: set[str]) -> dict[str, np.ndarray]:
+    """The user's inputs must be exactly the graph's non-LoRA inputs, with their dtypes and ranks."""
+    expected = {i.name: i for i in session.get_inputs() if i.name not in reserved}
+    unknown = sorted(set(feeds) - set(expected))
+    missing = sorted(set(expected) - set(feeds))
+    if unknown or missing:
+        raise InputError(f"inputs: unknown {unknown}, missing {missing}; the graph takes {sorted(expected)}")
+    out = {}
+    for name, value in feeds.items():
+        info = expected[name]
+        a = np.asarray(value)
+        want = _ORT_TYPES.get(info.type)
+        if want is not None and a.dtype != want:
+            raise InputError(f"input {name!r}: dtype {a.dtype}, the graph expects {np.dtype(want)}")
+        if len(info.shape) != a.ndim or any(isinstance(d, int) and d != n for d, n in zip(info.shape, a.shape)):
+            raise InputError(f"input {name!r}: shape {a.shape}, the graph expects {info.shape}")
+        out[name] = a
+    return out
+
+
+def run_use_case(bundle: str | os.PathLike[str] | Bundle, use_case: str | None, feeds: Mapping[str, np.ndarray],
+                 *, strengths: Mapping[str, float] | None = None,
+                 session: ort.InferenceSession | None = None) -> dict[str, np.ndarray]:
+    """Run ``use_case`` (or ad-hoc ``strengths``) once and return the outputs by name."""
+    if not isinstance(bundle, Bundle):
+        bundle = open_bundle(Path(bundle))
+    m = bundle.manifest
+    if strengths is None:
+        if use_case is None:
+            raise UseCaseError("give a use-case or strengths")
+        strengths = m.use_case(use_case).strengths
+    session = session or make_session(bundle)
+    reserved = {s.name for s in m.slots}
+    inputs = check_feeds(session, feeds, reserved) | slot_feeds(bundle, strengths)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, inputs)))
