@@ -12,7 +12,7 @@ Every candidate gets module-path aliases from the three ways exporters keep them
 
 1. the weight's name, ``model.layers.0.self_attn.q_proj.weight`` (hand-built graphs, Gemm exports);
 2. the legacy exporter's node name, ``/model/layers.0/self_attn/q_proj/MatMul``;
-3. dynamo's node metadata ``pkg.torch.onnx.name_scopes`` (weights there are ``val_N``).
+3. dynamo's node metadata ``pkg.torch.onnx.name_scopes`` (weights there are ``val_N``, stored (in, out)).
 
 A PEFT module matches a candidate when an alias equals it or one is a whole dotted suffix of the
 other (a wrapper module may prefix ``m.``). Exact matches win; otherwise the match must be unique.
@@ -148,7 +148,11 @@ def _aliases(node: onnx.NodeProto, weight: str) -> tuple[str, ...]:
 
 
 def _scope_path(text: str) -> str:
-    """Module path from dynamo's ``name_scopes`` (a Python-literal list of scope names)."""
+    """Module path from dynamo's ``name_scopes``, a Python-literal list of cumulative scopes ending in the op::
+
+        "['', 'model', 'model.layers.0', 'model.layers.0.self_attn', 'model.layers.0.self_attn.q_proj', 'linear']"
+                                                                      ^ the module path: the chain's last link
+    """
     try:
         scopes = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -158,7 +162,8 @@ def _scope_path(text: str) -> str:
     parts = [str(s) for s in scopes if s]
     if not parts:
         return ""
-    # Scopes are either cumulative ('model', 'model.layers.0', ...) or one level each ('model', 'layers.0').
-    if all(b.startswith(a + ".") for a, b in zip(parts, parts[1:])):
-        return parts[-1]
-    return ".".join(parts)
+    chain = parts[0]
+    for s in parts[1:]:
+        if s.startswith(chain + "."):
+            chain = s
+    return chain
