@@ -43,7 +43,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -654,7 +653,8 @@ def main() -> None:
     llama_adapters = [
         ("a", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), 11, LORA_INIT_STD, None),
         ("b", dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "o_proj", "down_proj"],
-                   rank_pattern={"model.layers.1.self_attn.o_proj": 2}, alpha_pattern={"down_proj": 4}), 12, 0.045, None),
+                   rank_pattern={"model.layers.1.self_attn.o_proj": 2}, alpha_pattern={"down_proj": 4}),
+         12, 0.045, None),
         ("c", dict(r=2, lora_alpha=2, target_modules=r".*\.mlp\.(gate|up)_proj"), 13, 0.12, None),
         ("h16", dict(r=4, lora_alpha=4, target_modules=["v_proj", "up_proj"]), 14, LORA_INIT_STD, torch.float16),
         ("bf16", dict(r=4, lora_alpha=4, target_modules=["v_proj", "up_proj"]), 15, LORA_INIT_STD, torch.bfloat16),
