@@ -22,10 +22,11 @@ from lora_runtime.errors import (  # noqa: E402
     TensorFileError,
     UseCaseError,
 )
+from lora_runtime.runtime.runtime import Runtime, SwitchReport  # noqa: E402
 from lora_runtime.runtime.simple import run_use_case  # noqa: E402
 
 __all__ = [
     "Adapter", "AdapterError", "AttachmentError", "BaseModelError", "Bundle", "BundleError", "InputError",
-    "LoraRuntimeError", "Manifest", "TensorFileError", "UseCaseError", "UseCaseSpec", "compile_bundle",
-    "load_adapter", "open_bundle", "parse_use_case", "run_use_case",
+    "LoraRuntimeError", "Manifest", "Runtime", "SwitchReport", "TensorFileError", "UseCaseError", "UseCaseSpec",
+    "compile_bundle", "load_adapter", "open_bundle", "parse_use_case", "run_use_case",
 ]

@@ -1,0 +1,245 @@
+"""Runtime: open a bundle once, switch use-cases in place, run from many threads.
+
+State model (one mechanism for v1, v2 and v3)::
+
+    published state  = (slot set, strength OrtValue, use-case)      immutable; replaced, never edited
+    slot sets        = preloaded adapters ("RAM", one each)  +  2 scratch sets for adapters read on demand
+    run              = snapshot the state and count itself as a reader of its set (under the lock),
+                       bind the set's OrtValues (only when the state changed since this thread's last run)
+    hot switch       = the target adapter is already in a set (v3 group, preloaded, or a scratch set
+                       that still holds it): publish (that set, new strength). No weight byte moves.
+    cold switch      = copy the patch from the bundle ("ROM") into a scratch set no state uses, once
+                       its last reader is done, then publish. Runs go on with the old state meanwhile.
+
+A switch validates everything first (use-case, strengths, patch header against the slot table), and
+a failure at any step leaves the published state as it was: the scratch set written is not in use.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from lora_runtime.bundle import Bundle, open_bundle, patched_slots
+from lora_runtime.errors import InputError
+from lora_runtime.runtime.simple import check_feeds, make_session, strength_vector
+from lora_runtime.runtime.slots import Layout, SlotSet
+
+GROUP = "group"
+
+
+@dataclass(frozen=True)
+class SwitchReport:
+    """What the last switch did: ``kind`` is "hot" (no weight bytes moved) or "cold"."""
+
+    use_case: str | None
+    kind: str
+    bytes_moved: int
+    seconds: float
+    source: str  # "resident", "rom" (patch file), or "ram" (copied from a preloaded set)
+
+
+@dataclass(frozen=True)
+class _State:
+    version: int
+    slots: SlotSet
+    strength: ort.OrtValue
+    strength_array: np.ndarray
+    use_case: str | None
+    strengths: dict[str, float]
+
+
+class Runtime:
+    """An opened bundle with resident slots. Use :meth:`open`."""
+
+    def __init__(self, bundle: Bundle, session: ort.InferenceSession, preload: Iterable[str] = ()) -> None:
+        self.bundle = bundle
+        self.manifest = m = bundle.manifest
+        self.session = session
+        self.layout = Layout.of(patched_slots(m))
+        self._strength_name = next(s.name for s in m.slots if s.kind == "strength")
+        self._slot_names = {s.name for s in m.slots}
+        self._outputs = [o.name for o in session.get_outputs()]
+        self._lock = threading.Condition()
+        self._switch_lock = threading.Lock()
+        self._local = threading.local()
+        self._resident: dict[str, SlotSet] = {}  # preloaded adapter (or the v3 group) -> its set
+        self._scratch: list[SlotSet] = []
+        self.fault_hook: Callable[[str], None] | None = None  # tests: called at every step of a cold switch
+        self.last_switch: SwitchReport | None = None
+        if m.generation == "v3":
+            group = SlotSet(self.layout, GROUP)
+            group.fill_from(bundle.file(m.group_patch or ""))
+            self._resident[GROUP] = group
+            first = group
+        else:
+            self._scratch = [SlotSet(self.layout), SlotSet(self.layout)]
+            first = self._scratch[0]
+            first.fill_from(bundle.file(m.adapter(m.default_adapter or m.adapters[0].name).patch or ""))
+            first.holds = m.default_adapter or m.adapters[0].name
+        self._state = self._make_state(0, first, None, {})
+        self.preload(preload)
+        if m.use_cases:
+            self.switch(m.use_cases[0].name)
+
+    # ---- opening -------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, bundle_dir: str | os.PathLike[str], *, preload: Iterable[str] | str = (),
+             providers: list[str] | None = None, session_options: ort.SessionOptions | None = None,
+             verify_hashes: bool = True) -> Runtime:
+        """Validate the bundle, create the session once, fill the slots, make the first use-case current.
+
+        ``preload``: use-case names whose adapters stay resident (hot switches), or "all".
+        """
+        bundle = open_bundle(Path(bundle_dir), verify_hashes=verify_hashes)
+        session = make_session(bundle, providers=providers, session_options=session_options)
+        names = bundle.manifest.use_case_names if preload == "all" else list(preload)
+        return cls(bundle, session, names)
+
+    # ---- what is where -------------------------------------------------------------------------------
+
+    @property
+    def use_cases(self) -> list[str]:
+        return self.manifest.use_case_names
+
+    @property
+    def current(self) -> str | None:
+        """The current use-case, or None after :meth:`set_strengths` made an ad-hoc mix current."""
+        return self._state.use_case
+
+    @property
+    def strengths(self) -> dict[str, float]:
+        return dict(self._state.strengths)
+
+    def memory(self) -> dict[str, object]:
+        """Resident bytes: scratch sets, preloaded sets (per adapter) and the total."""
+        with self._lock:
+            preloaded = {k: s.nbytes for k, s in self._resident.items()}
+            scratch = sum(s.nbytes for s in self._scratch)
+        return {"patch_bytes": self.layout.nbytes, "scratch_bytes": scratch, "preloaded_bytes": preloaded,
+                "resident_bytes": scratch + sum(preloaded.values())}
+
+    # ---- residency -----------------------------------------------------------------------------------
+
+    def preload(self, use_cases: Iterable[str]) -> None:
+        """Keep the adapters of these use-cases resident, so switching to them moves no weight bytes."""
+        if self.manifest.generation == "v3":
+            for name in use_cases:
+                self.manifest.use_case(name)  # the group is always resident; still reject unknown names
+            return
+        for name in use_cases:
+            for adapter in self.manifest.use_case(name).strengths:
+                if adapter in self._resident:
+                    continue
+                s = SlotSet(self.layout, adapter)
+                s.fill_from(self.bundle.file(self.manifest.adapter(adapter).patch or ""))
+                with self._lock:
+                    self._resident[adapter] = s
+
+    def evict(self, use_cases: Iterable[str]) -> None:
+        """Drop resident copies; a set in use stays alive until its last run ends."""
+        if self.manifest.generation == "v3":
+            return
+        for name in use_cases:
+            for adapter in self.manifest.use_case(name).strengths:
+                with self._lock:
+                    self._resident.pop(adapter, None)
+
+    # ---- switching -----------------------------------------------------------------------------------
+
+    def switch(self, use_case: str) -> SwitchReport:
+        """Make ``use_case`` current. Hot when its adapter is resident, cold (one patch copy) otherwise."""
+        u = self.manifest.use_case(use_case)
+        return self._apply(u.strengths, u.name)
+
+    def set_strengths(self, strengths: Mapping[str, float]) -> SwitchReport:
+        """An ad-hoc mix: v3 any adapters, v1/v2 one adapter (or none: the base model)."""
+        return self._apply(dict(strengths), None)
+
+    def _apply(self, strengths: Mapping[str, float], label: str | None) -> SwitchReport:
+        t0 = time.perf_counter()
+        for name, s in strengths.items():
+            if not isinstance(s, (int, float, np.floating)) or isinstance(s, bool) or not math.isfinite(s):
+                raise InputError(f"strength of adapter {name!r} must be a finite number, got {s!r}")
+        vector = strength_vector(self.manifest, strengths)  # validates adapter names and v1/v2 single adapter
+        with self._switch_lock:
+            adapter = GROUP if self.manifest.generation == "v3" else next(iter(strengths), None)
+            target, kind, moved, source = self._find_or_fill(adapter)
+            with self._lock:
+                self._state = self._make_state(self._state.version + 1, target, label, dict(strengths), vector)
+            report = SwitchReport(label, kind, moved, time.perf_counter() - t0, source)
+            self.last_switch = report
+            return report
+
+    def _find_or_fill(self, adapter: str | None) -> tuple[SlotSet, str, int, str]:
+        current = self._state.slots
+        if adapter is None:  # the base model: strength 0, any weights do
+            return current, "hot", 0, "resident"
+        with self._lock:
+            held = self._resident.get(adapter) or next((s for s in self._scratch if s.holds == adapter), None)
+        if held is not None:
+            return held, "hot", 0, "resident"
+        target = next(s for s in self._scratch if s is not current)
+        with self._lock:
+            while target.readers:  # runs that started on it before the previous switch
+                self._lock.wait()
+            target.holds = None  # from here until it is full, its content is unknown
+        path = self.bundle.file(self.manifest.adapter(adapter).patch or "")
+        moved = target.fill_from(path, self.fault_hook)
+        if self.fault_hook:
+            self.fault_hook("publish")
+        target.holds = adapter
+        return target, "cold", moved, "rom"
+
+    def _make_state(self, version: int, slots: SlotSet, label: str | None, strengths: dict[str, float],
+                    vector: np.ndarray | None = None) -> _State:
+        arr = np.array(vector if vector is not None else strength_vector(self.manifest, strengths), np.float32)
+        return _State(version, slots, ort.OrtValue.ortvalue_from_numpy(arr), arr, label, strengths)
+
+    # ---- running -------------------------------------------------------------------------------------
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the current use-case. Safe from several threads, also while another thread switches."""
+        inputs = check_feeds(self.session, feeds, self._slot_names)
+        with self._lock:
+            state = self._state
+            state.slots.readers += 1
+        try:
+            binding = self._binding(state)
+            for name, value in inputs.items():
+                binding.bind_cpu_input(name, value)
+            self.session.run_with_iobinding(binding)
+            outputs = binding.copy_outputs_to_cpu()
+        finally:
+            with self._lock:
+                state.slots.readers -= 1
+                self._lock.notify_all()
+        return dict(zip(self._outputs, outputs))
+
+    def _binding(self, state: _State) -> ort.IOBinding:
+        local = self._local
+        if getattr(local, "binding", None) is None:
+            local.binding = self.session.io_binding()
+            for name in self._outputs:
+                local.binding.bind_output(name, "cpu")
+            local.version = None
+            local.slots = None
+        b = local.binding
+        if local.version != state.version:
+            if local.slots is not state.slots:
+                for name, value in state.slots.values.items():
+                    b.bind_ortvalue_input(name, value)
+                local.slots = state.slots
+            b.bind_ortvalue_input(self._strength_name, state.strength)
+            local.version = state.version
+        return b
+

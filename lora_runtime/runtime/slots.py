@@ -1,0 +1,100 @@
+"""Slot sets: the resident buffers ("RAM") a session reads its LoRA tensors from.
+
+A slot set is one contiguous arena whose byte layout is the data section of a patch file, with
+every patched slot a numpy view (and an ``OrtValue`` sharing that memory) into it::
+
+    patch file:  [8-byte length][JSON header][A_0 | B_0 | A_1 | B_1 | ... | lora_scaling]
+    arena:                                   [A_0 | B_0 | A_1 | B_1 | ... | lora_scaling]
+                                              ^ views, bound to the session as OrtValues
+
+so filling a set from storage is one ``readinto`` and costs what reading the file costs.
+A set is never written while a run reads it: the runtime counts readers per set.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from lora_runtime.bundle import Slot
+from lora_runtime.errors import BundleError, TensorFileError
+from lora_runtime.tensorfile import TensorFile, read_header
+
+_NP = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every patched slot sits in a patch's data section (identical for all patches of a bundle)."""
+
+    slots: tuple[Slot, ...]
+    offsets: tuple[int, ...]  # byte offset of each slot in the data section
+    nbytes: int
+
+    @classmethod
+    def of(cls, slots: list[Slot]) -> Layout:
+        offsets, n = [], 0
+        for s in slots:
+            offsets.append(n)
+            n += s.nbytes
+        return cls(tuple(slots), tuple(offsets), n)
+
+    def check(self, tf: TensorFile) -> None:
+        """The file must hold exactly these slots at these offsets, and nothing else."""
+        got = [(e.name, e.shape, e.begin - tf.data_start) for e in tf.entries.values()]
+        want = [(s.name, s.shape, o) for s, o in zip(self.slots, self.offsets)]
+        if got != want or tf.file_size - tf.data_start != self.nbytes:
+            raise BundleError(f"{tf.path}: patch layout does not match the bundle's slot table")
+
+
+class SlotSet:
+    """One arena of slot values and the OrtValues bound to the session."""
+
+    def __init__(self, layout: Layout, holds: str | None = None) -> None:
+        self.layout = layout
+        self.arena = np.empty(layout.nbytes, np.uint8)
+        self.views: dict[str, np.ndarray] = {}
+        self.values: dict[str, ort.OrtValue] = {}
+        for s, o in zip(layout.slots, layout.offsets):
+            view = self.arena[o:o + s.nbytes].view(_NP[s.dtype]).reshape(s.shape)
+            self.views[s.name] = view
+            self.values[s.name] = ort.OrtValue.ortvalue_from_numpy(view)
+        self.holds = holds  # the adapter (v1/v2) or "group" (v3) whose values the arena holds; None: unknown
+        self.readers = 0  # runs in flight on this set (guarded by the runtime's lock)
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.nbytes
+
+    def fill_from(self, path: os.PathLike[str] | str, hook: Callable[[str], None] | None = None) -> int:
+        """Copy a patch file's data section into the arena: validate the header, then one ``readinto``."""
+        hook = hook or (lambda _step: None)
+        try:
+            hook("read_header")
+            tf = read_header(path)
+            self.layout.check(tf)
+            hook("open")
+            with open(path, "rb", buffering=0) as f:
+                f.seek(tf.data_start)
+                hook("read")
+                view = memoryview(self.arena)
+                done = 0
+                while done < self.nbytes:
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise BundleError(f"{path}: ended after {done} of {self.nbytes} patch bytes")
+                    done += n
+        except TensorFileError as e:
+            raise BundleError(str(e)) from e
+        except OSError as e:
+            raise BundleError(f"{path}: I/O error while copying the patch ({e.strerror or e})") from e
+        hook("filled")
+        return done
+
+    def fill_from_set(self, other: SlotSet) -> int:
+        np.copyto(self.arena, other.arena)
+        return self.nbytes
