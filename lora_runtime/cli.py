@@ -49,9 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     c.set_defaults(func=_compile)
 
-    r = sub.add_parser("run", help="run use-cases of a bundle on inputs from an .npz")
+    r = sub.add_parser("run", help="run use-cases of a bundle on inputs from an .npz, switching in one runtime")
     r.add_argument("bundle")
-    r.add_argument("--use-case", required=True, help="use-case name")
+    r.add_argument("--use-case", action="append", default=[], metavar="NAME",
+                   help="use-case to run; repeat to run several in turn (outputs keyed <use-case>/<output>)")
+    r.add_argument("--strength", action="append", default=[], metavar="ADAPTER=S",
+                   help="an ad-hoc mix instead of a use-case (v3: several adapters; v1/v2: one)")
     r.add_argument("--inputs", required=True, help=".npz whose keys are the graph's input names")
     r.add_argument("--outputs", required=True, help=".npz to write, keyed by output name")
     r.set_defaults(func=_run)
@@ -93,13 +96,39 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lora_runtime.runtime.simple import run_use_case
+    from lora_runtime.runtime.runtime import Runtime
 
+    if bool(args.use_case) == bool(args.strength):
+        raise InputError("give --use-case NAME (repeatable) or --strength ADAPTER=S (repeatable), not both")
     feeds = load_npz(args.inputs)
-    outputs = run_use_case(args.bundle, args.use_case, feeds)
-    np.savez(args.outputs, **outputs)
-    print(f"{args.use_case}: wrote {', '.join(f'{k} {v.shape}' for k, v in outputs.items())} to {args.outputs}")
+    rt = Runtime.open(args.bundle)
+    results: dict[str, np.ndarray] = {}
+    if args.strength:
+        mix = {}
+        for item in args.strength:
+            adapter, sep, value = item.partition("=")
+            try:
+                mix[adapter] = float(value)
+            except ValueError:
+                raise InputError(f"--strength {item!r}: expected ADAPTER=NUMBER") from None
+        report = rt.set_strengths(mix)
+        results = rt.run(feeds)
+        print(f"{_mix(mix)}: {report.kind} switch {report.seconds * 1e6:.0f} us", file=sys.stderr)
+    else:
+        for name in args.use_case:
+            report = rt.switch(name)
+            out = rt.run(feeds)
+            print(f"{name}: {report.kind} switch {report.seconds * 1e6:.0f} us, {report.bytes_moved} bytes moved",
+                  file=sys.stderr)
+            prefix = f"{name}/" if len(args.use_case) > 1 else ""
+            results.update({prefix + k: v for k, v in out.items()})
+    np.savez(args.outputs, **results)
+    print(f"wrote {', '.join(f'{k} {v.shape}' for k, v in results.items())} to {args.outputs}")
     return 0
+
+
+def _mix(strengths: dict[str, float]) -> str:
+    return ", ".join(f"{k}:{v:g}" for k, v in strengths.items()) or "base"
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import numpy as np
 from lora_runtime.compiler.compile import compile_bundle
 from lora_runtime.default_model import build_default, recipe
 from lora_runtime.progress import Progress
-from lora_runtime.runtime.simple import make_session, run_use_case
+from lora_runtime.runtime.runtime import Runtime
 
 
 def demo_use_cases(generation: str, adapters: list[str]) -> list[str]:
@@ -36,19 +36,41 @@ def run_demo(size: str, out: Path) -> None:
             path = out / f"bundle-{size}-{gen}"
             bundle = compile_bundle(model.base, model.adapters, path, generation=gen,
                                     use_cases=demo_use_cases(gen, names), force=True)
-            session = make_session(bundle)
+            rt = Runtime.open(bundle.path)
             base = None
             for u in bundle.manifest.use_cases:
+                report = rt.switch(u.name)
                 t = time.perf_counter()
-                logits = run_use_case(bundle, u.name, feeds, session=session)["logits"]
+                logits = rt.run(feeds)["logits"]
                 dt = time.perf_counter() - t
                 if base is None:
                     base = logits
                 rows.append((gen, u.name, ", ".join(f"{k}:{v:g}" for k, v in u.strengths.items()) or "-",
-                             float(np.abs(logits - base).max()), dt * 1e3))
+                             float(np.abs(logits - base).max()), report, dt * 1e3))
             bar.step(gen)
-    print(f"\n{'gen':<4} {'use-case':<12} {'adapters:strength':<40} {'max|Δ| vs base':>15} {'run ms':>8}")
-    for gen, name, mix, delta, ms in rows:
-        print(f"{gen:<4} {name:<12} {mix:<40} {delta:>15.4f} {ms:>8.2f}")
+    print(f"\n{'gen':<4} {'use-case':<12} {'adapters:strength':<36} {'max|Δ| vs base':>14} "
+          f"{'switch':>6} {'switch us':>10} {'run ms':>8}")
+    for gen, name, mix, delta, report, ms in rows:
+        print(f"{gen:<4} {name:<12} {mix:<36} {delta:>14.4f} {report.kind:>6} {report.seconds * 1e6:>10.0f} "
+              f"{ms:>8.2f}")
+    _switching_session(out / f"bundle-{size}-v2", out / f"bundle-{size}-v3", feeds)
     print(f"\nbundles: {', '.join(str(out / f'bundle-{size}-{g}') for g in ('v1', 'v2', 'v3'))}")
     print(f"inspect one with: lora-runtime inspect {out / f'bundle-{size}-v3'}   ({time.perf_counter() - t0:.1f}s)")
+
+
+def _switching_session(v2: Path, v3: Path, feeds: dict[str, np.ndarray], rounds: int = 3) -> None:
+    """A serving loop: switch, run, switch... and the median latency of each kind of switch."""
+    print("\nswitching session (switch + run in a loop, one runtime per bundle, no session rebuilt):")
+    for path in (v2, v3):
+        rt = Runtime.open(path)
+        opened = time.perf_counter()
+        Runtime.open(path)
+        open_s = time.perf_counter() - opened
+        lat: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            for name in rt.use_cases:
+                report = rt.switch(name)
+                rt.run(feeds)
+                lat.setdefault(report.kind, []).append(report.seconds)
+        parts = [f"{kind} p50 {np.median(v) * 1e6:.0f} us ({len(v)} switches)" for kind, v in sorted(lat.items())]
+        print(f"  {rt.manifest.generation}: {'; '.join(parts)}; Runtime.open {open_s * 1e3:.0f} ms")

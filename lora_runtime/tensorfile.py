@@ -12,6 +12,7 @@ standard safetensors (the tests read them back with the ``safetensors`` package)
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -104,6 +105,8 @@ def read_header(path: str | os.PathLike[str]) -> TensorFile:
         raise TensorFileError(f"{path}: safetensors header is not a JSON object")
     data_start = 8 + n
     metadata = header.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise TensorFileError(f"{path}: safetensors __metadata__ must map strings to strings, got {metadata!r:.80}")
     entries = [_parse_entry(path, name, spec, data_start) for name, spec in header.items()]
     entries.sort(key=lambda e: (e.begin, e.end))
     cursor = data_start
@@ -133,7 +136,7 @@ def save_tensors(path: str | os.PathLike[str], tensors: dict[str, np.ndarray],
     offset = 0
     arrays = []
     for name, array in tensors.items():
-        a = np.ascontiguousarray(array)
+        a = np.asarray(array, order="C")  # not ascontiguousarray: it turns a 0-d array into shape (1,)
         dtype = _SAFETENSORS_DTYPES.get(a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype)
         if dtype is None:
             raise TensorFileError(f"{path}: cannot store tensor {name!r} of dtype {a.dtype}")
@@ -171,7 +174,7 @@ def _parse_entry(path: Path, name: str, spec: object, data_start: int) -> Tensor
     if not (isinstance(offsets, list) and len(offsets) == 2
             and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
         raise TensorFileError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
-    expected = int(np.prod(shape, dtype=np.int64)) * _NUMPY_DTYPES[dtype].itemsize
+    expected = math.prod(shape) * _NUMPY_DTYPES[dtype].itemsize  # Python ints: np.prod would wrap at 2**63
     if offsets[1] - offsets[0] != expected:
         raise TensorFileError(f"{path}: tensor {name!r} of {dtype} {tuple(shape)} needs {expected} bytes, "
                               f"header says {offsets[1] - offsets[0]}")

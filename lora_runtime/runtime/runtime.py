@@ -31,7 +31,7 @@ import onnxruntime as ort
 from lora_runtime.bundle import Bundle, open_bundle, patched_slots
 from lora_runtime.errors import InputError
 from lora_runtime.runtime.simple import check_feeds, make_session, strength_vector
-from lora_runtime.runtime.slots import Layout, SlotSet
+from lora_runtime.runtime.slots import Layout, PatchSource, SlotSet
 
 GROUP = "group"
 
@@ -51,10 +51,10 @@ class SwitchReport:
 class _State:
     version: int
     slots: SlotSet
-    strength: ort.OrtValue
+    strength: ort.OrtValue  # shares memory with strength_array; never written after publishing
     strength_array: np.ndarray
-    use_case: str | None
     strengths: dict[str, float]
+    use_case: str | None
 
 
 class Runtime:
@@ -75,17 +75,22 @@ class Runtime:
         self._scratch: list[SlotSet] = []
         self.fault_hook: Callable[[str], None] | None = None  # tests: called at every step of a cold switch
         self.last_switch: SwitchReport | None = None
+        # Every patch is validated against the slot table now; a switch only re-checks its file stamp.
         if m.generation == "v3":
-            group = SlotSet(self.layout, GROUP)
-            group.fill_from(bundle.file(m.group_patch or ""))
-            self._resident[GROUP] = group
-            first = group
+            self._sources = {GROUP: PatchSource(bundle.file(m.group_patch or ""), self.layout)}
         else:
-            self._scratch = [SlotSet(self.layout), SlotSet(self.layout)]
-            first = self._scratch[0]
-            first.fill_from(bundle.file(m.adapter(m.default_adapter or m.adapters[0].name).patch or ""))
-            first.holds = m.default_adapter or m.adapters[0].name
-        self._state = self._make_state(0, first, None, {})
+            self._sources = {a.name: PatchSource(bundle.file(a.patch or ""), self.layout) for a in m.adapters}
+        # Each use-case's adapter (v3: the group) and strength value, built once: a hot switch allocates nothing.
+        self._targets = {u.name: (GROUP if m.generation == "v3" else next(iter(u.strengths), None),
+                                  self._strength_value(u.strengths)) for u in m.use_cases}
+        first_adapter = GROUP if m.generation == "v3" else (m.default_adapter or m.adapters[0].name)
+        first = SlotSet(self.layout, first_adapter)
+        first.fill_from(self._sources[first_adapter])
+        if m.generation == "v3":
+            self._resident[GROUP] = first
+        else:
+            self._scratch = [first, SlotSet(self.layout)]
+        self._state = _State(0, first, *self._strength_value({}), None)
         self.preload(preload)
         if m.use_cases:
             self.switch(m.use_cases[0].name)
@@ -141,7 +146,7 @@ class Runtime:
                 if adapter in self._resident:
                     continue
                 s = SlotSet(self.layout, adapter)
-                s.fill_from(self.bundle.file(self.manifest.adapter(adapter).patch or ""))
+                s.fill_from(self._sources[adapter])
                 with self._lock:
                     self._resident[adapter] = s
 
@@ -158,24 +163,34 @@ class Runtime:
 
     def switch(self, use_case: str) -> SwitchReport:
         """Make ``use_case`` current. Hot when its adapter is resident, cold (one patch copy) otherwise."""
-        u = self.manifest.use_case(use_case)
-        return self._apply(u.strengths, u.name)
+        t0 = time.perf_counter()
+        target = self._targets.get(use_case)
+        if target is None:
+            self.manifest.use_case(use_case)  # raises UseCaseError naming the known use-cases
+        adapter, strength = target
+        return self._publish(adapter, strength, use_case, t0)
 
     def set_strengths(self, strengths: Mapping[str, float]) -> SwitchReport:
         """An ad-hoc mix: v3 any adapters, v1/v2 one adapter (or none: the base model)."""
-        return self._apply(dict(strengths), None)
-
-    def _apply(self, strengths: Mapping[str, float], label: str | None) -> SwitchReport:
         t0 = time.perf_counter()
+        strengths = dict(strengths)
         for name, s in strengths.items():
             if not isinstance(s, (int, float, np.floating)) or isinstance(s, bool) or not math.isfinite(s):
                 raise InputError(f"strength of adapter {name!r} must be a finite number, got {s!r}")
-        vector = strength_vector(self.manifest, strengths)  # validates adapter names and v1/v2 single adapter
+        value = self._strength_value(strengths)  # validates adapter names and v1/v2's one adapter
+        adapter = GROUP if self.manifest.generation == "v3" else next(iter(strengths), None)
+        return self._publish(adapter, value, None, t0)
+
+    def _strength_value(self, strengths: Mapping[str, float]) -> tuple[ort.OrtValue, np.ndarray, dict[str, float]]:
+        arr = strength_vector(self.manifest, strengths)
+        return ort.OrtValue.ortvalue_from_numpy(arr), arr, dict(strengths)
+
+    def _publish(self, adapter: str | None, strength: tuple[ort.OrtValue, np.ndarray, dict[str, float]],
+                 label: str | None, t0: float) -> SwitchReport:
         with self._switch_lock:
-            adapter = GROUP if self.manifest.generation == "v3" else next(iter(strengths), None)
             target, kind, moved, source = self._find_or_fill(adapter)
             with self._lock:
-                self._state = self._make_state(self._state.version + 1, target, label, dict(strengths), vector)
+                self._state = _State(self._state.version + 1, target, *strength, label)
             report = SwitchReport(label, kind, moved, time.perf_counter() - t0, source)
             self.last_switch = report
             return report
@@ -183,6 +198,8 @@ class Runtime:
     def _find_or_fill(self, adapter: str | None) -> tuple[SlotSet, str, int, str]:
         current = self._state.slots
         if adapter is None:  # the base model: strength 0, any weights do
+            return current, "hot", 0, "resident"
+        if current.holds == adapter:
             return current, "hot", 0, "resident"
         with self._lock:
             held = self._resident.get(adapter) or next((s for s in self._scratch if s.holds == adapter), None)
@@ -193,17 +210,11 @@ class Runtime:
             while target.readers:  # runs that started on it before the previous switch
                 self._lock.wait()
             target.holds = None  # from here until it is full, its content is unknown
-        path = self.bundle.file(self.manifest.adapter(adapter).patch or "")
-        moved = target.fill_from(path, self.fault_hook)
+        moved = target.fill_from(self._sources[adapter], self.fault_hook)
         if self.fault_hook:
             self.fault_hook("publish")
         target.holds = adapter
         return target, "cold", moved, "rom"
-
-    def _make_state(self, version: int, slots: SlotSet, label: str | None, strengths: dict[str, float],
-                    vector: np.ndarray | None = None) -> _State:
-        arr = np.array(vector if vector is not None else strength_vector(self.manifest, strengths), np.float32)
-        return _State(version, slots, ort.OrtValue.ortvalue_from_numpy(arr), arr, label, strengths)
 
     # ---- running -------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -51,6 +52,36 @@ class Layout:
             raise BundleError(f"{tf.path}: patch layout does not match the bundle's slot table")
 
 
+class PatchSource:
+    """A patch file ("ROM") whose header matches the layout, and the stamp of the file it was checked on."""
+
+    def __init__(self, path: os.PathLike[str] | str, layout: Layout) -> None:
+        self.path = Path(path)
+        self.data_start = 0
+        self.stamp: tuple[int, int, int] = (-1, -1, -1)
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise BundleError(f"{self.path}: cannot open patch ({e.strerror or e})") from e
+        try:
+            self.revalidate(fd, layout)
+        finally:
+            os.close(fd)
+
+    def revalidate(self, fd: int, layout: Layout) -> None:
+        """Parse and check the header again only if the file is not the one checked last time."""
+        st = os.fstat(fd)
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if stamp == self.stamp:
+            return
+        try:
+            tf = read_header(self.path)
+        except TensorFileError as e:
+            raise BundleError(str(e)) from e
+        layout.check(tf)
+        self.data_start, self.stamp = tf.data_start, stamp
+
+
 class SlotSet:
     """One arena of slot values and the OrtValues bound to the session."""
 
@@ -70,24 +101,30 @@ class SlotSet:
     def nbytes(self) -> int:
         return self.layout.nbytes
 
-    def fill_from(self, path: os.PathLike[str] | str, hook: Callable[[str], None] | None = None) -> int:
-        """Copy a patch file's data section into the arena: validate the header, then one ``readinto``."""
+    def fill_from(self, source: PatchSource, hook: Callable[[str], None] | None = None) -> int:
+        """Copy a patch file's data section into the arena with one positioned read.
+
+        The header was validated when the source was opened; if the file changed since (inode, size
+        or mtime differ), it is validated again before a byte is copied.
+        """
         hook = hook or (lambda _step: None)
+        path = source.path
         try:
-            hook("read_header")
-            tf = read_header(path)
-            self.layout.check(tf)
             hook("open")
-            with open(path, "rb", buffering=0) as f:
-                f.seek(tf.data_start)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                hook("read_header")
+                source.revalidate(fd, self.layout)
                 hook("read")
                 view = memoryview(self.arena)
                 done = 0
                 while done < self.nbytes:
-                    n = f.readinto(view[done:])
+                    n = os.preadv(fd, [view[done:]], source.data_start + done)
                     if not n:
                         raise BundleError(f"{path}: ended after {done} of {self.nbytes} patch bytes")
                     done += n
+            finally:
+                os.close(fd)
         except TensorFileError as e:
             raise BundleError(str(e)) from e
         except OSError as e:
