@@ -72,14 +72,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from lora_runtime.compiler.compile import compile_bundle, parse_adapter_arg
+    from lora_runtime.compiler.compile import COMPILE_STEPS, compile_bundle, parse_adapter_arg
+    from lora_runtime.progress import Progress
 
     adapters = dict(parse_adapter_arg(a) for a in args.adapter)
     if len(adapters) != len(args.adapter):
         raise InputError("an adapter name is given twice in --adapter")
     t0 = time.perf_counter()
-    bundle = compile_bundle(args.base, adapters, args.out, generation=args.generation, use_cases=args.use_case,
-                            force=args.force, report=lambda msg: print(f"compile: {msg}", file=sys.stderr))
+    with Progress("compile", total=COMPILE_STEPS) as bar:  # silent unless compiling takes over a second
+        bundle = compile_bundle(args.base, adapters, args.out, generation=args.generation,
+                                use_cases=args.use_case, force=args.force, report=bar.step)
     m = bundle.manifest
     size = sum(f.nbytes for f in m.files.values())
     print(f"wrote {bundle.path} ({m.generation}, {len(m.points)} points, {len(m.adapters)} adapters, "

@@ -78,7 +78,7 @@ class LoraConfig:
         if data.get("lora_bias"):
             raise AdapterError(f"{source}: lora_bias is true; LoRA with a bias on lora_B is not supported")
         r = data.get("r")
-        alpha = data.get("lora_alpha", r)
+        alpha = data.get("lora_alpha", 8)  # PEFT LoraConfig default (not r): what PEFT loads for a missing key
         if not _is_int(r) or r <= 0:
             raise AdapterError(f"{source}: r must be a positive integer, got {r!r}")
         if not _is_number(alpha):

@@ -44,6 +44,7 @@ from lora_runtime.lora_config import check_name
 from lora_runtime.tensorfile import TensorFile, save_tensors
 
 Report = Callable[[str], None]
+COMPILE_STEPS = 6  # how many times compile_bundle calls ``report``
 
 
 @dataclass(frozen=True)
