@@ -57,6 +57,8 @@ class Point:
     module: str
     node: str
     op_type: str
+    weight: str  # the base weight initializer
+    weight_transposed: bool  # stored (out, in) rather than (in, out)
     in_features: int
     out_features: int
     rank: int

@@ -64,6 +64,18 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="the manifest plus derived numbers, as JSON")
     i.set_defaults(func=_inspect)
 
+    mg = sub.add_parser("merge", help="bake a use-case into the base weights: a plain ONNX model (a baseline)")
+    mg.add_argument("bundle")
+    mg.add_argument("--use-case", required=True)
+    mg.add_argument("-o", "--out", required=True, help="model .onnx to write (external data if the base had it)")
+    mg.set_defaults(func=_merge)
+
+    ex = sub.add_parser("export-ort-adapter", help="one adapter of a v2 bundle as ONNX Runtime's .onnx_adapter")
+    ex.add_argument("bundle")
+    ex.add_argument("--adapter", required=True)
+    ex.add_argument("-o", "--out", required=True)
+    ex.set_defaults(func=_export_ort_adapter)
+
     d = sub.add_parser("demo", help="build the default model and adapters, compile v1/v2/v3, run every use-case")
     d.add_argument("--size", default="tiny", help="model preset: tiny (default) or bench")
     d.add_argument("--out", default="graphs/built/demo", help="where models and bundles go")
@@ -142,6 +154,24 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(summary(bundle), indent=1))
     else:
         print(describe(bundle))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from lora_runtime.bundle import open_bundle
+    from lora_runtime.compiler.export import merge_use_case
+
+    path = merge_use_case(open_bundle(args.bundle), args.out, use_case=args.use_case)
+    print(f"wrote {path} ({args.use_case} merged into the base weights)")
+    return 0
+
+
+def _export_ort_adapter(args: argparse.Namespace) -> int:
+    from lora_runtime.bundle import open_bundle
+    from lora_runtime.compiler.export import export_ort_adapter
+
+    path = export_ort_adapter(open_bundle(args.bundle), args.adapter, args.out)
+    print(f"wrote {path} (load with onnxruntime.LoraAdapter, activate with RunOptions.add_active_adapter)")
     return 0
 
 

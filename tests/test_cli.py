@@ -119,3 +119,17 @@ def test_console_script_and_fixture_adapters(tmp_path):
     assert r.returncode == 0, r.stderr
     r = subprocess.run(cmd[:5] + [str(root / "nope.onnx")] + cmd[6:], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "nope.onnx: base model not found" in r.stderr
+
+
+def test_merge_and_export_commands(tiny, tmp_path, capsys):
+    out = tmp_path / "b"
+    args = ["compile", "--base", str(tiny.base), "--generation", "v2", "-o", str(out)]
+    for name, path in tiny.adapters.items():
+        args += ["--adapter", f"{name}={path}"]
+    assert main(args) == 0
+    assert main(["merge", str(out), "--use-case", "tone", "-o", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").is_file()
+    assert main(["export-ort-adapter", str(out), "--adapter", "tone", "-o", str(tmp_path / "t.onnx_adapter")]) == 0
+    assert (tmp_path / "t.onnx_adapter").stat().st_size > 0
+    assert main(["merge", str(out), "--use-case", "nope", "-o", str(tmp_path / "n.onnx")]) == 2
+    assert "unknown use-case 'nope'" in capsys.readouterr().err and not (tmp_path / "n.onnx").exists()

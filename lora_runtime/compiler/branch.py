@@ -36,6 +36,7 @@ from lora_runtime.compiler.points import Candidate
 STRENGTH = "lora_alpha"
 SCALING = "lora_scaling"
 GAIN = "lora_gain"
+GAIN_NODE = "lora/gain"
 GENERATIONS = ("v1", "v2", "v3")
 
 
@@ -81,7 +82,7 @@ def add_branches(model: onnx.ModelProto, branches: list[Branch], generation: str
     else:
         new_inputs.append(helper.make_tensor_value_info(STRENGTH, TensorProto.FLOAT, []))
         new_inputs.append(helper.make_tensor_value_info(SCALING, TensorProto.FLOAT, [n_points]))
-        head.append(helper.make_node("Mul", [STRENGTH, SCALING], [GAIN], name="lora/gain"))
+        head.append(helper.make_node("Mul", [STRENGTH, SCALING], [GAIN], name=GAIN_NODE))
 
     nodes: list[onnx.NodeProto] = []
     found: set[str] = set()

@@ -325,7 +325,8 @@ def _point(b: Branch, adapters: list[Adapter], generation: str) -> Point:
         else:
             cols.append(Column(a.name, 0, pair.rank, pair.scaling))
     c = b.candidate
-    return Point(b.module, c.node, c.op_type, c.in_features, c.out_features, b.rank, tuple(cols))
+    return Point(b.module, c.node, c.op_type, c.weight, c.transposed, c.in_features, c.out_features, b.rank,
+                 tuple(cols))
 
 
 def _check_structure(model: onnx.ModelProto, base: Path) -> None:

@@ -45,6 +45,7 @@ class Candidate:
     in_features: int
     out_features: int
     aliases: tuple[str, ...]
+    transposed: bool = False  # the weight is stored (out, in) (Gemm transB=1, MatMul via Transpose)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def find_candidates(graph: onnx.GraphProto) -> list[Candidate]:
         dims = tuple(inits[weight].dims)
         d_in, d_out = (dims[1], dims[0]) if transposed else dims
         out.append(Candidate(name, node.op_type, node.input[0], node.output[0], weight, int(d_in), int(d_out),
-                             _aliases(node, weight)))
+                             _aliases(node, weight), transposed))
     return out
 
 

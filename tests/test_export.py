@@ -1,0 +1,66 @@
+"""Merged models and ONNX Runtime adapters exported from bundles equal the bundle's own outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import FIXTURES
+from reference import merged_outputs
+
+from lora_runtime import UseCaseError, compile_bundle, run_use_case
+from lora_runtime.compiler.export import export_ort_adapter, merge_use_case
+from lora_runtime.demo import demo_use_cases
+
+
+@pytest.mark.parametrize("generation", ["v1", "v2", "v3"])
+def test_merged_model_matches_reference_and_has_no_branches(tiny, tmp_path, generation):
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation=generation,
+                       use_cases=demo_use_cases(generation, list(tiny.adapters)))
+    feeds = tiny.inputs(seed=4)
+    for u in b.manifest.use_cases:
+        path = merge_use_case(b, tmp_path / f"{u.name}.onnx", use_case=u.name)
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+        base = onnx.load(str(tiny.base))
+        assert [n.op_type for n in model.graph.node] == [n.op_type for n in base.graph.node]
+        assert [i.name for i in model.graph.input] == [i.name for i in base.graph.input]
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = sess.run(None, feeds)[0]
+        want = merged_outputs(tiny.base, u.strengths, tiny.adapters, feeds)["logits"]
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=u.name)
+
+
+def test_merge_of_gemm_and_transposed_weights(tmp_path):
+    """GPT-2 (Gemm, transB=0) through the TorchScript export, against PEFT's own outputs."""
+    root = FIXTURES / "gpt2"
+    b = compile_bundle(root / "torchscript.onnx", {"p": root / "adapters/p", "q": root / "adapters/q"},
+                       tmp_path / "b", generation="v3", use_cases=["pq=p:1,q:0.6"])
+    path = merge_use_case(b, tmp_path / "m.onnx", use_case="pq")
+    with np.load(root / "inputs.npz") as z:
+        feeds = {k: z[k] for k in z.files}
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(got, np.load(root / "expected.npz")["pq"], atol=1e-4, rtol=0)
+
+
+def test_ort_adapter_matches_bundle(tiny, tmp_path):
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation="v2")
+    sess = ort.InferenceSession(str(b.file(b.manifest.graph)), providers=["CPUExecutionProvider"])
+    feeds = tiny.inputs(seed=6)
+    for name in b.manifest.adapter_names:
+        path = export_ort_adapter(b, name, tmp_path / f"{name}.onnx_adapter")
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(path))
+        ro = ort.RunOptions()
+        ro.add_active_adapter(adapter)
+        got = sess.run(None, feeds | {"lora_alpha": np.array(1.0, np.float32)}, ro)[0]
+        np.testing.assert_allclose(got, run_use_case(b, name, feeds)["logits"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("generation", ["v1", "v3"])
+def test_ort_adapter_needs_v2(tiny, tmp_path, generation):
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation=generation)
+    with pytest.raises(UseCaseError, match="v2 bundle"):
+        export_ort_adapter(b, "tone", tmp_path / "t.onnx_adapter")
+    assert not (tmp_path / "t.onnx_adapter").exists()
