@@ -203,8 +203,12 @@ def inside(root: Path, rel: str) -> Path:
     return p
 
 
-def open_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True) -> Bundle:
-    """Read and validate a bundle: manifest, every file's size and hash, every patch against the slots."""
+def open_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True, verify_base: bool = False) -> Bundle:
+    """Read and validate a bundle: manifest, every file's size and hash, every patch against the slots.
+
+    The base model's external data files (gigabytes, hard-linked from the base) are checked by size;
+    ``verify_base=True`` hashes them too (about a second per GB).
+    """
     root = Path(path)
     mpath = root / MANIFEST
     if not mpath.is_file():
@@ -223,7 +227,7 @@ def open_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True) -> 
         size = p.stat().st_size
         if size != info.nbytes:
             raise BundleError(f"{p}: {size} bytes, the manifest says {info.nbytes} (truncated or replaced)")
-        if verify_hashes and sha256_file(p) != info.sha256:
+        if verify_hashes and (verify_base or rel not in manifest.base.data_files) and sha256_file(p) != info.sha256:
             raise BundleError(f"{p}: SHA-256 does not match the manifest (tampered or corrupt)")
     bundle = Bundle(root, manifest)
     for rel in _patch_files(manifest):

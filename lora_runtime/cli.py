@@ -76,6 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("-o", "--out", required=True)
     ex.set_defaults(func=_export_ort_adapter)
 
+    bn = sub.add_parser("bench", help="switch latency and run cost vs physical limits and peers, in one run")
+    bn.add_argument("bundle", nargs="?", help="(not yet) a bundle to measure; default: the bench-size default model")
+    bn.add_argument("--size", default="bench", help="default-model preset (bench, or tiny for a smoke run)")
+    bn.add_argument("--json", help="write the report as JSON")
+    bn.add_argument("--plot", help="write a PNG (needs the [plot] extra: matplotlib)")
+    bn.add_argument("--quick", action="store_true", help="fewer repetitions: well under a minute")
+    bn.add_argument("--work", help="where models and bundles are built (default graphs/built/bench-<size>)")
+    bn.set_defaults(func=_bench)
+
     d = sub.add_parser("demo", help="build the default model and adapters, compile v1/v2/v3, run every use-case")
     d.add_argument("--size", default="tiny", help="model preset: tiny (default) or bench")
     d.add_argument("--out", default="graphs/built/demo", help="where models and bundles go")
@@ -172,6 +181,13 @@ def _export_ort_adapter(args: argparse.Namespace) -> int:
 
     path = export_ort_adapter(open_bundle(args.bundle), args.adapter, args.out)
     print(f"wrote {path} (load with onnxruntime.LoraAdapter, activate with RunOptions.add_active_adapter)")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from lora_runtime.bench import main_bench
+
+    main_bench(args.bundle, args.size, args.json, args.plot, args.quick, args.work)
     return 0
 
 

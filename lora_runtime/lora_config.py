@@ -17,6 +17,9 @@ from typing import Any
 
 from lora_runtime.errors import AdapterError
 
+# PEFT 0.21 LoRA variants whose forward pass is not W0 x + scaling * B A x, and layer_replication.
+_VARIANTS = ("alora_invocation_tokens", "arrow_config", "use_bdlora", "velora_config", "monteclora_config",
+             "kasa_config", "layer_replication")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 
 
@@ -77,6 +80,10 @@ class LoraConfig:
             raise AdapterError(f"{source}: target_parameters (LoRA on raw parameters) is not supported")
         if data.get("lora_bias"):
             raise AdapterError(f"{source}: lora_bias is true; LoRA with a bias on lora_B is not supported")
+        for key in _VARIANTS:  # each changes PEFT's forward pass; loading them as plain LoRA would be wrong
+            if data.get(key):
+                raise AdapterError(f"{source}: {key} is set; this LoRA variant changes the forward pass and is "
+                                   "not supported (plain LoRA only)")
         r = data.get("r")
         alpha = data.get("lora_alpha", 8)  # PEFT LoraConfig default (not r): what PEFT loads for a missing key
         if not _is_int(r) or r <= 0:

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from lora_runtime.compiler.points import Candidate
+from lora_runtime.compiler.points import Candidate, node_keys
 
 STRENGTH = "lora_alpha"
 SCALING = "lora_scaling"
@@ -86,9 +86,9 @@ def add_branches(model: onnx.ModelProto, branches: list[Branch], generation: str
 
     nodes: list[onnx.NodeProto] = []
     found: set[str] = set()
-    for i, node in enumerate(graph.node):
+    for node, key in zip(graph.node, node_keys(graph)):
         nodes.append(node)
-        b = by_node.get(node.name or f"{node.op_type}_{i}")
+        b = by_node.get(key)
         if b is None:
             continue
         found.add(b.candidate.node)

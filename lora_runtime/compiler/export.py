@@ -82,8 +82,9 @@ def merge_use_case(bundle: Bundle, out: str | os.PathLike[str], use_case: str | 
             raise UseCaseError("give a use-case or strengths to merge")
         strengths = m.use_case(use_case).strengths
     deltas = use_case_deltas(bundle, strengths)
-    model = onnx.load(str(bundle.file(m.graph)), load_external_data=True)
+    model = onnx.load(str(bundle.file(m.graph)), load_external_data=False)
     strip_branches(model, m)
+    _load_external_data(model, bundle)
     inits = {t.name: t for t in model.graph.initializer}
     for p in m.points:
         if p.module not in deltas:
@@ -101,6 +102,21 @@ def merge_use_case(bundle: Bundle, out: str | os.PathLike[str], use_case: str | 
     else:
         onnx.save(model, str(out))
     return out
+
+
+def _load_external_data(model: onnx.ModelProto, bundle: Bundle) -> None:
+    """Read external tensors into the proto ourselves: onnx.load refuses hard-linked data files."""
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else None
+        with open(bundle.file(info["location"]), "rb") as f:
+            f.seek(offset)
+            t.raw_data = f.read(-1 if length is None else length)
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
 
 
 def export_ort_adapter(bundle: Bundle, adapter: str, out: str | os.PathLike[str]) -> Path:

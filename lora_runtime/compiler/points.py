@@ -37,7 +37,7 @@ NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 class Candidate:
     """A MatMul/Gemm with a constant weight, and the module paths it may be known by."""
 
-    node: str  # node name (made unique by the caller if the graph left it empty)
+    node: str  # node_keys(): the node name, made unique if the graph left it empty or repeated it
     op_type: str
     x: str  # activation input
     y: str  # output
@@ -60,11 +60,12 @@ def find_candidates(graph: onnx.GraphProto) -> list[Candidate]:
     """Every MatMul/Gemm in the top-level graph whose weight is a constant 2-D initializer, in graph order."""
     inits = {t.name: t for t in graph.initializer}
     producers = {out: n for n in graph.node for out in n.output}
+    keys = node_keys(graph)
     out = []
     for i, node in enumerate(graph.node):
         if node.op_type not in ("MatMul", "Gemm"):
             continue
-        name = node.name or f"{node.op_type}_{i}"
+        name = keys[i]
         found = _weight_of(node, inits, producers)
         if isinstance(found, str):
             log.debug("not an attachment point: %s %s: %s", node.op_type, name, found)
@@ -75,6 +76,24 @@ def find_candidates(graph: onnx.GraphProto) -> list[Candidate]:
         out.append(Candidate(name, node.op_type, node.input[0], node.output[0], weight, int(d_in), int(d_out),
                              _aliases(node, weight), transposed))
     return out
+
+
+def node_keys(graph: onnx.GraphProto) -> list[str]:
+    """One unique key per node, in graph order: its name, or ``<op_type>_<index>`` when it has none.
+
+    ONNX requires node names neither to exist nor to be unique. A key already in use (an unnamed node
+    beside a node literally named ``MatMul_3``, or a repeated name) gets ``_`` appended until it is unique.
+    """
+    named = {n.name for n in graph.node if n.name}
+    keys: list[str] = []
+    used: set[str] = set()
+    for i, node in enumerate(graph.node):
+        key = node.name or f"{node.op_type}_{i}"
+        while key in used or (not node.name and key in named):
+            key += "_"
+        used.add(key)
+        keys.append(key)
+    return keys
 
 
 def resolve(candidates: list[Candidate], modules: list[str], source: str) -> dict[str, AttachmentPoint]:

@@ -1,0 +1,384 @@
+"""``lora-runtime bench``: switch latency and inference cost against the physical limits and the peers.
+
+Everything is measured in one run, side by side, and reported as rows
+``{"name", "p50_us", "p99_us", "runs", "bytes"}`` plus the ratios the goals are stated in: these
+machines are noisy, ratios from one run are what compare. What each row means:
+
+=========================  =========================================================================
+hot_switch                 v3 group resident: switch between use-cases (strengths only)
+hot_switch_100             the same with 100 use-cases, cycling through all of them
+cold_switch_cache          v2, three adapters, two scratch sets: every switch copies a patch
+                           (page cache warm)
+cold_switch_disk           the same after dropping the patch's pages (``posix_fadvise DONTNEED``)
+cold_switch_cache_100      v2 with 100 adapters cycled, none preloaded: every switch copies a patch
+preloaded_switch_100       v2 with 100 adapters, all preloaded ("RAM"): a switch rebinds, copies nothing
+memcpy                     numpy copy of the patch's bytes between preallocated buffers (RAM limit)
+file_read                  open + ``readinto`` of the patch file into a preallocated buffer + close
+file_read_disk             the same after dropping its pages (storage limit)
+runtime_open               ``Runtime.open`` of the v2 bundle (what a switch must be a small part of)
+session_rebuild            a new ``InferenceSession`` on a model with the adapter merged into the
+                           weights (what a naive user, and AIMET's ``load_adapter``, do per switch)
+ort_adapter_load           ONNX Runtime's ``LoraAdapter.Load`` of an exported ``.onnx_adapter``
+ort_adapter_switch         a run with ``RunOptions.add_active_adapter`` of another adapter than the
+                           previous run's (switch + first run)
+ort_adapter_run            steady runs with the same active adapter
+run_base / run_merged      the base model; the adapter baked into the weights (zero-overhead ideal)
+run_v1 / run_v2 / run_v3   one adapter active through the runtime (v3: the 3-adapter group)
+run_v3_n{1,2,4,8}          v3 groups of n rank-16 adapters on q/k/v/o, all active
+patch_bytes, resident_*    memory rows: bytes only
+=========================  =========================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from lora_runtime import __version__
+from lora_runtime.bundle import Bundle
+from lora_runtime.compiler.compile import compile_bundle
+from lora_runtime.compiler.export import export_ort_adapter, merge_use_case
+from lora_runtime.default_model import AdapterRecipe, build_default, recipe, write_adapter
+from lora_runtime.errors import InputError
+from lora_runtime.progress import Progress
+from lora_runtime.runtime.runtime import Runtime
+from lora_runtime.runtime.simple import make_session
+
+N_GROUP = (1, 2, 4, 8)
+N_MANY = 100
+
+# goal name -> (numerator row, denominator row, limit, "<=" or ">=")
+GOALS = {
+    "cold_switch_cache / file_read": ("cold_switch_cache", "file_read", 1.3, "<="),
+    "cold_switch_disk / file_read_disk": ("cold_switch_disk", "file_read_disk", 1.2, "<="),
+    "session_rebuild / cold_switch_cache": ("session_rebuild", "cold_switch_cache", 200.0, ">="),
+    "hot_switch / run_v3": ("hot_switch", "run_v3", 0.01, "<="),
+    "hot_switch_100 / hot_switch": ("hot_switch_100", "hot_switch", 1.2, "<="),
+    "run_v1 / run_merged": ("run_v1", "run_merged", 1.10, "<="),
+    "run_v2 / run_merged": ("run_v2", "run_merged", 1.10, "<="),
+    "run_v3_n4 / run_merged": ("run_v3_n4", "run_merged", 1.25, "<="),
+    "cold_switch_cache / memcpy": ("cold_switch_cache", "memcpy", None, ""),
+    "ort_adapter_switch / run_v2": ("ort_adapter_switch", "run_v2", None, ""),
+    "runtime_open / cold_switch_cache": ("runtime_open", "cold_switch_cache", None, ""),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    p50_us: float | None
+    p99_us: float | None
+    runs: int
+    bytes: int | None
+
+
+def measure(name: str, fn: Callable[[], object], runs: int, *, warmup: int = 2,
+            setup: Callable[[], object] | None = None, nbytes: int | None = None) -> Row:
+    """p50/p99 of ``fn`` over ``runs`` calls; ``setup`` runs before each call, untimed."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    times = np.empty(runs)
+    for i in range(runs):
+        if setup:
+            setup()
+        t = time.perf_counter_ns()
+        fn()
+        times[i] = time.perf_counter_ns() - t
+    return Row(name, float(np.percentile(times, 50) / 1e3), float(np.percentile(times, 99) / 1e3), runs, nbytes)
+
+
+def drop_pages(path: Path) -> None:
+    """Evict a file from the page cache (clean pages only; ours are)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_file(path: Path, buf: bytearray) -> None:
+    with open(path, "rb", buffering=0) as f:
+        f.readinto(buf)
+
+
+@dataclass
+class _Setup:
+    work: Path
+    base: Path
+    feeds: dict[str, np.ndarray]
+    bundles: dict[str, Bundle]
+    merged: Path
+
+
+def _prepare(size: str, work: Path, bar: Progress) -> _Setup:
+    r = recipe(size)
+    model = build_default(r, work / "model")
+    adapters_dir = work / "model" / "adapters"
+    group = {}
+    for i in range(max(N_GROUP)):
+        a = AdapterRecipe(f"n{i}", r=16, lora_alpha=32, seed=100 + i,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        if not (adapters_dir / a.name / "adapter_model.safetensors").is_file():
+            write_adapter(a, r, adapters_dir / a.name)
+        group[a.name] = adapters_dir / a.name
+    bar.step("model")
+    names = list(model.adapters)
+    singles = ["base="] + [f"{a}={a}" for a in names]
+    rng = np.random.default_rng(0)
+    specs: dict[str, tuple[dict[str, Path], list[str], str]] = {
+        "v1": (model.adapters, singles, "v1"), "v2": (model.adapters, singles, "v2"),
+        "v3": (model.adapters, singles + ["mix=" + ",".join(f"{a}:0.5" for a in names)], "v3"),
+        "v3_100": (model.adapters, [f"u{i}=" + ",".join(f"{a}:{s:.3f}" for a, s in zip(names, rng.random(3)))
+                                    for i in range(N_MANY)], "v3"),
+        "v2_100": ({f"m{i}": group[f"n{i % len(group)}"] for i in range(N_MANY)},
+                   [f"m{i}=m{i}" for i in range(N_MANY)], "v2"),
+    }
+    for n in N_GROUP:
+        sub = {k: group[k] for k in list(group)[:n]}
+        specs[f"v3_n{n}"] = (sub, ["all=" + ",".join(sub), "base="], "v3")
+    bundles = {}
+    for key, (adapters, use_cases, gen) in specs.items():
+        bundles[key] = compile_bundle(model.base, adapters, work / f"bundle-{key}", generation=gen,
+                                      use_cases=use_cases, force=True)
+        bar.step(f"compiled {key}")
+    merged = merge_use_case(bundles["v2"], work / "merged" / "summarize.onnx", use_case="summarize")
+    return _Setup(work, model.base, model.inputs(), bundles, merged)
+
+
+def run_bench(size: str = "bench", work: Path | None = None, quick: bool = False) -> dict:
+    """Build, compile and measure everything; return the JSON-ready report."""
+    work = Path(work or f"graphs/built/bench-{size}")
+    k = 0.2 if quick else 1.0
+    reps = {name: max(int(n * k), 3) for name, n in {
+        "switch": 2000, "cold": 300, "disk": 100, "copy": 300, "run": 30, "rebuild": 5, "open": 5}.items()}
+    rows: list[Row] = []
+    with Progress("bench", total=len(N_GROUP) + 6 + 18, delay_s=0.0) as bar:
+        s = _prepare(size, work, bar)
+        b = s.bundles
+        feeds = s.feeds
+
+        # --- switches --------------------------------------------------------------------------------
+        rt3 = Runtime.open(b["v3"].path)
+        flip = _alternate(rt3, ["summarize", "translate"])
+        rows.append(measure("hot_switch", flip, reps["switch"]))
+        rt100 = Runtime.open(b["v3_100"].path, preload="all")
+        rows.append(measure("hot_switch_100", _alternate(rt100, rt100.use_cases), reps["switch"]))
+        bar.step("hot switches")
+
+        rt2 = Runtime.open(b["v2"].path)
+        patch = b["v2"].file(b["v2"].manifest.adapter("summarize").patch or "")
+        patch_bytes = rt2.layout.nbytes
+        cycle = _alternate(rt2, ["summarize", "translate", "tone"], expect="cold")
+        rows.append(measure("cold_switch_cache", cycle, reps["cold"], nbytes=patch_bytes))
+        nxt = _next_patch(rt2, ["summarize", "translate", "tone"])
+        rows.append(measure("cold_switch_disk", cycle, reps["disk"], setup=lambda: drop_pages(nxt()),
+                            nbytes=patch_bytes))
+        bar.step("cold switches")
+
+        rt_many = Runtime.open(b["v2_100"].path)
+        rows.append(measure("cold_switch_cache_100", _alternate(rt_many, rt_many.use_cases, expect="cold"),
+                            reps["cold"], nbytes=patch_bytes))
+        rt_many.preload(rt_many.use_cases)
+        rows.append(measure("preloaded_switch_100", _alternate(rt_many, rt_many.use_cases, expect="hot"),
+                            reps["switch"]))
+        mem = rt_many.memory()
+        resident_per = sum(mem["preloaded_bytes"].values()) // N_MANY
+        del rt_many
+        bar.step("100 use-cases")
+
+        src, dst = np.ones(patch_bytes, np.uint8), np.empty(patch_bytes, np.uint8)
+        rows.append(measure("memcpy", lambda: np.copyto(dst, src), reps["copy"], nbytes=patch_bytes))
+        buf = bytearray(patch.stat().st_size)
+        rows.append(measure("file_read", lambda: read_file(patch, buf), reps["copy"], nbytes=len(buf)))
+        rows.append(measure("file_read_disk", lambda: read_file(patch, buf), reps["disk"],
+                            setup=lambda: drop_pages(patch), nbytes=len(buf)))
+        bar.step("limits")
+
+        rows.append(measure("runtime_open", lambda: Runtime.open(b["v2"].path), reps["open"], warmup=1))
+        so = ort.SessionOptions()
+        rows.append(measure("session_rebuild", lambda: ort.InferenceSession(str(s.merged), so,
+                                                                            providers=["CPUExecutionProvider"]),
+                            reps["rebuild"], warmup=1))
+        bar.step("session rebuild")
+
+        rows += _ort_adapter_rows(b["v2"], feeds, s.work, reps["run"])
+        bar.step("ONNX Runtime adapters")
+
+        # --- inference cost --------------------------------------------------------------------------
+        base_sess = ort.InferenceSession(str(s.base), providers=["CPUExecutionProvider"])
+        rows.append(measure("run_base", lambda: base_sess.run(None, feeds), reps["run"]))
+        merged_sess = ort.InferenceSession(str(s.merged), providers=["CPUExecutionProvider"])
+        rows.append(measure("run_merged", lambda: merged_sess.run(None, feeds), reps["run"]))
+        bar.step("base and merged")
+        for gen in ("v1", "v2", "v3"):
+            rt = rt3 if gen == "v3" else rt2 if gen == "v2" else Runtime.open(b[gen].path)
+            rt.switch("summarize")
+            rows.append(measure(f"run_{gen}", lambda rt=rt: rt.run(feeds), reps["run"]))
+            bar.step(f"run {gen}")
+        for n in N_GROUP:
+            rt = Runtime.open(b[f"v3_n{n}"].path)
+            rt.switch("all")
+            rows.append(measure(f"run_v3_n{n}", lambda rt=rt: rt.run(feeds), reps["run"]))
+            bar.step(f"run v3 x{n}")
+
+        rows.append(Row("patch_bytes", None, None, 1, patch_bytes))
+        rows.append(Row("resident_per_preloaded_use_case", None, None, N_MANY, resident_per))
+        rows.append(Row("resident_scratch_sets", None, None, 1, rt2.memory()["scratch_bytes"]))
+    return _report(rows, s, size, quick)
+
+
+def _alternate(rt: Runtime, names: list[str], expect: str | None = None) -> Callable[[], object]:
+    """A callable that switches to the next use-case in turn (and checks the switch kind)."""
+    state = {"i": 0}
+
+    def step() -> None:
+        state["i"] = (state["i"] + 1) % len(names)
+        report = rt.switch(names[state["i"]])
+        if expect and report.kind != expect:
+            raise RuntimeError(f"bench expected a {expect} switch to {names[state['i']]}, got {report.kind}")
+
+    return step
+
+
+def _next_patch(rt: Runtime, names: list[str]) -> Callable[[], Path]:
+    """The patch the next ``_alternate`` step will read (to drop its pages first)."""
+    def nxt() -> Path:
+        current = names.index(rt.current) if rt.current in names else -1
+        name = names[(current + 1) % len(names)]
+        return rt.bundle.file(rt.manifest.adapter(name).patch or "")
+    return nxt
+
+
+def _ort_adapter_rows(bundle: Bundle, feeds: dict[str, np.ndarray], work: Path, runs: int) -> list[Row]:
+    sess = make_session(bundle)
+    names = ["summarize", "translate", "tone"]
+    (work / "ort_adapters").mkdir(exist_ok=True)
+    paths = [export_ort_adapter(bundle, n, work / "ort_adapters" / f"{n}.onnx_adapter") for n in names]
+    load = measure("ort_adapter_load", lambda: ort.LoraAdapter().Load(str(paths[0])), runs)
+    options = []
+    for p in paths:
+        a = ort.LoraAdapter()
+        a.Load(str(p))
+        ro = ort.RunOptions()
+        ro.add_active_adapter(a)
+        options.append((a, ro))
+    full = feeds | {"lora_alpha": np.array(1.0, np.float32)}
+    state = {"i": 0}
+
+    def switch_run() -> None:
+        state["i"] = (state["i"] + 1) % len(options)
+        sess.run(None, full, options[state["i"]][1])
+
+    switch = measure("ort_adapter_switch", switch_run, runs)
+    steady = measure("ort_adapter_run", lambda: sess.run(None, full, options[0][1]), runs)
+    return [load, switch, steady]
+
+
+def _report(rows: list[Row], s: _Setup, size: str, quick: bool) -> dict:
+    by = {r.name: r for r in rows}
+    ratios = {}
+    for goal, (num, den, limit, op) in GOALS.items():
+        if num in by and den in by and by[num].p50_us and by[den].p50_us:
+            value = by[num].p50_us / by[den].p50_us
+            met = None if limit is None else (value <= limit if op == "<=" else value >= limit)
+            ratios[goal] = {"value": value, "goal": f"{op} {limit}" if limit is not None else None, "met": met}
+    r = recipe(size)
+    base_bytes = sum(p.stat().st_size for p in s.base.parent.glob("base.onnx*"))
+    return {
+        "lora_runtime": __version__, "size": size, "quick": quick,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": _cpu_name(),
+                    "python": platform.python_version()},
+        "versions": {"onnxruntime": ort.__version__, "numpy": np.__version__},
+        "model": {"recipe": r.name, "layers": r.n_layers, "d_model": r.d_model, "base_bytes": base_bytes,
+                  "seq_len": r.seq_len, "points_v2": len(s.bundles["v2"].manifest.points)},
+        "results": [asdict(x) for x in rows],
+        "ratios": ratios,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def format_table(report: dict) -> str:
+    lines = [f"lora-runtime bench ({report['size']}{', quick' if report['quick'] else ''}) on "
+             f"{report['machine']['cpus']} cpus, {report['machine']['cpu']}, onnxruntime "
+             f"{report['versions']['onnxruntime']}", "",
+             f"{'row':<34} {'p50 us':>12} {'p99 us':>12} {'runs':>6} {'bytes':>12}"]
+    for r in report["results"]:
+        p50 = f"{r['p50_us']:.1f}" if r["p50_us"] is not None else "-"
+        p99 = f"{r['p99_us']:.1f}" if r["p99_us"] is not None else "-"
+        nbytes = f"{r['bytes']:,}" if r["bytes"] is not None else ""
+        lines.append(f"{r['name']:<34} {p50:>12} {p99:>12} {r['runs']:>6} {nbytes:>12}")
+    lines += ["", f"{'ratio (p50)':<40} {'value':>10} {'goal':>10} {'met':>5}"]
+    for name, v in report["ratios"].items():
+        met = "" if v["met"] is None else ("yes" if v["met"] else "NO")
+        lines.append(f"{name:<40} {v['value']:>10.4g} {v['goal'] or '':>10} {met:>5}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install 'lora_runtime[plot]'") from None
+    by = {r["name"]: r for r in report["results"]}
+    switch = [n for n in ("hot_switch", "hot_switch_100", "preloaded_switch_100", "cold_switch_cache",
+                          "cold_switch_cache_100", "cold_switch_disk", "memcpy", "file_read", "file_read_disk",
+                          "ort_adapter_load", "ort_adapter_switch", "runtime_open", "session_rebuild") if n in by]
+    runs = [n for n in ("run_base", "run_merged", "run_v1", "run_v2", "run_v3", "run_v3_n1", "run_v3_n2",
+                        "run_v3_n4", "run_v3_n8", "ort_adapter_run") if n in by]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 5.5))
+    colors = ["tab:green" if n.startswith(("hot", "preloaded")) else "tab:blue" if n.startswith("cold")
+              else "tab:gray" if n in ("memcpy", "file_read", "file_read_disk") else "tab:red" for n in switch]
+    a1.barh(switch, [by[n]["p50_us"] for n in switch], color=colors)
+    a1.set_xscale("log")
+    a1.set_xlabel("p50 latency (us, log scale)")
+    a1.set_title("switch latency vs physical limits (gray) and peers (red)")
+    a1.invert_yaxis()
+    merged = by["run_merged"]["p50_us"]
+    a2.barh(runs, [by[n]["p50_us"] / merged for n in runs], color="tab:purple")
+    a2.axvline(1.0, color="k", lw=0.8)
+    a2.set_xlabel("run time / run_merged (p50)")
+    a2.set_title("inference cost per generation vs merged weights")
+    a2.invert_yaxis()
+    fig.suptitle(f"lora-runtime bench: {report['model']['recipe']} model, {report['machine']['cpus']} cpus, "
+                 f"onnxruntime {report['versions']['onnxruntime']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main_bench(bundle: str | None, size: str, json_path: str | None, plot_path: str | None, quick: bool,
+               work: str | None) -> dict:
+    if bundle is not None:
+        raise InputError("bench of a given bundle is not supported yet; run `lora-runtime bench` on the default "
+                         "model")
+    report = run_bench(size, Path(work) if work else None, quick)
+    print(format_table(report))
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"\nwrote {json_path}", file=sys.stderr)
+    if plot_path:
+        plot(report, Path(plot_path))
+        print(f"wrote {plot_path}", file=sys.stderr)
+    return report
