@@ -286,25 +286,12 @@ def _ort_adapter_rows(bundle: Bundle, feeds: dict[str, np.ndarray], work: Path, 
 
 
 def _report(rows: list[Row], s: _Setup, size: str, quick: bool) -> dict:
-    by = {r.name: r for r in rows}
-    ratios = {}
-    for goal, (num, den, limit, op) in GOALS.items():
-        if num in by and den in by and by[num].p50_us and by[den].p50_us:
-            value = by[num].p50_us / by[den].p50_us
-            met = None if limit is None else (value <= limit if op == "<=" else value >= limit)
-            ratios[goal] = {"value": value, "goal": f"{op} {limit}" if limit is not None else None, "met": met}
     r = recipe(size)
     base_bytes = sum(p.stat().st_size for p in s.base.parent.glob("base.onnx*"))
-    return {
-        "lora_runtime": __version__, "size": size, "quick": quick,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": _cpu_name(),
-                    "python": platform.python_version()},
-        "versions": {"onnxruntime": ort.__version__, "numpy": np.__version__},
+    return _with_ratios(rows, {
+        "lora_runtime": __version__, "size": size, "quick": quick, "machine": _machine(), "versions": _versions(),
         "model": {"recipe": r.name, "layers": r.n_layers, "d_model": r.d_model, "base_bytes": base_bytes,
-                  "seq_len": r.seq_len, "points_v2": len(s.bundles["v2"].manifest.points)},
-        "results": [asdict(x) for x in rows],
-        "ratios": ratios,
-    }
+                  "seq_len": r.seq_len, "points_v2": len(s.bundles["v2"].manifest.points)}})
 
 
 def _cpu_name() -> str:
@@ -350,12 +337,17 @@ def plot(report: dict, path: Path) -> None:
                         "run_v3_n4", "run_v3_n8", "ort_adapter_run") if n in by]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 5.5))
     colors = ["tab:green" if n.startswith(("hot", "preloaded")) else "tab:blue" if n.startswith("cold")
-              else "tab:gray" if n in ("memcpy", "file_read", "file_read_disk") else "tab:red" for n in switch]
-    a1.barh(switch, [by[n]["p50_us"] for n in switch], color=colors)
+              else "tab:gray" if n in ("memcpy", "file_read", "file_read_disk") else "tab:olive"
+              if n == "runtime_open" else "tab:red" for n in switch]
+    labels = [f"{n} (+ a run)" if n == "ort_adapter_switch" else n for n in switch]
+    a1.barh(labels, [by[n]["p50_us"] for n in switch], color=colors)
     a1.set_xscale("log")
     a1.set_xlabel("p50 latency (us, log scale)")
     a1.set_title("switch latency vs physical limits (gray) and peers (red)")
     a1.invert_yaxis()
+    if "run_merged" not in by:
+        fig.savefig(path, dpi=110)
+        return
     merged = by["run_merged"]["p50_us"]
     a2.barh(runs, [by[n]["p50_us"] / merged for n in runs], color="tab:purple")
     a2.axvline(1.0, color="k", lw=0.8)
@@ -368,12 +360,112 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def run_bench_bundle(path: Path, quick: bool = False) -> dict:
+    """The rows a given bundle supports: its switches next to the limits, its run cost next to merged."""
+    from lora_runtime.bundle import open_bundle
+
+    k = 0.2 if quick else 1.0
+    n = {name: max(int(v * k), 3) for name, v in {"switch": 2000, "cold": 300, "disk": 100, "run": 30,
+                                                 "open": 5}.items()}
+    bundle = open_bundle(path)
+    m = bundle.manifest
+    feeds = _bundle_inputs(bundle)
+    rows: list[Row] = []
+    with Progress("bench", total=6, delay_s=0.0) as bar:
+        rt = Runtime.open(path)
+        named = [u.name for u in m.use_cases if u.strengths]
+        if m.generation == "v3" and len(m.use_cases) > 1:
+            rows.append(measure("hot_switch", _alternate(rt, m.use_case_names), n["switch"]))
+        patch = bundle.file(m.group_patch or m.adapter(m.adapters[0].name).patch or "")
+        adapters = list(dict.fromkeys(next(iter(m.use_case(u).strengths)) for u in named))
+        if m.generation != "v3" and len(adapters) >= 3:
+            firsts = [next(u for u in named if next(iter(m.use_case(u).strengths)) == a) for a in adapters]
+            cycle = _alternate(rt, firsts, expect="cold")
+            rows.append(measure("cold_switch_cache", cycle, n["cold"], nbytes=rt.layout.nbytes))
+            nxt = _next_patch(rt, firsts)
+            rows.append(measure("cold_switch_disk", cycle, n["disk"], setup=lambda: drop_pages(nxt()),
+                                nbytes=rt.layout.nbytes))
+        bar.step("switches")
+        src, dst = np.ones(rt.layout.nbytes, np.uint8), np.empty(rt.layout.nbytes, np.uint8)
+        rows.append(measure("memcpy", lambda: np.copyto(dst, src), n["cold"], nbytes=rt.layout.nbytes))
+        buf = bytearray(patch.stat().st_size)
+        rows.append(measure("file_read", lambda: read_file(patch, buf), n["cold"], nbytes=len(buf)))
+        rows.append(measure("file_read_disk", lambda: read_file(patch, buf), n["disk"],
+                            setup=lambda: drop_pages(patch), nbytes=len(buf)))
+        bar.step("limits")
+        rows.append(measure("runtime_open", lambda: Runtime.open(path), n["open"], warmup=1))
+        bar.step("open")
+        if named:
+            rt.switch(named[0])
+            rows.append(measure(f"run_{m.generation}", lambda: rt.run(feeds), n["run"]))
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                merged = merge_use_case(bundle, Path(tmp) / "merged.onnx", use_case=named[0])
+                rows.append(measure("session_rebuild", lambda: ort.InferenceSession(
+                    str(merged), providers=["CPUExecutionProvider"]), 3, warmup=1))
+                sess = ort.InferenceSession(str(merged), providers=["CPUExecutionProvider"])
+                rows.append(measure("run_merged", lambda: sess.run(None, feeds), n["run"]))
+        bar.step("runs")
+        rows.append(Row("patch_bytes", None, None, 1, rt.layout.nbytes))
+        bar.step("done")
+    return _with_ratios(rows, {"lora_runtime": __version__, "size": f"bundle {path}", "quick": quick,
+                               "machine": _machine(), "versions": _versions(),
+                               "model": {"recipe": str(path), "generation": m.generation, "points": len(m.points)}},
+                        generation=m.generation)
+
+
+def _with_ratios(rows: list[Row], report: dict, generation: str | None = None) -> dict:
+    """Add the rows and the ratio table; with ``generation``, run_v* goals apply to that bundle's run row."""
+    by = {r.name: r for r in rows}
+    ratios = {}
+    for num, den, limit, op in GOALS.values():
+        if generation and num.startswith("run_v"):
+            num = f"run_{generation}"
+        key = f"{num} / {den}"
+        if key in ratios or num not in by or den not in by or not by[num].p50_us or not by[den].p50_us:
+            continue
+        value = by[num].p50_us / by[den].p50_us
+        met = None if limit is None else (value <= limit if op == "<=" else value >= limit)
+        ratios[key] = {"value": value, "goal": f"{op} {limit}" if limit is not None else None, "met": met}
+    return report | {"results": [asdict(x) for x in rows], "ratios": ratios}
+
+
+def _machine() -> dict:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": _cpu_name(),
+            "python": platform.python_version()}
+
+
+def _versions() -> dict:
+    return {"onnxruntime": ort.__version__, "numpy": np.__version__}
+
+
+def _bundle_inputs(bundle: Bundle) -> dict[str, np.ndarray]:
+    """Seeded inputs for the graph's non-LoRA inputs: token ids below 32, ones for masks, noise for floats."""
+    sess = make_session(bundle)
+    slots = {s.name for s in bundle.manifest.slots}
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in sess.get_inputs():
+        if i.name in slots:
+            continue
+        shape = [d if isinstance(d, int) and d > 0 else (1 if j == 0 else 16) for j, d in enumerate(i.shape)]
+        if i.type == "tensor(int64)":
+            feeds[i.name] = (np.ones(shape, np.int64) if "mask" in i.name
+                             else rng.integers(0, 32, size=shape, dtype=np.int64))
+        elif i.type == "tensor(float)":
+            feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+        else:
+            raise InputError(f"bench: cannot make inputs of type {i.type} for {i.name!r}")
+    return feeds
+
+
 def main_bench(bundle: str | None, size: str, json_path: str | None, plot_path: str | None, quick: bool,
                work: str | None) -> dict:
     if bundle is not None:
-        raise InputError("bench of a given bundle is not supported yet; run `lora-runtime bench` on the default "
-                         "model")
-    report = run_bench(size, Path(work) if work else None, quick)
+        report = run_bench_bundle(Path(bundle), quick)
+    else:
+        report = run_bench(size, Path(work) if work else None, quick)
     print(format_table(report))
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=1) + "\n")

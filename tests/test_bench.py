@@ -1,0 +1,55 @@
+"""The bench produces every row the issue names, with sane values (no timing is asserted: that is its job)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from lora_runtime.bench import format_table, plot, run_bench, run_bench_bundle
+from lora_runtime.cli import main
+
+ROWS = ["hot_switch", "hot_switch_100", "cold_switch_cache", "cold_switch_disk", "cold_switch_cache_100",
+        "preloaded_switch_100", "memcpy", "file_read", "file_read_disk", "runtime_open", "session_rebuild",
+        "ort_adapter_load", "ort_adapter_switch", "ort_adapter_run", "run_base", "run_merged", "run_v1", "run_v2",
+        "run_v3", "run_v3_n1", "run_v3_n2", "run_v3_n4", "run_v3_n8"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return run_bench("tiny", tmp_path_factory.mktemp("bench"), quick=True)
+
+
+def test_every_row_is_measured(report):
+    by = {r["name"]: r for r in report["results"]}
+    for name in ROWS:
+        r = by[name]
+        assert set(r) == {"name", "p50_us", "p99_us", "runs", "bytes"}
+        assert 0 < r["p50_us"] <= r["p99_us"] and r["runs"] >= 3, name
+    patch = by["patch_bytes"]["bytes"]
+    assert by["cold_switch_cache"]["bytes"] == by["memcpy"]["bytes"] == patch > 0
+    assert by["resident_per_preloaded_use_case"]["bytes"] == patch  # a preloaded use-case costs its patch
+    assert by["resident_scratch_sets"]["bytes"] == 2 * patch
+    json.dumps(report)
+    assert {"cold_switch_cache / file_read", "session_rebuild / cold_switch_cache", "run_v3_n4 / run_merged",
+            "hot_switch / run_v3"} <= set(report["ratios"])
+    table = format_table(report)
+    assert all(name in table for name in ROWS)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is the [plot] extra")
+def test_plot_writes_a_png(report, tmp_path):
+    plot(report, tmp_path / "b.png")
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_of_a_bundle(tiny, tmp_path):
+    from lora_runtime import compile_bundle
+
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation="v2")
+    report = run_bench_bundle(b.path, quick=True)
+    names = {r["name"] for r in report["results"]}
+    assert {"cold_switch_cache", "cold_switch_disk", "memcpy", "file_read", "run_v2", "run_merged",
+            "session_rebuild"} <= names
+    assert main(["bench", str(tmp_path / "missing"), "--quick"]) == 2
