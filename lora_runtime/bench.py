@@ -25,7 +25,8 @@ ort_adapter_run            steady runs with the same active adapter
 run_base / run_merged      the base model; the adapter baked into the weights (zero-overhead ideal)
 run_v1 / run_v2 / run_v3   one adapter active through the runtime (v3: the 3-adapter group)
 run_v3_n{1,2,4,8}          v3 groups of n rank-16 adapters on q/k/v/o, all active
-patch_bytes, resident_*    memory rows: bytes only
+patch_bytes(_100)          memory rows (bytes only): a v2 patch of the 3-adapter / 100-adapter bundle
+resident_*                 bytes resident per preloaded use-case (100-adapter bundle), and scratch sets
 =========================  =========================================================================
 """
 
@@ -188,12 +189,13 @@ def run_bench(size: str = "bench", work: Path | None = None, quick: bool = False
 
         rt_many = Runtime.open(b["v2_100"].path)
         rows.append(measure("cold_switch_cache_100", _alternate(rt_many, rt_many.use_cases, expect="cold"),
-                            reps["cold"], nbytes=patch_bytes))
+                            reps["cold"], nbytes=rt_many.layout.nbytes))
         rt_many.preload(rt_many.use_cases)
         rows.append(measure("preloaded_switch_100", _alternate(rt_many, rt_many.use_cases, expect="hot"),
                             reps["switch"]))
         mem = rt_many.memory()
         resident_per = sum(mem["preloaded_bytes"].values()) // N_MANY
+        patch_bytes_many = rt_many.layout.nbytes
         del rt_many
         bar.step("100 use-cases")
 
@@ -233,6 +235,7 @@ def run_bench(size: str = "bench", work: Path | None = None, quick: bool = False
             bar.step(f"run v3 x{n}")
 
         rows.append(Row("patch_bytes", None, None, 1, patch_bytes))
+        rows.append(Row("patch_bytes_100", None, None, N_MANY, patch_bytes_many))
         rows.append(Row("resident_per_preloaded_use_case", None, None, N_MANY, resident_per))
         rows.append(Row("resident_scratch_sets", None, None, 1, rt2.memory()["scratch_bytes"]))
     return _report(rows, s, size, quick)
