@@ -36,6 +36,7 @@ MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
 GROUP_PATCH = "patches/group.safetensors"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+INTEGRITY = "manifest_sha256"
 SLOT_KINDS = ("lora_A", "lora_B", "lora_scaling", "strength")
 _DTYPE_BYTES = {"float32": 4, "float16": 2}
 
@@ -203,11 +204,13 @@ def inside(root: Path, rel: str) -> Path:
     return p
 
 
-def open_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True, verify_base: bool = False) -> Bundle:
+def open_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True, verify_base: bool = False,
+                base: str | os.PathLike[str] | None = None) -> Bundle:
     """Read and validate a bundle: manifest, every file's size and hash, every patch against the slots.
 
     The base model's external data files (gigabytes, hard-linked from the base) are checked by size;
-    ``verify_base=True`` hashes them too (about a second per GB).
+    ``verify_base=True`` hashes them too (about a second per GB). ``base``: the base model .onnx the
+    caller deploys with; the bundle must have been compiled from exactly that file.
     """
     root = Path(path)
     mpath = root / MANIFEST
@@ -219,6 +222,8 @@ def open_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True, ver
         data = json.loads(mpath.read_text())
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise BundleError(f"{mpath}: not valid JSON ({e})") from e
+    if isinstance(data, dict) and data.get(INTEGRITY) != _digest(data):
+        raise BundleError(f"{mpath}: manifest_sha256 does not match the manifest (edited or corrupt)")
     manifest = Manifest.from_json(data, str(mpath))
     for rel, info in manifest.files.items():
         p = inside(root, rel)
@@ -229,6 +234,14 @@ def open_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True, ver
             raise BundleError(f"{p}: {size} bytes, the manifest says {info.nbytes} (truncated or replaced)")
         if verify_hashes and (verify_base or rel not in manifest.base.data_files) and sha256_file(p) != info.sha256:
             raise BundleError(f"{p}: SHA-256 does not match the manifest (tampered or corrupt)")
+    if base is not None:
+        try:
+            digest = sha256_file(base)
+        except OSError as e:
+            raise BundleError(f"{base}: cannot read the base model ({e.strerror or e})") from e
+        if digest != manifest.base.sha256:
+            raise BundleError(f"{root}: compiled for base model {manifest.base.name} (sha256 "
+                              f"{manifest.base.sha256[:12]}…), not {base} (sha256 {digest[:12]}…)")
     bundle = Bundle(root, manifest)
     for rel in _patch_files(manifest):
         if rel not in manifest.files:
@@ -290,7 +303,15 @@ def staging(out: str | os.PathLike[str], *, force: bool = False) -> Iterator[Pat
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
-    (root / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
+    data = manifest.to_json()
+    data[INTEGRITY] = _digest(data)
+    (root / MANIFEST).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _digest(data: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON, without the digest itself: catches edits and corruption."""
+    body = {k: v for k, v in data.items() if k != INTEGRITY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def file_table(root: Path, rels: list[str]) -> dict[str, FileInfo]:

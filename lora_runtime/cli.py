@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="an ad-hoc mix instead of a use-case (v3: several adapters; v1/v2: one)")
     r.add_argument("--inputs", required=True, help=".npz whose keys are the graph's input names")
     r.add_argument("--outputs", required=True, help=".npz to write, keyed by output name")
+    r.add_argument("--base", help="refuse the bundle unless it was compiled from this base model .onnx")
     r.set_defaults(func=_run)
 
     i = sub.add_parser("inspect", help="show a bundle: points, slots, adapters, use-cases, padding")
@@ -124,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
     if bool(args.use_case) == bool(args.strength):
         raise InputError("give --use-case NAME (repeatable) or --strength ADAPTER=S (repeatable), not both")
     feeds = load_npz(args.inputs)
-    rt = Runtime.open(args.bundle)
+    rt = Runtime.open(args.bundle, base=args.base)
     results: dict[str, np.ndarray] = {}
     if args.strength:
         mix = {}
