@@ -222,8 +222,11 @@ def open_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True, ver
         data = json.loads(mpath.read_text())
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise BundleError(f"{mpath}: not valid JSON ({e})") from e
-    if isinstance(data, dict) and data.get(INTEGRITY) != _digest(data):
-        raise BundleError(f"{mpath}: manifest_sha256 does not match the manifest (edited or corrupt)")
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        if INTEGRITY not in data:
+            raise BundleError(f"{mpath}: no manifest_sha256 (written by an older lora_runtime?); recompile the bundle")
+        if data[INTEGRITY] != _digest(data):
+            raise BundleError(f"{mpath}: manifest_sha256 does not match the manifest (edited or corrupt)")
     manifest = Manifest.from_json(data, str(mpath))
     for rel, info in manifest.files.items():
         p = inside(root, rel)
