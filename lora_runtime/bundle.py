@@ -194,6 +194,36 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def sha256_cached(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a large file, remembered per (device, inode, size, mtime) in the user's cache.
+
+    Base weights are gigabytes that never change: hashing them once per file, not once per compile,
+    keeps compile time growing with adapter bytes rather than model bytes.
+    """
+    st = os.stat(path)
+    key = f"{st.st_dev}:{st.st_ino}"  # the file itself, whichever hard link names it
+    stamp = [st.st_size, st.st_mtime_ns]  # not ctime: every new hard link changes it
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora_runtime" / "sha256.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key) if isinstance(known, dict) else None
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = sha256_file(path)
+    try:
+        known = known if isinstance(known, dict) else {}
+        known[key] = {"stamp": stamp, "sha256": digest}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # an unwritable cache only costs time
+    return digest
+
+
 def inside(root: Path, rel: str) -> Path:
     """``root / rel``, refusing absolute paths, '..' and symlinks that leave the bundle."""
     if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
@@ -317,8 +347,10 @@ def _digest(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def file_table(root: Path, rels: list[str]) -> dict[str, FileInfo]:
-    return {rel: FileInfo(sha256_file(root / rel), (root / rel).stat().st_size) for rel in rels}
+def file_table(root: Path, rels: list[str], cached: tuple[str, ...] = ()) -> dict[str, FileInfo]:
+    """Size and SHA-256 of each file; the ``cached`` ones (hard-linked base data) through the hash cache."""
+    return {rel: FileInfo(sha256_cached(root / rel) if rel in cached else sha256_file(root / rel),
+                          (root / rel).stat().st_size) for rel in rels}
 
 
 def _fsync_tree(root: Path) -> None:

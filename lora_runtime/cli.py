@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="a use-case; NAME= is the base model alone; default: one per adapter at strength 1")
     c.add_argument("-o", "--out", required=True, help="bundle directory to create")
     c.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    c.add_argument("--copy-base-data", action="store_true",
+                   help="copy the base model's external data when it cannot be hard-linked (another filesystem)")
     c.set_defaults(func=_compile)
 
     r = sub.add_parser("run", help="run use-cases of a bundle on inputs from an .npz, switching in one runtime")
@@ -103,11 +105,14 @@ def _compile(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with Progress("compile", total=COMPILE_STEPS) as bar:  # silent unless compiling takes over a second
         bundle = compile_bundle(args.base, adapters, args.out, generation=args.generation,
-                                use_cases=args.use_case, force=args.force, report=bar.step)
+                                use_cases=args.use_case, force=args.force, copy_base_data=args.copy_base_data,
+                                report=bar.step)
     m = bundle.manifest
-    size = sum(f.nbytes for f in m.files.values())
+    linked = sum(m.files[f].nbytes for f in m.base.data_files)
+    own = sum(f.nbytes for f in m.files.values()) - linked
+    shared = f" + {linked / 1e6:.2f} MB of base data linked" if linked else ""
     print(f"wrote {bundle.path} ({m.generation}, {len(m.points)} points, {len(m.adapters)} adapters, "
-          f"{len(m.use_cases)} use-cases, {size / 1e6:.2f} MB) in {time.perf_counter() - t0:.2f}s")
+          f"{len(m.use_cases)} use-cases, {own / 1e6:.2f} MB{shared}) in {time.perf_counter() - t0:.2f}s")
     return 0
 
 

@@ -21,12 +21,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lora_runtime.tensorfile import save_tensors
+
+DATA_FILE = "base.onnx.data"
+DATA_ALIGN = 65536  # the largest mmap allocation granularity ONNX Runtime meets (Windows); Linux needs 4096
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,15 @@ PRESETS: dict[str, ModelRecipe] = {
                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
                              AdapterRecipe("tone", r=8, lora_alpha=16, seed=23, target_modules=["q_proj", "v_proj"]),
                          )),
+    "1b": ModelRecipe("1b", vocab=32000, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
+                      max_seq=256, external_data=True, seq_len=32, adapters=(
+                          AdapterRecipe("summarize", r=32, lora_alpha=64, seed=31,  # ~27 MB: the cold-switch size
+                                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+                          AdapterRecipe("translate", r=64, lora_alpha=64, use_rslora=True, seed=32,
+                                        target_modules=["q_proj", "v_proj"]),
+                          AdapterRecipe("tone", r=8, lora_alpha=16, seed=33,
+                                        target_modules=["gate_proj", "up_proj", "down_proj"]),
+                      )),
 }
 
 
@@ -116,12 +129,12 @@ def build_default(preset: str | ModelRecipe, out_dir: str | Path) -> DefaultMode
         return DefaultModel(r, out / "base.onnx", adapters)
     out.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
-    model = build_model(r)
-    if r.external_data:
-        onnx.save(model, str(out / "base.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location="base.onnx.data", size_threshold=1024)
+    if r.external_data:  # streamed: each weight goes to the data file as it is generated
+        with open(out / DATA_FILE, "wb") as data:
+            model = build_model(r, data)
     else:
-        onnx.save(model, str(out / "base.onnx"))
+        model = build_model(r)
+    onnx.save(model, str(out / "base.onnx"))
     for a in r.adapters:
         write_adapter(a, r, adapters[a.name])
     stamp.write_text(text)
@@ -167,9 +180,14 @@ def write_adapter(a: AdapterRecipe, r: ModelRecipe, folder: Path) -> None:
     save_tensors(folder / "adapter_model.safetensors", dict(sorted(tensors.items())), {"format": "pt"})
 
 
-def build_model(r: ModelRecipe) -> onnx.ModelProto:
-    """The decoder graph with seeded weights (see the module docstring)."""
-    g = _Graph(np.random.default_rng(r.seed))
+def build_model(r: ModelRecipe, data: BinaryIO | None = None) -> onnx.ModelProto:
+    """The decoder graph with seeded weights (see the module docstring).
+
+    With ``data`` (a file opened for writing, named ``base.onnx.data`` next to the model), every
+    initializer of 1 KiB or more is written there as it is generated and referenced as external data,
+    so a 1B-parameter model never exists twice, or even once, in memory.
+    """
+    g = _Graph(np.random.default_rng(r.seed), data)
     d, hd = r.d_model, r.d_model // r.n_heads
     rep = r.n_heads // r.n_kv_heads
     if d % r.n_heads or r.n_heads % r.n_kv_heads or hd % 2:
@@ -234,8 +252,9 @@ def build_model(r: ModelRecipe) -> onnx.ModelProto:
 class _Graph:
     """Tiny builder: nodes, initializers and fresh names."""
 
-    def __init__(self, rng: np.random.Generator) -> None:
+    def __init__(self, rng: np.random.Generator, data: BinaryIO | None = None) -> None:
         self.rng = rng
+        self.data = data
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
         self.count = 0
@@ -245,12 +264,25 @@ class _Graph:
         return f"{stem}_{self.count}"
 
     def const(self, name: str, value: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(value, name))
+        if self.data is None or value.nbytes < 1024:
+            self.inits.append(numpy_helper.from_array(value, name))
+            return name
+        offset = self.data.tell()
+        offset += -offset % DATA_ALIGN  # aligned, so ONNX Runtime can map tensors instead of copying them
+        self.data.seek(offset)
+        self.data.write(np.ascontiguousarray(value, value.dtype.newbyteorder("<")).tobytes())
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=value.shape,
+                        data_location=TensorProto.EXTERNAL)
+        for key, v in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(value.nbytes))):
+            t.external_data.add(key=key, value=v)
+        self.inits.append(t)
         return name
 
     def weight(self, name: str, shape: tuple[int, ...], scale: float | None = None) -> str:
         std = scale if scale is not None else 1.0 / np.sqrt(shape[0])
-        return self.const(name, (self.rng.standard_normal(shape) * std).astype(np.float32))
+        w = self.rng.standard_normal(shape, dtype=np.float32)
+        w *= np.float32(std)
+        return self.const(name, w)
 
     def node(self, op: str, inputs: list[str], outputs: list[str], name: str | None = None, **attrs: object) -> str:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name or outputs[0], **attrs))

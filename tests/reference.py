@@ -47,10 +47,25 @@ def peft_deltas(folder: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
+def load_with_data(path: str | Path) -> onnx.ModelProto:
+    """onnx.load with external data read by hand: onnx refuses data files that have several hard links."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            with open(path.parent / info["location"], "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                t.raw_data = f.read(int(info["length"]))
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+    return model
+
+
 def merged_outputs(base: str | Path, mix: dict[str, float], adapters: dict[str, Path],
                    feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run ``base`` with W0 + sum_i s_i * delta_i merged into weights named ``<module>.weight`` (in, out)."""
-    model = onnx.load(str(base))
+    model = load_with_data(base)
     inits = {t.name: t for t in model.graph.initializer}
     total: dict[str, np.ndarray] = {}
     for name, s in mix.items():

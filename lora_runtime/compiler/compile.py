@@ -83,11 +83,13 @@ def compile_bundle(base: str | os.PathLike[str],
                    adapters: Mapping[str, str | os.PathLike[str] | Adapter] | Sequence[Adapter],
                    out: str | os.PathLike[str], *, generation: str,
                    use_cases: Sequence[UseCaseSpec | str] | None = None, force: bool = False,
-                   report: Report | None = None) -> Bundle:
+                   copy_base_data: bool = False, report: Report | None = None) -> Bundle:
     """Compile ``base`` + ``adapters`` into a bundle at ``out`` and return it, opened and validated.
 
-    ``use_cases`` default to one per adapter at strength 1.0. Raises a :class:`LoraRuntimeError`
-    subclass naming the culprit on bad input, with nothing written.
+    ``use_cases`` default to one per adapter at strength 1.0. The base model's external data files
+    are hard-linked into the bundle, never rewritten; where the filesystem cannot link (another
+    device), ``copy_base_data=True`` copies them instead. Raises a :class:`LoraRuntimeError` subclass
+    naming the culprit on bad input, with nothing written.
     """
     say = report or (lambda _msg: None)
     if generation not in GENERATIONS:
@@ -114,7 +116,7 @@ def compile_bundle(base: str | os.PathLike[str],
         say(f"rewriting the graph ({len(branches)} points, {generation})")
         add_branches(model, branches, generation, len(loaded), parameters)
         for rel in data_files:
-            _link(base.parent / rel, tmp / rel)
+            _link(base.parent / rel, tmp / rel, copy_base_data)
         (tmp / GRAPH).write_bytes(model.SerializeToString())
         _check_structure(model, base)
         say("hashing and writing the manifest")
@@ -127,7 +129,7 @@ def compile_bundle(base: str | os.PathLike[str],
             adapters=tuple(AdapterInfo(a.name, a.source, a.sha256, a.config.to_json(), a.nbytes,
                                        _patch_rel(a.name) if generation != "v3" else None) for a in loaded),
             use_cases=tuple(UseCase(s.name, dict(s.strengths)) for s in specs),
-            files=file_table(tmp, rels),
+            files=file_table(tmp, rels, cached=tuple(data_files)),
             versions=_versions(),
             group_patch=GROUP_PATCH if generation == "v3" else None,
             default_adapter=default,
@@ -348,12 +350,16 @@ def _check_structure(model: onnx.ModelProto, base: Path) -> None:
         raise BaseModelError(f"{base}: the rewritten graph fails onnx.checker: {str(e).splitlines()[0]}") from e
 
 
-def _link(src: Path, dst: Path) -> None:
-    """Base weights are referenced, not rewritten: a hard link where the filesystem allows, else a copy."""
+def _link(src: Path, dst: Path, copy: bool) -> None:
+    """Base weights are referenced, not rewritten: a hard link, or a copy only when asked for."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
-    except OSError:
+    except OSError as e:
+        if not copy:
+            raise BaseModelError(f"{src}: cannot hard-link the base weights into the bundle ({e.strerror or e}; "
+                                 f"another filesystem?); pass --copy-base-data to copy "
+                                 f"{src.stat().st_size / 1e9:.2f} GB") from e
         shutil.copyfile(src, dst)
 
 
