@@ -16,6 +16,7 @@ anything uses it.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -244,6 +245,8 @@ def open_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True, ver
     """
     root = Path(path)
     mpath = root / MANIFEST
+    if root.name.startswith(".") and root.name.endswith(STAGING_SUFFIX):
+        raise BundleError(f"{root}: an unfinished compile's staging directory, not a bundle")
     if not mpath.is_file():
         raise BundleError(f"{root}: not a bundle (no {MANIFEST})")
     if mpath.stat().st_size > MAX_MANIFEST_BYTES:
@@ -306,17 +309,30 @@ def check_patch(bundle: Bundle, rel: str) -> None:
         raise BundleError(f"{p}: patch does not fit the slot table (expected {diff[0]}, found {diff[1]})")
 
 
+STAGING_SUFFIX = ".partial"
+
+
 @contextmanager
 def staging(out: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
-    """A temporary sibling directory that becomes ``out`` only if the block completes."""
+    """A temporary sibling directory that becomes ``out`` only if the block completes.
+
+    ``out`` appears in one step: a rename, or with ``force`` an atomic exchange with the old bundle
+    (``renameat2(RENAME_EXCHANGE)`` on Linux), so a kill at any moment leaves the old bundle or the new
+    one at ``out``, never neither and never a mix. Staging directories are ``.<name>.<pid>.*.partial``:
+    :func:`open_bundle` refuses them, and the next compile to the same path removes those whose
+    process is gone.
+    """
     out = Path(out).absolute()
-    if out.exists():
+    if out.exists() or out.is_symlink():
         if not force:
             raise BundleError(f"{out}: already exists; pass --force (force=True) to replace it")
-        if not (out / MANIFEST).is_file() and any(out.iterdir()):
-            raise BundleError(f"{out}: exists and is not a bundle; refusing to replace it")
+        if not out.is_dir() or out.is_symlink():
+            raise BundleError(f"{out}: exists and is not a bundle directory; refusing to replace it")
+        if any(out.iterdir()) and not _is_bundle_dir(out):
+            raise BundleError(f"{out}: exists and is not a bundle (no lora_runtime manifest); refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    _remove_stale_staging(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=STAGING_SUFFIX, dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary directory
@@ -324,15 +340,75 @@ def staging(out: str | os.PathLike[str], *, force: bool = False) -> Iterator[Pat
         yield tmp
         _fsync_tree(tmp)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.rename(out, old / "b")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            _exchange(tmp, out)  # tmp now holds the old bundle
         else:
             os.rename(tmp, out)
-    except BaseException:
+        _fsync_dir(out.parent)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def _is_bundle_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Staging directories of compiles to ``out`` whose process no longer runs (killed mid-way)."""
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*{STAGING_SUFFIX}"):
+        pid = p.name[len(out.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two directory entries atomically (Linux ``renameat2``); elsewhere, two renames."""
+    libc = _libc()
+    if libc is not None:
+        at_fdcwd, rename_exchange = -100, 2
+        if libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+            return
+    aside = a.with_name(a.name + ".old")
+    os.rename(b, aside)
+    os.rename(a, b)
+    os.rename(aside, a)
+
+
+def _libc():  # noqa: ANN202  (a ctypes.CDLL with renameat2, or None)
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.renameat2  # noqa: B018  (present in glibc >= 2.28)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
