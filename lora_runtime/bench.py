@@ -11,6 +11,8 @@ cold_switch_cache          v2, three adapters, two scratch sets: every switch co
                            (page cache warm)
 cold_switch_disk           the same after dropping the patch's pages (``posix_fadvise DONTNEED``)
 cold_switch_cache_100      v2 with 100 adapters cycled, none preloaded: every switch copies a patch
+cold_switch_cache_f16      the cold switch with float16 LoRA slots (``--lora-dtype float16``): half the bytes
+run_v2_f16                 a v2 run with float16 slots (the branch widens A/B to float32 per run)
 preloaded_switch_100       v2 with 100 adapters, all preloaded ("RAM"): a switch rebinds, copies nothing
 memcpy                     numpy copy of the patch's bytes between preallocated buffers (RAM limit)
 file_read                  open + ``readinto`` of the patch file into a preallocated buffer + close
@@ -70,6 +72,8 @@ GOALS = {
     "run_v3_n4 / run_merged": ("run_v3_n4", "run_merged", 1.25, "<="),
     "cold_switch_cache / file_read_2buf": ("cold_switch_cache", "file_read_2buf", None, ""),
     "cold_switch_cache / memcpy": ("cold_switch_cache", "memcpy", None, ""),
+    "cold_switch_cache_f16 / cold_switch_cache": ("cold_switch_cache_f16", "cold_switch_cache", None, ""),
+    "run_v2_f16 / run_v2": ("run_v2_f16", "run_v2", None, ""),
     "ort_adapter_switch / run_v2": ("ort_adapter_switch", "run_v2", None, ""),
     "runtime_open / cold_switch_cache": ("runtime_open", "cold_switch_cache", None, ""),
 }
@@ -178,6 +182,10 @@ def _prepare(size: str, work: Path, bar: Progress) -> _Setup:
         bundles[key] = compile_bundle(model.base, adapters, work / f"bundle-{key}", generation=gen,
                                       use_cases=use_cases, force=True)
         bar.step(f"compiled {key}")
+    bundles["v2_f16"] = compile_bundle(model.base, model.adapters, work / "bundle-v2_f16", generation="v2",
+                                       use_cases=singles, lora_dtype="float16", sample_inputs=model.inputs(),
+                                       force=True)
+    bar.step("compiled v2_f16")
     merged = merge_use_case(bundles["v2"], work / "merged" / "summarize.onnx", use_case="summarize")
     return _Setup(work, model.base, model.inputs(), bundles, merged)
 
@@ -189,7 +197,7 @@ def run_bench(size: str = "bench", work: Path | None = None, quick: bool = False
     reps = {name: max(int(n * k), 3) for name, n in {
         "switch": 2000, "cold": 300, "disk": 100, "copy": 300, "run": 30, "rebuild": 5, "open": 5}.items()}
     rows: list[Row] = []
-    with Progress("bench", total=len(N_GROUP) + 6 + 18, delay_s=0.0) as bar:
+    with Progress("bench", total=len(N_GROUP) + 8 + 18, delay_s=0.0) as bar:
         s = _prepare(size, work, bar)
         b = s.bundles
         feeds = s.feeds
@@ -211,6 +219,11 @@ def run_bench(size: str = "bench", work: Path | None = None, quick: bool = False
         rows.append(measure("cold_switch_disk", cycle, reps["disk"], setup=lambda: drop_pages(nxt()),
                             nbytes=patch_bytes))
         bar.step("cold switches")
+
+        rt16 = Runtime.open(b["v2_f16"].path)
+        rows.append(measure("cold_switch_cache_f16", _alternate(rt16, ["summarize", "translate", "tone"],
+                                                               expect="cold"), reps["cold"], nbytes=rt16.layout.nbytes))
+        bar.step("float16 slots")
 
         rt_many = Runtime.open(b["v2_100"].path)
         rows.append(measure("cold_switch_cache_100", _alternate(rt_many, rt_many.use_cases, expect="cold"),
@@ -248,6 +261,8 @@ def run_bench(size: str = "bench", work: Path | None = None, quick: bool = False
             rt.switch("summarize")
             rows.append(measure(f"run_{gen}", lambda rt=rt: rt.run(feeds), reps["run"]))
             bar.step(f"run {gen}")
+        rt16.switch("summarize")
+        rows.append(measure("run_v2_f16", lambda: rt16.run(feeds), reps["run"]))
         for n in N_GROUP:
             rt = Runtime.open(b[f"v3_n{n}"].path)
             rt.switch("all")
@@ -313,6 +328,8 @@ def _report(rows: list[Row], s: _Setup, size: str, quick: bool) -> dict:
     base_bytes = sum(p.stat().st_size for p in s.base.parent.glob("base.onnx*"))
     return _with_ratios(rows, {
         "lora_runtime": __version__, "size": size, "quick": quick, "machine": _machine(), "versions": _versions(),
+        "accuracy": {"v2_f16 vs float32 slots, output SQNR dB": s.bundles["v2_f16"].manifest.extra["accuracy"][
+            "use_cases"]},
         "model": {"recipe": r.name, "layers": r.n_layers, "d_model": r.d_model, "base_bytes": base_bytes,
                   "seq_len": r.seq_len, "points_v2": len(s.bundles["v2"].manifest.points)}})
 
@@ -337,6 +354,8 @@ def format_table(report: dict) -> str:
         p99 = f"{r['p99_us']:.1f}" if r["p99_us"] is not None else "-"
         nbytes = f"{r['bytes']:,}" if r["bytes"] is not None else ""
         lines.append(f"{r['name']:<34} {p50:>12} {p99:>12} {r['runs']:>6} {nbytes:>12}")
+    for what, values in report.get("accuracy", {}).items():
+        lines += ["", f"accuracy: {what}: " + ", ".join(f"{k} {v:.1f}" for k, v in values.items())]
     lines += ["", f"{'ratio (p50)':<40} {'value':>10} {'goal':>10} {'met':>5}"]
     for name, v in report["ratios"].items():
         met = "" if v["met"] is None else ("yes" if v["met"] else "NO")
@@ -354,10 +373,11 @@ def plot(report: dict, path: Path) -> None:
         raise InputError("--plot needs matplotlib: pip install 'lora_runtime[plot]'") from None
     by = {r["name"]: r for r in report["results"]}
     switch = [n for n in ("hot_switch", "hot_switch_100", "preloaded_switch_100", "cold_switch_cache",
+                          "cold_switch_cache_f16",
                           "cold_switch_cache_100", "cold_switch_disk", "memcpy", "file_read", "file_read_2buf",
                           "file_read_disk",
                           "ort_adapter_load", "ort_adapter_switch", "runtime_open", "session_rebuild") if n in by]
-    runs = [n for n in ("run_base", "run_merged", "run_v1", "run_v2", "run_v3", "run_v3_n1", "run_v3_n2",
+    runs = [n for n in ("run_base", "run_merged", "run_v1", "run_v2", "run_v2_f16", "run_v3", "run_v3_n1", "run_v3_n2",
                         "run_v3_n4", "run_v3_n8", "ort_adapter_run") if n in by]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 5.5))
     colors = ["tab:green" if n.startswith(("hot", "preloaded")) else "tab:blue" if n.startswith("cold")

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lora_runtime.errors import BundleError, TensorFileError, UseCaseError
 from lora_runtime.tensorfile import read_header
 
@@ -75,6 +77,10 @@ class Slot:
     shape: tuple[int, ...]
     dtype: str
     kind: str  # one of SLOT_KINDS
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
 
     @property
     def nbytes(self) -> int:

@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="a use-case; NAME= is the base model alone; default: one per adapter at strength 1")
     c.add_argument("-o", "--out", required=True, help="bundle directory to create")
     c.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    c.add_argument("--lora-dtype", default="float32", choices=["float32", "float16"],
+                   help="dtype of LoRA A/B slots and patches (float16: half the switch bytes and resident memory)")
     c.add_argument("--copy-base-data", action="store_true",
                    help="copy the base model's external data when it cannot be hard-linked (another filesystem)")
     c.set_defaults(func=_compile)
@@ -106,6 +108,7 @@ def _compile(args: argparse.Namespace) -> int:
     with Progress("compile", total=COMPILE_STEPS) as bar:  # silent unless compiling takes over a second
         bundle = compile_bundle(args.base, adapters, args.out, generation=args.generation,
                                 use_cases=args.use_case, force=args.force, copy_base_data=args.copy_base_data,
+                                lora_dtype=args.lora_dtype,
                                 report=bar.step)
     m = bundle.manifest
     linked = sum(m.files[f].nbytes for f in m.base.data_files)

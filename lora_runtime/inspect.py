@@ -36,10 +36,15 @@ def describe(bundle: Bundle) -> str:
                "in the group patch")
         lines.append(f"    {a.name:<16} r={cfg.get('r')} alpha={cfg.get('lora_alpha')} rslora={cfg.get('use_rslora')} "
                      f"{info['points']} points, {a.nbytes / 1e6:.3f} MB own; {pad}")
-    lines += ["", "  use-cases"]
+    accuracy = m.extra.get("accuracy", {})
+    sqnr = accuracy.get("use_cases", {})
+    lora_dtype = next((sl.dtype for sl in m.slots if sl.kind == "lora_A"), "float32")
+    lines += ["", f"  use-cases (LoRA slots {lora_dtype}"
+              + (f"; output SQNR vs {accuracy['reference']} on {accuracy['inputs']} inputs)" if sqnr else ")")]
     for u in m.use_cases:
         mix = ", ".join(f"{k}:{v:g}" for k, v in u.strengths.items()) or "(base model)"
-        lines.append(f"    {u.name:<16} {mix}")
+        acc = f"  {sqnr[u.name]:.1f} dB" if u.name in sqnr else ""
+        lines.append(f"    {u.name:<16} {mix:<40}{acc}")
     lines += ["", "  attachment points (module: op, in x out, slot rank, adapters[columns])"]
     for p in m.points:
         cols = " ".join(f"{c.adapter}[{c.start}:{c.stop}]" for c in p.columns)

@@ -61,12 +61,15 @@ class Branch:
 
 
 def add_branches(model: onnx.ModelProto, branches: list[Branch], generation: str, n_adapters: int,
-                 parameters: dict[str, TensorProto] | None = None) -> onnx.ModelProto:
+                 parameters: dict[str, TensorProto] | None = None, lora_dtype: str = "float32") -> onnx.ModelProto:
     """Rewrite ``model`` in place and return it.
 
     ``parameters`` holds the initializers for the LoRA tensors of v2/v3 (A, B and, for v2,
     ``lora_scaling``), already built by the caller (typically as external data inside a patch file).
+    With ``lora_dtype="float16"``, A and B are float16 tensors, each widened by a ``Cast`` to float32
+    before its Transpose (R x in elements per point and run: the branch computes in float32).
     """
+    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[lora_dtype]
     if generation not in GENERATIONS:
         raise ValueError(f"generation must be one of {GENERATIONS}, got {generation!r}")
     graph = model.graph
@@ -95,8 +98,8 @@ def add_branches(model: onnx.ModelProto, branches: list[Branch], generation: str
         c = b.candidate
         m = b.module
         a_name, b_name = lora_a_name(m), lora_b_name(m)
-        new_inputs.append(helper.make_tensor_value_info(a_name, TensorProto.FLOAT, [b.rank, c.in_features]))
-        new_inputs.append(helper.make_tensor_value_info(b_name, TensorProto.FLOAT, [c.out_features, b.rank]))
+        new_inputs.append(helper.make_tensor_value_info(a_name, elem, [b.rank, c.in_features]))
+        new_inputs.append(helper.make_tensor_value_info(b_name, elem, [c.out_features, b.rank]))
         base_out = f"{c.y}.base"
         node.output[0] = base_out
         p = f"{m}.lora"
@@ -110,7 +113,12 @@ def add_branches(model: onnx.ModelProto, branches: list[Branch], generation: str
             idx = f"{m}.lora_point_index"
             consts.append(numpy_helper.from_array(np.asarray(b.index, np.int64), idx))
             gain_nodes = [helper.make_node("Gather", [GAIN, idx], [f"{p}/gain"], name=f"{p}/Gather")]
-        nodes += gain_nodes + [
+        widen = []
+        if elem != TensorProto.FLOAT:
+            widen = [helper.make_node("Cast", [a_name], [f"{p}/A_f32"], name=f"{p}/CastA", to=TensorProto.FLOAT),
+                     helper.make_node("Cast", [b_name], [f"{p}/B_f32"], name=f"{p}/CastB", to=TensorProto.FLOAT)]
+            a_name, b_name = f"{p}/A_f32", f"{p}/B_f32"
+        nodes += gain_nodes + widen + [
             helper.make_node("Transpose", [a_name], [f"{p}/A_t"], name=f"{p}/TransposeA", perm=[1, 0]),
             helper.make_node("MatMul", [c.x, f"{p}/A_t"], [f"{p}/u"], name=f"{p}/MatMulA"),
             helper.make_node("Mul", [f"{p}/u", f"{p}/gain"], [f"{p}/scaled"], name=f"{p}/Scale"),

@@ -39,12 +39,13 @@ from lora_runtime.bundle import (
 from lora_runtime.compiler.adapter import Adapter, load_adapter
 from lora_runtime.compiler.branch import GENERATIONS, SCALING, STRENGTH, Branch, add_branches, lora_a_name, lora_b_name
 from lora_runtime.compiler.points import AttachmentPoint, find_candidates, resolve
-from lora_runtime.errors import AttachmentError, BaseModelError, LoraRuntimeError, UseCaseError
+from lora_runtime.errors import AdapterError, AttachmentError, BaseModelError, LoraRuntimeError, UseCaseError
 from lora_runtime.lora_config import check_name
 from lora_runtime.tensorfile import TensorFile, save_tensors
 
 Report = Callable[[str], None]
 COMPILE_STEPS = 6  # how many times compile_bundle calls ``report``
+LORA_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -83,17 +84,25 @@ def compile_bundle(base: str | os.PathLike[str],
                    adapters: Mapping[str, str | os.PathLike[str] | Adapter] | Sequence[Adapter],
                    out: str | os.PathLike[str], *, generation: str,
                    use_cases: Sequence[UseCaseSpec | str] | None = None, force: bool = False,
-                   copy_base_data: bool = False, report: Report | None = None) -> Bundle:
+                   copy_base_data: bool = False, lora_dtype: str = "float32",
+                   sample_inputs: Mapping[str, np.ndarray] | None = None, measure_accuracy: bool = True,
+                   report: Report | None = None) -> Bundle:
     """Compile ``base`` + ``adapters`` into a bundle at ``out`` and return it, opened and validated.
 
     ``use_cases`` default to one per adapter at strength 1.0. The base model's external data files
     are hard-linked into the bundle, never rewritten; where the filesystem cannot link (another
-    device), ``copy_base_data=True`` copies them instead. Raises a :class:`LoraRuntimeError` subclass
+    device), ``copy_base_data=True`` copies them instead. ``lora_dtype="float16"`` stores LoRA A/B slots
+    and patches in 16 bits (half the bytes a cold switch moves and a preloaded use-case holds); the
+    branch widens them to float32 inside the graph; the output SQNR of every use-case against float32
+    slots is then measured (on ``sample_inputs``, or synthesized ones) and recorded in the manifest.
+    Raises a :class:`LoraRuntimeError` subclass
     naming the culprit on bad input, with nothing written.
     """
     say = report or (lambda _msg: None)
     if generation not in GENERATIONS:
         raise UseCaseError(f"generation must be one of {', '.join(GENERATIONS)}, got {generation!r}")
+    if lora_dtype not in LORA_DTYPES:
+        raise UseCaseError(f"lora_dtype must be one of {', '.join(LORA_DTYPES)}, got {lora_dtype!r}")
     say("loading adapters")
     loaded = _load_adapters(adapters)
     specs = _check_use_cases(use_cases, loaded, generation)
@@ -103,10 +112,10 @@ def compile_bundle(base: str | os.PathLike[str],
     say("resolving attachment points")
     points = _resolve_points(model, base, loaded)
     branches = _plan(points, loaded, generation)
-    slots = _slots(branches, generation, len(loaded))
+    slots = _slots(branches, generation, len(loaded), lora_dtype)
     with staging(out, force=force) as tmp:
         say("writing patches")
-        patches = _write_patches(tmp, branches, loaded, generation)
+        patches = _write_patches(tmp, branches, loaded, generation, lora_dtype)
         default = _default_adapter(specs, loaded) if generation == "v2" else None
         parameters = {}
         if generation == "v3":
@@ -114,7 +123,7 @@ def compile_bundle(base: str | os.PathLike[str],
         elif generation == "v2" and default is not None:
             parameters = _external_parameters(patches[default], _patch_rel(default))
         say(f"rewriting the graph ({len(branches)} points, {generation})")
-        add_branches(model, branches, generation, len(loaded), parameters)
+        add_branches(model, branches, generation, len(loaded), parameters, lora_dtype)
         for rel in data_files:
             _link(base.parent / rel, tmp / rel, copy_base_data)
         (tmp / GRAPH).write_bytes(model.SerializeToString())
@@ -134,8 +143,30 @@ def compile_bundle(base: str | os.PathLike[str],
             group_patch=GROUP_PATCH if generation == "v3" else None,
             default_adapter=default,
         )
+        if lora_dtype != "float32" and measure_accuracy:
+            say("measuring accuracy against float32 slots")
+            manifest = _with_accuracy(Bundle(tmp, manifest), base, loaded, specs, generation, sample_inputs)
         write_manifest(tmp, manifest)
     return open_bundle(out)
+
+
+def _with_accuracy(bundle: Bundle, base: Path, adapters: list[Adapter], specs: list[UseCaseSpec],
+                   generation: str, sample_inputs: Mapping[str, np.ndarray] | None) -> Manifest:
+    """The manifest with each use-case's output SQNR against the same bundle with float32 slots."""
+    import dataclasses
+    import tempfile
+
+    from lora_runtime.accuracy import compare_bundles
+
+    # next to the bundle: the same filesystem, so the base data links instead of copying
+    with tempfile.TemporaryDirectory(prefix=".lora_runtime-reference-", dir=bundle.path.parent) as ref_dir:
+        reference = compile_bundle(base, adapters, Path(ref_dir) / "f32", generation=generation, use_cases=specs,
+                                   measure_accuracy=False)
+        sqnr = compare_bundles(bundle, reference, sample_inputs)
+    m = bundle.manifest
+    accuracy = {"reference": "float32 LoRA slots", "metric": "output SQNR (dB)",
+                "inputs": "given" if sample_inputs is not None else "synthesized", "use_cases": sqnr}
+    return dataclasses.replace(m, extra={**m.extra, "accuracy": accuracy})
 
 
 def _load_adapters(adapters: Mapping[str, str | os.PathLike[str] | Adapter] | Sequence[Adapter]) -> list[Adapter]:
@@ -245,23 +276,39 @@ def _plan(points: list[AttachmentPoint], adapters: list[Adapter], generation: st
     return branches
 
 
-def _slots(branches: list[Branch], generation: str, n_adapters: int) -> list[Slot]:
+def _slots(branches: list[Branch], generation: str, n_adapters: int, lora_dtype: str) -> list[Slot]:
+    """The slot table, in patch order: wider dtypes first, so every slot is aligned in the arena."""
     slots = []
-    for b in branches:
-        slots.append(Slot(lora_a_name(b.module), (b.rank, b.candidate.in_features), "float32", "lora_A"))
-        slots.append(Slot(lora_b_name(b.module), (b.candidate.out_features, b.rank), "float32", "lora_B"))
     if generation != "v3":
         slots.append(Slot(SCALING, (len(branches),), "float32", "lora_scaling"))
-        slots.append(Slot(STRENGTH, (), "float32", "strength"))
-    else:
-        slots.append(Slot(STRENGTH, (n_adapters,), "float32", "strength"))
+    for b in branches:
+        slots.append(Slot(lora_a_name(b.module), (b.rank, b.candidate.in_features), lora_dtype, "lora_A"))
+        slots.append(Slot(lora_b_name(b.module), (b.candidate.out_features, b.rank), lora_dtype, "lora_B"))
+    slots.append(Slot(STRENGTH, () if generation != "v3" else (n_adapters,), "float32", "strength"))
     return slots
+
+
+def _in_dtype(tensors: dict[str, np.ndarray], lora_dtype: str, what: str) -> dict[str, np.ndarray]:
+    """A/B converted to the slot dtype; float16 must hold every value (65504 at most)."""
+    if lora_dtype == "float32":
+        return tensors
+    out = {}
+    for name, t in tensors.items():
+        if name == SCALING:
+            out[name] = t
+            continue
+        peak = float(np.abs(t).max()) if t.size else 0.0
+        if peak > float(np.finfo(np.float16).max):
+            raise AdapterError(f"{what}: tensor {name!r} holds |x| = {peak:.4g}, beyond float16; "
+                               "compile with --lora-dtype float32")
+        out[name] = t.astype(np.float16)
+    return out
 
 
 def adapter_patch(branches: list[Branch], adapter: Adapter) -> dict[str, np.ndarray]:
     """v1/v2: one adapter's values for every patched slot, zero-padded to the slot ranks and points."""
-    tensors: dict[str, np.ndarray] = {}
     scaling = np.zeros(len(branches), np.float32)
+    tensors: dict[str, np.ndarray] = {SCALING: scaling}
     for b in branches:
         a_slot = np.zeros((b.rank, b.candidate.in_features), np.float32)
         b_slot = np.zeros((b.candidate.out_features, b.rank), np.float32)
@@ -272,7 +319,6 @@ def adapter_patch(branches: list[Branch], adapter: Adapter) -> dict[str, np.ndar
             scaling[b.index] = pair.scaling
         tensors[lora_a_name(b.module)] = a_slot
         tensors[lora_b_name(b.module)] = b_slot
-    tensors[SCALING] = scaling
     return tensors
 
 
@@ -287,11 +333,14 @@ def group_patch(branches: list[Branch], adapters: list[Adapter]) -> dict[str, np
 
 
 def _write_patches(root: Path, branches: list[Branch], adapters: list[Adapter],
-                   generation: str) -> dict[str, TensorFile]:
+                   generation: str, lora_dtype: str) -> dict[str, TensorFile]:
     (root / "patches").mkdir()
     if generation == "v3":
-        return {"group": save_tensors(root / GROUP_PATCH, group_patch(branches, adapters))}
-    return {a.name: save_tensors(root / _patch_rel(a.name), adapter_patch(branches, a)) for a in adapters}
+        group = _in_dtype(group_patch(branches, adapters), lora_dtype, "the adapter group")
+        return {"group": save_tensors(root / GROUP_PATCH, group)}
+    return {a.name: save_tensors(root / _patch_rel(a.name),
+                                 _in_dtype(adapter_patch(branches, a), lora_dtype, f"adapter {a.name!r}"))
+            for a in adapters}
 
 
 def _patch_rel(adapter: str) -> str:
@@ -302,7 +351,8 @@ def _external_parameters(tf: TensorFile, rel: str) -> dict[str, TensorProto]:
     """Initializers whose data is the patch file itself: ONNX external data at the tensors' offsets."""
     out = {}
     for e in tf.entries.values():
-        t = TensorProto(name=e.name, data_type=TensorProto.FLOAT, dims=list(e.shape))
+        dtype = {"F32": TensorProto.FLOAT, "F16": TensorProto.FLOAT16}[e.dtype]
+        t = TensorProto(name=e.name, data_type=dtype, dims=list(e.shape))
         t.data_location = TensorProto.EXTERNAL
         for key, value in (("location", rel), ("offset", str(e.begin)), ("length", str(e.nbytes))):
             t.external_data.add(key=key, value=value)

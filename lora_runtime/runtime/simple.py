@@ -55,7 +55,7 @@ def slot_feeds(bundle: Bundle, strengths: Mapping[str, float]) -> dict[str, np.n
     if m.generation == "v2" and adapter in (None, m.default_adapter):
         return feeds  # the graph's parameters already hold it (or the strength is 0)
     if adapter is None:  # v1, base alone: any finite weights do, the strength is 0
-        return feeds | {s.name: np.zeros(s.shape, np.float32) for s in m.slots if s.kind != "strength"}
+        return feeds | {s.name: np.zeros(s.shape, s.numpy_dtype) for s in m.slots if s.kind != "strength"}
     tf = read_header(bundle.file(m.adapter(adapter).patch or ""))
     return feeds | {name: tf.read(name) for name in tf.entries}
 

@@ -25,8 +25,6 @@ from lora_runtime.bundle import Slot
 from lora_runtime.errors import BundleError, TensorFileError
 from lora_runtime.tensorfile import TensorFile, read_header
 
-_NP = {"float32": np.float32, "float16": np.float16}
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -91,7 +89,7 @@ class SlotSet:
         self.views: dict[str, np.ndarray] = {}
         self.values: dict[str, ort.OrtValue] = {}
         for s, o in zip(layout.slots, layout.offsets):
-            view = self.arena[o:o + s.nbytes].view(_NP[s.dtype]).reshape(s.shape)
+            view = self.arena[o:o + s.nbytes].view(s.numpy_dtype).reshape(s.shape)
             self.views[s.name] = view
             self.values[s.name] = ort.OrtValue.ortvalue_from_numpy(view)
         self.holds = holds  # the adapter (v1/v2) or "group" (v3) whose values the arena holds; None: unknown
