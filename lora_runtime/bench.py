@@ -13,6 +13,9 @@ cold_switch_disk           the same after dropping the patch's pages (``posix_fa
 cold_switch_cache_100      v2 with 100 adapters cycled, none preloaded: every switch copies a patch
 cold_switch_cache_f16      the cold switch with float16 LoRA slots (``--lora-dtype float16``): half the bytes
 run_v2_f16                 a v2 run with float16 slots (the branch widens A/B to float32 per run)
+run_v2_int8/_int4, run_v3_int4  runs with the base weights quantized (``--base-weights``; MatMulNBits)
+bundle_bytes_*             what a bundle holds on disk besides linked base data (quantized bundles own
+                           their weights: the float32 data is not linked)
 preloaded_switch_100       v2 with 100 adapters, all preloaded ("RAM"): a switch rebinds, copies nothing
 memcpy                     numpy copy of the patch's bytes between preallocated buffers (RAM limit)
 file_read                  open + ``readinto`` of the patch file into a preallocated buffer + close
@@ -58,6 +61,7 @@ from lora_runtime.runtime.runtime import Runtime
 from lora_runtime.runtime.simple import make_session
 
 N_GROUP = (1, 2, 4, 8)
+QUANTIZED = (("v2", "int8"), ("v2", "int4"), ("v3", "int4"))  # base weights quantized, LoRA float
 N_MANY = 100
 
 # goal name -> (numerator row, denominator row, limit, "<=" or ">=")
@@ -74,6 +78,9 @@ GOALS = {
     "cold_switch_cache / memcpy": ("cold_switch_cache", "memcpy", None, ""),
     "cold_switch_cache_f16 / cold_switch_cache": ("cold_switch_cache_f16", "cold_switch_cache", None, ""),
     "run_v2_f16 / run_v2": ("run_v2_f16", "run_v2", None, ""),
+    "run_v2_int8 / run_v2": ("run_v2_int8", "run_v2", None, ""),
+    "run_v2_int4 / run_v2": ("run_v2_int4", "run_v2", None, ""),
+    "bundle_bytes_v2_int4 / base_bytes": ("bundle_bytes_v2_int4", "base_bytes", 0.25, "<="),
     "ort_adapter_switch / run_v2": ("ort_adapter_switch", "run_v2", None, ""),
     "runtime_open / cold_switch_cache": ("runtime_open", "cold_switch_cache", None, ""),
 }
@@ -186,6 +193,11 @@ def _prepare(size: str, work: Path, bar: Progress) -> _Setup:
                                        use_cases=singles, lora_dtype="float16", sample_inputs=model.inputs(),
                                        force=True)
     bar.step("compiled v2_f16")
+    for gen, kind in QUANTIZED:
+        bundles[f"{gen}_{kind}"] = compile_bundle(
+            model.base, model.adapters, work / f"bundle-{gen}_{kind}", generation=gen, base_weights=kind,
+            use_cases=specs[gen][1], sample_inputs=model.inputs(), force=True)
+        bar.step(f"compiled {gen}_{kind}")
     merged = merge_use_case(bundles["v2"], work / "merged" / "summarize.onnx", use_case="summarize")
     return _Setup(work, model.base, model.inputs(), bundles, merged)
 
@@ -197,7 +209,7 @@ def run_bench(size: str = "bench", work: Path | None = None, quick: bool = False
     reps = {name: max(int(n * k), 3) for name, n in {
         "switch": 2000, "cold": 300, "disk": 100, "copy": 300, "run": 30, "rebuild": 5, "open": 5}.items()}
     rows: list[Row] = []
-    with Progress("bench", total=len(N_GROUP) + 8 + 18, delay_s=0.0) as bar:
+    with Progress("bench", total=len(N_GROUP) + 8 + 18 + 2 * len(QUANTIZED), delay_s=0.0) as bar:
         s = _prepare(size, work, bar)
         b = s.bundles
         feeds = s.feeds
@@ -263,6 +275,11 @@ def run_bench(size: str = "bench", work: Path | None = None, quick: bool = False
             bar.step(f"run {gen}")
         rt16.switch("summarize")
         rows.append(measure("run_v2_f16", lambda: rt16.run(feeds), reps["run"]))
+        for gen, kind in QUANTIZED:
+            rq = Runtime.open(b[f"{gen}_{kind}"].path)
+            rq.switch("summarize")
+            rows.append(measure(f"run_{gen}_{kind}", lambda rq=rq: rq.run(feeds), reps["run"]))
+            bar.step(f"run {gen} {kind}")
         for n in N_GROUP:
             rt = Runtime.open(b[f"v3_n{n}"].path)
             rt.switch("all")
@@ -270,6 +287,11 @@ def run_bench(size: str = "bench", work: Path | None = None, quick: bool = False
             bar.step(f"run v3 x{n}")
 
         rows.append(Row("patch_bytes", None, None, 1, patch_bytes))
+        rows.append(Row("base_bytes", None, None, 1, sum(p.stat().st_size for p in s.base.parent.glob("base.onnx*"))))
+        for key in ("v2", *(f"{g}_{k}" for g, k in QUANTIZED)):
+            m = b[key].manifest
+            rows.append(Row(f"bundle_bytes_{key}", None, None, 1,
+                            sum(f.nbytes for k, f in m.files.items() if k not in m.base.data_files)))
         rows.append(Row("patch_bytes_100", None, None, N_MANY, patch_bytes_many))
         rows.append(Row("resident_per_preloaded_use_case", None, None, N_MANY, resident_per))
         rows.append(Row("resident_scratch_sets", None, None, 1, rt2.memory()["scratch_bytes"]))
@@ -328,8 +350,8 @@ def _report(rows: list[Row], s: _Setup, size: str, quick: bool) -> dict:
     base_bytes = sum(p.stat().st_size for p in s.base.parent.glob("base.onnx*"))
     return _with_ratios(rows, {
         "lora_runtime": __version__, "size": size, "quick": quick, "machine": _machine(), "versions": _versions(),
-        "accuracy": {"v2_f16 vs float32 slots, output SQNR dB": s.bundles["v2_f16"].manifest.extra["accuracy"][
-            "use_cases"]},
+        "accuracy": {f"{key} vs the float32 bundle, output SQNR dB": s.bundles[key].manifest.extra["accuracy"][
+            "use_cases"] for key in ("v2_f16", *(f"{g}_{k}" for g, k in QUANTIZED))},
         "model": {"recipe": r.name, "layers": r.n_layers, "d_model": r.d_model, "base_bytes": base_bytes,
                   "seq_len": r.seq_len, "points_v2": len(s.bundles["v2"].manifest.points)}})
 
@@ -377,7 +399,8 @@ def plot(report: dict, path: Path) -> None:
                           "cold_switch_cache_100", "cold_switch_disk", "memcpy", "file_read", "file_read_2buf",
                           "file_read_disk",
                           "ort_adapter_load", "ort_adapter_switch", "runtime_open", "session_rebuild") if n in by]
-    runs = [n for n in ("run_base", "run_merged", "run_v1", "run_v2", "run_v2_f16", "run_v3", "run_v3_n1", "run_v3_n2",
+    runs = [n for n in ("run_base", "run_merged", "run_v1", "run_v2", "run_v2_f16", "run_v2_int8", "run_v2_int4",
+                        "run_v3_int4", "run_v3", "run_v3_n1", "run_v3_n2",
                         "run_v3_n4", "run_v3_n8", "ort_adapter_run") if n in by]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 5.5))
     colors = ["tab:green" if n.startswith(("hot", "preloaded")) else "tab:blue" if n.startswith("cold")
@@ -462,9 +485,15 @@ def _with_ratios(rows: list[Row], report: dict, generation: str | None = None) -
         if generation and num.startswith("run_v"):
             num = f"run_{generation}"
         key = f"{num} / {den}"
-        if key in ratios or num not in by or den not in by or not by[num].p50_us or not by[den].p50_us:
+        if key in ratios or num not in by or den not in by:
             continue
-        value = by[num].p50_us / by[den].p50_us
+        a, b = by[num], by[den]
+        if a.p50_us and b.p50_us:
+            value = a.p50_us / b.p50_us
+        elif a.p50_us is None and b.p50_us is None and a.bytes and b.bytes:
+            value = a.bytes / b.bytes  # memory rows compare by bytes
+        else:
+            continue
         met = None if limit is None else (value <= limit if op == "<=" else value >= limit)
         ratios[key] = {"value": value, "goal": f"{op} {limit}" if limit is not None else None, "met": met}
     return report | {"results": [asdict(x) for x in rows], "ratios": ratios}

@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     c.add_argument("--lora-dtype", default="float32", choices=["float32", "float16"],
                    help="dtype of LoRA A/B slots and patches (float16: half the switch bytes and resident memory)")
+    c.add_argument("--base-weights", default="float32", choices=["float32", "int8", "int4"],
+                   help="weight-only quantization of the base's linear layers (MatMulNBits); LoRA stays float")
+    c.add_argument("--block-size", type=int, default=None,
+                   help="quantization block along the input dim (int4 default 32; int8 default per channel)")
     c.add_argument("--copy-base-data", action="store_true",
                    help="copy the base model's external data when it cannot be hard-linked (another filesystem)")
     c.set_defaults(func=_compile)
@@ -108,7 +112,8 @@ def _compile(args: argparse.Namespace) -> int:
     with Progress("compile", total=COMPILE_STEPS) as bar:  # silent unless compiling takes over a second
         bundle = compile_bundle(args.base, adapters, args.out, generation=args.generation,
                                 use_cases=args.use_case, force=args.force, copy_base_data=args.copy_base_data,
-                                lora_dtype=args.lora_dtype,
+                                lora_dtype=args.lora_dtype, base_weights=args.base_weights,
+                                block_size=args.block_size,
                                 report=bar.step)
     m = bundle.manifest
     linked = sum(m.files[f].nbytes for f in m.base.data_files)

@@ -268,7 +268,8 @@ class _Graph:
             self.inits.append(numpy_helper.from_array(value, name))
             return name
         offset = self.data.tell()
-        offset += -offset % DATA_ALIGN  # aligned, so ONNX Runtime can map tensors instead of copying them
+        # big tensors aligned, so ONNX Runtime can map them instead of copying; small ones packed
+        offset += -offset % (DATA_ALIGN if value.nbytes >= DATA_ALIGN else 64)
         self.data.seek(offset)
         self.data.write(np.ascontiguousarray(value, value.dtype.newbyteorder("<")).tobytes())
         t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=value.shape,

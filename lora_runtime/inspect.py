@@ -36,10 +36,15 @@ def describe(bundle: Bundle) -> str:
                "in the group patch")
         lines.append(f"    {a.name:<16} r={cfg.get('r')} alpha={cfg.get('lora_alpha')} rslora={cfg.get('use_rslora')} "
                      f"{info['points']} points, {a.nbytes / 1e6:.3f} MB own; {pad}")
+    q = m.extra.get("base_weights")
+    if q:
+        lines += ["", f"  base weights {q['dtype']} ({q['op']}): {q['weights']} linear weights, block size "
+                  f"{'/'.join(map(str, q['block_size']))}, {q['data_bytes'] / 1e6:.2f} MB in the bundle; weight SQNR "
+                  f"mean {q['weight_sqnr_db_mean']:.1f} dB, min {q['weight_sqnr_db_min']:.1f} dB"]
     accuracy = m.extra.get("accuracy", {})
     sqnr = accuracy.get("use_cases", {})
     lora_dtype = next((sl.dtype for sl in m.slots if sl.kind == "lora_A"), "float32")
-    lines += ["", f"  use-cases (LoRA slots {lora_dtype}"
+    lines += ["", f"  use-cases (LoRA slots {lora_dtype}, base weights {q['dtype'] if q else 'float32'}"
               + (f"; output SQNR vs {accuracy['reference']} on {accuracy['inputs']} inputs)" if sqnr else ")")]
     for u in m.use_cases:
         mix = ", ".join(f"{k}:{v:g}" for k, v in u.strengths.items()) or "(base model)"

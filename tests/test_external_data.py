@@ -34,7 +34,8 @@ def test_generated_model_streams_weights_to_aligned_external_data(external):
     assert len(ext) >= 7 * PRESETS["tiny"].n_layers  # every linear weight at least
     for t in ext:
         info = {e.key: e.value for e in t.external_data}
-        assert info["location"] == "base.onnx.data" and int(info["offset"]) % 65536 == 0
+        assert info["location"] == "base.onnx.data"
+        assert int(info["offset"]) % (65536 if int(info["length"]) >= 65536 else 64) == 0
     assert external.base.stat().st_size < 64 * 1024  # the graph holds structure only
 
 

@@ -6,6 +6,7 @@ Everything is validated before the first byte is written, and the bundle appears
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import platform
@@ -39,6 +40,7 @@ from lora_runtime.bundle import (
 from lora_runtime.compiler.adapter import Adapter, load_adapter
 from lora_runtime.compiler.branch import GENERATIONS, SCALING, STRENGTH, Branch, add_branches, lora_a_name, lora_b_name
 from lora_runtime.compiler.points import AttachmentPoint, find_candidates, resolve
+from lora_runtime.compiler.quantize_base import BASE_WEIGHTS, quantize_base
 from lora_runtime.errors import AdapterError, AttachmentError, BaseModelError, LoraRuntimeError, UseCaseError
 from lora_runtime.lora_config import check_name
 from lora_runtime.tensorfile import TensorFile, save_tensors
@@ -85,6 +87,7 @@ def compile_bundle(base: str | os.PathLike[str],
                    out: str | os.PathLike[str], *, generation: str,
                    use_cases: Sequence[UseCaseSpec | str] | None = None, force: bool = False,
                    copy_base_data: bool = False, lora_dtype: str = "float32",
+                   base_weights: str = "float32", block_size: int | None = None,
                    sample_inputs: Mapping[str, np.ndarray] | None = None, measure_accuracy: bool = True,
                    report: Report | None = None) -> Bundle:
     """Compile ``base`` + ``adapters`` into a bundle at ``out`` and return it, opened and validated.
@@ -95,14 +98,20 @@ def compile_bundle(base: str | os.PathLike[str],
     and patches in 16 bits (half the bytes a cold switch moves and a preloaded use-case holds); the
     branch widens them to float32 inside the graph; the output SQNR of every use-case against float32
     slots is then measured (on ``sample_inputs``, or synthesized ones) and recorded in the manifest.
-    Raises a :class:`LoraRuntimeError` subclass
-    naming the culprit on bad input, with nothing written.
+    ``base_weights="int8"`` / ``"int4"`` quantizes every linear weight of the base (weight-only,
+    ``MatMulNBits``; int8 per channel, int4 in blocks of ``block_size``, default 32) into the bundle's
+    own data file, LoRA branches staying float; accuracy against the float32 bundle is recorded too.
+    Raises a :class:`LoraRuntimeError` subclass naming the culprit on bad input, with nothing written.
     """
     say = report or (lambda _msg: None)
     if generation not in GENERATIONS:
         raise UseCaseError(f"generation must be one of {', '.join(GENERATIONS)}, got {generation!r}")
     if lora_dtype not in LORA_DTYPES:
         raise UseCaseError(f"lora_dtype must be one of {', '.join(LORA_DTYPES)}, got {lora_dtype!r}")
+    if base_weights not in BASE_WEIGHTS:
+        raise UseCaseError(f"base_weights must be one of {', '.join(BASE_WEIGHTS)}, got {base_weights!r}")
+    if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
+        raise UseCaseError(f"block_size must be a power of two of at least 16, got {block_size}")
     say("loading adapters")
     loaded = _load_adapters(adapters)
     specs = _check_use_cases(use_cases, loaded, generation)
@@ -124,12 +133,20 @@ def compile_bundle(base: str | os.PathLike[str],
             parameters = _external_parameters(patches[default], _patch_rel(default))
         say(f"rewriting the graph ({len(branches)} points, {generation})")
         add_branches(model, branches, generation, len(loaded), parameters, lora_dtype)
+        own_data: list[str] = []
+        quantized = []
+        if base_weights != "float32":
+            say(f"quantizing base weights to {base_weights}")
+            own_data = [f"base.{base_weights}.data"]
+            quantized = quantize_base(model, base.parent, tmp, own_data[0], bits=int(base_weights[3:]),
+                                      block_size=block_size, keep_float=frozenset(s.name for s in slots))
+            data_files = []  # the bundle holds every base tensor it needs; the float32 data is not linked
         for rel in data_files:
             _link(base.parent / rel, tmp / rel, copy_base_data)
         (tmp / GRAPH).write_bytes(model.SerializeToString())
         _check_structure(model, base)
         say("hashing and writing the manifest")
-        rels = [GRAPH, *data_files, *(GROUP_PATCH if k == "group" else _patch_rel(k) for k in patches)]
+        rels = [GRAPH, *data_files, *own_data, *(GROUP_PATCH if k == "group" else _patch_rel(k) for k in patches)]
         manifest = Manifest(
             generation=generation,
             base=BaseInfo(base.name, sha256_file(base), base.stat().st_size, tuple(data_files)),
@@ -143,8 +160,11 @@ def compile_bundle(base: str | os.PathLike[str],
             group_patch=GROUP_PATCH if generation == "v3" else None,
             default_adapter=default,
         )
-        if lora_dtype != "float32" and measure_accuracy:
-            say("measuring accuracy against float32 slots")
+        if quantized:
+            manifest = dataclasses.replace(manifest, extra={**manifest.extra, "base_weights": _quant_summary(
+                base_weights, quantized, tmp / own_data[0])})
+        if (lora_dtype != "float32" or base_weights != "float32") and measure_accuracy:
+            say("measuring accuracy against the float32 bundle")
             manifest = _with_accuracy(Bundle(tmp, manifest), base, loaded, specs, generation, sample_inputs)
         write_manifest(tmp, manifest)
     return open_bundle(out)
@@ -153,7 +173,6 @@ def compile_bundle(base: str | os.PathLike[str],
 def _with_accuracy(bundle: Bundle, base: Path, adapters: list[Adapter], specs: list[UseCaseSpec],
                    generation: str, sample_inputs: Mapping[str, np.ndarray] | None) -> Manifest:
     """The manifest with each use-case's output SQNR against the same bundle with float32 slots."""
-    import dataclasses
     import tempfile
 
     from lora_runtime.accuracy import compare_bundles
@@ -164,9 +183,18 @@ def _with_accuracy(bundle: Bundle, base: Path, adapters: list[Adapter], specs: l
                                    measure_accuracy=False)
         sqnr = compare_bundles(bundle, reference, sample_inputs)
     m = bundle.manifest
-    accuracy = {"reference": "float32 LoRA slots", "metric": "output SQNR (dB)",
+    accuracy = {"reference": "float32 bundle (float32 base weights and LoRA slots)", "metric": "output SQNR (dB)",
                 "inputs": "given" if sample_inputs is not None else "synthesized", "use_cases": sqnr}
     return dataclasses.replace(m, extra={**m.extra, "accuracy": accuracy})
+
+
+def _quant_summary(kind: str, quantized: list, data: Path) -> dict:
+    """What the base quantization did: for the manifest and ``inspect``."""
+    finite = [q.sqnr_db for q in quantized if np.isfinite(q.sqnr_db)]
+    return {"dtype": kind, "weights": len(quantized), "block_size": sorted({q.block_size for q in quantized}),
+            "data_bytes": data.stat().st_size, "weight_sqnr_db_min": min(finite, default=None),
+            "weight_sqnr_db_mean": float(np.mean(finite)) if finite else None,
+            "op": "com.microsoft.MatMulNBits (weight-only, symmetric, accuracy_level 4)"}
 
 
 def _load_adapters(adapters: Mapping[str, str | os.PathLike[str] | Adapter] | Sequence[Adapter]) -> list[Adapter]:

@@ -77,6 +77,9 @@ def merge_use_case(bundle: Bundle, out: str | os.PathLike[str], use_case: str | 
                    strengths: Mapping[str, float] | None = None) -> Path:
     """Write a plain ONNX model with the use-case baked into the base weights (external data if the base had it)."""
     m = bundle.manifest
+    if "base_weights" in m.extra:
+        raise UseCaseError(f"{bundle.path}: the base weights are {m.extra['base_weights']['dtype']}; merge needs a "
+                           "bundle compiled with float32 base weights")
     if strengths is None:
         if use_case is None:
             raise UseCaseError("give a use-case or strengths to merge")
