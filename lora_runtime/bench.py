@@ -112,6 +112,24 @@ def measure(name: str, fn: Callable[[], object], runs: int, *, warmup: int = 2,
     return Row(name, float(np.percentile(times, 50) / 1e3), float(np.percentile(times, 99) / 1e3), runs, nbytes)
 
 
+def measure_interleaved(fns: dict[str, Callable[[], object]], runs: int, block: int = 5) -> list[Row]:
+    """Like :func:`measure` for several callables, in round-robin blocks so slow drift hits all alike.
+
+    Each block starts with an untimed call: ONNX Runtime's worker threads of the session that ran
+    before keep spinning for a moment after its run, and would be billed to whoever runs next.
+    """
+    times: dict[str, list[int]] = {name: [] for name in fns}
+    while min(len(t) for t in times.values()) < runs:
+        for name, fn in fns.items():
+            fn()
+            for _ in range(block):
+                t = time.perf_counter_ns()
+                fn()
+                times[name].append(time.perf_counter_ns() - t)
+    return [Row(name, float(np.percentile(t, 50) / 1e3), float(np.percentile(t, 99) / 1e3), len(t), None)
+            for name, t in times.items()]
+
+
 def drop_pages(path: Path) -> None:
     """Evict a file from the page cache (clean pages only; ours are)."""
     fd = os.open(path, os.O_RDONLY)
@@ -209,7 +227,7 @@ def run_bench(size: str = "bench", work: Path | None = None, quick: bool = False
     reps = {name: max(int(n * k), 3) for name, n in {
         "switch": 2000, "cold": 300, "disk": 100, "copy": 300, "run": 30, "rebuild": 5, "open": 5}.items()}
     rows: list[Row] = []
-    with Progress("bench", total=len(N_GROUP) + 8 + 18 + 2 * len(QUANTIZED), delay_s=0.0) as bar:
+    with Progress("bench", total=17 + len(N_GROUP) + len(QUANTIZED), delay_s=0.0) as bar:
         s = _prepare(size, work, bar)
         b = s.bundles
         feeds = s.feeds
@@ -262,29 +280,20 @@ def run_bench(size: str = "bench", work: Path | None = None, quick: bool = False
         rows += _ort_adapter_rows(b["v2"], feeds, s.work, reps["run"])
         bar.step("ONNX Runtime adapters")
 
-        # --- inference cost --------------------------------------------------------------------------
+        # --- inference cost: every run row measured round-robin, so drift hits all of them alike ------
         base_sess = ort.InferenceSession(str(s.base), providers=["CPUExecutionProvider"])
-        rows.append(measure("run_base", lambda: base_sess.run(None, feeds), reps["run"]))
         merged_sess = ort.InferenceSession(str(s.merged), providers=["CPUExecutionProvider"])
-        rows.append(measure("run_merged", lambda: merged_sess.run(None, feeds), reps["run"]))
-        bar.step("base and merged")
-        for gen in ("v1", "v2", "v3"):
-            rt = rt3 if gen == "v3" else rt2 if gen == "v2" else Runtime.open(b[gen].path)
-            rt.switch("summarize")
-            rows.append(measure(f"run_{gen}", lambda rt=rt: rt.run(feeds), reps["run"]))
-            bar.step(f"run {gen}")
-        rt16.switch("summarize")
-        rows.append(measure("run_v2_f16", lambda: rt16.run(feeds), reps["run"]))
-        for gen, kind in QUANTIZED:
-            rq = Runtime.open(b[f"{gen}_{kind}"].path)
-            rq.switch("summarize")
-            rows.append(measure(f"run_{gen}_{kind}", lambda rq=rq: rq.run(feeds), reps["run"]))
-            bar.step(f"run {gen} {kind}")
-        for n in N_GROUP:
-            rt = Runtime.open(b[f"v3_n{n}"].path)
-            rt.switch("all")
-            rows.append(measure(f"run_v3_n{n}", lambda rt=rt: rt.run(feeds), reps["run"]))
-            bar.step(f"run v3 x{n}")
+        runners: dict[str, Callable[[], object]] = {
+            "run_base": lambda: base_sess.run(None, feeds), "run_merged": lambda: merged_sess.run(None, feeds)}
+        for key, use_case in [("v1", "summarize"), ("v2", "summarize"), ("v3", "summarize"),
+                              ("v2_f16", "summarize"), *((f"{g}_{k}", "summarize") for g, k in QUANTIZED),
+                              *((f"v3_n{n}", "all") for n in N_GROUP)]:
+            rt = {"v2": rt2, "v3": rt3, "v2_f16": rt16}.get(key) or Runtime.open(b[key].path)
+            rt.switch(use_case)
+            runners[f"run_{key}"] = lambda rt=rt: rt.run(feeds)
+        bar.step("sessions for runs")
+        rows += measure_interleaved(runners, reps["run"])
+        bar.step("runs")
 
         rows.append(Row("patch_bytes", None, None, 1, patch_bytes))
         rows.append(Row("base_bytes", None, None, 1, sum(p.stat().st_size for p in s.base.parent.glob("base.onnx*"))))
