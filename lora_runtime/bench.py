@@ -51,6 +51,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lora_runtime import __version__
+from lora_runtime.accuracy import synthesize_inputs
 from lora_runtime.bundle import Bundle
 from lora_runtime.compiler.compile import compile_bundle
 from lora_runtime.compiler.export import export_ort_adapter, merge_use_case
@@ -445,7 +446,7 @@ def run_bench_bundle(path: Path, quick: bool = False) -> dict:
                                                  "open": 5}.items()}
     bundle = open_bundle(path)
     m = bundle.manifest
-    feeds = _bundle_inputs(bundle)
+    feeds = synthesize_inputs(make_session(bundle), {sl.name for sl in m.slots})
     rows: list[Row] = []
     with Progress("bench", total=6, delay_s=0.0) as bar:
         rt = Runtime.open(path)
@@ -515,26 +516,6 @@ def _machine() -> dict:
 
 def _versions() -> dict:
     return {"onnxruntime": ort.__version__, "numpy": np.__version__}
-
-
-def _bundle_inputs(bundle: Bundle) -> dict[str, np.ndarray]:
-    """Seeded inputs for the graph's non-LoRA inputs: token ids below 32, ones for masks, noise for floats."""
-    sess = make_session(bundle)
-    slots = {s.name for s in bundle.manifest.slots}
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for i in sess.get_inputs():
-        if i.name in slots:
-            continue
-        shape = [d if isinstance(d, int) and d > 0 else (1 if j == 0 else 16) for j, d in enumerate(i.shape)]
-        if i.type == "tensor(int64)":
-            feeds[i.name] = (np.ones(shape, np.int64) if "mask" in i.name
-                             else rng.integers(0, 32, size=shape, dtype=np.int64))
-        elif i.type == "tensor(float)":
-            feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
-        else:
-            raise InputError(f"bench: cannot make inputs of type {i.type} for {i.name!r}")
-    return feeds
 
 
 def main_bench(bundle: str | None, size: str, json_path: str | None, plot_path: str | None, quick: bool,

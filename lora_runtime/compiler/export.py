@@ -20,6 +20,7 @@ from onnx import numpy_helper
 
 from lora_runtime.bundle import Bundle, Manifest, patched_slots
 from lora_runtime.compiler.branch import GAIN_NODE
+from lora_runtime.compiler.quantize_base import read_tensor
 from lora_runtime.errors import UseCaseError
 from lora_runtime.runtime.simple import strength_vector
 from lora_runtime.tensorfile import read_header
@@ -110,16 +111,10 @@ def merge_use_case(bundle: Bundle, out: str | os.PathLike[str], use_case: str | 
 def _load_external_data(model: onnx.ModelProto, bundle: Bundle) -> None:
     """Read external tensors into the proto ourselves: onnx.load refuses hard-linked data files."""
     for t in model.graph.initializer:
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in t.external_data}
-        offset = int(info.get("offset", 0))
-        length = int(info["length"]) if "length" in info else None
-        with open(bundle.file(info["location"]), "rb") as f:
-            f.seek(offset)
-            t.raw_data = f.read(-1 if length is None else length)
-        del t.external_data[:]
-        t.data_location = onnx.TensorProto.DEFAULT
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            t.raw_data = read_tensor(t, bundle.path).tobytes()
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
 
 
 def export_ort_adapter(bundle: Bundle, adapter: str, out: str | os.PathLike[str]) -> Path:

@@ -92,7 +92,11 @@ def read_tensor(t: TensorProto, base_dir: Path) -> np.ndarray:
     info = {e.key: e.value for e in t.external_data}
     dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
     count = int(np.prod(t.dims, dtype=np.int64))
-    with open(base_dir / info["location"], "rb") as f:
+    path = base_dir / info.get("location", "")
+    if not path.resolve().is_relative_to(base_dir.resolve()) or not path.is_file():
+        raise BaseModelError(f"{base_dir}: external data {info.get('location')!r} of {t.name!r} is missing or "
+                             "outside the model's folder")
+    with open(path, "rb") as f:
         f.seek(int(info.get("offset", 0)))
         raw = f.read(count * dtype.itemsize)
     if len(raw) != count * dtype.itemsize:
