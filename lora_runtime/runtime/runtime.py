@@ -30,7 +30,7 @@ import onnxruntime as ort
 
 from lora_runtime.bundle import Bundle, open_bundle, patched_slots
 from lora_runtime.errors import InputError
-from lora_runtime.runtime.simple import check_feeds, make_session, strength_vector
+from lora_runtime.runtime.simple import check_feeds, input_specs, make_session, strength_vector
 from lora_runtime.runtime.slots import Layout, PatchSource, SlotSet
 
 GROUP = "group"
@@ -44,7 +44,7 @@ class SwitchReport:
     kind: str
     bytes_moved: int
     seconds: float
-    source: str  # "resident", "rom" (patch file), or "ram" (copied from a preloaded set)
+    source: str  # "resident" (a set already held it) or "rom" (copied from the bundle's patch file)
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class Runtime:
         self.session = session
         self.layout = Layout.of(patched_slots(m))
         self._strength_name = next(s.name for s in m.slots if s.kind == "strength")
-        self._slot_names = {s.name for s in m.slots}
+        self._inputs = input_specs(session, {s.name for s in m.slots})
         self._outputs = [o.name for o in session.get_outputs()]
         self._lock = threading.Condition()
         self._switch_lock = threading.Lock()
@@ -222,7 +222,7 @@ class Runtime:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the current use-case. Safe from several threads, also while another thread switches."""
-        inputs = check_feeds(self.session, feeds, self._slot_names)
+        inputs = check_feeds(self._inputs, feeds)
         with self._lock:
             state = self._state
             state.slots.readers += 1

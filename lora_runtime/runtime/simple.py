@@ -60,10 +60,13 @@ def slot_feeds(bundle: Bundle, strengths: Mapping[str, float]) -> dict[str, np.n
     return feeds | {name: tf.read(name) for name in tf.entries}
 
 
-def check_feeds(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
-                reserved: set[str]) -> dict[str, np.ndarray]:
+def input_specs(session: ort.InferenceSession, reserved: set[str]) -> dict[str, ort.NodeArg]:
+    """The graph's inputs a user feeds: all but the slots."""
+    return {i.name: i for i in session.get_inputs() if i.name not in reserved}
+
+
+def check_feeds(expected: Mapping[str, ort.NodeArg], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The user's inputs must be exactly the graph's non-LoRA inputs, with their dtypes and ranks."""
-    expected = {i.name: i for i in session.get_inputs() if i.name not in reserved}
     unknown = sorted(set(feeds) - set(expected))
     missing = sorted(set(expected) - set(feeds))
     if unknown or missing:
@@ -94,6 +97,6 @@ def run_use_case(bundle: str | os.PathLike[str] | Bundle, use_case: str | None, 
         strengths = m.use_case(use_case).strengths
     session = session or make_session(bundle)
     reserved = {s.name for s in m.slots}
-    inputs = check_feeds(session, feeds, reserved) | slot_feeds(bundle, strengths)
+    inputs = check_feeds(input_specs(session, reserved), feeds) | slot_feeds(bundle, strengths)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, inputs)))

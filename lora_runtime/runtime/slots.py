@@ -129,7 +129,3 @@ class SlotSet:
             raise BundleError(f"{path}: I/O error while copying the patch ({e.strerror or e})") from e
         hook("filled")
         return done
-
-    def fill_from_set(self, other: SlotSet) -> int:
-        np.copyto(self.arena, other.arena)
-        return self.nbytes
