@@ -19,10 +19,11 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_runtime.errors import BundleError, TensorFileError, UseCaseError
+from lora_runtime.errors import BundleError, InputError, TensorFileError, UseCaseError
 from lora_runtime.tensorfile import read_header
 
 FORMAT = "lora_runtime.bundle"
@@ -156,6 +157,19 @@ class Manifest:
             if a.name == name:
                 return a
         raise UseCaseError(f"unknown adapter {name!r}; this bundle has {', '.join(self.adapter_names)}")
+
+    def strength_value(self, strengths: Mapping[str, float]) -> np.ndarray:
+        """The ``lora_alpha`` value for adapter strengths: a scalar (v1/v2) or one entry per adapter (v3)."""
+        for name, s in strengths.items():
+            self.adapter(name)
+            if not isinstance(s, (int, float, np.floating)) or isinstance(s, bool) or not math.isfinite(s):
+                raise InputError(f"strength of adapter {name!r} must be a finite number, got {s!r}")
+        if self.generation == "v3":
+            return np.array([float(strengths.get(a, 0.0)) for a in self.adapter_names], np.float32)
+        if len(strengths) > 1:
+            raise UseCaseError(f"{self.generation} holds one adapter at a time, got {len(strengths)}: "
+                               "compile with --generation v3 for mixes")
+        return np.array(next(iter(strengths.values()), 0.0), np.float32)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

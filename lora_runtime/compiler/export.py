@@ -22,14 +22,13 @@ from lora_runtime.bundle import Bundle, Manifest, patched_slots
 from lora_runtime.compiler.branch import GAIN_NODE
 from lora_runtime.compiler.quantize_base import read_tensor
 from lora_runtime.errors import UseCaseError
-from lora_runtime.runtime.simple import strength_vector
 from lora_runtime.tensorfile import read_header
 
 
 def use_case_deltas(bundle: Bundle, strengths: Mapping[str, float]) -> dict[str, np.ndarray]:
     """Per point module: ``sum_i s_i * scaling_i * B_i @ A_i``, shape (out, in), from the bundle's patches."""
     m = bundle.manifest
-    strength_vector(m, strengths)  # validates names and v1/v2's one adapter
+    m.strength_value(strengths)  # validates names, values and v1/v2's one adapter
     deltas: dict[str, np.ndarray] = {}
     if m.generation == "v3":
         tf = read_header(bundle.file(m.group_patch or ""))

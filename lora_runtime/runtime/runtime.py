@@ -17,7 +17,6 @@ a failure at any step leaves the published state as it was: the scratch set writ
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -29,8 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lora_runtime.bundle import Bundle, open_bundle, patched_slots
-from lora_runtime.errors import InputError
-from lora_runtime.runtime.simple import check_feeds, input_specs, make_session, strength_vector
+from lora_runtime.runtime.simple import check_feeds, input_specs, make_session
 from lora_runtime.runtime.slots import Layout, PatchSource, SlotSet
 
 GROUP = "group"
@@ -176,15 +174,12 @@ class Runtime:
         """An ad-hoc mix: v3 any adapters, v1/v2 one adapter (or none: the base model)."""
         t0 = time.perf_counter()
         strengths = dict(strengths)
-        for name, s in strengths.items():
-            if not isinstance(s, (int, float, np.floating)) or isinstance(s, bool) or not math.isfinite(s):
-                raise InputError(f"strength of adapter {name!r} must be a finite number, got {s!r}")
-        value = self._strength_value(strengths)  # validates adapter names and v1/v2's one adapter
+        value = self._strength_value(strengths)  # validates names, values, and v1/v2's one adapter
         adapter = GROUP if self.manifest.generation == "v3" else next(iter(strengths), None)
         return self._publish(adapter, value, None, t0)
 
     def _strength_value(self, strengths: Mapping[str, float]) -> tuple[ort.OrtValue, np.ndarray, dict[str, float]]:
-        arr = strength_vector(self.manifest, strengths)
+        arr = self.manifest.strength_value(strengths)
         return ort.OrtValue.ortvalue_from_numpy(arr), arr, dict(strengths)
 
     def _publish(self, adapter: str | None, strength: tuple[ort.OrtValue, np.ndarray, dict[str, float]],

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lora_runtime.bundle import Bundle, Manifest, open_bundle
+from lora_runtime.bundle import Bundle, open_bundle
 from lora_runtime.errors import InputError, UseCaseError
 from lora_runtime.tensorfile import read_header
 
@@ -31,24 +31,10 @@ def make_session(bundle: Bundle, *, providers: list[str] | None = None,
                                 providers=providers or ["CPUExecutionProvider"])
 
 
-def strength_vector(manifest: Manifest, strengths: Mapping[str, float]) -> np.ndarray:
-    """The ``lora_alpha`` value for a set of adapter strengths: a scalar (v1/v2) or one per adapter (v3)."""
-    for name, s in strengths.items():
-        manifest.adapter(name)
-        if not isinstance(s, (int, float, np.floating)) or not np.isfinite(s):
-            raise InputError(f"strength of adapter {name!r} must be a finite number, got {s!r}")
-    if manifest.generation == "v3":
-        return np.array([float(strengths.get(a, 0.0)) for a in manifest.adapter_names], np.float32)
-    if len(strengths) > 1:
-        raise UseCaseError(f"{manifest.generation} holds one adapter at a time, got {len(strengths)}: "
-                           "compile with --generation v3 for mixes")
-    return np.array(next(iter(strengths.values()), 0.0), np.float32)
-
-
 def slot_feeds(bundle: Bundle, strengths: Mapping[str, float]) -> dict[str, np.ndarray]:
     """Every slot value for ``strengths``: the adapter's patch (v1/v2) and ``lora_alpha``."""
     m = bundle.manifest
-    feeds: dict[str, np.ndarray] = {"lora_alpha": strength_vector(m, strengths)}
+    feeds: dict[str, np.ndarray] = {"lora_alpha": m.strength_value(strengths)}
     if m.generation == "v3":
         return feeds
     adapter = next(iter(strengths), None)
