@@ -1,0 +1,1 @@
+"""Quantization: the AIMET/QAIRT encodings format (``encodings.py``) and, later, calibration and QDQ rewriting."""

@@ -1,0 +1,123 @@
+"""Calibration: the range of every tensor that gets an activation encoding, per use-case.
+
+Calibration data is an ``.npz`` whose keys are the graph's input names, each array with a leading
+sample axis (an input of shape (1, 8) is stored as (N, 1, 8)). For each use-case the float graph runs
+every sample with that use-case's slot values, and the requested intermediate tensors (added as graph
+outputs of a temporary copy of the graph, next to it so external data resolves) are reduced to
+min/max, or to a percentile of each sample's values.
+
+Why not ONNX Runtime's calibrators: they load the model with ``onnx.load`` (which refuses the
+hard-linked base weights of a bundle), write their own augmented model and cannot feed the LoRA slots
+per use-case; the reduction itself is a few lines of numpy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from lora_runtime.bundle import Bundle
+from lora_runtime.errors import InputError
+from lora_runtime.runtime.simple import check_feeds, input_specs, slot_feeds
+
+METHODS = ("minmax", "percentile")
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    """Observed range of one tensor (min <= 0 <= max is enforced later, by the encoding)."""
+
+    min: float
+    max: float
+
+    def union(self, other: TensorRange) -> TensorRange:
+        return TensorRange(min(self.min, other.min), max(self.max, other.max))
+
+
+def load_calibration(path: str | os.PathLike[str], expected: Mapping[str, ort.NodeArg]) -> list[dict[str, np.ndarray]]:
+    """Samples from an .npz: keys are the graph's inputs, arrays carry a leading sample axis."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read calibration data as .npz ({e})") from e
+    if not data:
+        raise InputError(f"{path}: calibration data holds no arrays")
+    counts = {k: v.shape[0] if v.ndim else 0 for k, v in data.items()}
+    n = min(counts.values())
+    if n == 0 or len(set(counts.values())) != 1:
+        raise InputError(f"{path}: every array needs the same leading sample axis, got {counts}")
+    samples = [{k: v[i] for k, v in data.items()} for i in range(n)]
+    unknown = sorted(set(samples[0]) - set(expected))
+    if unknown:
+        raise InputError(f"{path}: calibration keys {unknown} are not graph inputs ({sorted(expected)})")
+    check_feeds(expected, samples[0])  # names, dtypes and ranks once: the other samples share them
+    return samples
+
+
+def split_held_out(samples: Sequence[dict[str, np.ndarray]], fraction: float = 0.25) -> tuple[list, list]:
+    """The last ``fraction`` of the samples (at least one) is held out for the accuracy report."""
+    if len(samples) < 2:
+        return list(samples), list(samples)
+    k = max(1, int(round(len(samples) * fraction)))
+    return list(samples[:-k]), list(samples[-k:])
+
+
+def collect_ranges(bundle: Bundle, tensors: Sequence[str], samples: Sequence[dict[str, np.ndarray]],
+                   use_cases: Sequence[str], *, method: str = "minmax", percentile: float = 99.99,
+                   step: Callable[[str], None] | None = None) -> dict[str, dict[str, TensorRange]]:
+    """Per use-case, the range of each of ``tensors`` over ``samples`` (float graph, slot values fed)."""
+    if method not in METHODS:
+        raise InputError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
+    m = bundle.manifest
+    graph = bundle.file(m.graph)
+    model = onnx.load(str(graph), load_external_data=False)
+    known = {o.name for o in model.graph.output}
+    for t in tensors:
+        if t not in known:
+            model.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+    augmented = graph.with_name(".calibration.onnx")
+    augmented.write_bytes(model.SerializeToString())
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(augmented), so, providers=["CPUExecutionProvider"])
+    finally:
+        augmented.unlink(missing_ok=True)
+    expected = input_specs(sess, {s.name for s in m.slots})
+    out: dict[str, dict[str, TensorRange]] = {}
+    for name in use_cases:
+        slots = slot_feeds(bundle, m.use_case(name).strengths)
+        ranges: dict[str, TensorRange] = {}
+        for sample in samples:
+            values = sess.run(list(tensors), check_feeds(expected, sample) | slots)
+            for t, v in zip(tensors, values):
+                r = _reduce(v, method, percentile)
+                ranges[t] = ranges[t].union(r) if t in ranges else r
+            if step:
+                step(name)
+        out[name] = ranges
+    return out
+
+
+def _reduce(v: np.ndarray, method: str, percentile: float) -> TensorRange:
+    v = np.asarray(v, np.float32)
+    if method == "minmax":
+        return TensorRange(float(v.min()), float(v.max()))
+    lo, hi = np.percentile(v, [100.0 - percentile, percentile])
+    return TensorRange(float(lo), float(hi))
+
+
+def union(ranges: Mapping[str, Mapping[str, TensorRange]]) -> dict[str, TensorRange]:
+    """One range per tensor over all use-cases: what non-updatable encodings are calibrated on."""
+    out: dict[str, TensorRange] = {}
+    for per_tensor in ranges.values():
+        for t, r in per_tensor.items():
+            out[t] = out[t].union(r) if t in out else r
+    return out

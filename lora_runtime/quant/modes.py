@@ -1,0 +1,65 @@
+"""The encodings modes, in one place: which encodings exist, what they are calibrated on, where they live.
+
+=============  ===================================================  ===============================
+mode           calibrated on                                        in the bundle
+=============  ===================================================  ===============================
+non-updatable  the union of all use-cases; one set                  ``encodings/all.encodings``
+adapter-only   base tensors: the union; LoRA-branch tensors: each   ``encodings/base.encodings`` +
+               use-case                                             ``encodings/<use-case>.encodings``
+full           every tensor per use-case (base weights keep one)    ``encodings/<use-case>.encodings``
+=============  ===================================================  ===============================
+
+Which generation takes which mode is QAIRT's table: v1 non-updatable only, v2 full only, v3 all three.
+Base weights are constants in every mode (they never change); with non-updatable encodings every
+encoding is a constant of the graph, so v3 switches stay hot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from lora_runtime.errors import UseCaseError
+from lora_runtime.quant.calibrate import TensorRange, union
+from lora_runtime.quant.encodings import Encoding, Preset, asymmetric_per_tensor, symmetric_per_channel
+
+MODES = ("none", "non-updatable", "adapter-only", "full")
+ALLOWED = {"v1": ("none", "non-updatable"), "v2": ("none", "full"), "v3": MODES}
+IMPLEMENTED = ("none", "non-updatable")
+
+
+def check_mode(generation: str, mode: str) -> None:
+    if mode not in MODES:
+        raise UseCaseError(f"encodings must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in ALLOWED[generation]:
+        raise UseCaseError(f"{generation} takes encodings {' or '.join(ALLOWED[generation])} (QAIRT's table), not "
+                           f"{mode!r}" + ("; use --generation v3" if generation != "v3" else ""))
+    if mode not in IMPLEMENTED:
+        raise UseCaseError(f"{mode} encodings are not implemented yet; use non-updatable (v1, v3)")
+
+
+def activation_encodings(ranges: Mapping[str, Mapping[str, TensorRange]], tensors: Sequence[str],
+                         branch: Sequence[str], preset: Preset) -> dict[str, Encoding]:
+    """Non-updatable: one encoding per activation over the union of every use-case's range."""
+    merged = union(ranges)
+    out = {}
+    for t in tensors:
+        spec = preset.lora_activations if t in branch else preset.activations
+        r = merged[t]
+        out[t] = asymmetric_per_tensor(t, r.min, r.max, bw=spec.bw)
+    return out
+
+
+def lora_weight_encodings(values: Mapping[str, Sequence[np.ndarray]], preset: Preset) -> dict[str, Encoding]:
+    """One symmetric encoding per LoRA slot over the values every adapter puts there (per row or tensor)."""
+    spec = preset.lora_weights
+    out = {}
+    for name, arrays in values.items():
+        stacked = np.stack([np.asarray(a, np.float32) for a in arrays])  # (adapters, rows, cols)
+        if spec.enc_type == "PER_CHANNEL":
+            out[name] = symmetric_per_channel(name, stacked, axis=1, bw=spec.bw)
+        else:
+            whole = symmetric_per_channel(name, stacked.reshape(1, -1), axis=0, bw=spec.bw)
+            out[name] = Encoding(name, "INT", "PER_TENSOR", spec.bw, True, whole.scale, whole.offset)
+    return out

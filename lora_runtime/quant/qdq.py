@@ -1,0 +1,215 @@
+"""The QDQ rewrite: execute encodings on ONNX Runtime.
+
+Base linear ops (every MatMul/Gemm with a constant weight that is not a LoRA slot)::
+
+    x ──► Q(s_x, z_x) ──► DQ ──┐
+    W_int8 (in, out) ──► DQ(s_W per output channel, axis=1) ──► MatMul ──► y.base   [+ Add(bias) for Gemm]
+
+ONNX Runtime fuses ``DQ(x) + DQ(W) + MatMul`` into ``MatMulIntegerToFloat`` (int8 GEMM), also when the
+activation's scale and zero point are graph inputs (measured: ORT 1.32). Base weights are constant int8
+with constant scales: they always fuse. The LoRA branch reuses the quantized ``x``; its weights are
+quantized in the graph (``Mul(Clip(Round(W / s)), s)``, exact for any bitwidth and opset, one scale per
+row), its MatMuls stay float (rank-r work), and the input of its second MatMul (``<m>.lora/scaled``)
+gets an activation encoding of its own::
+
+    x.dq ──► MatMul(Transpose(fq(A, s_A))) ──► Mul(gain) ──► Q/DQ(s, z) ──► MatMul(Transpose(fq(B, s_B)))
+
+Encodings that are updatable per use-case become graph inputs (slots) instead of constants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from lora_runtime.compiler.points import find_candidates, node_keys
+from lora_runtime.compiler.quantize_base import DataWriter, consumed, in_bundle, read_tensor
+from lora_runtime.errors import BaseModelError
+from lora_runtime.quant.encodings import Encoding, symmetric_per_channel, to_qdq
+
+MIN_OPSET = 13  # per-axis DequantizeLinear
+
+
+@dataclass(frozen=True)
+class QdqPlan:
+    """What to quantize and how; names in ``updatable`` become graph inputs (slots), the rest constants."""
+
+    activations: Mapping[str, Encoding]  # tensor -> asymmetric per-tensor encoding
+    lora_weights: Mapping[str, Encoding]  # LoRA slot name (A or B) -> per-row symmetric encoding
+    weight_bw: int = 8
+    updatable: frozenset[str] = frozenset()
+
+
+def activation_tensors(model: onnx.ModelProto, lora_slots: frozenset[str], modules: list[str]) -> list[str]:
+    """Tensors that get an activation encoding: inputs of base linear ops, and each branch's ``scaled``."""
+    seen: list[str] = []
+    for c in find_candidates(model.graph):
+        if c.weight not in lora_slots and c.x not in seen:
+            seen.append(c.x)
+    return seen + [f"{m}.lora/scaled" for m in modules]
+
+
+def scale_input_names(tensor: str) -> tuple[str, str]:
+    return f"{tensor}.scale", f"{tensor}.zero_point"
+
+
+def lora_scale_name(slot: str) -> str:
+    return f"{slot}.scale"
+
+
+def apply_qdq(model: onnx.ModelProto, base_dir: Path, out: Path, data_name: str, plan: QdqPlan,
+              lora_slots: frozenset[str]) -> list[Encoding]:
+    """Rewrite ``model`` in place (see the module docstring); return the base weights' encodings."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:
+        raise BaseModelError(f"INT8 execution needs opset {MIN_OPSET} or later; the base model has opset {opset}")
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    candidates = {c.node: c for c in find_candidates(g) if c.weight not in lora_slots}
+    new_inits: list[TensorProto] = []
+    new_inputs: list[onnx.ValueInfoProto] = []
+    weight_encodings: list[Encoding] = []
+    qdq_consumers: set[str] = set()  # node names whose activation inputs read the dequantized tensor
+    nodes: list[onnx.NodeProto] = []
+
+    def const(name: str, value: np.ndarray) -> str:
+        new_inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    with open(out / data_name, "wb") as f:
+        writer = DataWriter(f, data_name)
+        for node, key in zip(g.node, node_keys(g)):
+            c = candidates.get(key)
+            if c is None or (node.op_type == "Gemm" and _gemm_scaled(node)):
+                nodes.append(node)
+                continue
+            w = read_tensor(inits[c.weight], base_dir).astype(np.float32)
+            w = w.T if c.transposed else w  # (in, out)
+            enc = symmetric_per_channel(c.weight, w, axis=1, bw=plan.weight_bw)
+            scale, zp, _ = to_qdq(enc, axis=1)
+            codes = np.clip(np.rint(w / scale), -(2 ** (plan.weight_bw - 1)), 2 ** (plan.weight_bw - 1) - 1)
+            q_name = f"{c.weight}.int{plan.weight_bw}"
+            new_inits.append(writer.tensor(q_name, codes.astype(zp.dtype), _onnx_type(zp.dtype), list(w.shape)))
+            s_name, z_name = const(f"{c.weight}.scale", scale), const(f"{c.weight}.zero_point", zp)
+            weight_encodings.append(enc)
+            dq = f"{c.weight}/dq"
+            nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq], name=f"{c.weight}/DQ",
+                                          axis=1))
+            bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+            out_name = node.output[0]
+            mm_out = f"{out_name}/matmul" if bias else out_name
+            name = node.name or c.node
+            nodes.append(helper.make_node("MatMul", [c.x, dq], [mm_out], name=name))
+            qdq_consumers.add(name)
+            if bias:
+                nodes.append(helper.make_node("Add", [mm_out, bias], [out_name], name=f"{name}/bias"))
+        # Transposes that fed a now-quantized weight are dead.
+        used = consumed(nodes)
+        nodes = [n for n in nodes if not (n.op_type == "Transpose" and n.input[0] in inits
+                                          and not any(o in used for o in n.output))]
+        used = consumed(nodes) | {i.name for i in g.input}
+        kept = []
+        for t in g.initializer:
+            if t.name not in used:
+                continue
+            if t.data_location == TensorProto.EXTERNAL and not in_bundle(t):
+                kept.append(writer.tensor(t.name, read_tensor(t, base_dir).tobytes(), t.data_type, list(t.dims)))
+            else:
+                kept.append(t)
+
+    # LoRA branch: its first MatMul reads the quantized x; its weights are fake-quantized per row.
+    for n in nodes:
+        if n.name.endswith(("/MatMulA", "/MatMulB")) and ".lora/" in n.name:
+            qdq_consumers.add(n.name)
+    out_nodes: list[onnx.NodeProto] = []
+    lora_done: set[str] = set()
+    for n in nodes:
+        if n.op_type == "Transpose" and n.name.endswith(("/TransposeA", "/TransposeB")) and ".lora/" in n.name:
+            slot = _lora_slot_of(n, nodes)
+            enc = plan.lora_weights.get(slot)
+            if enc is not None and slot not in lora_done:
+                fq = _fake_quant(n.input[0], slot, enc, plan, const, new_inputs, out_nodes)
+                n.input[0] = fq
+                lora_done.add(slot)
+        out_nodes.append(n)
+    nodes = out_nodes
+
+    # Activations: Q/DQ right after each producer (or at the top for graph inputs).
+    act = dict(plan.activations)
+    head: list[onnx.NodeProto] = []
+    final: list[onnx.NodeProto] = []
+
+    def qdq(tensor: str, into: list[onnx.NodeProto]) -> None:
+        enc = act[tensor]
+        s_name, z_name = scale_input_names(tensor)
+        scale, zp, _ = to_qdq(enc)
+        if tensor in plan.updatable:
+            new_inputs.append(helper.make_tensor_value_info(s_name, TensorProto.FLOAT, []))
+            new_inputs.append(helper.make_tensor_value_info(z_name, _onnx_type(zp.dtype), []))
+        else:
+            const(s_name, scale)
+            const(z_name, zp)
+        into.append(helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [f"{tensor}/q"], name=f"{tensor}/Q"))
+        into.append(helper.make_node("DequantizeLinear", [f"{tensor}/q", s_name, z_name], [f"{tensor}/dq"],
+                                     name=f"{tensor}/DQ"))
+
+    graph_inputs = {i.name for i in g.input}
+    for t in act:
+        if t in graph_inputs:
+            qdq(t, head)
+    for n in nodes:
+        final.append(n)
+        for o in n.output:
+            if o in act:
+                qdq(o, final)
+    for n in final:
+        if n.name in qdq_consumers:
+            for i, name in enumerate(n.input):
+                if name in act:
+                    n.input[i] = f"{name}/dq"
+    del g.node[:]
+    g.node.extend(head + final)
+    del g.initializer[:]
+    g.initializer.extend(kept + new_inits)
+    g.input.extend(new_inputs)
+    return weight_encodings
+
+
+def _fake_quant(src: str, slot: str, enc: Encoding, plan: QdqPlan, const, new_inputs: list,
+                out_nodes: list[onnx.NodeProto]) -> str:
+    """``Mul(Clip(Round(W / s), lo, hi), s)`` with one scale per row of the LoRA weight."""
+    s_name = lora_scale_name(slot)
+    scale = np.asarray(enc.scale, np.float32).reshape(-1, 1)
+    if slot in plan.updatable:
+        new_inputs.append(helper.make_tensor_value_info(s_name, TensorProto.FLOAT, list(scale.shape)))
+    else:
+        const(s_name, scale)
+    lo = const(f"{slot}.qmin", np.array(-(2 ** (enc.bw - 1)), np.float32))
+    hi = const(f"{slot}.qmax", np.array(2 ** (enc.bw - 1) - 1, np.float32))
+    p = f"{slot}/fq"
+    out_nodes += [helper.make_node("Div", [src, s_name], [f"{p}/div"], name=f"{p}/Div"),
+                  helper.make_node("Round", [f"{p}/div"], [f"{p}/round"], name=f"{p}/Round"),
+                  helper.make_node("Clip", [f"{p}/round", lo, hi], [f"{p}/clip"], name=f"{p}/Clip"),
+                  helper.make_node("Mul", [f"{p}/clip", s_name], [p], name=f"{p}/Mul")]
+    return p
+
+
+def _lora_slot_of(transpose: onnx.NodeProto, nodes: list[onnx.NodeProto]) -> str:
+    """The slot behind a branch Transpose: its input, or the input of the Cast that widened it."""
+    src = transpose.input[0]
+    cast = next((n for n in nodes if n.op_type == "Cast" and n.output[0] == src), None)
+    return cast.input[0] if cast is not None else src
+
+
+def _gemm_scaled(node: onnx.NodeProto) -> bool:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or bool(attrs.get("transA", 0))
+
+
+def _onnx_type(dtype: np.dtype) -> int:
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
