@@ -43,10 +43,14 @@ from lora_runtime.compiler.points import AttachmentPoint, find_candidates, resol
 from lora_runtime.compiler.quantize_base import BASE_WEIGHTS, quantize_base
 from lora_runtime.errors import AdapterError, AttachmentError, BaseModelError, LoraRuntimeError, UseCaseError
 from lora_runtime.lora_config import check_name
+from lora_runtime.quant.calibrate import load_calibration
+from lora_runtime.quant.encodings import load_preset
+from lora_runtime.quant.modes import check_mode
+from lora_runtime.quant.pipeline import quantize_bundle
 from lora_runtime.tensorfile import TensorFile, save_tensors
 
 Report = Callable[[str], None]
-COMPILE_STEPS = 6  # how many times compile_bundle calls ``report``
+COMPILE_STEPS = 6  # how many times compile_bundle calls ``report`` (more with encodings or quantization)
 LORA_DTYPES = ("float32", "float16")
 
 
@@ -88,6 +92,8 @@ def compile_bundle(base: str | os.PathLike[str],
                    use_cases: Sequence[UseCaseSpec | str] | None = None, force: bool = False,
                    copy_base_data: bool = False, lora_dtype: str = "float32",
                    base_weights: str = "float32", block_size: int | None = None,
+                   encodings: str = "none", calibration: str | os.PathLike[str] | None = None,
+                   preset: str = "w8a8", calibration_method: str = "minmax",
                    sample_inputs: Mapping[str, np.ndarray] | None = None, measure_accuracy: bool = True,
                    report: Report | None = None) -> Bundle:
     """Compile ``base`` + ``adapters`` into a bundle at ``out`` and return it, opened and validated.
@@ -101,6 +107,9 @@ def compile_bundle(base: str | os.PathLike[str],
     ``base_weights="int8"`` / ``"int4"`` quantizes every linear weight of the base (weight-only,
     ``MatMulNBits``; int8 per channel, int4 in blocks of ``block_size``, default 32) into the bundle's
     own data file, LoRA branches staying float; accuracy against the float32 bundle is recorded too.
+    ``encodings`` ("non-updatable", ...) calibrates on ``calibration`` (an .npz of samples) with the
+    encodings ``preset``, writes AIMET/QAIRT encodings files and rewrites the graph to QDQ (INT8 on
+    ONNX Runtime); the SQNR of every use-case against FP32 on held-out samples goes into the manifest.
     Raises a :class:`LoraRuntimeError` subclass naming the culprit on bad input, with nothing written.
     """
     say = report or (lambda _msg: None)
@@ -112,6 +121,16 @@ def compile_bundle(base: str | os.PathLike[str],
         raise UseCaseError(f"base_weights must be one of {', '.join(BASE_WEIGHTS)}, got {base_weights!r}")
     if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
         raise UseCaseError(f"block_size must be a power of two of at least 16, got {block_size}")
+    check_mode(generation, encodings)
+    samples = None
+    if encodings != "none":
+        load_preset(preset)
+        if calibration is None:
+            raise UseCaseError(f"encodings {encodings} need calibration data: pass --calibration DATA.npz")
+        if base_weights != "float32":
+            raise UseCaseError("--encodings with --base-weights int8/int4 is not supported yet: the QDQ graph "
+                               "quantizes the base weights itself (int8 per channel)")
+        samples = load_calibration(calibration)
     say("loading adapters")
     loaded = _load_adapters(adapters)
     specs = _check_use_cases(use_cases, loaded, generation)
@@ -145,8 +164,6 @@ def compile_bundle(base: str | os.PathLike[str],
             _link(base.parent / rel, tmp / rel, copy_base_data)
         (tmp / GRAPH).write_bytes(model.SerializeToString())
         _check_structure(model, base)
-        say("hashing and writing the manifest")
-        rels = [GRAPH, *data_files, *own_data, *(GROUP_PATCH if k == "group" else _patch_rel(k) for k in patches)]
         manifest = Manifest(
             generation=generation,
             base=BaseInfo(base.name, sha256_file(base), base.stat().st_size, tuple(data_files)),
@@ -155,11 +172,23 @@ def compile_bundle(base: str | os.PathLike[str],
             adapters=tuple(AdapterInfo(a.name, a.source, a.sha256, a.config.to_json(), a.nbytes,
                                        _patch_rel(a.name) if generation != "v3" else None) for a in loaded),
             use_cases=tuple(UseCase(s.name, dict(s.strengths)) for s in specs),
-            files=file_table(tmp, rels, cached=tuple(data_files)),
+            files={},
             versions=_versions(),
             group_patch=GROUP_PATCH if generation == "v3" else None,
             default_adapter=default,
         )
+        if samples is not None:
+            q = quantize_bundle(tmp, model, manifest, base.parent, mode=encodings, preset=preset, samples=samples,
+                                method=calibration_method, say=say)
+            for rel in data_files:  # the QDQ graph holds every base tensor it needs in its own data file
+                (tmp / rel).unlink()
+            data_files, own_data = [], own_data + q.files
+            manifest = dataclasses.replace(manifest, base=dataclasses.replace(manifest.base, data_files=()),
+                                           extra={**manifest.extra, "encodings": q.extra})
+            _check_structure(model, base)
+        say("hashing and writing the manifest")
+        rels = [GRAPH, *data_files, *own_data, *(GROUP_PATCH if k == "group" else _patch_rel(k) for k in patches)]
+        manifest = dataclasses.replace(manifest, files=file_table(tmp, rels, cached=tuple(data_files)))
         if quantized:
             manifest = dataclasses.replace(manifest, extra={**manifest.extra, "base_weights": _quant_summary(
                 base_weights, quantized, tmp / own_data[0])})

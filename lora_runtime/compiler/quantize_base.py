@@ -69,7 +69,7 @@ def default_block_size(bits: int, in_features: int) -> int:
     return max(16, 1 << (in_features - 1).bit_length())
 
 
-class _DataWriter:
+class DataWriter:
     def __init__(self, f: BinaryIO, location: str) -> None:
         self.f, self.location = f, location
 
@@ -118,7 +118,7 @@ def quantize_base(model: onnx.ModelProto, base_dir: Path, out: Path, data_name: 
     nodes: list[onnx.NodeProto] = []
     new_inits: list[TensorProto] = []
     with open(out / data_name, "wb") as f:
-        writer = _DataWriter(f, data_name)
+        writer = DataWriter(f, data_name)
         for node, key in zip(graph.node, node_keys(graph)):
             c = by_node.get(key)
             bias = _bias(node, c, inits) if c is not None else "not a candidate"
@@ -142,15 +142,15 @@ def quantize_base(model: onnx.ModelProto, base_dir: Path, out: Path, data_name: 
                                           block_size=bs, accuracy_level=accuracy_level))
             done.append(QuantizedWeight(c.weight, c.node, bits, bs, c.in_features, c.out_features, s_name, sqnr))
         # Transposes that only fed a quantized weight are dead now; so are the float weights.
-        used = _consumed(nodes)
+        used = consumed(nodes)
         nodes = [n for n in nodes if not (n.op_type == "Transpose" and n.input[0] in inits
                                           and not any(o in used for o in n.output))]
-        used = _consumed(nodes) | {i.name for i in graph.input}
+        used = consumed(nodes) | {i.name for i in graph.input}
         kept: list[TensorProto] = []
         for t in graph.initializer:
             if t.name not in used:
                 continue
-            if t.data_location == TensorProto.EXTERNAL and not _in_bundle(t):
+            if t.data_location == TensorProto.EXTERNAL and not in_bundle(t):
                 kept.append(writer.tensor(t.name, read_tensor(t, base_dir).tobytes(), t.data_type, list(t.dims)))
             else:
                 kept.append(t)
@@ -163,7 +163,7 @@ def quantize_base(model: onnx.ModelProto, base_dir: Path, out: Path, data_name: 
     return done
 
 
-def _consumed(nodes: list[onnx.NodeProto]) -> set[str]:
+def consumed(nodes: list[onnx.NodeProto]) -> set[str]:
     return {i for n in nodes for i in n.input if i}
 
 
@@ -184,7 +184,7 @@ def _bias(node: onnx.NodeProto, c: Candidate, inits: dict[str, TensorProto]) -> 
     return node.input[2]
 
 
-def _in_bundle(t: TensorProto) -> bool:
+def in_bundle(t: TensorProto) -> bool:
     """LoRA parameters already live in the bundle's patch files."""
     info = {e.key: e.value for e in t.external_data}
     return info.get("location", "").startswith("patches/")

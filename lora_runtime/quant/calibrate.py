@@ -40,8 +40,8 @@ class TensorRange:
         return TensorRange(min(self.min, other.min), max(self.max, other.max))
 
 
-def load_calibration(path: str | os.PathLike[str], expected: Mapping[str, ort.NodeArg]) -> list[dict[str, np.ndarray]]:
-    """Samples from an .npz: keys are the graph's inputs, arrays carry a leading sample axis."""
+def load_calibration(path: str | os.PathLike[str]) -> list[dict[str, np.ndarray]]:
+    """Samples from an .npz whose arrays share a leading sample axis (names and dtypes are checked on use)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
@@ -53,12 +53,7 @@ def load_calibration(path: str | os.PathLike[str], expected: Mapping[str, ort.No
     n = min(counts.values())
     if n == 0 or len(set(counts.values())) != 1:
         raise InputError(f"{path}: every array needs the same leading sample axis, got {counts}")
-    samples = [{k: v[i] for k, v in data.items()} for i in range(n)]
-    unknown = sorted(set(samples[0]) - set(expected))
-    if unknown:
-        raise InputError(f"{path}: calibration keys {unknown} are not graph inputs ({sorted(expected)})")
-    check_feeds(expected, samples[0])  # names, dtypes and ranks once: the other samples share them
-    return samples
+    return [{k: v[i] for k, v in data.items()} for i in range(n)]
 
 
 def split_held_out(samples: Sequence[dict[str, np.ndarray]], fraction: float = 0.25) -> tuple[list, list]:
@@ -91,12 +86,13 @@ def collect_ranges(bundle: Bundle, tensors: Sequence[str], samples: Sequence[dic
     finally:
         augmented.unlink(missing_ok=True)
     expected = input_specs(sess, {s.name for s in m.slots})
+    feeds = [_checked(expected, sample, i) for i, sample in enumerate(samples)]
     out: dict[str, dict[str, TensorRange]] = {}
     for name in use_cases:
         slots = slot_feeds(bundle, m.use_case(name).strengths)
         ranges: dict[str, TensorRange] = {}
-        for sample in samples:
-            values = sess.run(list(tensors), check_feeds(expected, sample) | slots)
+        for sample in feeds:
+            values = sess.run(list(tensors), sample | slots)
             for t, v in zip(tensors, values):
                 r = _reduce(v, method, percentile)
                 ranges[t] = ranges[t].union(r) if t in ranges else r
@@ -104,6 +100,13 @@ def collect_ranges(bundle: Bundle, tensors: Sequence[str], samples: Sequence[dic
                 step(name)
         out[name] = ranges
     return out
+
+
+def _checked(expected: Mapping[str, ort.NodeArg], sample: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+    try:
+        return check_feeds(expected, sample)
+    except InputError as e:
+        raise InputError(f"calibration sample {i}: {e}") from None
 
 
 def _reduce(v: np.ndarray, method: str, percentile: float) -> TensorRange:
