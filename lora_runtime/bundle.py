@@ -41,8 +41,10 @@ GRAPH = "model.onnx"
 GROUP_PATCH = "patches/group.safetensors"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 INTEGRITY = "manifest_sha256"
-SLOT_KINDS = ("lora_A", "lora_B", "lora_scaling", "strength")
-_DTYPE_BYTES = {"float32": 4, "float16": 2}
+SLOT_KINDS = ("lora_A", "lora_B", "lora_scaling", "strength", "encoding")
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "uint8": 1, "uint16": 2}
+_SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "uint8": "U8", "uint16": "U16"}
+UNION_ENCODINGS = "patches/encodings.union.safetensors"  # ad-hoc strengths: calibrated over every use-case
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class AdapterInfo:
 class UseCase:
     name: str
     strengths: dict[str, float]  # adapter -> strength; empty: the base model alone
+    encodings: str | None = None  # updatable encodings: this use-case's encoding slot values (a patch)
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ class Manifest:
     graph: str = GRAPH
     group_patch: str | None = None
     default_adapter: str | None = None  # v2: the adapter the graph's parameters hold
+    union_encodings: str | None = None  # updatable encodings: the set used for ad-hoc strengths
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -191,7 +195,8 @@ class Manifest:
                 use_cases=tuple(UseCase(**u) for u in d["use_cases"]),
                 files={k: FileInfo(**v) for k, v in d["files"].items()},
                 versions=dict(d["versions"]), graph=d["graph"], group_patch=d.get("group_patch"),
-                default_adapter=d.get("default_adapter"), extra=dict(d.get("extra", {})))
+                default_adapter=d.get("default_adapter"), union_encodings=d.get("union_encodings"),
+                extra=dict(d.get("extra", {})))
         except (KeyError, TypeError, AttributeError) as e:
             raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
 
@@ -299,30 +304,38 @@ def open_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True, ver
             raise BundleError(f"{root}: compiled for base model {manifest.base.name} (sha256 "
                               f"{manifest.base.sha256[:12]}…), not {base} (sha256 {digest[:12]}…)")
     bundle = Bundle(root, manifest)
-    for rel in _patch_files(manifest):
+    for rel, slots in _patch_files(manifest):
         if rel not in manifest.files:
             raise BundleError(f"{root}: patch {rel!r} is not listed in the manifest's files")
-        check_patch(bundle, rel)
+        check_patch(bundle, rel, slots)
     return bundle
 
 
-def _patch_files(m: Manifest) -> list[str]:
-    return [a.patch for a in m.adapters if a.patch] + ([m.group_patch] if m.group_patch else [])
+def _patch_files(m: Manifest) -> list[tuple[str, list[Slot]]]:
+    weights = [a.patch for a in m.adapters if a.patch] + ([m.group_patch] if m.group_patch else [])
+    encodings = [u.encodings for u in m.use_cases if u.encodings] + ([m.union_encodings] if m.union_encodings else [])
+    return [(w, patched_slots(m)) for w in weights] + [(e, encoding_slots(m)) for e in encodings]
 
 
 def patched_slots(m: Manifest) -> list[Slot]:
-    """The slots a patch file carries: everything but the strength."""
-    return [s for s in m.slots if s.kind != "strength"]
+    """The slots a weight patch carries: LoRA A/B (and v1/v2's lora_scaling)."""
+    return [s for s in m.slots if s.kind not in ("strength", "encoding")]
 
 
-def check_patch(bundle: Bundle, rel: str) -> None:
-    """A patch's header must list exactly the patched slots, in slot order, with their shapes and dtypes."""
+def encoding_slots(m: Manifest) -> list[Slot]:
+    """The slots an encodings patch carries: the scales and zero points that change per use-case."""
+    return [s for s in m.slots if s.kind == "encoding"]
+
+
+def check_patch(bundle: Bundle, rel: str, slots: list[Slot] | None = None) -> None:
+    """A patch's header must list exactly its slots, in slot order, with their shapes and dtypes."""
     p = bundle.file(rel)
     try:
         tf = read_header(p)
     except TensorFileError as e:
         raise BundleError(str(e)) from e
-    want = [(s.name, s.shape, {"float32": "F32", "float16": "F16"}[s.dtype]) for s in patched_slots(bundle.manifest)]
+    slots = patched_slots(bundle.manifest) if slots is None else slots
+    want = [(s.name, s.shape, _SAFETENSORS_NAMES[s.dtype]) for s in slots]
     got = [(e.name, e.shape, e.dtype) for e in tf.entries.values()]
     if got != want:
         diff = next(((w, g) for w, g in zip(want, got) if w != g), (want[len(got):][:1], got[len(want):][:1]))

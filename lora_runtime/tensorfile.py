@@ -34,10 +34,12 @@ _NUMPY_DTYPES: dict[str, np.dtype] = {
     "I16": np.dtype("<i2"),
     "I8": np.dtype("i1"),
     "U8": np.dtype("u1"),
+    "U16": np.dtype("<u2"),
     "BOOL": np.dtype("?"),
 }
 _SAFETENSORS_DTYPES = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<f8"): "F64",
-                       np.dtype("<i8"): "I64", np.dtype("<i4"): "I32", np.dtype("u1"): "U8"}
+                       np.dtype("<i8"): "I64", np.dtype("<i4"): "I32", np.dtype("u1"): "U8", np.dtype("<u2"): "U16",
+                       np.dtype("i1"): "I8", np.dtype("<i2"): "I16"}
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ def compile_bundle(base: str | os.PathLike[str],
                    copy_base_data: bool = False, lora_dtype: str = "float32",
                    base_weights: str = "float32", block_size: int | None = None,
                    encodings: str = "none", calibration: str | os.PathLike[str] | None = None,
-                   preset: str = "w8a8", calibration_method: str = "minmax",
+                   preset: str = "w8a8", calibration_method: str = "minmax", ort_reference: bool = True,
                    sample_inputs: Mapping[str, np.ndarray] | None = None, measure_accuracy: bool = True,
                    report: Report | None = None) -> Bundle:
     """Compile ``base`` + ``adapters`` into a bundle at ``out`` and return it, opened and validated.
@@ -179,12 +179,11 @@ def compile_bundle(base: str | os.PathLike[str],
         )
         if samples is not None:
             q = quantize_bundle(tmp, model, manifest, base.parent, mode=encodings, preset=preset, samples=samples,
-                                method=calibration_method, say=say)
+                                method=calibration_method, ort_reference=ort_reference, say=say)
             for rel in data_files:  # the QDQ graph holds every base tensor it needs in its own data file
                 (tmp / rel).unlink()
             data_files, own_data = [], own_data + q.files
-            manifest = dataclasses.replace(manifest, base=dataclasses.replace(manifest.base, data_files=()),
-                                           extra={**manifest.extra, "encodings": q.extra})
+            manifest = dataclasses.replace(q.manifest, base=dataclasses.replace(manifest.base, data_files=()))
             _check_structure(model, base)
         say("hashing and writing the manifest")
         rels = [GRAPH, *data_files, *own_data, *(GROUP_PATCH if k == "group" else _patch_rel(k) for k in patches)]

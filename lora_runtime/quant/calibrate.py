@@ -89,7 +89,7 @@ def collect_ranges(bundle: Bundle, tensors: Sequence[str], samples: Sequence[dic
     feeds = [_checked(expected, sample, i) for i, sample in enumerate(samples)]
     out: dict[str, dict[str, TensorRange]] = {}
     for name in use_cases:
-        slots = slot_feeds(bundle, m.use_case(name).strengths)
+        slots = slot_feeds(bundle, m.use_case(name).strengths, name)
         ranges: dict[str, TensorRange] = {}
         for sample in feeds:
             values = sess.run(list(tensors), sample | slots)

@@ -5,8 +5,8 @@ mode           calibrated on                                        in the bundl
 =============  ===================================================  ===============================
 non-updatable  the union of all use-cases; one set                  ``encodings/all.encodings``
 adapter-only   base tensors: the union; LoRA-branch tensors: each   ``encodings/base.encodings`` +
-               use-case                                             ``encodings/<use-case>.encodings``
-full           every tensor per use-case (base weights keep one)    ``encodings/<use-case>.encodings``
+               use-case                                             ``encodings/use-cases/<use-case>.encodings``
+full           every tensor per use-case (base weights keep one)    ``encodings/use-cases/<use-case>.encodings``
 =============  ===================================================  ===============================
 
 Which generation takes which mode is QAIRT's table: v1 non-updatable only, v2 full only, v3 all three.
@@ -26,7 +26,6 @@ from lora_runtime.quant.encodings import Encoding, Preset, asymmetric_per_tensor
 
 MODES = ("none", "non-updatable", "adapter-only", "full")
 ALLOWED = {"v1": ("none", "non-updatable"), "v2": ("none", "full"), "v3": MODES}
-IMPLEMENTED = ("none", "non-updatable")
 
 
 def check_mode(generation: str, mode: str) -> None:
@@ -35,20 +34,30 @@ def check_mode(generation: str, mode: str) -> None:
     if mode not in ALLOWED[generation]:
         raise UseCaseError(f"{generation} takes encodings {' or '.join(ALLOWED[generation])} (QAIRT's table), not "
                            f"{mode!r}" + ("; use --generation v3" if generation != "v3" else ""))
-    if mode not in IMPLEMENTED:
-        raise UseCaseError(f"{mode} encodings are not implemented yet; use non-updatable (v1, v3)")
 
 
-def activation_encodings(ranges: Mapping[str, Mapping[str, TensorRange]], tensors: Sequence[str],
-                         branch: Sequence[str], preset: Preset) -> dict[str, Encoding]:
-    """Non-updatable: one encoding per activation over the union of every use-case's range."""
-    merged = union(ranges)
+def updatable(mode: str, tensors: Sequence[str], branch: Sequence[str], lora_slots: Sequence[str]) -> frozenset[str]:
+    """Names whose encodings change per use-case: none; the LoRA branch's; or every activation's too."""
+    if mode == "adapter-only":
+        return frozenset(branch) | frozenset(lora_slots)
+    if mode == "full":
+        return frozenset(tensors) | frozenset(lora_slots)
+    return frozenset()
+
+
+def activation_encodings(ranges: Mapping[str, TensorRange], tensors: Sequence[str], branch: Sequence[str],
+                         preset: Preset) -> dict[str, Encoding]:
+    """One asymmetric per-tensor encoding per activation from its range (branch tensors: the LoRA preset)."""
     out = {}
     for t in tensors:
         spec = preset.lora_activations if t in branch else preset.activations
-        r = merged[t]
+        r = ranges[t]
         out[t] = asymmetric_per_tensor(t, r.min, r.max, bw=spec.bw)
     return out
+
+
+def union_ranges(ranges: Mapping[str, Mapping[str, TensorRange]]) -> dict[str, TensorRange]:
+    return union(ranges)
 
 
 def lora_weight_encodings(values: Mapping[str, Sequence[np.ndarray]], preset: Preset) -> dict[str, Encoding]:

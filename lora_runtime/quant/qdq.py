@@ -154,9 +154,14 @@ def apply_qdq(model: onnx.ModelProto, base_dir: Path, out: Path, data_name: str,
         else:
             const(s_name, scale)
             const(z_name, zp)
-        into.append(helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [f"{tensor}/q"], name=f"{tensor}/Q"))
+        # 16-bit Q/DQ is standard ONNX only from opset 21; ONNX Runtime's contrib Q/DQ take it at any opset
+        domain = "com.microsoft" if zp.dtype.itemsize == 2 and opset < 21 else ""
+        into.append(helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [f"{tensor}/q"], name=f"{tensor}/Q",
+                                     domain=domain))
         into.append(helper.make_node("DequantizeLinear", [f"{tensor}/q", s_name, z_name], [f"{tensor}/dq"],
-                                     name=f"{tensor}/DQ"))
+                                     name=f"{tensor}/DQ", domain=domain))
+        if domain and not any(o.domain == domain for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(domain, 1))
 
     graph_inputs = {i.name for i in g.input}
     for t in act:

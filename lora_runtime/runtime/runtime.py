@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lora_runtime.bundle import Bundle, open_bundle, patched_slots
+from lora_runtime.bundle import Bundle, encoding_slots, open_bundle, patched_slots
 from lora_runtime.runtime.simple import check_feeds, input_specs, make_session
 from lora_runtime.runtime.slots import Layout, PatchSource, SlotSet
 
@@ -53,6 +53,7 @@ class _State:
     strength_array: np.ndarray
     strengths: dict[str, float]
     use_case: str | None
+    encodings: SlotSet | None = None  # updatable encodings of the use-case (resident, never written)
 
 
 class Runtime:
@@ -78,9 +79,19 @@ class Runtime:
             self._sources = {GROUP: PatchSource(bundle.file(m.group_patch or ""), self.layout)}
         else:
             self._sources = {a.name: PatchSource(bundle.file(a.patch or ""), self.layout) for a in m.adapters}
+        # Updatable encodings are a few scales and zero points per use-case: all resident from the start,
+        # so a switch binds its use-case's set, atomically with the weights and the strength.
+        self._encodings: dict[str, SlotSet] = {}
+        enc_layout = Layout.of(encoding_slots(m))
+        if enc_layout.slots:
+            for rel, key in [(u.encodings, u.name) for u in m.use_cases] + [(m.union_encodings, "")]:
+                enc = SlotSet(enc_layout, key)
+                enc.fill_from(PatchSource(bundle.file(rel or ""), enc_layout))
+                self._encodings[key] = enc
         # Each use-case's adapter (v3: the group) and strength value, built once: a hot switch allocates nothing.
         self._targets = {u.name: (GROUP if m.generation == "v3" else next(iter(u.strengths), None),
-                                  self._strength_value(u.strengths)) for u in m.use_cases}
+                                  self._strength_value(u.strengths), self._encodings.get(u.name))
+                         for u in m.use_cases}
         first_adapter = GROUP if m.generation == "v3" else (m.default_adapter or m.adapters[0].name)
         first = SlotSet(self.layout, first_adapter)
         first.fill_from(self._sources[first_adapter])
@@ -88,7 +99,7 @@ class Runtime:
             self._resident[GROUP] = first
         else:
             self._scratch = [first, SlotSet(self.layout)]
-        self._state = _State(0, first, *self._strength_value({}), None)
+        self._state = _State(0, first, *self._strength_value({}), None, self._encodings.get(""))
         self.preload(preload)
         if m.use_cases:
             self.switch(m.use_cases[0].name)
@@ -126,12 +137,13 @@ class Runtime:
         return dict(self._state.strengths)
 
     def memory(self) -> dict[str, object]:
-        """Resident bytes: scratch sets, preloaded sets (per adapter) and the total."""
+        """Resident bytes: scratch sets, preloaded sets (per adapter), encodings sets and the total."""
         with self._lock:
             preloaded = {k: s.nbytes for k, s in self._resident.items()}
             scratch = sum(s.nbytes for s in self._scratch)
+        encodings = sum(s.nbytes for s in self._encodings.values())
         return {"patch_bytes": self.layout.nbytes, "scratch_bytes": scratch, "preloaded_bytes": preloaded,
-                "resident_bytes": scratch + sum(preloaded.values())}
+                "encodings_bytes": encodings, "resident_bytes": scratch + sum(preloaded.values()) + encodings}
 
     # ---- residency -----------------------------------------------------------------------------------
 
@@ -167,8 +179,8 @@ class Runtime:
         target = self._targets.get(use_case)
         if target is None:
             self.manifest.use_case(use_case)  # raises UseCaseError naming the known use-cases
-        adapter, strength = target
-        return self._publish(adapter, strength, use_case, t0)
+        adapter, strength, encodings = target
+        return self._publish(adapter, strength, use_case, t0, encodings)
 
     def set_strengths(self, strengths: Mapping[str, float]) -> SwitchReport:
         """An ad-hoc mix: v3 any adapters, v1/v2 one adapter (or none: the base model)."""
@@ -176,18 +188,19 @@ class Runtime:
         strengths = dict(strengths)
         value = self._strength_value(strengths)  # validates names, values, and v1/v2's one adapter
         adapter = GROUP if self.manifest.generation == "v3" else next(iter(strengths), None)
-        return self._publish(adapter, value, None, t0)
+        # an ad-hoc mix has no calibration of its own: updatable encodings use the union of all use-cases
+        return self._publish(adapter, value, None, t0, self._encodings.get(""))
 
     def _strength_value(self, strengths: Mapping[str, float]) -> tuple[ort.OrtValue, np.ndarray, dict[str, float]]:
         arr = self.manifest.strength_value(strengths)
         return ort.OrtValue.ortvalue_from_numpy(arr), arr, dict(strengths)
 
     def _publish(self, adapter: str | None, strength: tuple[ort.OrtValue, np.ndarray, dict[str, float]],
-                 label: str | None, t0: float) -> SwitchReport:
+                 label: str | None, t0: float, encodings: SlotSet | None = None) -> SwitchReport:
         with self._switch_lock:
             target, kind, moved, source = self._find_or_fill(adapter)
             with self._lock:
-                self._state = _State(self._state.version + 1, target, *strength, label)
+                self._state = _State(self._state.version + 1, target, *strength, label, encodings)
             report = SwitchReport(label, kind, moved, time.perf_counter() - t0, source)
             self.last_switch = report
             return report
@@ -241,12 +254,14 @@ class Runtime:
                 local.binding.bind_output(name, "cpu")
             local.version = None
             local.slots = None
+            local.encodings = None
         b = local.binding
         if local.version != state.version:
-            if local.slots is not state.slots:
-                for name, value in state.slots.values.items():
-                    b.bind_ortvalue_input(name, value)
-                local.slots = state.slots
+            for have, want in (("slots", state.slots), ("encodings", state.encodings)):
+                if want is not None and getattr(local, have) is not want:
+                    for name, value in want.values.items():
+                        b.bind_ortvalue_input(name, value)
+                    setattr(local, have, want)
             b.bind_ortvalue_input(self._strength_name, state.strength)
             local.version = state.version
         return b

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lora_runtime.bundle import Bundle, open_bundle
+from lora_runtime.bundle import Bundle, open_bundle, patched_slots
 from lora_runtime.errors import InputError, UseCaseError
 from lora_runtime.tensorfile import read_header
 
@@ -31,17 +31,22 @@ def make_session(bundle: Bundle, *, providers: list[str] | None = None,
                                 providers=providers or ["CPUExecutionProvider"])
 
 
-def slot_feeds(bundle: Bundle, strengths: Mapping[str, float]) -> dict[str, np.ndarray]:
-    """Every slot value for ``strengths``: the adapter's patch (v1/v2) and ``lora_alpha``."""
+def slot_feeds(bundle: Bundle, strengths: Mapping[str, float], use_case: str | None = None) -> dict[str, np.ndarray]:
+    """Every slot value for ``strengths``: the adapter's patch (v1/v2), ``lora_alpha``, and updatable
+    encodings (the use-case's, or for ad-hoc strengths the union set)."""
     m = bundle.manifest
     feeds: dict[str, np.ndarray] = {"lora_alpha": m.strength_value(strengths)}
+    if any(s.kind == "encoding" for s in m.slots):
+        rel = m.use_case(use_case).encodings if use_case is not None else m.union_encodings
+        tf = read_header(bundle.file(rel or ""))
+        feeds |= {name: tf.read(name) for name in tf.entries}
     if m.generation == "v3":
         return feeds
     adapter = next(iter(strengths), None)
     if m.generation == "v2" and adapter in (None, m.default_adapter):
         return feeds  # the graph's parameters already hold it (or the strength is 0)
     if adapter is None:  # v1, base alone: any finite weights do, the strength is 0
-        return feeds | {s.name: np.zeros(s.shape, s.numpy_dtype) for s in m.slots if s.kind != "strength"}
+        return feeds | {s.name: np.zeros(s.shape, s.numpy_dtype) for s in patched_slots(m)}
     tf = read_header(bundle.file(m.adapter(adapter).patch or ""))
     return feeds | {name: tf.read(name) for name in tf.entries}
 
@@ -81,8 +86,10 @@ def run_use_case(bundle: str | os.PathLike[str] | Bundle, use_case: str | None, 
         if use_case is None:
             raise UseCaseError("give a use-case or strengths")
         strengths = m.use_case(use_case).strengths
+    else:
+        use_case = None  # ad-hoc strengths: not a calibrated use-case
     session = session or make_session(bundle)
     reserved = {s.name for s in m.slots}
-    inputs = check_feeds(input_specs(session, reserved), feeds) | slot_feeds(bundle, strengths)
+    inputs = check_feeds(input_specs(session, reserved), feeds) | slot_feeds(bundle, strengths, use_case)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, inputs)))
