@@ -53,6 +53,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="weight-only quantization of the base's linear layers (MatMulNBits); LoRA stays float")
     c.add_argument("--block-size", type=int, default=None,
                    help="quantization block along the input dim (int4 default 32; int8 default per channel)")
+    c.add_argument("--encodings", default="none", choices=["none", "non-updatable", "adapter-only", "full"],
+                   help="INT8 (QDQ) with encodings of this flexibility (v1: non-updatable; v2: full; v3: any)")
+    c.add_argument("--calibration", metavar="DATA.npz",
+                   help="calibration samples: keys are graph inputs, arrays have a leading sample axis")
+    c.add_argument("--preset", default="w8a8", help="encodings preset: w8a8, w8a16, w4a16 or lora_a16w16")
+    c.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile"])
+    c.add_argument("--encodings-file", metavar="F.encodings",
+                   help="your own AIMET/QAIRT encodings: entries named in it override the calibrated ones")
+    c.add_argument("--no-ort-reference", action="store_true",
+                   help="skip comparing with ONNX Runtime's quantize_static of each merged use-case")
     c.add_argument("--copy-base-data", action="store_true",
                    help="copy the base model's external data when it cannot be hard-linked (another filesystem)")
     c.set_defaults(func=_compile)
@@ -113,7 +123,9 @@ def _compile(args: argparse.Namespace) -> int:
         bundle = compile_bundle(args.base, adapters, args.out, generation=args.generation,
                                 use_cases=args.use_case, force=args.force, copy_base_data=args.copy_base_data,
                                 lora_dtype=args.lora_dtype, base_weights=args.base_weights,
-                                block_size=args.block_size,
+                                block_size=args.block_size, encodings=args.encodings, calibration=args.calibration,
+                                preset=args.preset, calibration_method=args.calibration_method,
+                                encodings_file=args.encodings_file, ort_reference=not args.no_ort_reference,
                                 report=bar.step)
     m = bundle.manifest
     linked = sum(m.files[f].nbytes for f in m.base.data_files)
@@ -121,6 +133,13 @@ def _compile(args: argparse.Namespace) -> int:
     shared = f" + {linked / 1e6:.2f} MB of base data linked" if linked else ""
     print(f"wrote {bundle.path} ({m.generation}, {len(m.points)} points, {len(m.adapters)} adapters, "
           f"{len(m.use_cases)} use-cases, {own / 1e6:.2f} MB{shared}) in {time.perf_counter() - t0:.2f}s")
+    enc = m.extra.get("encodings")
+    if enc:
+        ref = enc.get("ort_quantize_static_sqnr_db", {})
+        print(f"INT8 ({enc['mode']} encodings, {enc['preset']}): SQNR vs FP32 on {enc['calibration']['held_out']} "
+              "held-out samples" + (", and ONNX Runtime's quantize_static of the merged use-case:" if ref else ":"))
+        for u, v in enc["sqnr_db"].items():
+            print(f"  {u:<20} {v:6.1f} dB" + (f"   ORT {ref[u]:6.1f} dB ({v - ref[u]:+.1f})" if u in ref else ""))
     return 0
 
 

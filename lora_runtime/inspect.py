@@ -41,6 +41,16 @@ def describe(bundle: Bundle) -> str:
         lines += ["", f"  base weights {q['dtype']} ({q['op']}): {q['weights']} linear weights, block size "
                   f"{'/'.join(map(str, q['block_size']))}, {q['data_bytes'] / 1e6:.2f} MB in the bundle; weight SQNR "
                   f"mean {q['weight_sqnr_db_mean']:.1f} dB, min {q['weight_sqnr_db_min']:.1f} dB"]
+    enc = m.extra.get("encodings")
+    if enc:
+        ref = enc.get("ort_quantize_static_sqnr_db", {})
+        lines += ["", f"  INT8: {enc['mode']} encodings, preset {enc['preset']}; {enc['activations']} activations, "
+                  f"{enc['base_weights']} base weights, {enc['lora_weights']} LoRA weights, {enc['updatable']} "
+                  f"updatable; files {', '.join(enc['files'])}",
+                  f"    SQNR vs FP32 on {enc['calibration']['held_out']} held-out samples"
+                  + (" (ORT quantize_static of the merged use-case)" if ref else "")]
+        for u, v in enc["sqnr_db"].items():
+            lines.append(f"    {u:<16} {v:6.1f} dB" + (f"   ({ref[u]:.1f} dB)" if u in ref else ""))
     accuracy = m.extra.get("accuracy", {})
     sqnr = accuracy.get("use_cases", {})
     lora_dtype = next((sl.dtype for sl in m.slots if sl.kind == "lora_A"), "float32")

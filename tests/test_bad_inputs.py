@@ -341,3 +341,33 @@ def test_bad_switches(served, call, exc, message):
 
 def test_tensorfile_errors_are_lora_runtime_errors():
     assert issubclass(TensorFileError, LoraRuntimeError) and issubclass(BundleError, LoraRuntimeError)
+
+
+# ---- encodings files that do not fit the graph -------------------------------------------------------
+
+ENCODINGS_CASES = [
+    ("not-json", "{", "not readable JSON"),
+    ("wrong-version", {"version": "0.6.1", "activation_encodings": [], "param_encodings": []}, "version"),
+    ("unknown-tensor", {"version": "1.0.0", "param_encodings": [], "activation_encodings": [
+        {"name": "no.such.tensor", "dtype": "INT", "enc_type": "PER_TENSOR", "bw": 8, "is_sym": False,
+         "scale": [0.1], "offset": [-3]}]}, "no.such.tensor"),
+    ("channel-count", {"version": "1.0.0", "activation_encodings": [], "param_encodings": [
+        {"name": "model.layers.0.self_attn.q_proj.weight", "dtype": "INT", "enc_type": "PER_CHANNEL", "bw": 8,
+         "is_sym": True, "scale": [0.1] * 5, "offset": [-128] * 5}]}, "model.layers.0.self_attn.q_proj.weight"),
+    ("negative-scale", {"version": "1.0.0", "param_encodings": [], "activation_encodings": [
+        {"name": "x", "dtype": "INT", "enc_type": "PER_TENSOR", "bw": 8, "is_sym": False, "scale": [-0.1],
+         "offset": [0]}]}, "scale"),
+]
+
+
+@pytest.mark.parametrize(("case", "content", "message"), ENCODINGS_CASES, ids=[c[0] for c in ENCODINGS_CASES])
+def test_encodings_file_that_does_not_fit(ctx, tmp_path, case, content, message):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input_ids=np.zeros((4, 1, 8), np.int64))
+    enc = tmp_path / "user.encodings"
+    enc.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(LoraRuntimeError) as info:
+        compile_bundle(ctx.base, ctx.adapters, tmp_path / "out" / "b", generation="v3", encodings="non-updatable",
+                       calibration=calib, encodings_file=enc)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import platform
+import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from lora_runtime.compiler.quantize_base import BASE_WEIGHTS, quantize_base
 from lora_runtime.errors import AdapterError, AttachmentError, BaseModelError, LoraRuntimeError, UseCaseError
 from lora_runtime.lora_config import check_name
 from lora_runtime.quant.calibrate import load_calibration
-from lora_runtime.quant.encodings import load_preset
+from lora_runtime.quant.encodings import load_preset, read_encodings
 from lora_runtime.quant.modes import check_mode
 from lora_runtime.quant.pipeline import quantize_bundle
 from lora_runtime.tensorfile import TensorFile, save_tensors
@@ -94,6 +95,7 @@ def compile_bundle(base: str | os.PathLike[str],
                    base_weights: str = "float32", block_size: int | None = None,
                    encodings: str = "none", calibration: str | os.PathLike[str] | None = None,
                    preset: str = "w8a8", calibration_method: str = "minmax", ort_reference: bool = True,
+                   encodings_file: str | os.PathLike[str] | None = None,
                    sample_inputs: Mapping[str, np.ndarray] | None = None, measure_accuracy: bool = True,
                    report: Report | None = None) -> Bundle:
     """Compile ``base`` + ``adapters`` into a bundle at ``out`` and return it, opened and validated.
@@ -131,6 +133,9 @@ def compile_bundle(base: str | os.PathLike[str],
             raise UseCaseError("--encodings with --base-weights int8/int4 is not supported yet: the QDQ graph "
                                "quantizes the base weights itself (int8 per channel)")
         samples = load_calibration(calibration)
+    overrides = read_encodings(encodings_file) if encodings_file is not None else None
+    if overrides is not None and encodings == "none":
+        raise UseCaseError("--encodings-file needs --encodings (non-updatable, adapter-only or full)")
     say("loading adapters")
     loaded = _load_adapters(adapters)
     specs = _check_use_cases(use_cases, loaded, generation)
@@ -179,12 +184,14 @@ def compile_bundle(base: str | os.PathLike[str],
         )
         if samples is not None:
             q = quantize_bundle(tmp, model, manifest, base.parent, mode=encodings, preset=preset, samples=samples,
-                                method=calibration_method, ort_reference=ort_reference, say=say)
+                                method=calibration_method, ort_reference=ort_reference, overrides=overrides,
+                                say=say)
             for rel in data_files:  # the QDQ graph holds every base tensor it needs in its own data file
                 (tmp / rel).unlink()
             data_files, own_data = [], own_data + q.files
             manifest = dataclasses.replace(q.manifest, base=dataclasses.replace(manifest.base, data_files=()))
             _check_structure(model, base)
+        own_data += write_qairt_artefacts(tmp, manifest)
         say("hashing and writing the manifest")
         rels = [GRAPH, *data_files, *own_data, *(GROUP_PATCH if k == "group" else _patch_rel(k) for k in patches)]
         manifest = dataclasses.replace(manifest, files=file_table(tmp, rels, cached=tuple(data_files)))
@@ -214,6 +221,32 @@ def _with_accuracy(bundle: Bundle, base: Path, adapters: list[Adapter], specs: l
     accuracy = {"reference": "float32 bundle (float32 base weights and LoRA slots)", "metric": "output SQNR (dB)",
                 "inputs": "given" if sample_inputs is not None else "synthesized", "use_cases": sqnr}
     return dataclasses.replace(m, extra={**m.extra, "accuracy": accuracy})
+
+
+def write_qairt_artefacts(root: Path, m: Manifest) -> list[str]:
+    """``lora_weight_list.txt`` (for ``qairt-converter --lora_weight_list``) and ``lora_config.yaml``
+    (``use_case: [{name, model_name, lora_weights, quant_overrides, output_path}]``, for QAIRT's LoRA
+    importer), pointing at the bundle's own files."""
+    names = sorted((s.name for s in m.slots if s.kind in ("lora_A", "lora_B")), key=_natural)
+    (root / "lora_weight_list.txt").write_text("".join(f"{n}\n" for n in names))
+    enc = m.extra.get("encodings", {})
+    lines = ["use_case:"]
+    for u in m.use_cases:
+        adapter = next(iter(u.strengths), None)
+        if adapter is None:
+            continue  # the base model alone has no LoRA weights to import
+        weights = m.group_patch or m.adapter(adapter).patch or ""
+        overrides = next((f for f in enc.get("files", []) if f.endswith(f"/{u.name}.encodings")),
+                         next(iter(enc.get("files", [])), ""))
+        lines += [f'  - name: "{u.name}"', f'    model_name: "{m.graph}"', f'    lora_weights: "{weights}"',
+                  f'    quant_overrides: "{overrides}"', '    output_path: "./output"']
+    (root / "lora_config.yaml").write_text("\n".join(lines) + "\n")
+    return ["lora_weight_list.txt", "lora_config.yaml"]
+
+
+def _natural(name: str) -> list:
+    """``layers.2`` before ``layers.10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def _quant_summary(kind: str, quantized: list, data: Path) -> dict:

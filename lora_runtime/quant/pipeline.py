@@ -23,8 +23,18 @@ import onnx
 
 from lora_runtime.accuracy import sqnr_db
 from lora_runtime.bundle import UNION_ENCODINGS, Bundle, Manifest, Slot
+from lora_runtime.compiler.points import find_candidates
 from lora_runtime.quant.calibrate import TensorRange, collect_ranges, split_held_out
-from lora_runtime.quant.encodings import VERSION, Encoding, EncodingsFile, Preset, load_preset, to_qdq, write_encodings
+from lora_runtime.quant.encodings import (
+    VERSION,
+    Encoding,
+    EncodingsFile,
+    Preset,
+    check_fits,
+    load_preset,
+    to_qdq,
+    write_encodings,
+)
 from lora_runtime.quant.modes import activation_encodings, lora_weight_encodings, union_ranges, updatable
 from lora_runtime.quant.qdq import QdqPlan, activation_tensors, apply_qdq, lora_scale_name, scale_input_names
 from lora_runtime.runtime.simple import make_session, run_use_case
@@ -41,7 +51,8 @@ class QuantResult:
 
 def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base_dir: Path, *, mode: str,
                     preset: str, samples: Sequence[dict[str, np.ndarray]], method: str = "minmax",
-                    ort_reference: bool = True, say: Callable[[str], None] = lambda _m: None) -> QuantResult:
+                    ort_reference: bool = True, overrides: EncodingsFile | None = None,
+                    say: Callable[[str], None] = lambda _m: None) -> QuantResult:
     """Rewrite ``model`` (whose float version is at ``root``/graph) to QDQ; write encodings; measure SQNR."""
     p = load_preset(preset)
     float_bundle = Bundle(root, manifest)
@@ -61,9 +72,19 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
     values = _lora_values(float_bundle, lora_slots)
     union = _encodings(union_ranges(ranges), tensors, branch, values, p)
     per_use_case = {u: _encodings(ranges[u], tensors, branch, _active(float_bundle, values, u), p) for u in names}
+    weight_overrides = {}
+    if overrides is not None:  # the user's entries win, in every use-case's set
+        weights_shape = {c.weight: (c.in_features, c.out_features) for c in find_candidates(model.graph)
+                         if c.weight not in lora_slots}
+        shapes = {t: None for t in tensors} | {s: v[0].shape for s, v in values.items()} | weights_shape
+        check_fits(overrides, shapes, {s: 0 for s in lora_slots} | {w: 1 for w in weights_shape})
+        mine = {e.name: e for e in overrides.activation_encodings + overrides.param_encodings}
+        weight_overrides = {k: v for k, v in mine.items() if k in weights_shape}
+        for enc in [union, *per_use_case.values()]:
+            enc.update({k: v for k, v in mine.items() if k in enc})
     live = updatable(mode, tensors, branch, lora_slots)
     plan = QdqPlan(activations={t: union[t] for t in tensors}, lora_weights={s: union[s] for s in lora_slots},
-                   weight_bw=p.weights.bw, updatable=live)
+                   weight_bw=p.weights.bw, updatable=live, weight_overrides=weight_overrides)
     say(f"rewriting to QDQ ({mode} encodings)")
     weights = {e.name: e for e in apply_qdq(model, base_dir, root, DATA_FILE, plan, frozenset(lora_slots))}
     (root / manifest.graph).write_bytes(model.SerializeToString())

@@ -20,7 +20,7 @@ Encodings that are updatable per use-case become graph inputs (slots) instead of
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ class QdqPlan:
     lora_weights: Mapping[str, Encoding]  # LoRA slot name (A or B) -> per-row symmetric encoding
     weight_bw: int = 8
     updatable: frozenset[str] = frozenset()
+    weight_overrides: Mapping[str, Encoding] = field(default_factory=dict)  # base weight -> user's encoding
 
 
 def activation_tensors(model: onnx.ModelProto, lora_slots: frozenset[str], modules: list[str]) -> list[str]:
@@ -90,10 +91,11 @@ def apply_qdq(model: onnx.ModelProto, base_dir: Path, out: Path, data_name: str,
                 continue
             w = read_tensor(inits[c.weight], base_dir).astype(np.float32)
             w = w.T if c.transposed else w  # (in, out)
-            enc = symmetric_per_channel(c.weight, w, axis=1, bw=plan.weight_bw)
+            enc = plan.weight_overrides.get(c.weight) or symmetric_per_channel(c.weight, w, axis=1, bw=plan.weight_bw)
             scale, zp, _ = to_qdq(enc, axis=1)
-            codes = np.clip(np.rint(w / scale), -(2 ** (plan.weight_bw - 1)), 2 ** (plan.weight_bw - 1) - 1)
-            q_name = f"{c.weight}.int{plan.weight_bw}"
+            info = np.iinfo(zp.dtype)
+            codes = np.clip(np.rint(w / scale) + zp.astype(np.float64), info.min, info.max)
+            q_name = f"{c.weight}.int{enc.bw}"
             new_inits.append(writer.tensor(q_name, codes.astype(zp.dtype), _onnx_type(zp.dtype), list(w.shape)))
             s_name, z_name = const(f"{c.weight}.scale", scale), const(f"{c.weight}.zero_point", zp)
             weight_encodings.append(enc)

@@ -1,0 +1,186 @@
+"""INT8 bundles: the three encodings modes, QDQ execution on ONNX Runtime, switching with encodings."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import FIXTURES
+
+from lora_runtime import InputError, Runtime, UseCaseError, compile_bundle, run_use_case
+from lora_runtime.accuracy import sqnr_db
+from lora_runtime.quant.encodings import EncodingsError, dumps_encodings, read_encodings, write_encodings
+
+USE_CASES = ["base=", "summarize=summarize", "translate=translate:0.8", "tone=tone"]
+COMBOS = [("v1", "non-updatable"), ("v2", "full"), ("v3", "non-updatable"), ("v3", "adapter-only"), ("v3", "full")]
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.npz"
+    np.savez(path, input_ids=np.random.default_rng(0).integers(0, 256, (24, 1, 8), dtype=np.int64))
+    return path
+
+
+@pytest.fixture(scope="module", params=COMBOS, ids=[f"{g}-{m}" for g, m in COMBOS])
+def int8(request, tiny, calibration, tmp_path_factory):
+    gen, mode = request.param
+    cases = USE_CASES + (["mix=summarize:1,tone:0.5"] if gen == "v3" else [])
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path_factory.mktemp(gen) / "b", generation=gen,
+                       use_cases=cases, encodings=mode, calibration=calibration, ort_reference=False)
+    return b, mode
+
+
+def test_base_linear_ops_run_as_integer_kernels(int8, tmp_path):
+    b, _ = int8
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(b.path / ".." / "optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(b.file("model.onnx")), so, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath,
+                                                             load_external_data=False).graph.node)
+    assert ops["MatMulIntegerToFloat"] == 7 * 2 + 1  # every base linear layer, lm_head included
+    g = onnx.load(str(b.file("model.onnx")), load_external_data=False)
+    assert sum(n.op_type == "QuantizeLinear" for n in g.graph.node) > 0
+    assert b.manifest.base.data_files == ()  # the int8 weights live in the bundle
+
+
+def test_encodings_files_of_the_mode(int8):
+    b, mode = int8
+    files = sorted(p.relative_to(b.path).as_posix() for p in (b.path / "encodings").rglob("*.encodings"))
+    names = [u.name for u in b.manifest.use_cases]
+    expected = {"non-updatable": ["encodings/all.encodings"],
+                "adapter-only": ["encodings/base.encodings"] + [f"encodings/use-cases/{u}.encodings" for u in names],
+                "full": [f"encodings/use-cases/{u}.encodings" for u in names]}[mode]
+    assert files == sorted(expected)
+    g = onnx.load(str(b.file("model.onnx")), load_external_data=False)
+    produced = {o for n in g.graph.node for o in n.output} | {i.name for i in g.graph.input}
+    for rel in files:
+        f = read_encodings(b.path / rel)
+        assert (b.path / rel).read_text() == dumps_encodings(f)  # byte-stable round trip
+        for e in f.activation_encodings:
+            assert e.name in produced and e.bw == 8 and not e.is_sym
+        for e in f.param_encodings:
+            assert e.is_sym
+
+
+def test_switching_with_encodings_matches_the_reference_path(int8, tiny):
+    b, mode = int8
+    feeds = tiny.inputs(seed=21)
+    rt = Runtime.open(b.path)
+    enc_slots = [s for s in b.manifest.slots if s.kind == "encoding"]
+    assert bool(enc_slots) == (mode != "non-updatable")
+    for u in rt.use_cases * 2:
+        report = rt.switch(u)
+        if b.manifest.generation == "v3":
+            assert report.kind == "hot"  # the group is resident; encodings sets are resident too
+        np.testing.assert_allclose(rt.run(feeds)["logits"], run_use_case(b, u, feeds)["logits"], atol=1e-6, rtol=0)
+    if b.manifest.generation == "v3":
+        mix = {"summarize": 0.3, "tone": 0.7}
+        rt.set_strengths(mix)
+        np.testing.assert_allclose(rt.run(feeds)["logits"], run_use_case(b, None, feeds, strengths=mix)["logits"],
+                                   atol=1e-6, rtol=0)
+
+
+def test_accuracy_is_recorded_and_reasonable(int8, tiny):
+    b, _ = int8
+    sqnr = b.manifest.extra["encodings"]["sqnr_db"]
+    assert set(sqnr) == set(b.manifest.use_case_names)
+    assert all(15.0 < v < 60.0 for v in sqnr.values())  # quantized: lossy, and not broken
+
+
+@pytest.mark.parametrize(("gen", "mode"), [("v1", "full"), ("v1", "adapter-only"), ("v2", "non-updatable"),
+                                           ("v2", "adapter-only")])
+def test_qairt_table_is_enforced(tiny, calibration, tmp_path, gen, mode):
+    with pytest.raises(UseCaseError, match="QAIRT"):
+        compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation=gen, encodings=mode,
+                       calibration=calibration)
+    assert not (tmp_path / "b").exists()
+
+
+def test_bad_calibration_inputs(tiny, tmp_path):
+    cases = {
+        "missing": (None, UseCaseError, "need calibration data"),
+        "not-npz": (b"not an npz", InputError, "cannot read calibration data"),
+        "ragged": ({"input_ids": np.zeros((3, 1, 8), np.int64), "x": np.zeros((2, 1), np.float32)}, InputError,
+                   "same leading sample axis"),
+        "unknown-key": ({"ids": np.zeros((3, 1, 8), np.int64)}, InputError, "unknown ['ids']"),
+        "wrong-dtype": ({"input_ids": np.zeros((3, 1, 8), np.float32)}, InputError, "dtype float32"),
+    }
+    for name, (content, exc, message) in cases.items():
+        path = None
+        if content is not None:
+            path = tmp_path / f"{name}.npz"
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                np.savez(path, **content)
+        with pytest.raises(exc) as info:
+            compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation="v3", encodings="full",
+                           calibration=path)
+        assert message in str(info.value), name
+        assert not (tmp_path / "b").exists()
+
+
+def test_user_encodings_override_and_misfit(tiny, calibration, tmp_path):
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation="v3", encodings="non-updatable",
+                       calibration=calibration, ort_reference=False)
+    f = read_encodings(b.path / "encodings/all.encodings")
+    act = f.activation_encodings[0]
+    mine = type(f)(f.version, (type(act)(act.name, "INT", "PER_TENSOR", 8, False, (0.125,), (-100,)),), ())
+    write_encodings(tmp_path / "mine.encodings", mine)
+    b2 = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b2", generation="v3", encodings="non-updatable",
+                        calibration=calibration, encodings_file=tmp_path / "mine.encodings", ort_reference=False)
+    assert read_encodings(b2.path / "encodings/all.encodings")[act.name].scale == (0.125,)
+
+    bad = type(f)(f.version, (type(act)("no.such.tensor", "INT", "PER_TENSOR", 8, False, (0.1,), (0,)),), ())
+    write_encodings(tmp_path / "bad.encodings", bad)
+    with pytest.raises(EncodingsError, match="no.such.tensor"):
+        compile_bundle(tiny.base, tiny.adapters, tmp_path / "b3", generation="v3", encodings="non-updatable",
+                       calibration=calibration, encodings_file=tmp_path / "bad.encodings")
+    lora = next(e for e in f.param_encodings if "lora_A" in e.name)
+    wrong = type(f)(f.version, (), (type(lora)(lora.name, "INT", "PER_CHANNEL", 8, True, (0.1,) * 3,
+                                                (-128,) * 3),))
+    write_encodings(tmp_path / "wrong.encodings", wrong)
+    with pytest.raises(EncodingsError, match=lora.name.replace(".", r"\.")):
+        compile_bundle(tiny.base, tiny.adapters, tmp_path / "b4", generation="v3", encodings="non-updatable",
+                       calibration=calibration, encodings_file=tmp_path / "wrong.encodings")
+    assert not (tmp_path / "b3").exists() and not (tmp_path / "b4").exists()
+
+
+def test_qairt_artefacts(int8):
+    b, mode = int8
+    names = (b.path / "lora_weight_list.txt").read_text().split()
+    assert sorted(names) == sorted(s.name for s in b.manifest.slots if s.kind in ("lora_A", "lora_B"))
+    assert names.index("model.layers.1.self_attn.q_proj.lora_A.weight") < len(names)
+    text = (b.path / "lora_config.yaml").read_text()
+    with_adapters = [u for u in b.manifest.use_cases if u.strengths]
+    assert text.startswith("use_case:\n") and text.count("  - name: ") == len(with_adapters)
+    for u in with_adapters:
+        block = text.split(f'  - name: "{u.name}"\n', 1)[1].split("  - name:", 1)[0]
+        for key in ("model_name", "lora_weights", "quant_overrides"):
+            rel = block.split(f'{key}: "', 1)[1].split('"', 1)[0]
+            assert (b.path / rel).is_file(), (u.name, key, rel)
+
+
+def test_peft_fixture_full_updatable_meets_the_accuracy_goal(tmp_path):
+    """Real PEFT adapters on the dynamo export: INT8 full-updatable vs PEFT's FP32 logits, and vs ORT's
+    own quantize_static of each merged use-case (measured at compile)."""
+    root = FIXTURES / "llama"
+    cases = json.loads((root / "cases.json").read_text())["use_cases"]
+    use_cases = [f"{n}=" + ",".join(f"{a}:{s}" for a, s in mix.items()) for n, mix in cases.items()]
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input_ids=np.random.default_rng(1).integers(0, 64, (64, 1, 7), dtype=np.int64))
+    b = compile_bundle(root / "dynamo.onnx", {a: root / "adapters" / a for a in ("a", "b", "c", "h16", "bf16")},
+                       tmp_path / "b", generation="v3", use_cases=use_cases, encodings="full", calibration=calib)
+    expected = np.load(root / "expected.npz")
+    feeds = {"input_ids": np.load(root / "inputs.npz")["input_ids"]}
+    enc = b.manifest.extra["encodings"]
+    for u in cases:
+        assert sqnr_db(expected[u], run_use_case(b, u, feeds)["logits"]) >= 28.0, u
+        assert enc["sqnr_db"][u] >= 28.0, u
+        assert enc["sqnr_db"][u] >= enc["ort_quantize_static_sqnr_db"][u] - 1.0, u
