@@ -14,6 +14,8 @@ cold_switch_cache_100      v2 with 100 adapters cycled, none preloaded: every sw
 cold_switch_cache_f16      the cold switch with float16 LoRA slots (``--lora-dtype float16``): half the bytes
 run_v2_f16                 a v2 run with float16 slots (the branch widens A/B to float32 per run)
 run_v2_int8/_int4, run_v3_int4  runs with the base weights quantized (``--base-weights``; MatMulNBits)
+run_int8_*                 INT8 QDQ bundles (``--encodings``, w8a8): v1 non-updatable, v2 full, v3 both
+hot_switch_int8_full       a v3 switch with fully updatable encodings (binds the use-case's encodings set)
 bundle_bytes_*             what a bundle holds on disk besides linked base data (quantized bundles own
                            their weights: the float32 data is not linked)
 preloaded_switch_100       v2 with 100 adapters, all preloaded ("RAM"): a switch rebinds, copies nothing
@@ -63,6 +65,8 @@ from lora_runtime.runtime.simple import make_session
 
 N_GROUP = (1, 2, 4, 8)
 QUANTIZED = (("v2", "int8"), ("v2", "int4"), ("v3", "int4"))  # base weights quantized, LoRA float
+INT8 = (("int8_v1", "v1", "non-updatable"), ("int8_v2", "v2", "full"), ("int8_v3", "v3", "non-updatable"),
+        ("int8_v3_full", "v3", "full"))  # QDQ with encodings (w8a8), calibrated on 24 seeded inputs
 N_MANY = 100
 
 # goal name -> (numerator row, denominator row, limit, "<=" or ">=")
@@ -80,6 +84,10 @@ GOALS = {
     "cold_switch_cache_f16 / cold_switch_cache": ("cold_switch_cache_f16", "cold_switch_cache", None, ""),
     "run_v2_f16 / run_v2": ("run_v2_f16", "run_v2", None, ""),
     "run_v2_int8 / run_v2": ("run_v2_int8", "run_v2", None, ""),
+    "run_int8_v3 / run_v3": ("run_int8_v3", "run_v3", None, ""),
+    "run_int8_v2 / run_v2": ("run_int8_v2", "run_v2", None, ""),
+    "run_int8_v3_full / run_int8_v3": ("run_int8_v3_full", "run_int8_v3", None, ""),
+    "hot_switch_int8_full / hot_switch": ("hot_switch_int8_full", "hot_switch", None, ""),
     "run_v2_int4 / run_v2": ("run_v2_int4", "run_v2", None, ""),
     "bundle_bytes_v2_int4 / base_bytes": ("bundle_bytes_v2_int4", "base_bytes", 0.25, "<="),
     "ort_adapter_switch / run_v2": ("ort_adapter_switch", "run_v2", None, ""),
@@ -212,6 +220,14 @@ def _prepare(size: str, work: Path, bar: Progress) -> _Setup:
                                        use_cases=singles, lora_dtype="float16", sample_inputs=model.inputs(),
                                        force=True)
     bar.step("compiled v2_f16")
+    calibration = work / "calibration.npz"
+    np.savez(calibration, **{k: np.stack([model.inputs(seed=100 + i)[k] for i in range(24)])
+                             for k in model.inputs()})
+    for key, gen, mode in INT8:
+        bundles[key] = compile_bundle(model.base, model.adapters, work / f"bundle-{key}", generation=gen,
+                                      use_cases=specs[gen][1], encodings=mode, calibration=calibration,
+                                      ort_reference=False, force=True)
+        bar.step(f"compiled {key}")
     for gen, kind in QUANTIZED:
         bundles[f"{gen}_{kind}"] = compile_bundle(
             model.base, model.adapters, work / f"bundle-{gen}_{kind}", generation=gen, base_weights=kind,
@@ -228,7 +244,7 @@ def run_bench(size: str = "bench", work: Path | None = None, quick: bool = False
     reps = {name: max(int(n * k), 3) for name, n in {
         "switch": 2000, "cold": 300, "disk": 100, "copy": 300, "run": 30, "rebuild": 5, "open": 5}.items()}
     rows: list[Row] = []
-    with Progress("bench", total=17 + len(N_GROUP) + len(QUANTIZED), delay_s=0.0) as bar:
+    with Progress("bench", total=17 + len(N_GROUP) + len(QUANTIZED) + len(INT8), delay_s=0.0) as bar:
         s = _prepare(size, work, bar)
         b = s.bundles
         feeds = s.feeds
@@ -255,6 +271,11 @@ def run_bench(size: str = "bench", work: Path | None = None, quick: bool = False
         rows.append(measure("cold_switch_cache_f16", _alternate(rt16, ["summarize", "translate", "tone"],
                                                                expect="cold"), reps["cold"], nbytes=rt16.layout.nbytes))
         bar.step("float16 slots")
+
+        rt8 = Runtime.open(b["int8_v3_full"].path)
+        rows.append(measure("hot_switch_int8_full", _alternate(rt8, ["summarize", "translate"], expect="hot"),
+                            reps["switch"]))
+        del rt8
 
         rt_many = Runtime.open(b["v2_100"].path)
         rows.append(measure("cold_switch_cache_100", _alternate(rt_many, rt_many.use_cases, expect="cold"),
@@ -288,6 +309,7 @@ def run_bench(size: str = "bench", work: Path | None = None, quick: bool = False
             "run_base": lambda: base_sess.run(None, feeds), "run_merged": lambda: merged_sess.run(None, feeds)}
         for key, use_case in [("v1", "summarize"), ("v2", "summarize"), ("v3", "summarize"),
                               ("v2_f16", "summarize"), *((f"{g}_{k}", "summarize") for g, k in QUANTIZED),
+                              *((key, "summarize") for key, _, _ in INT8),
                               *((f"v3_n{n}", "all") for n in N_GROUP)]:
             rt = {"v2": rt2, "v3": rt3, "v2_f16": rt16}.get(key) or Runtime.open(b[key].path)
             rt.switch(use_case)
@@ -361,7 +383,9 @@ def _report(rows: list[Row], s: _Setup, size: str, quick: bool) -> dict:
     return _with_ratios(rows, {
         "lora_runtime": __version__, "size": size, "quick": quick, "machine": _machine(), "versions": _versions(),
         "accuracy": {f"{key} vs the float32 bundle, output SQNR dB": s.bundles[key].manifest.extra["accuracy"][
-            "use_cases"] for key in ("v2_f16", *(f"{g}_{k}" for g, k in QUANTIZED))},
+            "use_cases"] for key in ("v2_f16", *(f"{g}_{k}" for g, k in QUANTIZED))} | {
+            f"run_{key} ({mode} encodings, w8a8) vs FP32 on held-out inputs, SQNR dB":
+                s.bundles[key].manifest.extra["encodings"]["sqnr_db"] for key, _, mode in INT8},
         "model": {"recipe": r.name, "layers": r.n_layers, "d_model": r.d_model, "base_bytes": base_bytes,
                   "seq_len": r.seq_len, "points_v2": len(s.bundles["v2"].manifest.points)}})
 
@@ -404,13 +428,15 @@ def plot(report: dict, path: Path) -> None:
     except ImportError:
         raise InputError("--plot needs matplotlib: pip install 'lora_runtime[plot]'") from None
     by = {r["name"]: r for r in report["results"]}
-    switch = [n for n in ("hot_switch", "hot_switch_100", "preloaded_switch_100", "cold_switch_cache",
+    switch = [n for n in ("hot_switch", "hot_switch_100", "hot_switch_int8_full", "preloaded_switch_100",
+                          "cold_switch_cache",
                           "cold_switch_cache_f16",
                           "cold_switch_cache_100", "cold_switch_disk", "memcpy", "file_read", "file_read_2buf",
                           "file_read_disk",
                           "ort_adapter_load", "ort_adapter_switch", "runtime_open", "session_rebuild") if n in by]
     runs = [n for n in ("run_base", "run_merged", "run_v1", "run_v2", "run_v2_f16", "run_v2_int8", "run_v2_int4",
-                        "run_v3_int4", "run_v3", "run_v3_n1", "run_v3_n2",
+                        "run_v3_int4", "run_int8_v1", "run_int8_v2", "run_int8_v3", "run_int8_v3_full", "run_v3",
+                        "run_v3_n1", "run_v3_n2",
                         "run_v3_n4", "run_v3_n8", "ort_adapter_run") if n in by]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 5.5))
     colors = ["tab:green" if n.startswith(("hot", "preloaded")) else "tab:blue" if n.startswith("cold")

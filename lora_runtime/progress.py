@@ -21,7 +21,8 @@ class Progress:
         self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def step(self, what: str = "", n: int = 1) -> None:
-        self.done = min(self.done + n, self.total)
+        self.done += n
+        self.total = max(self.total, self.done)  # work discovered on the way (calibration samples) grows it
         elapsed = time.perf_counter() - self.t0
         if not self.enabled or (elapsed < self.delay_s and self.done < self.total and not self._shown):
             return

@@ -12,6 +12,7 @@ from lora_runtime.cli import main
 
 ROWS = ["hot_switch", "hot_switch_100", "cold_switch_cache", "cold_switch_disk", "cold_switch_cache_100",
         "cold_switch_cache_f16", "run_v2_f16", "file_read_2buf", "run_v2_int8", "run_v2_int4", "run_v3_int4",
+        "run_int8_v1", "run_int8_v2", "run_int8_v3", "run_int8_v3_full", "hot_switch_int8_full",
         "preloaded_switch_100", "memcpy", "file_read", "file_read_disk", "runtime_open", "session_rebuild",
         "ort_adapter_load", "ort_adapter_switch", "ort_adapter_run", "run_base", "run_merged", "run_v1", "run_v2",
         "run_v3", "run_v3_n1", "run_v3_n2", "run_v3_n4", "run_v3_n8"]

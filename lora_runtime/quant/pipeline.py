@@ -63,7 +63,9 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
     calib, held = split_held_out(samples)
     names = manifest.use_case_names
     say(f"calibrating {len(tensors)} tensors on {len(calib)} samples x {len(names)} use-cases")
-    ranges = collect_ranges(float_bundle, tensors, calib, names, method=method)
+    count = iter(range(1, len(calib) * len(names) + 1))
+    ranges = collect_ranges(float_bundle, tensors, calib, names, method=method,
+                            step=lambda u: say(f"calibrating {u}: {next(count)}/{len(calib) * len(names)}"))
     session = make_session(float_bundle)
     fp32 = {u: [run_use_case(float_bundle, u, s, session=session) for s in held] for u in names}
     del session
