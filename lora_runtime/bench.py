@@ -66,7 +66,7 @@ from lora_runtime.runtime.simple import make_session
 N_GROUP = (1, 2, 4, 8)
 QUANTIZED = (("v2", "int8"), ("v2", "int4"), ("v3", "int4"))  # base weights quantized, LoRA float
 INT8 = (("int8_v1", "v1", "non-updatable"), ("int8_v2", "v2", "full"), ("int8_v3", "v3", "non-updatable"),
-        ("int8_v3_full", "v3", "full"))  # QDQ with encodings (w8a8), calibrated on 24 seeded inputs
+        ("int8_v3_full", "v3", "full"))  # QDQ with encodings (w8a8), calibrated on 24 seeded inputs (--quick: 8)
 N_MANY = 100
 
 # goal name -> (numerator row, denominator row, limit, "<=" or ">=")
@@ -185,7 +185,7 @@ class _Setup:
     merged: Path
 
 
-def _prepare(size: str, work: Path, bar: Progress) -> _Setup:
+def _prepare(size: str, work: Path, bar: Progress, quick: bool = False) -> _Setup:
     r = recipe(size)
     model = build_default(r, work / "model")
     adapters_dir = work / "model" / "adapters"
@@ -221,7 +221,7 @@ def _prepare(size: str, work: Path, bar: Progress) -> _Setup:
                                        force=True)
     bar.step("compiled v2_f16")
     calibration = work / "calibration.npz"
-    np.savez(calibration, **{k: np.stack([model.inputs(seed=100 + i)[k] for i in range(24)])
+    np.savez(calibration, **{k: np.stack([model.inputs(seed=100 + i)[k] for i in range(8 if quick else 24)])
                              for k in model.inputs()})
     for key, gen, mode in INT8:
         bundles[key] = compile_bundle(model.base, model.adapters, work / f"bundle-{key}", generation=gen,
@@ -245,7 +245,7 @@ def run_bench(size: str = "bench", work: Path | None = None, quick: bool = False
         "switch": 2000, "cold": 300, "disk": 100, "copy": 300, "run": 30, "rebuild": 5, "open": 5}.items()}
     rows: list[Row] = []
     with Progress("bench", total=17 + len(N_GROUP) + len(QUANTIZED) + len(INT8), delay_s=0.0) as bar:
-        s = _prepare(size, work, bar)
+        s = _prepare(size, work, bar, quick)
         b = s.bundles
         feeds = s.feeds
 
