@@ -15,6 +15,7 @@ strengths). Per-use-case encodings files live in ``encodings/use-cases/`` so tha
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -143,9 +144,13 @@ def _ort_reference(bundle: Bundle, names: Sequence[str], calib: Sequence[dict[st
             merged = merge_use_case(bundle, Path(tmp) / f"{u}.onnx", use_case=u)
             q = Path(tmp) / f"{u}.int8.onnx"
             user = [{k: v for k, v in s.items()} for s in calib]
-            quantize_static(str(merged), str(q), Reader(user), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True)
+            logging.disable(logging.WARNING)  # its "consider pre-processing" advice, on the root logger, per call
+            try:
+                quantize_static(str(merged), str(q), Reader(user), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True)
+            finally:
+                logging.disable(logging.NOTSET)
             so = ort.SessionOptions()
             so.log_severity_level = 3
             sess = ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
