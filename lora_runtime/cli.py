@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="dtype of LoRA A/B slots and patches (float16: half the switch bytes and resident memory)")
     c.add_argument("--base-weights", default="float32", choices=["float32", "int8", "int4"],
                    help="weight-only quantization of the base's linear layers (MatMulNBits); LoRA stays float")
+    c.add_argument("--base-encodings", default="auto", choices=["auto", "always", "never"],
+                   help="write the quantized base weights' encodings file (auto: up to a million scales)")
     c.add_argument("--block-size", type=int, default=None,
                    help="quantization block along the input dim (int4 default 32; int8 default per channel)")
     c.add_argument("--encodings", default="none", choices=["none", "non-updatable", "adapter-only", "full"],
@@ -123,7 +125,8 @@ def _compile(args: argparse.Namespace) -> int:
         bundle = compile_bundle(args.base, adapters, args.out, generation=args.generation,
                                 use_cases=args.use_case, force=args.force, copy_base_data=args.copy_base_data,
                                 lora_dtype=args.lora_dtype, base_weights=args.base_weights,
-                                block_size=args.block_size, encodings=args.encodings, calibration=args.calibration,
+                                block_size=args.block_size, base_encodings=args.base_encodings,
+                                encodings=args.encodings, calibration=args.calibration,
                                 preset=args.preset, calibration_method=args.calibration_method,
                                 encodings_file=args.encodings_file, ort_reference=not args.no_ort_reference,
                                 report=bar.step)

@@ -40,7 +40,8 @@ def describe(bundle: Bundle) -> str:
     if q:
         lines += ["", f"  base weights {q['dtype']} ({q['op']}): {q['weights']} linear weights, block size "
                   f"{'/'.join(map(str, q['block_size']))}, {q['data_bytes'] / 1e6:.2f} MB in the bundle; weight SQNR "
-                  f"mean {q['weight_sqnr_db_mean']:.1f} dB, min {q['weight_sqnr_db_min']:.1f} dB"]
+                  f"mean {q['weight_sqnr_db_mean']:.1f} dB, min {q['weight_sqnr_db_min']:.1f} dB; encodings: "
+                  f"{q.get('encodings', '-')}"]
     enc = m.extra.get("encodings")
     if enc:
         ref = enc.get("ort_quantize_static_sqnr_db", {})

@@ -130,11 +130,28 @@ def test_quantized_base(tiny, tmp_path, bits, block, generation):
     assert len(ops) == len(linear) == 7 * 2 + 1
     assert not {t.name for t in g.graph.initializer} & set(linear)  # no float copy of a quantized weight
     assert b.manifest.base.data_files == ()  # the float32 weights are not needed, so not linked
+    on_disk = {p.relative_to(b.path).as_posix() for p in b.path.rglob("*") if p.is_file()}
+    assert on_disk == set(b.manifest.files) | {"manifest.json"}  # every file hashed, nothing else
     q_bytes = sum(int({e.key: e.value for e in t.external_data}["length"])
                   for t in g.graph.initializer if t.name.endswith((f".q{bits}", ".scales")))
     f_bytes = sum(w.nbytes for w in linear.values())
     # codes of `bits` bits plus one float32 scale per block (int8: a block is a whole padded column)
     assert q_bytes <= f_bytes * (bits / 32 + 1 / (block or 64)) * 1.1
+
+    # the encodings file holds the same scales, computed here independently (absmax / qmax per block)
+    from lora_runtime.quant.encodings import read_encodings
+
+    enc = read_encodings(b.path / "encodings/base_weights.encodings")
+    assert sorted(enc.names()) == sorted(linear) and not enc.activation_encodings
+    for name, w in linear.items():
+        e = enc[name]
+        eff = block or max(16, 1 << (w.shape[0] - 1).bit_length())
+        pad = -w.shape[0] % eff
+        g = np.concatenate([w, np.zeros((pad, w.shape[1]), w.dtype)]).reshape(-1, eff, w.shape[1])
+        want = (np.abs(g).max(axis=1) / (2 ** (bits - 1) - 1)).T.reshape(-1)  # (out, blocks) order
+        np.testing.assert_allclose(np.array(e.scale), want, rtol=1e-6)
+        assert e.bw == bits and e.is_sym and set(e.offset) == {-(2 ** (bits - 1))}
+        assert e.enc_type == ("PER_CHANNEL" if eff >= w.shape[0] else "PER_BLOCK")
 
     # reference: the float model with every linear weight replaced by its dequantized twin
     deq_dir = tmp_path / "deq"
@@ -177,3 +194,13 @@ def test_bad_block_size_is_refused(tiny, tmp_path):
     with pytest.raises(UseCaseError, match="power of two"):
         compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation="v3", base_weights="int4", block_size=24)
     assert not (tmp_path / "b").exists()
+
+
+def test_base_encodings_file_can_be_left_out(tiny, tmp_path):
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation="v3", base_weights="int4",
+                       base_encodings="never", measure_accuracy=False)
+    assert not (b.path / "encodings").exists()
+    assert b.manifest.extra["base_weights"]["encodings"].startswith("not written")
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "c", generation="v3", base_weights="int4",
+                       measure_accuracy=False)  # auto: a small model's scales are written
+    assert b.manifest.extra["base_weights"]["encodings"] == "encodings/base_weights.encodings"

@@ -45,7 +45,8 @@ from lora_runtime.compiler.quantize_base import BASE_WEIGHTS, quantize_base
 from lora_runtime.errors import AdapterError, AttachmentError, BaseModelError, LoraRuntimeError, UseCaseError
 from lora_runtime.lora_config import check_name
 from lora_runtime.quant.calibrate import load_calibration
-from lora_runtime.quant.encodings import load_preset, read_encodings
+from lora_runtime.quant.encodings import VERSION as ENCODINGS_VERSION
+from lora_runtime.quant.encodings import EncodingsFile, load_preset, read_encodings, write_encodings
 from lora_runtime.quant.modes import check_mode
 from lora_runtime.quant.pipeline import quantize_bundle
 from lora_runtime.tensorfile import TensorFile, save_tensors
@@ -53,6 +54,8 @@ from lora_runtime.tensorfile import TensorFile, save_tensors
 Report = Callable[[str], None]
 COMPILE_STEPS = 6  # how many times compile_bundle calls ``report`` (more with encodings or quantization)
 LORA_DTYPES = ("float32", "float16")
+BASE_WEIGHT_ENCODINGS = "encodings/base_weights.encodings"  # --base-weights int8/int4
+MAX_AUTO_ENCODINGS = 1 << 20  # scale entries written to base_weights.encodings without being asked
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def compile_bundle(base: str | os.PathLike[str],
                    out: str | os.PathLike[str], *, generation: str,
                    use_cases: Sequence[UseCaseSpec | str] | None = None, force: bool = False,
                    copy_base_data: bool = False, lora_dtype: str = "float32",
-                   base_weights: str = "float32", block_size: int | None = None,
+                   base_weights: str = "float32", block_size: int | None = None, base_encodings: str = "auto",
                    encodings: str = "none", calibration: str | os.PathLike[str] | None = None,
                    preset: str = "w8a8", calibration_method: str = "minmax", ort_reference: bool = True,
                    encodings_file: str | os.PathLike[str] | None = None,
@@ -121,6 +124,8 @@ def compile_bundle(base: str | os.PathLike[str],
         raise UseCaseError(f"lora_dtype must be one of {', '.join(LORA_DTYPES)}, got {lora_dtype!r}")
     if base_weights not in BASE_WEIGHTS:
         raise UseCaseError(f"base_weights must be one of {', '.join(BASE_WEIGHTS)}, got {base_weights!r}")
+    if base_encodings not in ("auto", "always", "never"):
+        raise UseCaseError(f"base_encodings must be auto, always or never, got {base_encodings!r}")
     if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
         raise UseCaseError(f"block_size must be a power of two of at least 16, got {block_size}")
     check_mode(generation, encodings)
@@ -191,13 +196,24 @@ def compile_bundle(base: str | os.PathLike[str],
             data_files, own_data = [], own_data + q.files
             manifest = dataclasses.replace(q.manifest, base=dataclasses.replace(manifest.base, data_files=()))
             _check_structure(model, base)
+        if quantized:
+            # the same numbers for QAIRT tooling: int8 per channel, int4 per block. Per-block scales in JSON
+            # cost ~55 bytes each (2.5x the int4 weights themselves): "auto" writes them up to a million.
+            entries = sum(len(q.encoding.scale) for q in quantized)
+            write = base_encodings == "always" or (base_encodings == "auto" and entries <= MAX_AUTO_ENCODINGS)
+            summary = _quant_summary(base_weights, quantized, tmp / own_data[0])
+            if write:
+                (tmp / "encodings").mkdir(exist_ok=True)
+                write_encodings(tmp / BASE_WEIGHT_ENCODINGS, EncodingsFile(
+                    ENCODINGS_VERSION, (), tuple(q.encoding for q in quantized)))
+                own_data.append(BASE_WEIGHT_ENCODINGS)
+            summary["encodings"] = BASE_WEIGHT_ENCODINGS if write else (
+                f"not written: {entries} scale entries (--base-encodings always writes them)")
+            manifest = dataclasses.replace(manifest, extra={**manifest.extra, "base_weights": summary})
         own_data += write_qairt_artefacts(tmp, manifest)
         say("hashing and writing the manifest")
         rels = [GRAPH, *data_files, *own_data, *(GROUP_PATCH if k == "group" else _patch_rel(k) for k in patches)]
         manifest = dataclasses.replace(manifest, files=file_table(tmp, rels, cached=tuple(data_files)))
-        if quantized:
-            manifest = dataclasses.replace(manifest, extra={**manifest.extra, "base_weights": _quant_summary(
-                base_weights, quantized, tmp / own_data[0])})
         if (lora_dtype != "float32" or base_weights != "float32") and measure_accuracy:
             say("measuring accuracy against the float32 bundle")
             manifest = _with_accuracy(Bundle(tmp, manifest), base, loaded, specs, generation, sample_inputs)

@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lora_runtime.compiler.points import Candidate, find_candidates, node_keys
 from lora_runtime.errors import BaseModelError
+from lora_runtime.quant.encodings import Encoding
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class QuantizedWeight:
     out_features: int
     scales: str  # initializer holding (out * blocks) float32 scales
     sqnr_db: float  # of the dequantized weight against the float32 weight
+    encoding: Encoding  # the same numbers in the AIMET/QAIRT encodings format
+
 
 
 def quantize_block(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -140,7 +143,8 @@ def quantize_base(model: onnx.ModelProto, base_dir: Path, out: Path, data_name: 
             nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name or c.node,
                                           domain="com.microsoft", K=c.in_features, N=c.out_features, bits=bits,
                                           block_size=bs, accuracy_level=accuracy_level))
-            done.append(QuantizedWeight(c.weight, c.node, bits, bs, c.in_features, c.out_features, s_name, sqnr))
+            done.append(QuantizedWeight(c.weight, c.node, bits, bs, c.in_features, c.out_features, s_name, sqnr,
+                                        _encoding(c.weight, bits, bs, scales, c.in_features)))
         # Transposes that only fed a quantized weight are dead now; so are the float weights.
         used = consumed(nodes)
         nodes = [n for n in nodes if not (n.op_type == "Transpose" and n.input[0] in inits
@@ -161,6 +165,15 @@ def quantize_base(model: onnx.ModelProto, base_dir: Path, out: Path, data_name: 
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return done
+
+
+def _encoding(name: str, bits: int, block_size: int, scales: np.ndarray, in_features: int) -> Encoding:
+    """PER_CHANNEL when one block spans the input dim, else PER_BLOCK: scales in (out, block) order, symmetric
+    codes (``offset = -2^(bits-1)``, AIMET's convention: x = (q + offset) * scale)."""
+    flat = tuple(float(x) for x in scales.reshape(-1))
+    kind = "PER_CHANNEL" if scales.shape[1] == 1 and block_size >= in_features else "PER_BLOCK"
+    return Encoding(name, "INT", kind, bits, True, flat, (-(2 ** (bits - 1)),) * len(flat),
+                    block_size if kind == "PER_BLOCK" else None)
 
 
 def consumed(nodes: list[onnx.NodeProto]) -> set[str]:
