@@ -4,15 +4,9 @@ Nothing is downloaded: ``build_default(preset, out_dir)`` writes ``base.onnx`` a
 ``adapters/<name>/`` (real PEFT folders, the same format ``save_pretrained`` writes) so the
 demo, the tests and the bench exercise exactly the path a user's files take.
 
-The decoder (per layer, pre-norm)::
-
-    h = Gather(embed_tokens, input_ids)                                  # (1, T, d)
-    h = h + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))   n = RMSNorm(h)
-    h = h + down_proj(silu(gate_proj(n)) * up_proj(n))                   n = RMSNorm(h)
-    logits = lm_head(RMSNorm(h))                                         # (1, T, vocab)
-
-Attention is causal with grouped-query heads (``n_kv_heads`` <= ``n_heads``) and rotary positions.
-Weights are named after their module (``model.layers.0.self_attn.q_proj.weight``) and stored
+The decoder is :mod:`lora_runtime.models.llama` (the same builder real checkpoints use) with seeded
+weights: Llama-style, RMSNorm, grouped-query attention with rotary positions, gated SiLU MLP, weights
+named after their PEFT module path (``model.layers.0.self_attn.q_proj.weight``) and stored
 (in, out) for MatMul. The recipes are in ``graphs/default-<preset>.json`` too (a test keeps them equal).
 """
 
@@ -25,12 +19,9 @@ from typing import BinaryIO
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
+from lora_runtime.models.llama import DATA_FILE, LlamaShape, build_llama, linear_shapes
 from lora_runtime.tensorfile import save_tensors
-
-DATA_FILE = "base.onnx.data"
-DATA_ALIGN = 65536  # the largest mmap allocation granularity ONNX Runtime meets (Windows); Linux needs 4096
 
 
 @dataclass(frozen=True)
@@ -143,17 +134,7 @@ def build_default(preset: str | ModelRecipe, out_dir: str | Path) -> DefaultMode
 
 def module_shapes(r: ModelRecipe) -> dict[str, tuple[int, int]]:
     """(in, out) of every linear module, by PEFT module path."""
-    hd = r.d_model // r.n_heads
-    kv = r.n_kv_heads * hd
-    shapes = {}
-    for i in range(r.n_layers):
-        p = f"model.layers.{i}"
-        shapes.update({f"{p}.self_attn.q_proj": (r.d_model, r.d_model), f"{p}.self_attn.k_proj": (r.d_model, kv),
-                       f"{p}.self_attn.v_proj": (r.d_model, kv), f"{p}.self_attn.o_proj": (r.d_model, r.d_model),
-                       f"{p}.mlp.gate_proj": (r.d_model, r.d_ff), f"{p}.mlp.up_proj": (r.d_model, r.d_ff),
-                       f"{p}.mlp.down_proj": (r.d_ff, r.d_model)})
-    shapes["lm_head"] = (r.d_model, r.vocab)
-    return shapes
+    return linear_shapes(shape_of(r))
 
 
 def write_adapter(a: AdapterRecipe, r: ModelRecipe, folder: Path) -> None:
@@ -180,140 +161,25 @@ def write_adapter(a: AdapterRecipe, r: ModelRecipe, folder: Path) -> None:
     save_tensors(folder / "adapter_model.safetensors", dict(sorted(tensors.items())), {"format": "pt"})
 
 
+def shape_of(r: ModelRecipe) -> LlamaShape:
+    return LlamaShape(vocab=r.vocab, d_model=r.d_model, n_layers=r.n_layers, n_heads=r.n_heads,
+                      n_kv_heads=r.n_kv_heads, d_ff=r.d_ff, max_seq=r.max_seq, opset=r.opset)
+
+
 def build_model(r: ModelRecipe, data: BinaryIO | None = None) -> onnx.ModelProto:
-    """The decoder graph with seeded weights (see the module docstring).
+    """The decoder graph with seeded weights: embeddings N(0, 1), norms 1 + N(0, 0.1), linears N(0, 1/in).
 
-    With ``data`` (a file opened for writing, named ``base.onnx.data`` next to the model), every
-    initializer of 1 KiB or more is written there as it is generated and referenced as external data,
-    so a 1B-parameter model never exists twice, or even once, in memory.
+    With ``data`` (a file opened for writing, named ``base.onnx.data`` next to the model), every weight is
+    written there as it is generated (see :func:`lora_runtime.models.llama.build_llama`).
     """
-    g = _Graph(np.random.default_rng(r.seed), data)
-    d, hd = r.d_model, r.d_model // r.n_heads
-    rep = r.n_heads // r.n_kv_heads
-    if d % r.n_heads or r.n_heads % r.n_kv_heads or hd % 2:
-        raise ValueError(f"recipe {r.name!r}: d_model/n_heads/n_kv_heads do not divide evenly")
-    inv = 1.0 / (10000.0 ** (np.arange(0, hd, 2) / hd))
-    ang = np.outer(np.arange(r.max_seq), inv)
-    g.const("rope.cos", np.concatenate([np.cos(ang)] * 2, axis=1).astype(np.float32))  # (S, hd)
-    g.const("rope.sin", np.concatenate([np.sin(ang)] * 2, axis=1).astype(np.float32))
-    g.const("causal_mask", np.triu(np.full((r.max_seq, r.max_seq), -1e9, np.float32), k=1))
-    for name, value in {"c.zero": [0], "c.one": [1], "c.zero2": [0, 0], "c.axes01": [0, 1], "c.axes0": [0],
-                        "c.heads": [0, 0, r.n_heads, hd], "c.kv": [0, 0, r.n_kv_heads, hd],
-                        "c.rep": [1, 1, rep, 1, 1], "c.merge": [1, r.n_heads, -1, hd], "c.model": [0, 0, d],
-                        "c.half": [hd // 2, hd // 2]}.items():
-        g.const(name, np.array(value, np.int64))
-    g.const("c.eps", np.array(1e-5, np.float32))
-    g.const("c.inv_sqrt_hd", np.array(1.0 / np.sqrt(hd), np.float32))
+    rng = np.random.default_rng(r.seed)
 
-    g.node("Shape", ["input_ids"], ["seq_shape"])
-    g.node("Gather", ["seq_shape", "c.one"], ["seq_len"], axis=0)  # (1,)
-    g.node("Concat", ["seq_len", "seq_len"], ["seq_len2"], axis=0)
-    g.node("Slice", ["rope.cos", "c.zero", "seq_len", "c.axes0"], ["cos"])  # (T, hd)
-    g.node("Slice", ["rope.sin", "c.zero", "seq_len", "c.axes0"], ["sin"])
-    g.node("Slice", ["causal_mask", "c.zero2", "seq_len2", "c.axes01"], ["mask"])  # (T, T)
-    g.weight("model.embed_tokens.weight", (r.vocab, d), scale=1.0)
-    h = g.node("Gather", ["model.embed_tokens.weight", "input_ids"], ["h.embed"], axis=0)  # (1, T, d)
-    for i in range(r.n_layers):
-        p = f"model.layers.{i}"
-        n = g.rms_norm(f"{p}.input_layernorm", h, d)
-        q = g.heads(g.linear(f"{p}.self_attn.q_proj", n, d, d), "c.heads")  # (1, H, T, hd)
-        k = g.heads(g.linear(f"{p}.self_attn.k_proj", n, d, r.n_kv_heads * hd), "c.kv")  # (1, KV, T, hd)
-        v = g.heads(g.linear(f"{p}.self_attn.v_proj", n, d, r.n_kv_heads * hd), "c.kv")
-        q, k = g.rope(q), g.rope(k)
-        if rep > 1:
-            k, v = g.repeat_kv(k), g.repeat_kv(v)
-        kt = g.node("Transpose", [k], [g.fresh("kt")], perm=[0, 1, 3, 2])
-        s = g.node("MatMul", [q, kt], [g.fresh("scores")])  # (1, H, T, T)
-        s = g.node("Mul", [s, "c.inv_sqrt_hd"], [g.fresh("scaled")])
-        s = g.node("Add", [s, "mask"], [g.fresh("masked")])
-        a = g.node("Softmax", [s], [g.fresh("probs")], axis=-1)
-        o = g.node("MatMul", [a, v], [g.fresh("attn")])  # (1, H, T, hd)
-        o = g.node("Transpose", [o], [g.fresh("attn_t")], perm=[0, 2, 1, 3])
-        o = g.node("Reshape", [o, "c.model"], [g.fresh("attn_m")])  # (1, T, d)
-        h = g.node("Add", [h, g.linear(f"{p}.self_attn.o_proj", o, d, d)], [g.fresh("h")])
-        n = g.rms_norm(f"{p}.post_attention_layernorm", h, d)
-        gate = g.linear(f"{p}.mlp.gate_proj", n, d, r.d_ff)
-        silu = g.node("Mul", [gate, g.node("Sigmoid", [gate], [g.fresh("sig")])], [g.fresh("silu")])
-        up = g.linear(f"{p}.mlp.up_proj", n, d, r.d_ff)
-        act = g.node("Mul", [silu, up], [g.fresh("act")])
-        h = g.node("Add", [h, g.linear(f"{p}.mlp.down_proj", act, r.d_ff, d)], [g.fresh("h")])
-    n = g.rms_norm("model.norm", h, d)
-    g.linear("lm_head", n, d, r.vocab, out="logits")
-    graph = helper.make_graph(
-        g.nodes, f"lora_runtime_default_{r.name}",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "sequence", r.vocab])], g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", r.opset)],
-                              producer_name="lora_runtime.default_model")
-    model.ir_version = 8
-    return model
+    def weights(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if len(shape) == 1:  # an RMSNorm weight
+            return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        w = rng.standard_normal(shape, dtype=np.float32)
+        if not name.startswith("model.embed_tokens"):
+            w *= np.float32(1.0 / np.sqrt(shape[0]))
+        return w
 
-
-class _Graph:
-    """Tiny builder: nodes, initializers and fresh names."""
-
-    def __init__(self, rng: np.random.Generator, data: BinaryIO | None = None) -> None:
-        self.rng = rng
-        self.data = data
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[TensorProto] = []
-        self.count = 0
-
-    def fresh(self, stem: str) -> str:
-        self.count += 1
-        return f"{stem}_{self.count}"
-
-    def const(self, name: str, value: np.ndarray) -> str:
-        if self.data is None or value.nbytes < 1024:
-            self.inits.append(numpy_helper.from_array(value, name))
-            return name
-        offset = self.data.tell()
-        # big tensors aligned, so ONNX Runtime can map them instead of copying; small ones packed
-        offset += -offset % (DATA_ALIGN if value.nbytes >= DATA_ALIGN else 64)
-        self.data.seek(offset)
-        self.data.write(np.ascontiguousarray(value, value.dtype.newbyteorder("<")).tobytes())
-        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=value.shape,
-                        data_location=TensorProto.EXTERNAL)
-        for key, v in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(value.nbytes))):
-            t.external_data.add(key=key, value=v)
-        self.inits.append(t)
-        return name
-
-    def weight(self, name: str, shape: tuple[int, ...], scale: float | None = None) -> str:
-        std = scale if scale is not None else 1.0 / np.sqrt(shape[0])
-        w = self.rng.standard_normal(shape, dtype=np.float32)
-        w *= np.float32(std)
-        return self.const(name, w)
-
-    def node(self, op: str, inputs: list[str], outputs: list[str], name: str | None = None, **attrs: object) -> str:
-        self.nodes.append(helper.make_node(op, inputs, outputs, name=name or outputs[0], **attrs))
-        return outputs[0]
-
-    def linear(self, module: str, x: str, d_in: int, d_out: int, out: str | None = None) -> str:
-        w = self.weight(f"{module}.weight", (d_in, d_out))  # (in, out): MatMul layout
-        return self.node("MatMul", [x, w], [out or f"{module}.out"], name=f"{module}.MatMul")
-
-    def rms_norm(self, module: str, x: str, d: int) -> str:
-        w = self.const(f"{module}.weight", (1.0 + 0.1 * self.rng.standard_normal(d)).astype(np.float32))
-        sq = self.node("Mul", [x, x], [self.fresh("sq")])
-        ms = self.node("ReduceMean", [sq], [self.fresh("ms")], axes=[-1], keepdims=1)
-        rs = self.node("Sqrt", [self.node("Add", [ms, "c.eps"], [self.fresh("mse")])], [self.fresh("rms")])
-        normed = self.node("Div", [x, rs], [self.fresh("normed")])
-        return self.node("Mul", [normed, w], [f"{module}.out"])
-
-    def heads(self, x: str, shape: str) -> str:
-        r = self.node("Reshape", [x, shape], [self.fresh("split")])  # (1, T, H, hd)
-        return self.node("Transpose", [r], [self.fresh("heads")], perm=[0, 2, 1, 3])  # (1, H, T, hd)
-
-    def rope(self, x: str) -> str:
-        x1, x2 = self.fresh("x1"), self.fresh("x2")
-        self.node("Split", [x, "c.half"], [x1, x2], axis=-1)
-        rot = self.node("Concat", [self.node("Neg", [x2], [self.fresh("neg")]), x1], [self.fresh("rot")], axis=-1)
-        a = self.node("Mul", [x, "cos"], [self.fresh("xcos")])
-        b = self.node("Mul", [rot, "sin"], [self.fresh("xsin")])
-        return self.node("Add", [a, b], [self.fresh("roped")])
-
-    def repeat_kv(self, x: str) -> str:
-        u = self.node("Unsqueeze", [x, self.const(self.fresh("c.ax2"), np.array([2], np.int64))], [self.fresh("u")])
-        e = self.node("Expand", [u, "c.rep"], [self.fresh("rep")])  # (1, KV, rep, T, hd)
-        return self.node("Reshape", [e, "c.merge"], [self.fresh("kv")])  # (1, H, T, hd)
+    return build_llama(shape_of(r), weights, data=data, name=f"lora_runtime_default_{r.name}")

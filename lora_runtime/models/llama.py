@@ -1,0 +1,234 @@
+"""A Llama-family decoder as an ONNX graph, from any source of weights.
+
+One builder serves the embedded default model (seeded weights) and real checkpoints (GGUF, Hugging Face
+safetensors). Per layer, pre-norm, as Hugging Face's ``LlamaForCausalLM`` computes it::
+
+    h = Gather(embed_tokens, input_ids)                                          # (1, T, d)
+    h = h + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))       n = RMSNorm(h)
+    h = h + down_proj(silu(gate_proj(n)) * up_proj(n))                           n = RMSNorm(h)
+    logits = lm_head(RMSNorm(h))                                                 # (1, T, vocab)
+
+Attention is causal with grouped-query heads and rotary positions (``rotate_half``, base ``rope_theta``).
+Linear weights are named after their PEFT module path (``model.layers.0.self_attn.q_proj.weight``) and
+stored (in, out) for MatMul, so PEFT adapters attach unchanged. With ``kv_cache=True`` the graph takes
+``past_key.<i>`` / ``past_value.<i>`` (1, kv_heads, past, head_dim) and returns ``present_key.<i>`` /
+``present_value.<i>`` (1, kv_heads, past + T, head_dim): positions and the causal mask start at ``past``,
+so one graph does both prefill (past = 0) and decode (T = 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+DATA_FILE = "base.onnx.data"
+DATA_ALIGN = 65536  # the largest mmap allocation granularity ONNX Runtime meets (Windows); Linux needs 4096
+
+# name, shape in graph layout (linear weights (in, out)) -> float32 values
+Weights = Callable[[str, tuple[int, ...]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """Sizes and constants of a Llama-family decoder."""
+
+    vocab: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    max_seq: int = 128  # the rotary table's length: the longest past + input
+    rms_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    opset: int = 17
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def check(self) -> None:
+        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads or self.head_dim % 2:
+            raise ValueError(f"d_model {self.d_model}, n_heads {self.n_heads} and n_kv_heads {self.n_kv_heads} "
+                             "do not divide evenly")
+
+
+def linear_shapes(s: LlamaShape) -> dict[str, tuple[int, int]]:
+    """(in, out) of every linear module, by PEFT module path."""
+    kv = s.n_kv_heads * s.head_dim
+    shapes = {}
+    for i in range(s.n_layers):
+        p = f"model.layers.{i}"
+        shapes.update({f"{p}.self_attn.q_proj": (s.d_model, s.d_model), f"{p}.self_attn.k_proj": (s.d_model, kv),
+                       f"{p}.self_attn.v_proj": (s.d_model, kv), f"{p}.self_attn.o_proj": (s.d_model, s.d_model),
+                       f"{p}.mlp.gate_proj": (s.d_model, s.d_ff), f"{p}.mlp.up_proj": (s.d_model, s.d_ff),
+                       f"{p}.mlp.down_proj": (s.d_ff, s.d_model)})
+    shapes["lm_head"] = (s.d_model, s.vocab)
+    return shapes
+
+
+def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None, kv_cache: bool = False,
+                name: str = "llama") -> onnx.ModelProto:
+    """The decoder graph; weights are asked for one at a time, in graph order.
+
+    With ``data`` (a file opened for writing, named ``base.onnx.data`` next to the model), every
+    initializer of 1 KiB or more is written there as soon as it is produced and referenced as external
+    data, so a model of billions of parameters never exists whole in memory.
+    """
+    s.check()
+    g = _Graph(weights, data)
+    d, hd = s.d_model, s.head_dim
+    rep = s.n_heads // s.n_kv_heads
+    inv = 1.0 / (s.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    ang = np.outer(np.arange(s.max_seq, dtype=np.float64), inv)
+    g.const("rope.cos", np.concatenate([np.cos(ang)] * 2, axis=1).astype(np.float32))  # (S, hd)
+    g.const("rope.sin", np.concatenate([np.sin(ang)] * 2, axis=1).astype(np.float32))
+    for cname, value in {"c.zero": 0, "c.one": 1, "c.two": 2, "c.axes0": [0], "c.axes1": [1],
+                         "c.heads": [0, 0, s.n_heads, hd], "c.kv": [0, 0, s.n_kv_heads, hd],
+                         "c.rep": [1, 1, rep, 1, 1], "c.merge": [1, s.n_heads, -1, hd],
+                         "c.model": [0, 0, d], "c.half": [hd // 2, hd // 2]}.items():
+        g.const(cname, np.array(value, np.int64))
+    g.const("c.eps", np.array(s.rms_eps, np.float32))
+    g.const("c.inv_sqrt_hd", np.array(1.0 / np.sqrt(hd), np.float32))
+    g.const("c.masked", np.array(-1e9, np.float32))
+    g.const("c.open", np.array(0.0, np.float32))
+
+    # positions past .. past+T-1, and the causal mask (T, past+T): key j is visible from query i if j <= past+i
+    g.node("Shape", ["input_ids"], ["ids_shape"])
+    g.node("Gather", ["ids_shape", "c.one"], ["seq_len"], axis=0)  # scalar T
+    if kv_cache:
+        g.node("Shape", ["past_key.0"], ["past_shape"])
+        g.node("Gather", ["past_shape", "c.two"], ["past_len"], axis=0)  # scalar past
+    else:
+        g.node("Identity", ["c.zero"], ["past_len"])
+    g.node("Add", ["past_len", "seq_len"], ["total_len"])
+    g.node("Range", ["past_len", "total_len", "c.one"], ["positions"])  # (T,)
+    g.node("Gather", ["rope.cos", "positions"], ["cos"], axis=0)  # (T, hd)
+    g.node("Gather", ["rope.sin", "positions"], ["sin"], axis=0)
+    g.node("Unsqueeze", ["positions", "c.axes1"], ["query_pos"])  # (T, 1)
+    g.node("Range", ["c.zero", "total_len", "c.one"], ["key_pos"])  # (past+T,)
+    g.node("LessOrEqual", ["key_pos", "query_pos"], ["visible"])  # (T, past+T)
+    g.node("Where", ["visible", "c.open", "c.masked"], ["mask"])
+
+    g.weight("model.embed_tokens.weight", (s.vocab, d))
+    h = g.node("Gather", ["model.embed_tokens.weight", "input_ids"], ["h.embed"], axis=0)  # (1, T, d)
+    kv_io: list[tuple[str, str]] = []
+    for i in range(s.n_layers):
+        p = f"model.layers.{i}"
+        n = g.rms_norm(f"{p}.input_layernorm", h, d)
+        q = g.heads(g.linear(f"{p}.self_attn.q_proj", n, d, d), "c.heads")  # (1, H, T, hd)
+        k = g.heads(g.linear(f"{p}.self_attn.k_proj", n, d, s.n_kv_heads * hd), "c.kv")  # (1, KV, T, hd)
+        v = g.heads(g.linear(f"{p}.self_attn.v_proj", n, d, s.n_kv_heads * hd), "c.kv")
+        q, k = g.rope(q), g.rope(k)
+        if kv_cache:
+            k = g.node("Concat", [f"past_key.{i}", k], [f"present_key.{i}"], axis=2)  # (1, KV, past+T, hd)
+            v = g.node("Concat", [f"past_value.{i}", v], [f"present_value.{i}"], axis=2)
+            kv_io.append((f"key.{i}", f"value.{i}"))
+        if rep > 1:
+            k, v = g.repeat_kv(k), g.repeat_kv(v)
+        kt = g.node("Transpose", [k], [g.fresh("kt")], perm=[0, 1, 3, 2])
+        sc = g.node("MatMul", [q, kt], [g.fresh("scores")])  # (1, H, T, past+T)
+        sc = g.node("Mul", [sc, "c.inv_sqrt_hd"], [g.fresh("scaled")])
+        sc = g.node("Add", [sc, "mask"], [g.fresh("masked")])
+        a = g.node("Softmax", [sc], [g.fresh("probs")], axis=-1)
+        o = g.node("MatMul", [a, v], [g.fresh("attn")])  # (1, H, T, hd)
+        o = g.node("Transpose", [o], [g.fresh("attn_t")], perm=[0, 2, 1, 3])
+        o = g.node("Reshape", [o, "c.model"], [g.fresh("attn_m")])  # (1, T, d)
+        h = g.node("Add", [h, g.linear(f"{p}.self_attn.o_proj", o, d, d)], [g.fresh("h")])
+        n = g.rms_norm(f"{p}.post_attention_layernorm", h, d)
+        gate = g.linear(f"{p}.mlp.gate_proj", n, d, s.d_ff)
+        silu = g.node("Mul", [gate, g.node("Sigmoid", [gate], [g.fresh("sig")])], [g.fresh("silu")])
+        up = g.linear(f"{p}.mlp.up_proj", n, d, s.d_ff)
+        act = g.node("Mul", [silu, up], [g.fresh("act")])
+        h = g.node("Add", [h, g.linear(f"{p}.mlp.down_proj", act, s.d_ff, d)], [g.fresh("h")])
+    n = g.rms_norm("model.norm", h, d)
+    g.linear("lm_head", n, d, s.vocab, out="logits")
+
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "sequence", s.vocab])]
+    for key, value in kv_io:
+        for kind in (key, value):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}", TensorProto.FLOAT,
+                                                        [1, s.n_kv_heads, "past", hd]))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}", TensorProto.FLOAT,
+                                                         [1, s.n_kv_heads, "total", hd]))
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", s.opset)],
+                              producer_name="lora_runtime.models.llama")
+    model.ir_version = 8
+    return model
+
+
+class _Graph:
+    """Tiny builder: nodes, initializers (inline or streamed to external data) and fresh names."""
+
+    def __init__(self, weights: Weights, data: BinaryIO | None = None) -> None:
+        self.weights = weights
+        self.data = data
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.count = 0
+
+    def fresh(self, stem: str) -> str:
+        self.count += 1
+        return f"{stem}_{self.count}"
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        if self.data is None or value.nbytes < 1024:
+            self.inits.append(numpy_helper.from_array(value, name))
+            return name
+        offset = self.data.tell()
+        # big tensors aligned, so ONNX Runtime can map them instead of copying; small ones packed
+        offset += -offset % (DATA_ALIGN if value.nbytes >= DATA_ALIGN else 64)
+        self.data.seek(offset)
+        self.data.write(np.ascontiguousarray(value, value.dtype.newbyteorder("<")).tobytes())
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=value.shape,
+                        data_location=TensorProto.EXTERNAL)
+        for key, v in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(value.nbytes))):
+            t.external_data.add(key=key, value=v)
+        self.inits.append(t)
+        return name
+
+    def weight(self, name: str, shape: tuple[int, ...]) -> str:
+        w = np.asarray(self.weights(name, shape), np.float32)
+        if w.shape != shape:
+            raise ValueError(f"weight {name!r}: got shape {w.shape}, the graph needs {shape}")
+        return self.const(name, w)
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], name: str | None = None, **attrs: object) -> str:
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name or outputs[0], **attrs))
+        return outputs[0]
+
+    def linear(self, module: str, x: str, d_in: int, d_out: int, out: str | None = None) -> str:
+        w = self.weight(f"{module}.weight", (d_in, d_out))  # (in, out): MatMul layout
+        return self.node("MatMul", [x, w], [out or f"{module}.out"], name=f"{module}.MatMul")
+
+    def rms_norm(self, module: str, x: str, d: int) -> str:
+        w = self.weight(f"{module}.weight", (d,))
+        sq = self.node("Mul", [x, x], [self.fresh("sq")])
+        ms = self.node("ReduceMean", [sq], [self.fresh("ms")], axes=[-1], keepdims=1)
+        rs = self.node("Sqrt", [self.node("Add", [ms, "c.eps"], [self.fresh("mse")])], [self.fresh("rms")])
+        normed = self.node("Div", [x, rs], [self.fresh("normed")])
+        return self.node("Mul", [normed, w], [f"{module}.out"])
+
+    def heads(self, x: str, shape: str) -> str:
+        r = self.node("Reshape", [x, shape], [self.fresh("split")])  # (1, T, H, hd)
+        return self.node("Transpose", [r], [self.fresh("heads")], perm=[0, 2, 1, 3])  # (1, H, T, hd)
+
+    def rope(self, x: str) -> str:
+        x1, x2 = self.fresh("x1"), self.fresh("x2")
+        self.node("Split", [x, "c.half"], [x1, x2], axis=-1)
+        rot = self.node("Concat", [self.node("Neg", [x2], [self.fresh("neg")]), x1], [self.fresh("rot")], axis=-1)
+        a = self.node("Mul", [x, "cos"], [self.fresh("xcos")])
+        b = self.node("Mul", [rot, "sin"], [self.fresh("xsin")])
+        return self.node("Add", [a, b], [self.fresh("roped")])
+
+    def repeat_kv(self, x: str) -> str:
+        u = self.node("Unsqueeze", [x, self.const(self.fresh("c.ax2"), np.array([2], np.int64))], [self.fresh("u")])
+        e = self.node("Expand", [u, "c.rep"], [self.fresh("rep")])  # (1, KV, rep, T, hd)
+        return self.node("Reshape", [e, "c.merge"], [self.fresh("kv")])  # (1, H, T, hd)
