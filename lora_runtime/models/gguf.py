@@ -1,0 +1,159 @@
+"""Llama-family checkpoints in GGUF (llama.cpp's format) to an ONNX graph, no torch.
+
+Needs the ``gguf`` package (maintained by the llama.cpp project, numpy only): ``pip install
+'lora_runtime[llm]'``. Every tensor is dequantized on its own (Q4_0, Q4_1, Q8_0, F16, F32, ... whatever
+``gguf.quants`` knows) as the graph builder asks for it, and streamed to external data.
+
+GGUF names and layout, mapped to PEFT module paths (HF layout is (out, in); the graph wants (in, out))::
+
+    token_embd            model.embed_tokens            blk.N.attn_q / attn_k   q_proj / k_proj (un-permuted)
+    blk.N.attn_norm       input_layernorm               blk.N.attn_v / output   v_proj / o_proj
+    blk.N.ffn_norm        post_attention_layernorm      blk.N.ffn_gate/up/down  mlp.gate/up/down_proj
+    output_norm           model.norm                    output (or token_embd)  lm_head (tied if absent)
+
+llama.cpp's converter stores q and k rows permuted for its rotary layout
+(``w.reshape(heads, 2, rows // heads // 2, in).swapaxes(1, 2)``); :func:`unpermute` undoes it
+(``w.reshape(heads, rows // heads // 2, 2, in).swapaxes(1, 2)``; heads are the attention heads for q,
+the KV heads for k), as ``transformers`` does when it loads a GGUF.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from lora_runtime.errors import BaseModelError
+from lora_runtime.models.llama import DATA_FILE, LlamaShape, build_llama
+
+_LAYER = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+@dataclass(frozen=True)
+class GgufModel:
+    """A GGUF file's Llama shape, its metadata and where each tensor is."""
+
+    path: Path
+    shape: LlamaShape
+    metadata: dict[str, Any]
+    tensors: dict[str, Any]  # GGUF name -> gguf.ReaderTensor
+    tied: bool
+
+
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise BaseModelError("reading GGUF needs the 'gguf' package: pip install 'lora_runtime[llm]'") from None
+    return gguf
+
+
+def open_gguf(path: str | os.PathLike[str], max_seq: int = 2048) -> GgufModel:
+    """Read a Llama-architecture GGUF's header (tensor data stays memory-mapped)."""
+    gguf = _gguf()
+    path = Path(path)
+    if not path.is_file():
+        raise BaseModelError(f"{path}: GGUF file not found")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError, struct.error, ... for files it cannot parse
+        raise BaseModelError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key.rsplit(".", 1)[1] in ("tokens", "merges", "token_type"):
+            continue  # large lists: read on demand by the tokenizer
+        try:
+            meta[key] = field.contents()
+        except Exception:  # noqa: BLE001  (fields of types this gguf version cannot render)
+            continue
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise BaseModelError(f"{path}: architecture {arch!r}; only llama-family GGUF files are supported")
+
+    def need(key: str) -> Any:
+        if f"llama.{key}" not in meta:
+            raise BaseModelError(f"{path}: metadata llama.{key} is missing")
+        return meta[f"llama.{key}"]
+
+    tensors = {t.name: t for t in reader.tensors}
+    heads = int(need("attention.head_count"))
+    d = int(need("embedding_length"))
+    rope_dim = int(meta.get("llama.rope.dimension_count", d // heads))
+    if rope_dim != d // heads:
+        raise BaseModelError(f"{path}: partial rotary embeddings ({rope_dim} of {d // heads}) are not supported")
+    vocab = int(meta.get("llama.vocab_size") or tensors["token_embd.weight"].shape[-1])
+    shape = LlamaShape(vocab=vocab, d_model=d, n_layers=int(need("block_count")), n_heads=heads,
+                       n_kv_heads=int(meta.get("llama.attention.head_count_kv", heads)),
+                       d_ff=int(need("feed_forward_length")),
+                       max_seq=min(max_seq, int(meta.get("llama.context_length", max_seq))),
+                       rms_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+                       rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)))
+    return GgufModel(path, shape, meta, tensors, tied="output.weight" not in tensors)
+
+
+def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's rotary permutation of q/k rows (``w`` is (out, in))."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantized(model: GgufModel, name: str) -> np.ndarray:
+    """One GGUF tensor as float32, in numpy's (rows, cols) order: (out, in) for linear weights."""
+    gguf = _gguf()
+    t = model.tensors.get(name)
+    if t is None:
+        raise BaseModelError(f"{model.path}: tensor {name!r} is missing")
+    try:
+        values = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError as e:
+        raise BaseModelError(f"{model.path}: tensor {name!r} has type {t.tensor_type.name}, which gguf "
+                             "cannot dequantize") from e
+    return np.asarray(values, np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+
+
+def weights_for(model: GgufModel):  # noqa: ANN201  (a lora_runtime.models.llama.Weights callable)
+    """The graph builder's weights, read and dequantized one at a time from the GGUF."""
+    s = model.shape
+
+    def weights(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name == "model.embed_tokens.weight":
+            return dequantized(model, "token_embd.weight")
+        if name == "model.norm.weight":
+            return dequantized(model, "output_norm.weight")
+        if name == "lm_head.weight":
+            return dequantized(model, "token_embd.weight" if model.tied else "output.weight").T
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+        gguf_name = next((g for g, hf in _LAYER.items() if m and hf == m.group(2)), None)
+        if m is None or gguf_name is None:
+            raise BaseModelError(f"{model.path}: no GGUF tensor for {name!r}")
+        w = dequantized(model, f"blk.{m.group(1)}.{gguf_name}.weight")
+        if gguf_name == "attn_q":
+            w = unpermute(w, s.n_heads)
+        elif gguf_name == "attn_k":
+            w = unpermute(w, s.n_kv_heads)
+        return w if w.ndim == 1 else w.T  # (out, in) -> (in, out)
+
+    return weights
+
+
+def build_from_gguf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, kv_cache: bool = True,
+                    max_seq: int = 2048) -> tuple[Path, GgufModel]:
+    """Write ``out_dir/base.onnx`` (+ ``base.onnx.data``) from a GGUF; returns the model path and the GGUF."""
+    model = open_gguf(path, max_seq=max_seq)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / DATA_FILE, "wb") as data:
+        proto = build_llama(model.shape, weights_for(model), data=data, kv_cache=kv_cache,
+                            name=str(model.metadata.get("general.name", "llama")))
+    onnx.save(proto, str(out / "base.onnx"))
+    return out / "base.onnx", model

@@ -1,0 +1,76 @@
+"""Tokenizer and chat template from a GGUF's metadata.
+
+GPT-2-style byte-level BPE (``tokenizer.ggml.model == "gpt2"``): the ``tokenizers`` library builds it from
+the GGUF's vocabulary and merges; tokens of type CONTROL (3) are special tokens. The ``smollm``
+pre-tokenizer splits digits one by one before the byte-level split, as SmolLM's ``tokenizer.json`` does.
+The chat template is ChatML (``<|im_start|>role\\ncontent<|im_end|>\\n``), rendered here without Jinja: the
+GGUF's template only adds a default system message when the conversation has none, which is read from it.
+Needs ``pip install 'lora_runtime[llm]'`` (``tokenizers``, ``gguf``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from lora_runtime.errors import BaseModelError
+from lora_runtime.models.gguf import GgufModel
+
+CONTROL = 3
+
+
+@dataclass(frozen=True)
+class ChatTokenizer:
+    tokenizer: Any  # tokenizers.Tokenizer
+    bos_id: int | None
+    eos_id: int
+    default_system: str | None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
+
+    def chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """ChatML, as the GGUF's template renders it."""
+        text = ""
+        if messages and messages[0]["role"] != "system" and self.default_system:
+            text += f"<|im_start|>system\n{self.default_system}<|im_end|>\n"
+        for m in messages:
+            text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+        if add_generation_prompt:
+            text += "<|im_start|>assistant\n"
+        return text
+
+
+def tokenizer_from_gguf(model: GgufModel) -> ChatTokenizer:
+    try:
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    except ImportError:
+        raise BaseModelError("the tokenizer needs the 'tokenizers' package: pip install 'lora_runtime[llm]'") from None
+    import gguf
+
+    reader = gguf.GGUFReader(str(model.path))
+    kind = model.metadata.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise BaseModelError(f"{model.path}: tokenizer model {kind!r}; only GPT-2-style BPE is supported")
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if model.metadata.get("tokenizer.ggml.pre") == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == CONTROL])
+    template = str(model.metadata.get("tokenizer.chat_template", ""))
+    found = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", template, re.S)
+    bos = model.metadata.get("tokenizer.ggml.bos_token_id")
+    return ChatTokenizer(tok, int(bos) if bos is not None else None,
+                         int(model.metadata.get("tokenizer.ggml.eos_token_id", 2)),
+                         found.group(1) if found else None)

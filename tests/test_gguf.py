@@ -1,0 +1,127 @@
+"""GGUF -> ONNX: a tiny llama GGUF written the way llama.cpp's converter writes one (permuted q/k,
+quantized blocks), read back by lora_runtime and compared with the numpy forward of the original weights."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from test_llama_graph import SHAPE, _numpy_forward  # noqa: E402
+
+from lora_runtime.errors import BaseModelError  # noqa: E402
+from lora_runtime.models.gguf import build_from_gguf, open_gguf, unpermute  # noqa: E402
+from lora_runtime.models.llama import linear_shapes  # noqa: E402
+
+GGUF_OF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute, restated."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(path, qtype, tied: bool):
+    rng = np.random.default_rng(7)
+    hf: dict[str, np.ndarray] = {}  # HF layout: linear (out, in)
+    s = SHAPE
+    hf["model.embed_tokens.weight"] = rng.standard_normal((s.vocab, s.d_model)).astype(np.float32)
+    for module, (d_in, d_out) in linear_shapes(s).items():
+        hf[f"{module}.weight"] = (rng.standard_normal((d_out, d_in)) / np.sqrt(d_in)).astype(np.float32)
+    for i in range(s.n_layers):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            hf[f"model.layers.{i}.{norm}.weight"] = (1 + 0.1 * rng.standard_normal(s.d_model)).astype(np.float32)
+    hf["model.norm.weight"] = (1 + 0.1 * rng.standard_normal(s.d_model)).astype(np.float32)
+    if tied:
+        hf["lm_head.weight"] = hf["model.embed_tokens.weight"].copy()
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(s.n_layers)
+    w.add_context_length(s.max_seq)
+    w.add_embedding_length(s.d_model)
+    w.add_feed_forward_length(s.d_ff)
+    w.add_head_count(s.n_heads)
+    w.add_head_count_kv(s.n_kv_heads)
+    w.add_rope_freq_base(s.rope_theta)
+    w.add_layer_norm_rms_eps(s.rms_eps)
+    w.add_vocab_size(s.vocab)
+
+    def add(name: str, value: np.ndarray) -> None:
+        if value.ndim == 2 and value.shape[1] % 32 == 0 and qtype != gguf.GGMLQuantizationType.F32:
+            q = gguf.quants.quantize(value, qtype)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
+            hf_value = gguf.quants.dequantize(q, qtype).reshape(value.shape)  # what the file really holds
+        else:
+            w.add_tensor(name, value)
+            hf_value = value
+        return hf_value
+
+    real: dict[str, np.ndarray] = {}
+    real["model.embed_tokens.weight"] = add("token_embd.weight", hf["model.embed_tokens.weight"])
+    for i in range(s.n_layers):
+        for hf_name, g_name in GGUF_OF.items():
+            value = hf[f"model.layers.{i}.{hf_name}.weight"]
+            if g_name == "attn_q":
+                stored = add(f"blk.{i}.{g_name}.weight", permute(value, s.n_heads))
+                real[f"model.layers.{i}.{hf_name}.weight"] = unpermute_ref(stored, s.n_heads)
+            elif g_name == "attn_k":
+                stored = add(f"blk.{i}.{g_name}.weight", permute(value, s.n_kv_heads))
+                real[f"model.layers.{i}.{hf_name}.weight"] = unpermute_ref(stored, s.n_kv_heads)
+            else:
+                real[f"model.layers.{i}.{hf_name}.weight"] = add(f"blk.{i}.{g_name}.weight", value)
+    real["model.norm.weight"] = add("output_norm.weight", hf["model.norm.weight"])
+    if not tied:
+        real["lm_head.weight"] = add("output.weight", hf["lm_head.weight"])
+    else:
+        real["lm_head.weight"] = real["model.embed_tokens.weight"]
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    # numpy reference layout: linear weights (in, out)
+    return {k: (v.T if v.ndim == 2 and k != "model.embed_tokens.weight" else v) for k, v in real.items()}, hf
+
+
+def unpermute_ref(w: np.ndarray, heads: int) -> np.ndarray:
+    """The inverse of permute(), independently: invert the index map."""
+    rows = w.shape[0]
+    idx = permute(np.arange(rows)[:, None].astype(np.float64), heads)[:, 0].astype(int)
+    out = np.empty_like(w)
+    out[idx] = w
+    return out
+
+
+@pytest.mark.parametrize(("qtype", "tied"), [("F32", False), ("Q8_0", True), ("Q4_0", False)])
+def test_gguf_graph_matches_the_weights_it_holds(tmp_path, qtype, tied):
+    q = getattr(gguf.GGMLQuantizationType, qtype)
+    reference, original = _write_gguf(tmp_path / "tiny.gguf", q, tied)
+    path, model = build_from_gguf(tmp_path / "tiny.gguf", tmp_path / "onnx", kv_cache=False, max_seq=SHAPE.max_seq)
+    assert dataclasses.replace(model.shape, rms_eps=SHAPE.rms_eps) == SHAPE and model.tied == tied
+    assert model.shape.rms_eps == pytest.approx(SHAPE.rms_eps, rel=1e-6)  # GGUF stores it as float32
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(5).integers(0, SHAPE.vocab, (1, 9), dtype=np.int64)
+    got = sess.run(None, {"input_ids": ids})[0]
+    np.testing.assert_allclose(got, _numpy_forward(ids, reference), atol=3e-4, rtol=1e-4)
+    if qtype == "F32":  # lossless: the original Hugging Face weights, un-permuted, give the same logits
+        hf = {k: (v.T if v.ndim == 2 and k != "model.embed_tokens.weight" else v) for k, v in original.items()}
+        np.testing.assert_allclose(got, _numpy_forward(ids, hf), atol=3e-4, rtol=1e-4)
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    w = np.random.default_rng(0).standard_normal((32, 8))
+    for heads in (1, 2, 4):
+        np.testing.assert_array_equal(unpermute(permute(w, heads), heads), w)
+
+
+def test_not_a_gguf(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(BaseModelError, match="x.gguf"):
+        open_gguf(tmp_path / "x.gguf")
+    with pytest.raises(BaseModelError, match="not found"):
+        open_gguf(tmp_path / "missing.gguf")
