@@ -177,3 +177,14 @@ def test_threads_never_see_a_torn_use_case(bundle, references):
             t.join(timeout=30)
     assert not errors, errors[:3]
     assert switches >= 2000 and counts[0] >= 200 and len(seen) >= 2
+
+
+def test_inputs_of_different_lengths_in_one_runtime(bundle, tiny):
+    """Output shapes follow the input: a runtime must not keep the previous run's output buffers."""
+    rt = Runtime.open(bundle.path)
+    rt.switch("translate")
+    for seq_len in (8, 5, 8, 3):
+        feeds = tiny.inputs(seed=seq_len, seq_len=seq_len)
+        got = rt.run(feeds)["logits"]
+        assert got.shape[1] == seq_len
+        np.testing.assert_allclose(got, run_use_case(bundle, "translate", feeds)["logits"], atol=1e-6, rtol=0)

@@ -55,6 +55,7 @@ Report = Callable[[str], None]
 COMPILE_STEPS = 6  # how many times compile_bundle calls ``report`` (more with encodings or quantization)
 LORA_DTYPES = ("float32", "float16")
 BASE_WEIGHT_ENCODINGS = "encodings/base_weights.encodings"  # --base-weights int8/int4
+SIDECARS = ("tokenizer.json", "chat.json")  # written by lora_runtime.llm.import_gguf next to base.onnx
 MAX_AUTO_ENCODINGS = 1 << 20  # scale entries written to base_weights.encodings without being asked
 
 
@@ -210,6 +211,10 @@ def compile_bundle(base: str | os.PathLike[str],
             summary["encodings"] = BASE_WEIGHT_ENCODINGS if write else (
                 f"not written: {entries} scale entries (--base-encodings always writes them)")
             manifest = dataclasses.replace(manifest, extra={**manifest.extra, "base_weights": summary})
+        for sidecar in SIDECARS:  # a real LLM's tokenizer and chat settings travel with the bundle
+            if (base.parent / sidecar).is_file():
+                shutil.copyfile(base.parent / sidecar, tmp / sidecar)
+                own_data.append(sidecar)
         own_data += write_qairt_artefacts(tmp, manifest)
         say("hashing and writing the manifest")
         rels = [GRAPH, *data_files, *own_data, *(GROUP_PATCH if k == "group" else _patch_rel(k) for k in patches)]

