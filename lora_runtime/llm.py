@@ -89,8 +89,8 @@ class Chat:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
 
     def prompt(self, messages: list[dict[str, str]]) -> str:
         """ChatML, as the GGUF's template renders it (a default system message when none is given)."""

@@ -255,7 +255,7 @@ def main():
     print("gguf tensor types:", {k: sorted(v) for k, v in sorted(types.items())})
     print("numpy dequantize + reverse_permute vs HF:", gguf_checks)
 
-    import gguf as gguf_mod
+    from importlib.metadata import version
     import transformers
     import tokenizers
     ref_path = out / "reference.json"
@@ -281,7 +281,7 @@ def main():
                 "(transformers/modeling_gguf_pytorch_utils.py LlamaTensorProcessor._reverse_permute_weights)"),
         },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "tokenizers": tokenizers.__version__, "gguf": getattr(gguf_mod, "__version__", "?"),
+                     "tokenizers": tokenizers.__version__, "gguf": version("gguf"),
                      "numpy": np.__version__},
     }
     if "adapters" in old:

