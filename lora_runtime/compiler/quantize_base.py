@@ -145,19 +145,7 @@ def quantize_base(model: onnx.ModelProto, base_dir: Path, out: Path, data_name: 
                                           block_size=bs, accuracy_level=accuracy_level))
             done.append(QuantizedWeight(c.weight, c.node, bits, bs, c.in_features, c.out_features, s_name, sqnr,
                                         _encoding(c.weight, bits, bs, scales, c.in_features)))
-        # Transposes that only fed a quantized weight are dead now; so are the float weights.
-        used = consumed(nodes)
-        nodes = [n for n in nodes if not (n.op_type == "Transpose" and n.input[0] in inits
-                                          and not any(o in used for o in n.output))]
-        used = consumed(nodes) | {i.name for i in graph.input}
-        kept: list[TensorProto] = []
-        for t in graph.initializer:
-            if t.name not in used:
-                continue
-            if t.data_location == TensorProto.EXTERNAL and not in_bundle(t):
-                kept.append(writer.tensor(t.name, read_tensor(t, base_dir).tobytes(), t.data_type, list(t.dims)))
-            else:
-                kept.append(t)
+        nodes, kept = own_what_is_left(graph, nodes, writer, base_dir)
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.initializer[:]
@@ -174,6 +162,26 @@ def _encoding(name: str, bits: int, block_size: int, scales: np.ndarray, in_feat
     kind = "PER_CHANNEL" if scales.shape[1] == 1 and block_size >= in_features else "PER_BLOCK"
     return Encoding(name, "INT", kind, bits, True, flat, (-(2 ** (bits - 1)),) * len(flat),
                     block_size if kind == "PER_BLOCK" else None)
+
+
+def own_what_is_left(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], writer: DataWriter,
+                     base_dir: Path) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """After weights were replaced: drop the Transposes that only fed them and the float weights themselves,
+    and copy every other external base tensor into the bundle's own data file (one tensor at a time)."""
+    inits = {t.name for t in graph.initializer}
+    used = consumed(nodes)
+    nodes = [n for n in nodes if not (n.op_type == "Transpose" and n.input[0] in inits
+                                      and not any(o in used for o in n.output))]
+    used = consumed(nodes) | {i.name for i in graph.input}
+    kept: list[TensorProto] = []
+    for t in graph.initializer:
+        if t.name not in used:
+            continue
+        if t.data_location == TensorProto.EXTERNAL and not in_bundle(t):
+            kept.append(writer.tensor(t.name, read_tensor(t, base_dir).tobytes(), t.data_type, list(t.dims)))
+        else:
+            kept.append(t)
+    return nodes, kept
 
 
 def consumed(nodes: list[onnx.NodeProto]) -> set[str]:

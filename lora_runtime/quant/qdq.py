@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lora_runtime.compiler.points import find_candidates, node_keys
-from lora_runtime.compiler.quantize_base import DataWriter, consumed, in_bundle, read_tensor
+from lora_runtime.compiler.quantize_base import DataWriter, own_what_is_left, read_tensor
 from lora_runtime.errors import BaseModelError
 from lora_runtime.quant.encodings import Encoding, symmetric_per_channel, to_qdq
 
@@ -110,19 +110,7 @@ def apply_qdq(model: onnx.ModelProto, base_dir: Path, out: Path, data_name: str,
             qdq_consumers.add(name)
             if bias:
                 nodes.append(helper.make_node("Add", [mm_out, bias], [out_name], name=f"{name}/bias"))
-        # Transposes that fed a now-quantized weight are dead.
-        used = consumed(nodes)
-        nodes = [n for n in nodes if not (n.op_type == "Transpose" and n.input[0] in inits
-                                          and not any(o in used for o in n.output))]
-        used = consumed(nodes) | {i.name for i in g.input}
-        kept = []
-        for t in g.initializer:
-            if t.name not in used:
-                continue
-            if t.data_location == TensorProto.EXTERNAL and not in_bundle(t):
-                kept.append(writer.tensor(t.name, read_tensor(t, base_dir).tobytes(), t.data_type, list(t.dims)))
-            else:
-                kept.append(t)
+        nodes, kept = own_what_is_left(g, nodes, writer, base_dir)
 
     # LoRA branch: its first MatMul reads the quantized x; its weights are fake-quantized per row.
     for n in nodes:
