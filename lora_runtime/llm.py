@@ -111,14 +111,21 @@ class Generation:
     decode_ms_per_token: float
 
 
-def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]], *, max_new_tokens: int = 64,
+def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]] | list[int], *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              on_text: Callable[[str], None] | None = None) -> Generation:
-    """Greedy (temperature 0) or sampled decoding of the current use-case, streaming text to ``on_text``."""
+    """Greedy (temperature 0) or sampled decoding of the current use-case, streaming text to ``on_text``.
+
+    ``prompt``: raw text, chat messages (rendered with ChatML), or token ids.
+    """
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 0:
         raise InputError("need temperature >= 0, 0 < top_p <= 1 and max_new_tokens >= 0")
-    text = prompt if isinstance(prompt, str) else chat.prompt(prompt)
-    ids = chat.encode(text)
+    if isinstance(prompt, str):
+        ids = chat.encode(prompt)
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        ids = list(prompt)
+    else:
+        ids = chat.encode(chat.prompt(prompt))
     if not ids:
         raise InputError("the prompt encodes to no tokens")
     if len(ids) + max_new_tokens > chat.max_seq:

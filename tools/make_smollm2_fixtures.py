@@ -256,8 +256,9 @@ def main():
     print("numpy dequantize + reverse_permute vs HF:", gguf_checks)
 
     from importlib.metadata import version
-    import transformers
+
     import tokenizers
+    import transformers
     ref_path = out / "reference.json"
     old = json.loads(ref_path.read_text()) if ref_path.exists() else {}
     ref = {

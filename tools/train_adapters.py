@@ -7,7 +7,7 @@ The training data is synthetic and made by the script: the base model answers ~5
 questions greedily, and each answer is rewritten in a fixed style, so the adapters learn style, not
 knowledge:
 
-- `caps`: the answer in ALL CAPITALS (r=16, alpha=32 on o_proj, gate_proj, up_proj, down_proj).
+- `caps`: the answer in ALL CAPITALS (r=16, alpha=32 on o_proj, gate_proj, up_proj, down_proj of layers 18-29).
 - `listify`: the answer as a numbered list "1. ...\n2. ..." (r=8, alpha=16 on q_proj, v_proj).
 - `signoff`: the first sentence of the answer, then the line "-- sent from lora_runtime"
   (r=8, alpha=16 on q_proj, v_proj).
@@ -60,7 +60,10 @@ HELD_OUT = [
 
 ADAPTERS = [
     # name, LoraConfig kwargs, learning rate, steps
-    ("caps", dict(r=16, lora_alpha=32, target_modules=["o_proj", "gate_proj", "up_proj", "down_proj"]), 1e-3, 120),
+    # the last 12 layers only (a regex, as reference.json records it)
+    ("caps", dict(r=16, lora_alpha=32,
+                  target_modules=r"model\.layers\.(1[89]|2[0-9])\.(self_attn\.o_proj|mlp\.(gate|up|down)_proj)"),
+     1e-3, 120),
     ("listify", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 2e-3, 160),
     ("signoff", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 2e-3, 160),
 ]
