@@ -221,7 +221,9 @@ def run_prompts(model, tok, n):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", default=str(ROOT / DEFAULT_CACHE))
-    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="where reference.json goes")
+    ap.add_argument("--adapters-out", default=str(ROOT / "lora_runtime" / "data" / "adapters" / "smollm2"),
+                    help="where the adapters go (the package ships them for the LLM demo)")
     ap.add_argument("--steps", type=int, help="override the per-adapter step counts")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--only", nargs="*", help="train only these adapters")
@@ -230,7 +232,7 @@ def main():
     torch.set_num_threads(2)
     seed_all(SEED)
     out = Path(args.out)
-    ad_dir = out / "adapters"
+    ad_dir = Path(args.adapters_out)
 
     from peft import PeftModel
 
