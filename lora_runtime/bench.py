@@ -448,7 +448,7 @@ def plot(report: dict, path: Path) -> None:
     a1.set_xlabel("p50 latency (us, log scale)")
     a1.set_title("switch latency vs physical limits (gray) and peers (red)")
     a1.invert_yaxis()
-    if "run_merged" not in by:
+    if "run_merged" not in by or not runs:
         fig.savefig(path, dpi=110)
         return
     merged = by["run_merged"]["p50_us"]
@@ -548,6 +548,10 @@ def main_bench(bundle: str | None, size: str, json_path: str | None, plot_path: 
                work: str | None) -> dict:
     if bundle is not None:
         report = run_bench_bundle(Path(bundle), quick)
+    elif size == "smollm2":
+        from lora_runtime.bench_llm import run_bench_smollm2
+
+        report = run_bench_smollm2(Path(work) if work else None, quick)
     elif size == "1b":
         from lora_runtime.bench_scale import run_bench_scale
 

@@ -104,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--plot", help="write a PNG (needs the [plot] extra: matplotlib)")
     bn.add_argument("--quick", action="store_true", help="fewer repetitions: well under a minute")
     bn.add_argument("--work", help="where models and bundles are built (default graphs/built/bench-<size>)")
+    bn.add_argument("--model", default=None, choices=["smollm2"], help="a real LLM: decode, prefill and switches")
     bn.set_defaults(func=_bench)
 
     ig = sub.add_parser("import-gguf", help="a llama-family GGUF checkpoint -> base.onnx with KV cache + tokenizer")
@@ -247,7 +248,7 @@ def _export_ort_adapter(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from lora_runtime.bench import main_bench
 
-    main_bench(args.bundle, args.size, args.json, args.plot, args.quick, args.work)
+    main_bench(args.bundle, "smollm2" if args.model else args.size, args.json, args.plot, args.quick, args.work)
     return 0
 
 

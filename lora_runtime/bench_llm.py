@@ -1,0 +1,116 @@
+"""``lora-runtime bench --model smollm2``: decode and prefill cost and switch latency on a real LLM.
+
+Rows (same report format as the main bench; every decode row is one token at a context of the prompt):
+
+=======================  ==============================================================================
+prefill_base             the chat prompt (about 40 tokens) through the base graph
+decode_base              one token through the base graph (ONNX Runtime session, no runtime)
+decode_merged            one token with ``caps`` merged into the weights (the zero-overhead ideal)
+decode_v1 / decode_v2    one token through the runtime, ``caps`` active (r=16 on 48 points)
+decode_v3_n1 / _n2       v3 groups of ``caps`` / ``caps`` + ``listify``, all active
+decode_v3_n2_int4        the same with the base weights in int4 (``--base-weights int4``)
+hot_switch               v3: between use-cases (strengths only)
+cold_switch_cache        v2: between three adapters' patches (page cache warm)
+=======================  ==============================================================================
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from lora_runtime import __version__
+from lora_runtime.bench import Row, _alternate, _machine, _versions, _with_ratios, measure, measure_interleaved
+from lora_runtime.compiler.compile import compile_bundle
+from lora_runtime.compiler.export import merge_use_case
+from lora_runtime.demo_llm import shipped_adapters
+from lora_runtime.llm import Chat, find_smollm2, import_gguf
+from lora_runtime.progress import Progress
+from lora_runtime.runtime.runtime import Runtime
+
+PROMPT = [{"role": "user", "content": "Give me three tips for better sleep."}]
+
+
+def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
+    work = Path(work or "graphs/built/bench-smollm2")
+    reps = 10 if quick else 40
+    rows: list[Row] = []
+    with Progress("bench", total=9, delay_s=0.0) as bar:
+        model_dir = work / "model"
+        if not (model_dir / "base.onnx").is_file():
+            import_gguf(find_smollm2(), model_dir, max_seq=512)
+        bar.step("model")
+        ad = shipped_adapters()
+        two = {k: ad[k] for k in ("caps", "listify")}
+        bundles = {
+            "v1": compile_bundle(model_dir / "base.onnx", ad, work / "b-v1", generation="v1", force=True),
+            "v2": compile_bundle(model_dir / "base.onnx", ad, work / "b-v2", generation="v2", force=True),
+            "v3_n1": compile_bundle(model_dir / "base.onnx", {"caps": ad["caps"]}, work / "b-v3-n1",
+                                    generation="v3", use_cases=["caps=caps", "base="], force=True),
+            "v3_n2": compile_bundle(model_dir / "base.onnx", two, work / "b-v3-n2", generation="v3",
+                                    use_cases=["both=caps,listify", "caps=caps", "base="], force=True),
+            "v3_n2_int4": compile_bundle(model_dir / "base.onnx", two, work / "b-v3-n2-int4", generation="v3",
+                                         use_cases=["both=caps,listify", "caps=caps", "base="], force=True,
+                                         base_weights="int4", measure_accuracy=False),
+        }
+        bar.step("bundles")
+        merged = merge_use_case(bundles["v2"], work / "merged" / "caps.onnx", use_case="caps")
+        bar.step("merged")
+        chat = Chat.load(model_dir)
+        ids = np.array([chat.encode(chat.prompt(PROMPT))], np.int64)
+        empty = np.zeros((1, chat.kv_heads, 0, chat.head_dim), np.float32)
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        base = ort.InferenceSession(str(model_dir / "base.onnx"), so, providers=["CPUExecutionProvider"])
+        merged_sess = ort.InferenceSession(str(merged), so, providers=["CPUExecutionProvider"])
+        past_names = [i.name for i in base.get_inputs() if i.name.startswith("past_")]
+        prefill = {"input_ids": ids} | {n: empty for n in past_names}
+        rows.append(measure("prefill_base", lambda: base.run(None, prefill), max(reps // 4, 3), warmup=1))
+        bar.step("prefill")
+
+        def decoder(run):  # noqa: ANN001, ANN202  (one token at the prompt's context, the same every time)
+            names = [o.name for o in base.get_outputs()]
+            out = dict(zip(names, run(prefill)))
+            past = {k.replace("present_", "past_"): v for k, v in out.items() if k.startswith("present_")}
+            step = {"input_ids": np.array([[int(out["logits"][0, -1].argmax())]], np.int64)} | past
+            return lambda: run(step)
+
+        runners = {"decode_base": decoder(lambda f: base.run(None, f)),
+                   "decode_merged": decoder(lambda f: merged_sess.run(None, f))}
+        runtimes = {}
+        for key, use_case in [("v1", "caps"), ("v2", "caps"), ("v3_n1", "caps"), ("v3_n2", "both"),
+                              ("v3_n2_int4", "both")]:
+            rt = Runtime.open(bundles[key].path)
+            rt.switch(use_case)
+            runtimes[key] = rt
+            runners[f"decode_{key}"] = decoder(lambda f, rt=rt: list(rt.run(f).values()))
+        bar.step("sessions")
+        rows += measure_interleaved(runners, reps, block=5)
+        bar.step("decode")
+        rows.append(measure("hot_switch", _alternate(runtimes["v3_n2"], ["both", "caps", "base"]), 2000))
+        rt2 = runtimes["v2"]
+        rows.append(measure("cold_switch_cache", _alternate(rt2, ["caps", "listify", "signoff"], expect="cold"),
+                            200, nbytes=rt2.layout.nbytes))
+        bar.step("switches")
+        t = time.perf_counter()
+        Runtime.open(bundles["v3_n2"].path)
+        rows.append(Row("runtime_open", (time.perf_counter() - t) * 1e6, None, 1, None))
+        for name, folder in ad.items():
+            size = (folder / "adapter_model.safetensors").stat().st_size
+            rows.append(Row(f"adapter_bytes_{name}", None, None, 1, size))
+        bar.step("done")
+    report = _with_ratios(rows, {"lora_runtime": __version__, "size": "smollm2", "quick": quick,
+                                 "machine": _machine(), "versions": _versions(),
+                                 "model": {"recipe": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32)",
+                                           "prompt_tokens": int(ids.shape[1])}})
+    by = {r.name: r for r in rows}
+    for num in ("decode_merged", "decode_v1", "decode_v2", "decode_v3_n1", "decode_v3_n2", "decode_v3_n2_int4"):
+        report["ratios"][f"{num} / decode_base"] = {"value": by[num].p50_us / by["decode_base"].p50_us,
+                                                    "goal": None, "met": None}
+    report["ratios"]["decode_v3_n1 / decode_merged"] = {
+        "value": by["decode_v3_n1"].p50_us / by["decode_merged"].p50_us, "goal": None, "met": None}
+    return report
