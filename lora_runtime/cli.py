@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile"])
     c.add_argument("--encodings-file", metavar="F.encodings",
                    help="your own AIMET/QAIRT encodings: entries named in it override the calibrated ones")
+    c.add_argument("--sensitive-db", type=float, default=None, metavar="DB",
+                   help="mixed precision: 8-bit activations whose own quantization SQNR is below DB stay 16-bit")
     c.add_argument("--no-ort-reference", action="store_true",
                    help="skip comparing with ONNX Runtime's quantize_static of each merged use-case")
     c.add_argument("--copy-base-data", action="store_true",
@@ -156,6 +158,7 @@ def _compile(args: argparse.Namespace) -> int:
                                 encodings=args.encodings, calibration=args.calibration,
                                 preset=args.preset, calibration_method=args.calibration_method,
                                 encodings_file=args.encodings_file, ort_reference=not args.no_ort_reference,
+                                sensitive_db=args.sensitive_db,
                                 report=bar.step)
     m = bundle.manifest
     linked = sum(m.files[f].nbytes for f in m.base.data_files)

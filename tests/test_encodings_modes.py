@@ -184,3 +184,25 @@ def test_peft_fixture_full_updatable_meets_the_accuracy_goal(tmp_path):
         assert sqnr_db(expected[u], run_use_case(b, u, feeds)["logits"]) >= 28.0, u
         assert enc["sqnr_db"][u] >= 28.0, u
         assert enc["sqnr_db"][u] >= enc["ort_quantize_static_sqnr_db"][u] - 1.0, u
+
+
+def test_mixed_precision_keeps_outlier_tensors_at_16_bits(tiny, calibration, tmp_path):
+    """Activations whose own 8-bit SQNR is below the threshold get 16 bits; others keep the preset's 8."""
+    from lora_runtime.quant.calibrate import TensorRange
+    from lora_runtime.quant.modes import sensitive_tensors
+
+    smooth = np.linspace(-1, 1, 1000)
+    spiky = np.concatenate([np.linspace(-1, 1, 999), [400.0]])  # one outlier stretches the range
+    found = sensitive_tensors({"smooth": [smooth], "spiky": [spiky]},
+                              {"smooth": TensorRange(-1, 1), "spiky": TensorRange(-1, 400)}, threshold_db=30)
+    assert set(found) == {"spiky"} and found["spiky"] < 30
+
+    for threshold, expect_all_wide in ((200.0, True), (0.0, False)):
+        b = compile_bundle(tiny.base, tiny.adapters, tmp_path / f"b{threshold}", generation="v3",
+                           encodings="non-updatable", calibration=calibration, ort_reference=False,
+                           sensitive_db=threshold)
+        acts = read_encodings(b.path / "encodings/all.encodings").activation_encodings
+        assert {e.bw for e in acts} == ({16} if expect_all_wide else {8})
+        enc = b.manifest.extra["encodings"]
+        assert enc["mixed_precision"]["16bit_activations"] == (len(acts) if expect_all_wide else 0)
+        assert all(0.0 <= v <= 1.0 for v in enc["argmax_agreement"].values())

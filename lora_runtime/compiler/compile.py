@@ -99,7 +99,7 @@ def compile_bundle(base: str | os.PathLike[str],
                    base_weights: str = "float32", block_size: int | None = None, base_encodings: str = "auto",
                    encodings: str = "none", calibration: str | os.PathLike[str] | None = None,
                    preset: str = "w8a8", calibration_method: str = "minmax", ort_reference: bool = True,
-                   encodings_file: str | os.PathLike[str] | None = None,
+                   encodings_file: str | os.PathLike[str] | None = None, sensitive_db: float | None = None,
                    sample_inputs: Mapping[str, np.ndarray] | None = None, measure_accuracy: bool = True,
                    report: Report | None = None) -> Bundle:
     """Compile ``base`` + ``adapters`` into a bundle at ``out`` and return it, opened and validated.
@@ -191,7 +191,7 @@ def compile_bundle(base: str | os.PathLike[str],
         if samples is not None:
             q = quantize_bundle(tmp, model, manifest, base.parent, mode=encodings, preset=preset, samples=samples,
                                 method=calibration_method, ort_reference=ort_reference, overrides=overrides,
-                                say=say)
+                                sensitive_db=sensitive_db, say=say)
             for rel in data_files:  # the QDQ graph holds every base tensor it needs in its own data file
                 (tmp / rel).unlink()
             data_files, own_data = [], own_data + q.files

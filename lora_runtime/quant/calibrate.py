@@ -27,6 +27,7 @@ from lora_runtime.errors import InputError
 from lora_runtime.runtime.simple import check_feeds, input_specs, slot_feeds
 
 METHODS = ("minmax", "percentile")
+KEEP = 4096  # values kept per tensor and run for the sensitivity measurement
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,13 @@ def split_held_out(samples: Sequence[dict[str, np.ndarray]], fraction: float = 0
 
 def collect_ranges(bundle: Bundle, tensors: Sequence[str], samples: Sequence[dict[str, np.ndarray]],
                    use_cases: Sequence[str], *, method: str = "minmax", percentile: float = 99.99,
-                   step: Callable[[str], None] | None = None) -> dict[str, dict[str, TensorRange]]:
-    """Per use-case, the range of each of ``tensors`` over ``samples`` (float graph, slot values fed)."""
+                   step: Callable[[str], None] | None = None,
+                   keep_values: dict[str, list[np.ndarray]] | None = None) -> dict[str, dict[str, TensorRange]]:
+    """Per use-case, the range of each of ``tensors`` over ``samples`` (float graph, slot values fed).
+
+    ``keep_values``: filled with a strided subsample (at most ``KEEP`` values per tensor and run) of
+    every tensor, for the sensitivity measurement of mixed precision.
+    """
     if method not in METHODS:
         raise InputError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     m = bundle.manifest
@@ -96,6 +102,9 @@ def collect_ranges(bundle: Bundle, tensors: Sequence[str], samples: Sequence[dic
             for t, v in zip(tensors, values):
                 r = _reduce(v, method, percentile)
                 ranges[t] = ranges[t].union(r) if t in ranges else r
+                if keep_values is not None:
+                    flat = np.asarray(v, np.float32).ravel()
+                    keep_values.setdefault(t, []).append(flat[:: max(1, flat.size // KEEP)])
             if step:
                 step(name)
         out[name] = ranges

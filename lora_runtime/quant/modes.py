@@ -46,13 +46,14 @@ def updatable(mode: str, tensors: Sequence[str], branch: Sequence[str], lora_slo
 
 
 def activation_encodings(ranges: Mapping[str, TensorRange], tensors: Sequence[str], branch: Sequence[str],
-                         preset: Preset) -> dict[str, Encoding]:
-    """One asymmetric per-tensor encoding per activation from its range (branch tensors: the LoRA preset)."""
+                         preset: Preset, wide: frozenset[str] = frozenset()) -> dict[str, Encoding]:
+    """One asymmetric per-tensor encoding per activation from its range (branch tensors: the LoRA preset;
+    ``wide``: tensors mixed precision keeps at 16 bits)."""
     out = {}
     for t in tensors:
         spec = preset.lora_activations if t in branch else preset.activations
         r = ranges[t]
-        out[t] = asymmetric_per_tensor(t, r.min, r.max, bw=spec.bw)
+        out[t] = asymmetric_per_tensor(t, r.min, r.max, bw=16 if t in wide else spec.bw)
     return out
 
 
@@ -71,4 +72,21 @@ def lora_weight_encodings(values: Mapping[str, Sequence[np.ndarray]], preset: Pr
         else:
             whole = symmetric_per_channel(name, stacked.reshape(1, -1), axis=0, bw=spec.bw)
             out[name] = Encoding(name, "INT", "PER_TENSOR", spec.bw, True, whole.scale, whole.offset)
+    return out
+
+
+def sensitive_tensors(values: Mapping[str, Sequence[np.ndarray]], ranges: Mapping[str, TensorRange],
+                      threshold_db: float, bw: int = 8) -> dict[str, float]:
+    """Activations whose own ``bw``-bit quantization (with their calibrated range) is worse than
+    ``threshold_db`` SQNR: the outlier-heavy ones, kept at 16 bits by mixed precision. Returns tensor -> dB."""
+    out = {}
+    for t, chunks in values.items():
+        x = np.concatenate(chunks).astype(np.float64)
+        e = asymmetric_per_tensor(t, ranges[t].min, ranges[t].max, bw=bw)
+        scale, zero = e.scale[0], -e.offset[0]
+        q = (np.clip(np.rint(x / scale) + zero, 0, 2**bw - 1) - zero) * scale
+        noise = float(np.sum((x - q) ** 2))
+        db = float("inf") if noise == 0 else 10 * np.log10(max(float(np.sum(x**2)), 1e-30) / noise)
+        if db < threshold_db:
+            out[t] = db
     return out

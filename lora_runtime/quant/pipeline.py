@@ -36,7 +36,13 @@ from lora_runtime.quant.encodings import (
     to_qdq,
     write_encodings,
 )
-from lora_runtime.quant.modes import activation_encodings, lora_weight_encodings, union_ranges, updatable
+from lora_runtime.quant.modes import (
+    activation_encodings,
+    lora_weight_encodings,
+    sensitive_tensors,
+    union_ranges,
+    updatable,
+)
 from lora_runtime.quant.qdq import QdqPlan, activation_tensors, apply_qdq, lora_scale_name, scale_input_names
 from lora_runtime.runtime.simple import make_session, run_use_case
 from lora_runtime.tensorfile import read_header, save_tensors
@@ -53,7 +59,7 @@ class QuantResult:
 def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base_dir: Path, *, mode: str,
                     preset: str, samples: Sequence[dict[str, np.ndarray]], method: str = "minmax",
                     ort_reference: bool = True, overrides: EncodingsFile | None = None,
-                    say: Callable[[str], None] = lambda _m: None) -> QuantResult:
+                    sensitive_db: float | None = None, say: Callable[[str], None] = lambda _m: None) -> QuantResult:
     """Rewrite ``model`` (whose float version is at ``root``/graph) to QDQ; write encodings; measure SQNR."""
     p = load_preset(preset)
     float_bundle = Bundle(root, manifest)
@@ -65,16 +71,21 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
     names = manifest.use_case_names
     say(f"calibrating {len(tensors)} tensors on {len(calib)} samples x {len(names)} use-cases")
     count = iter(range(1, len(calib) * len(names) + 1))
-    ranges = collect_ranges(float_bundle, tensors, calib, names, method=method,
+    kept: dict[str, list[np.ndarray]] | None = {} if sensitive_db is not None else None
+    ranges = collect_ranges(float_bundle, tensors, calib, names, method=method, keep_values=kept,
                             step=lambda u: say(f"calibrating {u}: {next(count)}/{len(calib) * len(names)}"))
+    wide: dict[str, float] = {}
+    if kept is not None and p.activations.bw == 8:  # mixed precision: outlier-heavy activations at 16 bits
+        wide = sensitive_tensors(kept, union_ranges(ranges), sensitive_db)
     session = make_session(float_bundle)
     fp32 = {u: [run_use_case(float_bundle, u, s, session=session) for s in held] for u in names}
     del session
     ort_sqnr = _ort_reference(float_bundle, names, calib, held, fp32, say) if ort_reference else None
 
     values = _lora_values(float_bundle, lora_slots)
-    union = _encodings(union_ranges(ranges), tensors, branch, values, p)
-    per_use_case = {u: _encodings(ranges[u], tensors, branch, _active(float_bundle, values, u), p) for u in names}
+    union = _encodings(union_ranges(ranges), tensors, branch, values, p, frozenset(wide))
+    per_use_case = {u: _encodings(ranges[u], tensors, branch, _active(float_bundle, values, u), p, frozenset(wide))
+                    for u in names}
     weight_overrides = {}
     if overrides is not None:  # the user's entries win, in every use-case's set
         weights_shape = {c.weight: (c.in_features, c.out_features) for c in find_candidates(model.graph)
@@ -102,11 +113,17 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
     say("measuring INT8 against FP32 on held-out samples")
     int8 = Bundle(root, manifest)
     session = make_session(int8)
-    sqnr = {u: _sqnr(fp32[u], [run_use_case(int8, u, s, session=session) for s in held]) for u in names}
+    runs = {u: [run_use_case(int8, u, s, session=session) for s in held] for u in names}
+    sqnr = {u: _sqnr(fp32[u], runs[u]) for u in names}
+    agree = {u: _argmax_agreement(fp32[u], runs[u]) for u in names}
     extra = {"mode": mode, "preset": preset, "calibration": {"method": method, "samples": len(calib),
                                                              "held_out": len(held)},
              "activations": len(tensors), "base_weights": len(weights), "lora_weights": len(lora_slots),
-             "updatable": len(live), "files": [f for f in files if f.startswith("encodings/")], "sqnr_db": sqnr}
+             "updatable": len(live), "files": [f for f in files if f.startswith("encodings/")], "sqnr_db": sqnr,
+             "argmax_agreement": agree}
+    if sensitive_db is not None:
+        extra["mixed_precision"] = {"threshold_db": sensitive_db, "16bit_activations": len(wide),
+                                    "tensors": {t: round(v, 1) for t, v in sorted(wide.items(), key=lambda kv: kv[1])}}
     if ort_sqnr is not None:
         extra["ort_quantize_static_sqnr_db"] = ort_sqnr
     return QuantResult(dataclasses.replace(manifest, extra={**manifest.extra, "encodings": extra}), files)
@@ -116,6 +133,14 @@ def _sqnr(reference: Sequence[Mapping[str, np.ndarray]], test: Sequence[Mapping[
     """SQNR over all held-out samples together (per output; the worst output counts)."""
     return min(sqnr_db(np.concatenate([r[k].ravel() for r in reference]), np.concatenate([t[k].ravel() for t in test]))
                for k in reference[0])
+
+
+def _argmax_agreement(reference: Sequence[Mapping[str, np.ndarray]], test: Sequence[Mapping[str, np.ndarray]]
+                      ) -> float:
+    """Share of positions whose argmax over the last axis agrees (first output: the logits)."""
+    key = next(iter(reference[0]))
+    same = [np.argmax(r[key], -1) == np.argmax(t[key], -1) for r, t in zip(reference, test)]
+    return float(np.mean(np.concatenate([s.ravel() for s in same])))
 
 
 def _ort_reference(bundle: Bundle, names: Sequence[str], calib: Sequence[dict[str, np.ndarray]],
@@ -161,8 +186,8 @@ def _ort_reference(bundle: Bundle, names: Sequence[str], calib: Sequence[dict[st
 
 
 def _encodings(ranges: Mapping[str, TensorRange], tensors: Sequence[str], branch: Sequence[str],
-               values: Mapping[str, Sequence[np.ndarray]], p: Preset) -> dict[str, Encoding]:
-    return activation_encodings(ranges, tensors, branch, p) | lora_weight_encodings(values, p)
+               values: Mapping[str, Sequence[np.ndarray]], p: Preset, wide: frozenset[str]) -> dict[str, Encoding]:
+    return activation_encodings(ranges, tensors, branch, p, wide) | lora_weight_encodings(values, p)
 
 
 def _lora_values(bundle: Bundle, slots: Sequence[str]) -> dict[str, list[np.ndarray]]:
