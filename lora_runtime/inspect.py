@@ -50,8 +50,14 @@ def describe(bundle: Bundle) -> str:
                   f"updatable; files {', '.join(enc['files'])}",
                   f"    SQNR vs FP32 on {enc['calibration']['held_out']} held-out samples"
                   + (" (ORT quantize_static of the merged use-case)" if ref else "")]
+        agree = enc.get("argmax_agreement", {})
         for u, v in enc["sqnr_db"].items():
-            lines.append(f"    {u:<16} {v:6.1f} dB" + (f"   ({ref[u]:.1f} dB)" if u in ref else ""))
+            lines.append(f"    {u:<16} {v:6.1f} dB" + (f", argmax {agree[u]:.1%}" if u in agree else "")
+                         + (f"   ({ref[u]:.1f} dB)" if u in ref else ""))
+        mp = enc.get("mixed_precision")
+        if mp:
+            lines.append(f"    mixed precision: {mp['16bit_activations']} activations at 16 bits (own 8-bit SQNR "
+                         f"below {mp['threshold_db']} dB)")
     accuracy = m.extra.get("accuracy", {})
     sqnr = accuracy.get("use_cases", {})
     lora_dtype = next((sl.dtype for sl in m.slots if sl.kind == "lora_A"), "float32")
