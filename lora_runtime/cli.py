@@ -117,6 +117,13 @@ def _parser() -> argparse.ArgumentParser:
     ig.add_argument("--max-seq", type=int, default=2048, help="longest prompt + generation (rotary table)")
     ig.set_defaults(func=_import_gguf)
 
+    cd = sub.add_parser("calibration-data", help="calibration samples for an imported LLM from built-in prompts")
+    cd.add_argument("model", help="the folder import-model wrote (or a bundle compiled from it)")
+    cd.add_argument("-o", "--out", required=True, help=".npz to write (for compile --calibration)")
+    cd.add_argument("--samples", type=int, default=16)
+    cd.add_argument("--seq-len", type=int, default=64)
+    cd.set_defaults(func=_calibration_data)
+
     gn = sub.add_parser("generate", help="generate text from a bundle of an imported LLM")
     gn.add_argument("bundle")
     gn.add_argument("--use-case", default=None, help="use-case (default: the bundle's first)")
@@ -277,6 +284,14 @@ def _import_gguf(args: argparse.Namespace) -> int:
     path = import_model(src, args.out, max_seq=args.max_seq)
     print(f"wrote {path} (+ base.onnx.data, tokenizer.json, chat.json) from {src.name} in "
           f"{time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _calibration_data(args: argparse.Namespace) -> int:
+    from lora_runtime.llm import calibration_data
+
+    path = calibration_data(args.model, args.out, samples=args.samples, seq_len=args.seq_len)
+    print(f"wrote {path}: {args.samples} chat prompts of {args.seq_len} tokens with empty KV caches")
     return 0
 
 

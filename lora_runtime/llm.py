@@ -196,3 +196,41 @@ def _pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.G
     keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
     q = p[keep] / p[keep].sum()
     return int(rng.choice(keep, p=q))
+
+
+# A small built-in prompt list for calibration: varied chat requests (facts, advice, lists, code, prose).
+CALIBRATION_PROMPTS = (
+    "What is the capital of Australia?", "Explain photosynthesis to a ten-year-old.",
+    "Give me three tips for a good job interview.", "Write a Python function that reverses a string.",
+    "Summarize the plot of Romeo and Juliet in two sentences.", "How do vaccines train the immune system?",
+    "List five fruits that are rich in vitamin C.", "What causes the seasons on Earth?",
+    "Translate 'good morning, how are you?' into French.", "Write a short poem about the sea at night.",
+    "What is the difference between a virus and a bacterium?", "How do I boil an egg so the yolk stays soft?",
+    "Explain what a hash table is and when to use one.", "Why is the sky blue?",
+    "Suggest a name for a bakery that sells sourdough bread.", "What are the main causes of inflation?",
+)
+
+
+def calibration_data(folder: str | os.PathLike[str], out: str | os.PathLike[str], *, samples: int = 16,
+                     seq_len: int = 64, seed: int = 0) -> Path:
+    """Calibration samples for an imported LLM: chat prompts of the built-in list, tokenized and cut to
+    ``seq_len`` tokens (shorter ones are padded with follow-on text), with empty KV caches."""
+    chat = Chat.load(folder)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(CALIBRATION_PROMPTS))
+    rows = []
+    for i in range(samples):
+        ids: list[int] = []
+        k = i
+        while len(ids) < seq_len:  # pad with the next prompts of the shuffled list
+            ids += chat.encode(chat.prompt([{"role": "user", "content": CALIBRATION_PROMPTS[order[k % len(order)]]}]))
+            k += 1
+        rows.append(ids[:seq_len])
+    import onnx
+
+    graph = onnx.load(str(Path(folder) / "base.onnx"), load_external_data=False).graph
+    empty = np.zeros((samples, 1, chat.kv_heads, 0, chat.head_dim), np.float32)
+    arrays = {"input_ids": np.array(rows, np.int64)[:, None, :]}
+    arrays |= {i.name: empty for i in graph.input if i.name.startswith("past_")}
+    np.savez(out, **arrays)
+    return Path(out)

@@ -111,3 +111,19 @@ def test_trained_adapters_generate_as_peft(model_dir, tmp_path, generation):
             assert g.ids[: len(want)] == want, (generation, use_case, o["question"], chat.decode(g.ids))
             checked += 1
     assert checked >= 6
+
+
+def test_calibration_data_and_w8a16_on_the_real_model(model_dir, tmp_path):
+    from lora_runtime.llm import calibration_data
+
+    path = calibration_data(model_dir, tmp_path / "calib.npz", samples=6, seq_len=48)
+    z = np.load(path)
+    assert z["input_ids"].shape == (6, 1, 48) and z["past_key.0"].shape == (6, 1, 3, 0, 64)
+    assert (z["input_ids"][:, 0, 0] == 1).all()  # every sample starts a ChatML turn (<|im_start|>)
+    from lora_runtime.demo_llm import shipped_adapters
+
+    b = compile_bundle(model_dir / "base.onnx", {"listify": shipped_adapters()["listify"]}, tmp_path / "b",
+                       generation="v3", use_cases=["listify=listify"], encodings="non-updatable", calibration=path,
+                       preset="w8a16", ort_reference=False)
+    enc = b.manifest.extra["encodings"]
+    assert enc["sqnr_db"]["listify"] > 10.0 and enc["argmax_agreement"]["listify"] > 0.7  # lossy, not broken
