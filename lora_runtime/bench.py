@@ -412,6 +412,8 @@ def format_table(report: dict) -> str:
         lines.append(f"{r['name']:<34} {p50:>12} {p99:>12} {r['runs']:>6} {nbytes:>12}")
     for what, values in report.get("accuracy", {}).items():
         lines += ["", f"accuracy: {what}: " + ", ".join(f"{k} {v:.1f}" for k, v in values.items())]
+    for what, values in report.get("accuracy_text", {}).items():
+        lines += ["", f"accuracy: {what}: " + ", ".join(f"{k} {v}" for k, v in values.items())]
     lines += ["", f"{'ratio (p50)':<40} {'value':>10} {'goal':>10} {'met':>5}"]
     for name, v in report["ratios"].items():
         met = "" if v["met"] is None else ("yes" if v["met"] else "NO")

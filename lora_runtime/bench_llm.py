@@ -9,6 +9,8 @@ decode_merged            one token with ``caps`` merged into the weights (the ze
 decode_v1 / decode_v2    one token through the runtime, ``caps`` active (r=16 on 48 points)
 decode_v3_n1 / _n2       v3 groups of ``caps`` / ``caps`` + ``listify``, all active
 decode_v3_n2_int4        the same with the base weights in int4 (``--base-weights int4``)
+decode_int8_*            the same as INT8 QDQ with full encodings: w8a8, w8a8 with 16-bit outlier
+                         activations (``--sensitive-db 30``), w8a16; SQNR and argmax agreement alongside
 hot_switch               v3: between use-cases (strengths only)
 cold_switch_cache        v2: between three adapters' patches (page cache warm)
 =======================  ==============================================================================
@@ -27,11 +29,12 @@ from lora_runtime.bench import Row, _alternate, _machine, _versions, _with_ratio
 from lora_runtime.compiler.compile import compile_bundle
 from lora_runtime.compiler.export import merge_use_case
 from lora_runtime.demo_llm import shipped_adapters
-from lora_runtime.llm import Chat, find_smollm2, import_gguf
+from lora_runtime.llm import Chat, calibration_data, find_smollm2, import_gguf
 from lora_runtime.progress import Progress
 from lora_runtime.runtime.runtime import Runtime
 
 PROMPT = [{"role": "user", "content": "Give me three tips for better sleep."}]
+PRESETS = (("w8a8", None), ("w8a8", 30.0), ("w8a16", None))  # INT8 rows: preset and --sensitive-db
 
 
 def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
@@ -56,6 +59,13 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
                                          use_cases=["both=caps,listify", "caps=caps", "base="], force=True,
                                          base_weights="int4", measure_accuracy=False),
         }
+        calib = calibration_data(model_dir, work / "calibration.npz", samples=6 if quick else 16, seq_len=48)
+        for preset, sens in PRESETS:
+            key = f"int8_{preset}" + (f"_s{int(sens)}" if sens else "")
+            bundles[key] = compile_bundle(model_dir / "base.onnx", two, work / f"b-{key}", generation="v3",
+                                          use_cases=["both=caps,listify", "caps=caps", "base="], force=True,
+                                          encodings="full", calibration=calib, preset=preset, sensitive_db=sens,
+                                          ort_reference=False)
         bar.step("bundles")
         merged = merge_use_case(bundles["v2"], work / "merged" / "caps.onnx", use_case="caps")
         bar.step("merged")
@@ -83,7 +93,7 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
                    "decode_merged": decoder(lambda f: merged_sess.run(None, f))}
         runtimes = {}
         for key, use_case in [("v1", "caps"), ("v2", "caps"), ("v3_n1", "caps"), ("v3_n2", "both"),
-                              ("v3_n2_int4", "both")]:
+                              ("v3_n2_int4", "both"), *((k, "both") for k in bundles if k.startswith("int8_"))]:
             rt = Runtime.open(bundles[key].path)
             rt.switch(use_case)
             runtimes[key] = rt
@@ -103,12 +113,20 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
             size = (folder / "adapter_model.safetensors").stat().st_size
             rows.append(Row(f"adapter_bytes_{name}", None, None, 1, size))
         bar.step("done")
+    accuracy = {}
+    for k, b in bundles.items():
+        if k.startswith("int8_"):
+            e = b.manifest.extra["encodings"]
+            accuracy[f"decode_{k} (v3, 2 adapters, full encodings) vs FP32: SQNR dB / argmax agreement"] = {
+                u: f"{e['sqnr_db'][u]:.1f} / {e['argmax_agreement'][u]:.0%}" for u in b.manifest.use_case_names}
     report = _with_ratios(rows, {"lora_runtime": __version__, "size": "smollm2", "quick": quick,
+                                 "accuracy_text": accuracy,
                                  "machine": _machine(), "versions": _versions(),
                                  "model": {"recipe": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32)",
                                            "prompt_tokens": int(ids.shape[1])}})
     by = {r.name: r for r in rows}
-    for num in ("decode_merged", "decode_v1", "decode_v2", "decode_v3_n1", "decode_v3_n2", "decode_v3_n2_int4"):
+    for num in ("decode_merged", "decode_v1", "decode_v2", "decode_v3_n1", "decode_v3_n2", "decode_v3_n2_int4",
+                *(f"decode_{k}" for k in bundles if k.startswith("int8_"))):
         report["ratios"][f"{num} / decode_base"] = {"value": by[num].p50_us / by["decode_base"].p50_us,
                                                     "goal": None, "met": None}
     report["ratios"]["decode_v3_n1 / decode_merged"] = {
