@@ -94,6 +94,7 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
                          "c.model": [0, 0, d], "c.half": [hd // 2, hd // 2]}.items():
         g.const(cname, np.array(value, np.int64))
     g.const("c.eps", np.array(s.rms_eps, np.float32))
+    g.const("c.two_f", np.array(2.0, np.float32))
     g.const("c.inv_sqrt_hd", np.array(1.0 / np.sqrt(hd), np.float32))
     g.const("c.masked", np.array(-1e9, np.float32))
     g.const("c.open", np.array(0.0, np.float32))
@@ -210,7 +211,7 @@ class _Graph:
 
     def rms_norm(self, module: str, x: str, d: int) -> str:
         w = self.weight(f"{module}.weight", (d,))
-        sq = self.node("Mul", [x, x], [self.fresh("sq")])
+        sq = self.node("Pow", [x, "c.two_f"], [self.fresh("sq")])  # Pow, not Mul: ORT fuses this pattern
         ms = self.node("ReduceMean", [sq], [self.fresh("ms")], axes=[-1], keepdims=1)
         rs = self.node("Sqrt", [self.node("Add", [ms, "c.eps"], [self.fresh("mse")])], [self.fresh("rms")])
         normed = self.node("Div", [x, rs], [self.fresh("normed")])
