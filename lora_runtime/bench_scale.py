@@ -41,7 +41,7 @@ from lora_runtime.bench import (
     _next_patch,
     _versions,
     _with_ratios,
-    drop_pages,
+    disk_rows,
     limit_rows,
     measure,
 )
@@ -181,8 +181,8 @@ def _v2_rows(bundle: Bundle, feeds: dict[str, np.ndarray], reps: dict[str, int])
     cycle = _alternate(rt, ["m0", "m1", "m2"], expect="cold")
     rows = [measure("cold_switch_cache", cycle, reps["cold"], nbytes=nbytes)]
     nxt = _next_patch(rt, ["m0", "m1", "m2"])
-    rows.append(measure("cold_switch_disk", cycle, reps["disk"], setup=lambda: drop_pages(nxt()), nbytes=nbytes))
-    rows += limit_rows(patch, nbytes, reps["cold"], reps["disk"])
+    rows += disk_rows(cycle, nxt, nbytes, reps["disk"])
+    rows += limit_rows(patch, nbytes, reps["cold"])
     rt.switch("m0")
     rows.append(measure("run_v2", lambda: rt.run(feeds), reps["run"], warmup=1))
     t = time.perf_counter()
