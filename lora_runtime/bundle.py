@@ -186,6 +186,10 @@ class Manifest:
             if d.get("format_version") != FORMAT_VERSION:
                 raise BundleError(f"{where}: format_version {d.get('format_version')!r}, this lora_runtime reads "
                                   f"{FORMAT_VERSION}; recompile the bundle")
+            for slot in d["slots"]:  # what Slot.nbytes and the runtime's arenas rely on
+                if slot["kind"] not in SLOT_KINDS or slot["dtype"] not in _DTYPE_BYTES:
+                    raise BundleError(f"{where}: slot {slot['name']!r} has kind {slot['kind']!r} and dtype "
+                                      f"{slot['dtype']!r}; expected one of {SLOT_KINDS} and {tuple(_DTYPE_BYTES)}")
             return cls(
                 generation=str(d["generation"]),
                 base=BaseInfo(**{**d["base"], "data_files": tuple(d["base"]["data_files"])}),

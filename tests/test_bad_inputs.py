@@ -256,8 +256,18 @@ BUNDLE_CASES: list[tuple[str, Callable[[Path], None], str]] = [
     ("missing-patch", lambda p: (p / "patches/tone.safetensors").unlink(), "is missing"),
     ("tampered-graph", lambda p: _flip(p / "model.onnx", 100), "SHA-256 does not match"),
     ("manifest-not-json", lambda p: (p / "manifest.json").write_text("{"), "not valid JSON"),
+    ("unknown-slot-dtype", lambda p: _consistent_edit(p, lambda d: d["slots"][0].update(dtype="float8")),
+     "dtype 'float8'"),
     ("no-manifest", lambda p: (p / "manifest.json").unlink(), "not a bundle"),
 ]
+
+
+def _consistent_edit(path: Path, fn: Callable[[dict], None]) -> None:
+    """An edit with a recomputed manifest digest: only the content check can catch it."""
+    data = json.loads((path / "manifest.json").read_text())
+    fn(data)
+    data["manifest_sha256"] = _digest(data)
+    (path / "manifest.json").write_text(json.dumps(data))
 
 
 def _flip(path: Path, at: int) -> None:
@@ -281,10 +291,7 @@ def test_bad_bundle_is_refused_at_open(served, case, breaker, message):
 
 def test_path_outside_the_bundle_is_refused(served):
     b, rt, feeds, before = served
-    data = json.loads((b.path / "manifest.json").read_text())
-    data["files"]["../escape"] = data["files"].pop("model.onnx")
-    data["manifest_sha256"] = _digest(data)  # a consistent manifest: only the path is wrong
-    (b.path / "manifest.json").write_text(json.dumps(data))
+    _consistent_edit(b.path, lambda d: d["files"].__setitem__("../escape", d["files"].pop("model.onnx")))
     with pytest.raises(BundleError, match="not inside the bundle"):
         open_bundle(b.path)
     _intact(rt, feeds, before)
