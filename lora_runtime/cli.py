@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="your own AIMET/QAIRT encodings: entries named in it override the calibrated ones")
     c.add_argument("--sensitive-db", type=float, default=None, metavar="DB",
                    help="mixed precision: 8-bit activations whose own quantization SQNR is below DB stay 16-bit")
+    c.add_argument("--weight-rounding", choices=("nearest", "gptq"), default="nearest",
+                   help="how base weights pick their integer codes: nearest, or GPTQ (uses the calibration data; "
+                        "slower to compile, far more accurate on real LLMs)")
     c.add_argument("--no-ort-reference", action="store_true",
                    help="skip comparing with ONNX Runtime's quantize_static of each merged use-case")
     c.add_argument("--copy-base-data", action="store_true",
@@ -165,7 +168,7 @@ def _compile(args: argparse.Namespace) -> int:
                                 encodings=args.encodings, calibration=args.calibration,
                                 preset=args.preset, calibration_method=args.calibration_method,
                                 encodings_file=args.encodings_file, ort_reference=not args.no_ort_reference,
-                                sensitive_db=args.sensitive_db,
+                                sensitive_db=args.sensitive_db, weight_rounding=args.weight_rounding,
                                 report=bar.step)
     m = bundle.manifest
     linked = sum(m.files[f].nbytes for f in m.base.data_files)

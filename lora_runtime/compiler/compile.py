@@ -48,7 +48,7 @@ from lora_runtime.quant.calibrate import load_calibration
 from lora_runtime.quant.encodings import VERSION as ENCODINGS_VERSION
 from lora_runtime.quant.encodings import EncodingsFile, load_preset, read_encodings, write_encodings
 from lora_runtime.quant.modes import check_mode
-from lora_runtime.quant.pipeline import quantize_bundle
+from lora_runtime.quant.pipeline import WEIGHT_ROUNDING, quantize_bundle
 from lora_runtime.tensorfile import TensorFile, save_tensors
 
 Report = Callable[[str], None]
@@ -100,6 +100,7 @@ def compile_bundle(base: str | os.PathLike[str],
                    encodings: str = "none", calibration: str | os.PathLike[str] | None = None,
                    preset: str = "w8a8", calibration_method: str = "minmax", ort_reference: bool = True,
                    encodings_file: str | os.PathLike[str] | None = None, sensitive_db: float | None = None,
+                   weight_rounding: str = "nearest",
                    sample_inputs: Mapping[str, np.ndarray] | None = None, measure_accuracy: bool = True,
                    report: Report | None = None) -> Bundle:
     """Compile ``base`` + ``adapters`` into a bundle at ``out`` and return it, opened and validated.
@@ -116,6 +117,8 @@ def compile_bundle(base: str | os.PathLike[str],
     ``encodings`` ("non-updatable", ...) calibrates on ``calibration`` (an .npz of samples) with the
     encodings ``preset``, writes AIMET/QAIRT encodings files and rewrites the graph to QDQ (INT8 on
     ONNX Runtime); the SQNR of every use-case against FP32 on held-out samples goes into the manifest.
+    ``weight_rounding="gptq"`` picks the base weights' integer codes with GPTQ instead of nearest rounding
+    (same encodings; better accuracy on real LLMs; about a minute for SmolLM2-135M).
     Raises a :class:`LoraRuntimeError` subclass naming the culprit on bad input, with nothing written.
     """
     say = report or (lambda _msg: None)
@@ -133,6 +136,8 @@ def compile_bundle(base: str | os.PathLike[str],
     samples = None
     if encodings != "none":
         load_preset(preset)
+        if weight_rounding not in WEIGHT_ROUNDING:
+            raise UseCaseError(f"weight rounding must be one of {', '.join(WEIGHT_ROUNDING)}, got {weight_rounding!r}")
         if calibration is None:
             raise UseCaseError(f"encodings {encodings} need calibration data: pass --calibration DATA.npz")
         if base_weights != "float32":
@@ -191,7 +196,7 @@ def compile_bundle(base: str | os.PathLike[str],
         if samples is not None:
             q = quantize_bundle(tmp, model, manifest, base.parent, mode=encodings, preset=preset, samples=samples,
                                 method=calibration_method, ort_reference=ort_reference, overrides=overrides,
-                                sensitive_db=sensitive_db, say=say)
+                                sensitive_db=sensitive_db, weight_rounding=weight_rounding, say=say)
             for rel in data_files:  # the QDQ graph holds every base tensor it needs in its own data file
                 (tmp / rel).unlink()
             data_files, own_data = [], own_data + q.files

@@ -27,7 +27,7 @@ from lora_runtime.errors import InputError
 from lora_runtime.runtime.simple import check_feeds, input_specs, slot_feeds
 
 METHODS = ("minmax", "percentile")
-KEEP = 4096  # values kept per tensor and run for the sensitivity measurement
+KEEP = 16384  # values kept per tensor and run for the sensitivity measurement (whole rows: tokens)
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,15 @@ def split_held_out(samples: Sequence[dict[str, np.ndarray]], fraction: float = 0
 def collect_ranges(bundle: Bundle, tensors: Sequence[str], samples: Sequence[dict[str, np.ndarray]],
                    use_cases: Sequence[str], *, method: str = "minmax", percentile: float = 99.99,
                    step: Callable[[str], None] | None = None,
-                   keep_values: dict[str, list[np.ndarray]] | None = None) -> dict[str, dict[str, TensorRange]]:
+                   keep_values: dict[str, list[np.ndarray]] | None = None,
+                   gram: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, TensorRange]]:
     """Per use-case, the range of each of ``tensors`` over ``samples`` (float graph, slot values fed).
 
-    ``keep_values``: filled with a strided subsample (at most ``KEEP`` values per tensor and run) of
-    every tensor, for the sensitivity measurement of mixed precision.
+    ``keep_values``: filled with a strided subsample of the rows (the tensor flattened to its last axis: one
+    row per token; about ``KEEP`` values per tensor and run) of every tensor, for the sensitivity
+    measurement of mixed precision. ``gram``: for each tensor named by
+    its keys, ``X^T X`` over all use-cases and samples (rows: the tensor flattened to its last axis), for
+    GPTQ rounding of the weights that read it.
     """
     if method not in METHODS:
         raise InputError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -102,9 +106,12 @@ def collect_ranges(bundle: Bundle, tensors: Sequence[str], samples: Sequence[dic
             for t, v in zip(tensors, values):
                 r = _reduce(v, method, percentile)
                 ranges[t] = ranges[t].union(r) if t in ranges else r
+                if gram is not None and t in gram:
+                    x = np.asarray(v, np.float32).reshape(-1, v.shape[-1])
+                    gram[t] = gram[t] + x.T @ x  # float32: in^2 * 4 bytes per tensor
                 if keep_values is not None:
-                    flat = np.asarray(v, np.float32).ravel()
-                    keep_values.setdefault(t, []).append(flat[:: max(1, flat.size // KEEP)])
+                    rows = np.asarray(v, np.float32).reshape(-1, v.shape[-1] if v.ndim else 1)
+                    keep_values.setdefault(t, []).append(rows[:: max(1, rows.size // KEEP)])
             if step:
                 step(name)
         out[name] = ranges

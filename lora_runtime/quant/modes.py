@@ -46,15 +46,22 @@ def updatable(mode: str, tensors: Sequence[str], branch: Sequence[str], lora_slo
 
 
 def activation_encodings(ranges: Mapping[str, TensorRange], tensors: Sequence[str], branch: Sequence[str],
-                         preset: Preset, wide: frozenset[str] = frozenset()) -> dict[str, Encoding]:
-    """One asymmetric per-tensor encoding per activation from its range (branch tensors: the LoRA preset;
-    ``wide``: tensors mixed precision keeps at 16 bits)."""
+                         preset: Preset, precision: Mapping[str, int | str] | None = None) -> dict[str, Encoding]:
+    """One asymmetric per-tensor encoding per activation from its range (branch tensors: the LoRA preset);
+    ``precision``: what mixed precision chose instead for some tensors (16 bits, or ``"float16"``)."""
     out = {}
+    chosen = precision or {}
     for t in tensors:
         spec = preset.lora_activations if t in branch else preset.activations
         r = ranges[t]
-        out[t] = asymmetric_per_tensor(t, r.min, r.max, bw=16 if t in wide else spec.bw)
+        bits = chosen.get(t, spec.bw)
+        out[t] = FLOAT16(t) if bits == "float16" else asymmetric_per_tensor(t, r.min, r.max, bw=int(bits))
     return out
+
+
+def FLOAT16(name: str) -> Encoding:  # noqa: N802  (an encoding constructor, like the dtype it names)
+    """AIMET's entry for an activation that stays floating point (16 bits): no scale, no offset."""
+    return Encoding(name, "FLOAT", "PER_TENSOR", 16, False, (), ())
 
 
 def union_ranges(ranges: Mapping[str, Mapping[str, TensorRange]]) -> dict[str, TensorRange]:
@@ -75,18 +82,36 @@ def lora_weight_encodings(values: Mapping[str, Sequence[np.ndarray]], preset: Pr
     return out
 
 
-def sensitive_tensors(values: Mapping[str, Sequence[np.ndarray]], ranges: Mapping[str, TensorRange],
-                      threshold_db: float, bw: int = 8) -> dict[str, float]:
-    """Activations whose own ``bw``-bit quantization (with their calibrated range) is worse than
-    ``threshold_db`` SQNR: the outlier-heavy ones, kept at 16 bits by mixed precision. Returns tensor -> dB."""
-    out = {}
+def token_sqnr_db(rows: np.ndarray, lo: float, hi: float, bw: int) -> float:
+    """SQNR of ``bw``-bit asymmetric quantization over ``[lo, hi]``, with each row (token) weighted equally:
+    ``-10 log10(mean_row(noise / signal))``. A global SQNR would let the few tokens with massive activations
+    (hundreds to thousands, which set the range) hide that every ordinary token is quantized coarsely."""
+    x = np.atleast_2d(np.asarray(rows, np.float64))
+    e = asymmetric_per_tensor("t", lo, hi, bw=bw)
+    scale, zero = e.scale[0], -e.offset[0]
+    q = (np.clip(np.rint(x / scale) + zero, 0, 2**bw - 1) - zero) * scale
+    signal = np.sum(x**2, axis=-1)
+    noise = np.sum((x - q) ** 2, axis=-1)
+    live = signal > 0
+    if not np.any(live):
+        return float("inf")
+    ratio = float(np.mean(noise[live] / signal[live]))
+    return float("inf") if ratio == 0 else float(-10 * np.log10(ratio))
+
+
+def choose_precision(values: Mapping[str, Sequence[np.ndarray]], ranges: Mapping[str, TensorRange],
+                     threshold_db: float, start_bw: Mapping[str, int]) -> dict[str, tuple[int | str, float]]:
+    """Mixed precision by a measured sensitivity pass: each activation whose own quantization at its preset
+    bitwidth is worse than ``threshold_db`` (``token_sqnr_db`` on the kept calibration rows) is widened to
+    16 bits, and to float16 if 16 bits are still worse. Returns tensor -> (bits or "float16", dB at the
+    preset's bitwidth) for the tensors that changed."""
+    out: dict[str, tuple[int | str, float]] = {}
     for t, chunks in values.items():
-        x = np.concatenate(chunks).astype(np.float64)
-        e = asymmetric_per_tensor(t, ranges[t].min, ranges[t].max, bw=bw)
-        scale, zero = e.scale[0], -e.offset[0]
-        q = (np.clip(np.rint(x / scale) + zero, 0, 2**bw - 1) - zero) * scale
-        noise = float(np.sum((x - q) ** 2))
-        db = float("inf") if noise == 0 else 10 * np.log10(max(float(np.sum(x**2)), 1e-30) / noise)
-        if db < threshold_db:
-            out[t] = db
+        rows = np.concatenate([np.atleast_2d(c) for c in chunks])
+        bw = start_bw[t]
+        db = token_sqnr_db(rows, ranges[t].min, ranges[t].max, bw)
+        if db >= threshold_db:
+            continue
+        wide = 16 if bw < 16 and token_sqnr_db(rows, ranges[t].min, ranges[t].max, 16) >= threshold_db else "float16"
+        out[t] = (wide, db)
     return out

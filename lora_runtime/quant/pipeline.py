@@ -29,6 +29,7 @@ from lora_runtime.quant.calibrate import TensorRange, collect_ranges, split_held
 from lora_runtime.quant.encodings import (
     VERSION,
     Encoding,
+    EncodingsError,
     EncodingsFile,
     Preset,
     check_fits,
@@ -38,8 +39,8 @@ from lora_runtime.quant.encodings import (
 )
 from lora_runtime.quant.modes import (
     activation_encodings,
+    choose_precision,
     lora_weight_encodings,
-    sensitive_tensors,
     union_ranges,
     updatable,
 )
@@ -48,6 +49,13 @@ from lora_runtime.runtime.simple import make_session, run_use_case
 from lora_runtime.tensorfile import read_header, save_tensors
 
 DATA_FILE = "base.qdq.data"
+WEIGHT_ROUNDING = ("nearest", "gptq")
+GREEDY_TOKENS = 16  # an imported LLM's report: how many of the first greedy tokens agree with FP32
+# ONNX Runtime fuses DQ(int8 weight) + MatMul into MatMulNBits, whose default int8 compute (accuracy level 4)
+# quantizes the activation to 8 bits per block on the fly: a 16-bit or float16 activation would silently lose
+# what its encoding keeps (measured, SmolLM2 W8A16: 32.0 -> 27.6 dB). Without the QDQ fusions, constant folding
+# dequantizes the weights once at load and the graph runs exactly as encoded (at float32 speed).
+EXACT_SESSION_CONFIG = {"session.disable_quant_qdq": "1"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +67,15 @@ class QuantResult:
 def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base_dir: Path, *, mode: str,
                     preset: str, samples: Sequence[dict[str, np.ndarray]], method: str = "minmax",
                     ort_reference: bool = True, overrides: EncodingsFile | None = None,
-                    sensitive_db: float | None = None, say: Callable[[str], None] = lambda _m: None) -> QuantResult:
-    """Rewrite ``model`` (whose float version is at ``root``/graph) to QDQ; write encodings; measure SQNR."""
+                    sensitive_db: float | None = None, weight_rounding: str = "nearest",
+                    say: Callable[[str], None] = lambda _m: None) -> QuantResult:
+    """Rewrite ``model`` (whose float version is at ``root``/graph) to QDQ; write encodings; measure SQNR.
+
+    ``weight_rounding="gptq"`` chooses the base weights' codes with GPTQ (lora_runtime.quant.gptq) from the
+    calibration inputs of every use-case; the encodings (the grid) are the same as with ``"nearest"``.
+    """
+    if weight_rounding not in WEIGHT_ROUNDING:
+        raise EncodingsError(f"weight rounding must be one of {', '.join(WEIGHT_ROUNDING)}, got {weight_rounding!r}")
     p = load_preset(preset)
     float_bundle = Bundle(root, manifest)
     lora_slots = sorted(s.name for s in manifest.slots if s.kind in ("lora_A", "lora_B"))
@@ -72,19 +87,28 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
     say(f"calibrating {len(tensors)} tensors on {len(calib)} samples x {len(names)} use-cases")
     count = iter(range(1, len(calib) * len(names) + 1))
     kept: dict[str, list[np.ndarray]] | None = {} if sensitive_db is not None else None
-    ranges = collect_ranges(float_bundle, tensors, calib, names, method=method, keep_values=kept,
+    gram: dict[str, np.ndarray] | None = None
+    if weight_rounding == "gptq":
+        gram = {c.x: np.zeros(()) for c in find_candidates(model.graph) if c.weight not in lora_slots}
+    ranges = collect_ranges(float_bundle, tensors, calib, names, method=method, keep_values=kept, gram=gram,
                             step=lambda u: say(f"calibrating {u}: {next(count)}/{len(calib) * len(names)}"))
-    wide: dict[str, float] = {}
-    if kept is not None and p.activations.bw == 8:  # mixed precision: outlier-heavy activations at 16 bits
-        wide = sensitive_tensors(kept, union_ranges(ranges), sensitive_db)
+    chosen: dict[str, tuple[int | str, float]] = {}
+    if kept is not None:  # mixed precision: outlier-heavy activations at 16 bits, or float16 past that
+        start = {t: (p.lora_activations if t in branch else p.activations).bw for t in tensors}
+        chosen = choose_precision(kept, union_ranges(ranges), sensitive_db, start)
+    precision = {t: bits for t, (bits, _db) in chosen.items()}
     session = make_session(float_bundle)
     fp32 = {u: [run_use_case(float_bundle, u, s, session=session) for s in held] for u in names}
     del session
+    chat = _chat(base_dir)
+    if chat is not None:
+        say("greedy decoding of the held-out prompts with FP32")
+        fp32_greedy = _greedy_runs(float_bundle, chat, names)
     ort_sqnr = _ort_reference(float_bundle, names, calib, held, fp32, say) if ort_reference else None
 
     values = _lora_values(float_bundle, lora_slots)
-    union = _encodings(union_ranges(ranges), tensors, branch, values, p, frozenset(wide))
-    per_use_case = {u: _encodings(ranges[u], tensors, branch, _active(float_bundle, values, u), p, frozenset(wide))
+    union = _encodings(union_ranges(ranges), tensors, branch, values, p, precision)
+    per_use_case = {u: _encodings(ranges[u], tensors, branch, _active(float_bundle, values, u), p, precision)
                     for u in names}
     weight_overrides = {}
     if overrides is not None:  # the user's entries win, in every use-case's set
@@ -96,11 +120,12 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
         weight_overrides = {k: v for k, v in mine.items() if k in weights_shape}
         for enc in [union, *per_use_case.values()]:
             enc.update({k: v for k, v in mine.items() if k in enc})
-    live = updatable(mode, tensors, branch, lora_slots)
+    floats = frozenset(t for t in tensors if union[t].dtype == "FLOAT")
+    live = updatable(mode, tensors, branch, lora_slots) - floats  # a float16 activation has no parameters
     plan = QdqPlan(activations={t: union[t] for t in tensors}, lora_weights={s: union[s] for s in lora_slots},
-                   weight_bw=p.weights.bw, updatable=live, weight_overrides=weight_overrides)
-    say(f"rewriting to QDQ ({mode} encodings)")
-    weights = {e.name: e for e in apply_qdq(model, base_dir, root, DATA_FILE, plan, frozenset(lora_slots))}
+                   weight_bw=p.weights.bw, updatable=live, weight_overrides=weight_overrides, gram=gram or {})
+    say(f"rewriting to QDQ ({mode} encodings, {weight_rounding} weight rounding)")
+    weights = {e.name: e for e in apply_qdq(model, base_dir, root, DATA_FILE, plan, frozenset(lora_slots), say=say)}
     (root / manifest.graph).write_bytes(model.SerializeToString())
 
     files = [DATA_FILE] + _write_encodings_files(root, mode, weights, union, per_use_case, tensors, branch, lora_slots)
@@ -110,29 +135,64 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
     manifest = dataclasses.replace(manifest, slots=manifest.slots + tuple(slots), use_cases=use_cases,
                                    union_encodings=UNION_ENCODINGS if slots else None)
 
+    wide_inputs = [t for t in tensors if t not in branch and (union[t].dtype == "FLOAT" or union[t].bw > 8)]
+    config = {"session_config": dict(EXACT_SESSION_CONFIG)} if wide_inputs else {}
     say("measuring INT8 against FP32 on held-out samples")
-    int8 = Bundle(root, manifest)
+    int8 = Bundle(root, dataclasses.replace(manifest, extra={**manifest.extra, "encodings": config}))
     session = make_session(int8)
     runs = {u: [run_use_case(int8, u, s, session=session) for s in held] for u in names}
     sqnr = {u: _sqnr(fp32[u], runs[u]) for u in names}
     agree = {u: _argmax_agreement(fp32[u], runs[u]) for u in names}
-    extra = {"mode": mode, "preset": preset, "calibration": {"method": method, "samples": len(calib),
-                                                             "held_out": len(held)},
+    extra = {"mode": mode, "preset": preset, "weight_rounding": weight_rounding,
+             "calibration": {"method": method, "samples": len(calib), "held_out": len(held)},
              "activations": len(tensors), "base_weights": len(weights), "lora_weights": len(lora_slots),
              "updatable": len(live), "files": [f for f in files if f.startswith("encodings/")], "sqnr_db": sqnr,
              "argmax_agreement": agree}
+    if chat is not None:
+        say("greedy decoding of the held-out prompts quantized")
+        from lora_runtime.llm import GREEDY_PROMPTS, prefix_agreement
+
+        test = _greedy_runs(int8, chat, names)
+        extra["greedy_agreement"] = {"prompts": len(GREEDY_PROMPTS), "tokens": GREEDY_TOKENS, "use_cases": {
+            u: prefix_agreement(fp32_greedy[u], test[u], GREEDY_TOKENS) for u in names}}
+    if wide_inputs:
+        extra |= config
+        extra["execution"] = (f"{len(wide_inputs)} base linear inputs are wider than 8 bits: ONNX Runtime's QDQ "
+                              "fusions are off (their MatMulNBits would requantize them to int8); weights are "
+                              "dequantized once at load, activations rounded as encoded")
     if sensitive_db is not None:
-        extra["mixed_precision"] = {"threshold_db": sensitive_db, "16bit_activations": len(wide),
-                                    "tensors": {t: round(v, 1) for t, v in sorted(wide.items(), key=lambda kv: kv[1])}}
+        extra["mixed_precision"] = {
+            "threshold_db": sensitive_db, "16bit_activations": sum(b == 16 for b in precision.values()),
+            "float16_activations": sum(b == "float16" for b in precision.values()),
+            "tensors": {t: {"bits": b, "db_at_preset": round(db, 1)}
+                        for t, (b, db) in sorted(chosen.items(), key=lambda kv: kv[1][1])}}
     if ort_sqnr is not None:
         extra["ort_quantize_static_sqnr_db"] = ort_sqnr
     return QuantResult(dataclasses.replace(manifest, extra={**manifest.extra, "encodings": extra}), files)
 
 
+def _chat(base_dir: Path):  # noqa: ANN202  (lora_runtime.llm.Chat, imported late: llm imports the compiler)
+    """The tokenizer of an imported LLM (``import-model`` wrote it next to the base), or None."""
+    from lora_runtime.errors import BaseModelError
+    from lora_runtime.llm import Chat
+
+    try:
+        return Chat.load(base_dir)
+    except BaseModelError:  # not an imported LLM, or no tokenizers package: no greedy-token report
+        return None
+
+
+def _greedy_runs(bundle: Bundle, chat, names: Sequence[str]) -> dict[str, list[list[int]]]:  # noqa: ANN001
+    from lora_runtime.llm import greedy_runs
+
+    return greedy_runs(bundle, chat, names, tokens=GREEDY_TOKENS)
+
+
 def _sqnr(reference: Sequence[Mapping[str, np.ndarray]], test: Sequence[Mapping[str, np.ndarray]]) -> float:
-    """SQNR over all held-out samples together (per output; the worst output counts)."""
-    return min(sqnr_db(np.concatenate([r[k].ravel() for r in reference]), np.concatenate([t[k].ravel() for t in test]))
-               for k in reference[0])
+    """SQNR of the first output (the logits) over all held-out samples together. An LLM's other outputs are
+    its KV caches: their error is intermediate, it reaches the logits of the next step."""
+    key = next(iter(reference[0]))
+    return sqnr_db(np.concatenate([r[key].ravel() for r in reference]), np.concatenate([t[key].ravel() for t in test]))
 
 
 def _argmax_agreement(reference: Sequence[Mapping[str, np.ndarray]], test: Sequence[Mapping[str, np.ndarray]]
@@ -186,8 +246,9 @@ def _ort_reference(bundle: Bundle, names: Sequence[str], calib: Sequence[dict[st
 
 
 def _encodings(ranges: Mapping[str, TensorRange], tensors: Sequence[str], branch: Sequence[str],
-               values: Mapping[str, Sequence[np.ndarray]], p: Preset, wide: frozenset[str]) -> dict[str, Encoding]:
-    return activation_encodings(ranges, tensors, branch, p, wide) | lora_weight_encodings(values, p)
+               values: Mapping[str, Sequence[np.ndarray]], p: Preset, precision: Mapping[str, int | str]
+               ) -> dict[str, Encoding]:
+    return activation_encodings(ranges, tensors, branch, p, precision) | lora_weight_encodings(values, p)
 
 
 def _lora_values(bundle: Bundle, slots: Sequence[str]) -> dict[str, list[np.ndarray]]:

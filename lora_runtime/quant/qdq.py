@@ -14,12 +14,13 @@ gets an activation encoding of its own::
 
     x.dq ──► MatMul(Transpose(fq(A, s_A))) ──► Mul(gain) ──► Q/DQ(s, z) ──► MatMul(Transpose(fq(B, s_B)))
 
-Encodings that are updatable per use-case become graph inputs (slots) instead of constants.
+Encodings that are updatable per use-case become graph inputs (slots) instead of constants. Base weight
+codes are the nearest ones, or GPTQ's (``plan.gram``: see lora_runtime.quant.gptq) on the same grid.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from lora_runtime.compiler.points import find_candidates, node_keys
 from lora_runtime.compiler.quantize_base import DataWriter, own_what_is_left, read_tensor
 from lora_runtime.errors import BaseModelError
 from lora_runtime.quant.encodings import Encoding, symmetric_per_channel, to_qdq
+from lora_runtime.quant.gptq import gptq_codes
 
 MIN_OPSET = 13  # per-axis DequantizeLinear
 
@@ -39,11 +41,12 @@ MIN_OPSET = 13  # per-axis DequantizeLinear
 class QdqPlan:
     """What to quantize and how; names in ``updatable`` become graph inputs (slots), the rest constants."""
 
-    activations: Mapping[str, Encoding]  # tensor -> asymmetric per-tensor encoding
+    activations: Mapping[str, Encoding]  # tensor -> asymmetric per-tensor encoding (or FLOAT 16: float16)
     lora_weights: Mapping[str, Encoding]  # LoRA slot name (A or B) -> per-row symmetric encoding
     weight_bw: int = 8
     updatable: frozenset[str] = frozenset()
     weight_overrides: Mapping[str, Encoding] = field(default_factory=dict)  # base weight -> user's encoding
+    gram: Mapping[str, np.ndarray] = field(default_factory=dict)  # linear input -> X^T X: GPTQ rounding
 
 
 def activation_tensors(model: onnx.ModelProto, lora_slots: frozenset[str], modules: list[str]) -> list[str]:
@@ -64,7 +67,7 @@ def lora_scale_name(slot: str) -> str:
 
 
 def apply_qdq(model: onnx.ModelProto, base_dir: Path, out: Path, data_name: str, plan: QdqPlan,
-              lora_slots: frozenset[str]) -> list[Encoding]:
+              lora_slots: frozenset[str], say: Callable[[str], None] = lambda _m: None) -> list[Encoding]:
     """Rewrite ``model`` in place (see the module docstring); return the base weights' encodings."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_OPSET:
@@ -94,7 +97,11 @@ def apply_qdq(model: onnx.ModelProto, base_dir: Path, out: Path, data_name: str,
             enc = plan.weight_overrides.get(c.weight) or symmetric_per_channel(c.weight, w, axis=1, bw=plan.weight_bw)
             scale, zp, _ = to_qdq(enc, axis=1)
             info = np.iinfo(zp.dtype)
-            codes = np.clip(np.rint(w / scale) + zp.astype(np.float64), info.min, info.max)
+            if c.x in plan.gram:
+                say(f"GPTQ rounding {c.weight}")
+                codes = gptq_codes(w, plan.gram[c.x], scale, zp, info.min, info.max)
+            else:
+                codes = np.clip(np.rint(w / scale) + zp.astype(np.float64), info.min, info.max)
             q_name = f"{c.weight}.int{enc.bw}"
             new_inits.append(writer.tensor(q_name, codes.astype(zp.dtype), _onnx_type(zp.dtype), list(w.shape)))
             s_name, z_name = const(f"{c.weight}.scale", scale), const(f"{c.weight}.zero_point", zp)
@@ -136,6 +143,12 @@ def apply_qdq(model: onnx.ModelProto, base_dir: Path, out: Path, data_name: str,
 
     def qdq(tensor: str, into: list[onnx.NodeProto]) -> None:
         enc = act[tensor]
+        if enc.dtype == "FLOAT":  # mixed precision kept it floating point: float16, rounded exactly by a Cast pair
+            into.append(helper.make_node("Cast", [tensor], [f"{tensor}/f16"], name=f"{tensor}/ToFloat16",
+                                         to=TensorProto.FLOAT16))
+            into.append(helper.make_node("Cast", [f"{tensor}/f16"], [f"{tensor}/dq"], name=f"{tensor}/ToFloat32",
+                                         to=TensorProto.FLOAT))
+            return
         s_name, z_name = scale_input_names(tensor)
         scale, zp, _ = to_qdq(enc)
         if tensor in plan.updatable:
