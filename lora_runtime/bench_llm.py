@@ -12,12 +12,12 @@ decode_v2_peer16         v2, a seeded F32 adapter shaped like llama.cpp's second
                          of all 30 layers, 14.4 MB
 decode_v3_n1 / _n2       v3 groups of ``caps`` / ``caps`` + ``listify``, all active
 decode_v3_n2_int4        the same with the base weights in int4 (``--base-weights int4``)
-decode_int8_*            the same as QDQ with full encodings: w8a8 (nearest rounding); w8a8 with mixed
-                         precision (``--sensitive-db 30``) and GPTQ; w8a16 with both. Logit SQNR, argmax and
-                         greedy-token agreement with FP32 alongside
+decode_qdq_*             the same as QDQ with full encodings: w8a8 (nearest rounding); w8a8 with mixed
+                         precision (``--sensitive-db 30``) and GPTQ; w8a16 and w4a16 with both. Logit SQNR,
+                         argmax and greedy-token agreement with FP32 alongside
 hot_switch               v3: between use-cases (strengths only)
 cold_switch_cache        v2: between three adapters' patches (page cache warm)
-cold_switch_peer16       v2: between two 14.4 MB adapters shaped like llama.cpp's (page cache warm)
+cold_switch_peer16       v2: between three 14.4 MB adapters shaped like llama.cpp's (page cache warm)
 =======================  ==============================================================================
 
 The peer (llama.cpp through llama-cpp-python 0.3.36, the same GGUF, 2 threads) was measured on this machine
@@ -43,7 +43,7 @@ from lora_runtime.runtime.runtime import Runtime
 
 PROMPT = [{"role": "user", "content": "Give me three tips for better sleep."}]
 # INT8 rows: preset, --sensitive-db, --weight-rounding
-PRESETS = (("w8a8", None, "nearest"), ("w8a8", 30.0, "gptq"), ("w8a16", 30.0, "gptq"))
+PRESETS = (("w8a8", None, "nearest"), ("w8a8", 30.0, "gptq"), ("w8a16", 30.0, "gptq"), ("w4a16", 30.0, "gptq"))
 # llama.cpp on this machine (issue 10): decode ms/token; per-token overhead of its two adapters (low-high of its
 # runs); adapter load ms of the 1.8 MB and the 14.4 MB adapter.
 LLAMA_CPP = {"decode_ms": 6.8, "qv8_overhead": (1.04, 1.21), "peer16_overhead": (1.26, 1.51),
@@ -91,7 +91,7 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
         ad = shipped_adapters()
         two = {k: ad[k] for k in ("caps", "listify")}
         peers = {f"peer16{x}": peer_adapter(model_dir / "base.onnx", work / "adapters" / f"peer16{x}", seed)
-                 for x, seed in (("a", 1), ("b", 2))}
+                 for x, seed in (("a", 1), ("b", 2), ("c", 3))}  # three: two slot sets hold two adapters
         bundles = {
             "v1": compile_bundle(model_dir / "base.onnx", ad, work / "b-v1", generation="v1", force=True),
             "v2": compile_bundle(model_dir / "base.onnx", ad, work / "b-v2", generation="v2", force=True),
@@ -108,7 +108,7 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
         calib = calibration_data(model_dir, work / "calibration.npz", samples=6 if quick else 16, seq_len=48)
         bar.step("bundles")
         for preset, sens, rounding in PRESETS:
-            key = f"int8_{preset}" + (f"_s{int(sens)}" if sens else "") + ("_gptq" if rounding == "gptq" else "")
+            key = f"qdq_{preset}" + (f"_s{int(sens)}" if sens else "") + ("_gptq" if rounding == "gptq" else "")
             bundles[key] = compile_bundle(model_dir / "base.onnx", two, work / f"b-{key}", generation="v3",
                                           use_cases=["both=caps,listify", "caps=caps", "base="], force=True,
                                           encodings="full", calibration=calib, preset=preset, sensitive_db=sens,
@@ -141,7 +141,7 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
         runtimes = {}
         for key, use_case in [("v1", "caps"), ("v2", "caps"), ("v2_qv8", "listify"), ("v2_peer16", "peer16a"),
                               ("v3_n1", "caps"), ("v3_n2", "both"),
-                              ("v3_n2_int4", "both"), *((k, "both") for k in bundles if k.startswith("int8_"))]:
+                              ("v3_n2_int4", "both"), *((k, "both") for k in bundles if k.startswith("qdq_"))]:
             rt = Runtime.open(bundles[key.replace("_qv8", "")].path)
             rt.switch(use_case)
             runtimes[key] = rt
@@ -154,7 +154,7 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
         rows.append(measure("cold_switch_cache", _alternate(rt2, ["caps", "listify", "signoff"], expect="cold"),
                             200, nbytes=rt2.layout.nbytes))
         rtp = runtimes["v2_peer16"]
-        rows.append(measure("cold_switch_peer16", _alternate(rtp, ["peer16a", "peer16b"], expect="cold"), 200,
+        rows.append(measure("cold_switch_peer16", _alternate(rtp, list(peers), expect="cold"), 200,
                             nbytes=rtp.layout.nbytes))
         bar.step("switches")
         t = time.perf_counter()
@@ -166,7 +166,7 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
         bar.step("done")
     accuracy = {}
     for k, b in bundles.items():
-        if k.startswith("int8_"):
+        if k.startswith("qdq_"):
             e = b.manifest.extra["encodings"]
             greedy = e.get("greedy_agreement", {}).get("use_cases", {})
             accuracy[f"decode_{k} (v3, 2 adapters, full encodings) vs FP32: logit SQNR dB / argmax agreement / "
@@ -181,7 +181,7 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
     by = {r.name: r for r in rows}
     for num in ("decode_merged", "decode_v1", "decode_v2", "decode_v2_qv8", "decode_v2_peer16", "decode_v3_n1",
                 "decode_v3_n2", "decode_v3_n2_int4",
-                *(f"decode_{k}" for k in bundles if k.startswith("int8_"))):
+                *(f"decode_{k}" for k in bundles if k.startswith("qdq_"))):
         report["ratios"][f"{num} / decode_base"] = {"value": by[num].p50_us / by["decode_base"].p50_us,
                                                     "goal": None, "met": None}
     peer = {"decode_v2_qv8 / decode_base": LLAMA_CPP["qv8_overhead"][0],

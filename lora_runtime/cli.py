@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--encodings-file", metavar="F.encodings",
                    help="your own AIMET/QAIRT encodings: entries named in it override the calibrated ones")
     c.add_argument("--sensitive-db", type=float, default=None, metavar="DB",
-                   help="mixed precision: 8-bit activations whose own quantization SQNR is below DB stay 16-bit")
+                   help="mixed precision: activations whose per-token SQNR at the preset's bitwidth is below DB get "
+                        "16 bits (float16 if 16 bits are still below DB)")
     c.add_argument("--weight-rounding", choices=("nearest", "gptq"), default="nearest",
                    help="how base weights pick their integer codes: nearest, or GPTQ (uses the calibration data; "
                         "slower to compile, far more accurate on real LLMs)")
@@ -178,11 +179,9 @@ def _compile(args: argparse.Namespace) -> int:
           f"{len(m.use_cases)} use-cases, {own / 1e6:.2f} MB{shared}) in {time.perf_counter() - t0:.2f}s")
     enc = m.extra.get("encodings")
     if enc:
-        ref = enc.get("ort_quantize_static_sqnr_db", {})
-        print(f"INT8 ({enc['mode']} encodings, {enc['preset']}): SQNR vs FP32 on {enc['calibration']['held_out']} "
-              "held-out samples" + (", and ONNX Runtime's quantize_static of the merged use-case:" if ref else ":"))
-        for u, v in enc["sqnr_db"].items():
-            print(f"  {u:<20} {v:6.1f} dB" + (f"   ORT {ref[u]:6.1f} dB ({v - ref[u]:+.1f})" if u in ref else ""))
+        from lora_runtime.inspect import encodings_report
+
+        print("\n".join(encodings_report(enc)))
     return 0
 
 

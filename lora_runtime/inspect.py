@@ -44,20 +44,7 @@ def describe(bundle: Bundle) -> str:
                   f"{q.get('encodings', '-')}"]
     enc = m.extra.get("encodings")
     if enc:
-        ref = enc.get("ort_quantize_static_sqnr_db", {})
-        lines += ["", f"  INT8: {enc['mode']} encodings, preset {enc['preset']}; {enc['activations']} activations, "
-                  f"{enc['base_weights']} base weights, {enc['lora_weights']} LoRA weights, {enc['updatable']} "
-                  f"updatable; files {', '.join(enc['files'])}",
-                  f"    SQNR vs FP32 on {enc['calibration']['held_out']} held-out samples"
-                  + (" (ORT quantize_static of the merged use-case)" if ref else "")]
-        agree = enc.get("argmax_agreement", {})
-        for u, v in enc["sqnr_db"].items():
-            lines.append(f"    {u:<16} {v:6.1f} dB" + (f", argmax {agree[u]:.1%}" if u in agree else "")
-                         + (f"   ({ref[u]:.1f} dB)" if u in ref else ""))
-        mp = enc.get("mixed_precision")
-        if mp:
-            lines.append(f"    mixed precision: {mp['16bit_activations']} activations at 16 bits (own 8-bit SQNR "
-                         f"below {mp['threshold_db']} dB)")
+        lines += ["", *("  " + line for line in encodings_report(enc))]
     accuracy = m.extra.get("accuracy", {})
     sqnr = accuracy.get("use_cases", {})
     lora_dtype = next((sl.dtype for sl in m.slots if sl.kind == "lora_A"), "float32")
@@ -72,3 +59,29 @@ def describe(bundle: Bundle) -> str:
         cols = " ".join(f"{c.adapter}[{c.start}:{c.stop}]" for c in p.columns)
         lines.append(f"    {p.module}: {p.op_type} {p.in_features}x{p.out_features} r={p.rank} {cols}")
     return "\n".join(lines)
+
+
+def encodings_report(enc: dict) -> list[str]:
+    """The INT8 part of a manifest (``extra.encodings``) in words: what was quantized how, and how accurate
+    every use-case is against FP32 (used by ``inspect`` and by ``compile``'s output)."""
+    ref = enc.get("ort_quantize_static_sqnr_db", {})
+    agree = enc.get("argmax_agreement", {})
+    greedy = enc.get("greedy_agreement")
+    lines = [f"INT8: {enc['mode']} encodings, preset {enc['preset']}, {enc.get('weight_rounding', 'nearest')} "
+             f"weight rounding; {enc['activations']} activations, {enc['base_weights']} base weights, "
+             f"{enc['lora_weights']} LoRA weights, {enc['updatable']} updatable; files {', '.join(enc['files'])}",
+             f"  vs FP32 on {enc['calibration']['held_out']} held-out samples: logit SQNR, argmax agreement"
+             + (f", greedy tokens agreeing ({greedy['prompts']} prompts x {greedy['tokens']} tokens)" if greedy else "")
+             + (" (ORT quantize_static of the merged use-case)" if ref else "")]
+    for u, v in enc["sqnr_db"].items():
+        lines.append(f"  {u:<16} {v:6.1f} dB" + (f", argmax {agree[u]:.1%}" if u in agree else "")
+                     + (f", greedy {greedy['use_cases'][u]:.0%}" if greedy and u in greedy["use_cases"] else "")
+                     + (f"   (ORT {ref[u]:.1f} dB, {v - ref[u]:+.1f})" if u in ref else ""))
+    mp = enc.get("mixed_precision")
+    if mp:
+        lines.append(f"  mixed precision: {mp['16bit_activations']} activations at 16 bits, "
+                     f"{mp.get('float16_activations', 0)} in float16 (per-token SQNR at the preset's bitwidth below "
+                     f"{mp['threshold_db']} dB)")
+    if enc.get("execution"):
+        lines.append(f"  execution: {enc['execution']}")
+    return lines

@@ -352,7 +352,8 @@ def test_preset_files_equal_the_embedded_dict(name):
     preset = load_preset(name)
     assert preset.name == name
     for role in (preset.activations, preset.weights, preset.lora_activations, preset.lora_weights):
-        assert 2 <= role.bw <= 32 and role.enc_type in ("PER_TENSOR", "PER_CHANNEL")
+        assert 2 <= role.bw <= 32 and role.enc_type in ("PER_TENSOR", "PER_CHANNEL", "PER_BLOCK")
+        assert (role.block_size is not None) == (role.enc_type == "PER_BLOCK")
 
 
 def test_preset_directory_has_no_strays():

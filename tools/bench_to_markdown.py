@@ -22,6 +22,8 @@ def to_markdown(report: dict) -> str:
         out.append(f"| {name} | {v['value']:.4g} | {v['goal'] or ''} | {met} |")
     for what, values in report.get("accuracy", {}).items():
         out += ["", f"Accuracy, {what}: " + ", ".join(f"{k} {v:.1f}" for k, v in values.items()) + "."]
+    for what, values in report.get("accuracy_text", {}).items():  # bench --model smollm2: preformatted
+        out += ["", f"Accuracy, {what}: " + ", ".join(f"{k} {v}" for k, v in values.items()) + "."]
     return "\n".join(out)
 
 

@@ -318,6 +318,22 @@ def symmetric_per_channel(name: str, weight: np.ndarray, axis: int, bw: int = 8)
     return Encoding(name, "INT", "PER_CHANNEL", bw, True, scale, (-(2 ** (bw - 1)),) * len(scale))
 
 
+def symmetric_per_block(name: str, weight: np.ndarray, block_size: int, bw: int) -> Encoding:
+    """AIMET's symmetric rule per block of ``block_size`` input features of ``weight (in, out)``: scales in
+    (out, block) order (QAIRT's blockwise layout for an (out, in) weight)."""
+    w = np.asarray(weight, dtype=np.float64)
+    _check_bw(name, bw)
+    if w.ndim != 2 or block_size < 1 or w.shape[0] % block_size:
+        raise EncodingsError(f"tensor {name!r}: {w.shape[0] if w.ndim == 2 else w.shape} input features do not "
+                             f"split into blocks of {block_size}")
+    if not np.all(np.isfinite(w)):
+        raise EncodingsError(f"tensor {name!r}: weight has NaN or infinite values")
+    absmax = np.abs(w.reshape(-1, block_size, w.shape[1])).max(axis=1).T  # (out, blocks)
+    steps = 2 ** (bw - 1) - 1
+    scale = tuple(_f32(max(float(a), _EPSILON) / steps) for a in absmax.ravel())
+    return Encoding(name, "INT", "PER_BLOCK", bw, True, scale, (-(2 ** (bw - 1)),) * len(scale), block_size)
+
+
 def asymmetric_per_tensor(name: str, min: float, max: float, bw: int = 8) -> Encoding:
     """AIMET/QNN asymmetric rule for an observed range.
 
@@ -436,9 +452,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "w4a16": {
         "name": "w4a16",
-        "description": "INT4 base weights per-channel, INT16 activations, INT8 LoRA weights.",
+        "description": "INT4 base weights in blocks of 32 input features, INT16 activations, INT8 LoRA weights.",
         "activations": {"bw": 16, "is_sym": False, "enc_type": "PER_TENSOR"},
-        "weights": {"bw": 4, "is_sym": True, "enc_type": "PER_CHANNEL"},
+        "weights": {"bw": 4, "is_sym": True, "enc_type": "PER_BLOCK", "block_size": 32},
         "lora_activations": {"bw": 16, "is_sym": False, "enc_type": "PER_TENSOR"},
         "lora_weights": {"bw": 8, "is_sym": True, "enc_type": "PER_TENSOR"},
     },
@@ -462,6 +478,7 @@ class RoleSpec:
     bw: int
     is_sym: bool
     enc_type: str
+    block_size: int | None = None  # PER_BLOCK: input features per block
 
 
 @dataclass(frozen=True)
@@ -479,7 +496,7 @@ def load_preset(name: str) -> Preset:
     raw = PRESETS.get(name)
     if raw is None:
         raise EncodingsError(f"preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
-    roles = {r: RoleSpec(raw[r]["bw"], raw[r]["is_sym"], raw[r]["enc_type"]) for r in ROLES}
+    roles = {r: RoleSpec(raw[r]["bw"], raw[r]["is_sym"], raw[r]["enc_type"], raw[r].get("block_size")) for r in ROLES}
     return Preset(raw["name"], raw["description"], **roles)
 
 

@@ -24,8 +24,9 @@ BLOCK = 128  # rows updated lazily together (the result does not depend on it)
 
 def gptq_codes(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int
                ) -> np.ndarray:
-    """Codes ``q`` (int64, like ``w``) with ``w ≈ (q - zero) * scale`` for ``w (in, out)``, ``scale``/``zero``
-    per output column, and ``h (in, in)`` the Gram matrix of the layer's inputs."""
+    """Codes ``q`` (int64, like ``w``) with ``w ≈ (q - zero) * scale`` for ``w (in, out)``; ``scale``/``zero``
+    broadcast to ``w``'s shape (per output column, or per block of input rows too), and ``h (in, in)`` the
+    Gram matrix of the layer's inputs."""
     w = np.array(w, np.float64)
     k = w.shape[0]
     h = np.array(h, np.float64)
@@ -36,16 +37,16 @@ def gptq_codes(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray
         hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper triangular: row i drives rows > i
     except np.linalg.LinAlgError:
         hinv = None
-    scale = np.asarray(scale, np.float64)
-    zero = np.asarray(zero, np.float64)
+    scale = np.broadcast_to(np.asarray(scale, np.float64), w.shape)
+    zero = np.broadcast_to(np.asarray(zero, np.float64), w.shape)
     q = np.empty(w.shape, np.int64)
 
-    def round_row(row: np.ndarray) -> np.ndarray:
-        return np.clip(np.rint(row / scale) + zero, qmin, qmax)
+    def round_row(i: int, row: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(row / scale[i]) + zero[i], qmin, qmax)
 
     if hinv is None:  # not positive definite even after damping: nearest rounding
         for i in range(k):
-            q[i] = round_row(w[i])
+            q[i] = round_row(i, w[i])
         return q
     for i1 in range(0, k, BLOCK):
         i2 = min(i1 + BLOCK, k)
@@ -53,9 +54,9 @@ def gptq_codes(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray
         err = np.empty_like(block)
         hb = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            codes = round_row(block[i])
+            codes = round_row(i1 + i, block[i])
             q[i1 + i] = codes
-            e = (block[i] - (codes - zero) * scale) / hb[i, i]
+            e = (block[i] - (codes - zero[i1 + i]) * scale[i1 + i]) / hb[i, i]
             block[i:] -= np.outer(hb[i, i:], e)
             err[i] = e
         w[i2:] -= hinv[i1:i2, i2:].T @ err

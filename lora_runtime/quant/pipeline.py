@@ -51,11 +51,6 @@ from lora_runtime.tensorfile import read_header, save_tensors
 DATA_FILE = "base.qdq.data"
 WEIGHT_ROUNDING = ("nearest", "gptq")
 GREEDY_TOKENS = 16  # an imported LLM's report: how many of the first greedy tokens agree with FP32
-# ONNX Runtime fuses DQ(int8 weight) + MatMul into MatMulNBits, whose default int8 compute (accuracy level 4)
-# quantizes the activation to 8 bits per block on the fly: a 16-bit or float16 activation would silently lose
-# what its encoding keeps (measured, SmolLM2 W8A16: 32.0 -> 27.6 dB). Without the QDQ fusions, constant folding
-# dequantizes the weights once at load and the graph runs exactly as encoded (at float32 speed).
-EXACT_SESSION_CONFIG = {"session.disable_quant_qdq": "1"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +118,8 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
     floats = frozenset(t for t in tensors if union[t].dtype == "FLOAT")
     live = updatable(mode, tensors, branch, lora_slots) - floats  # a float16 activation has no parameters
     plan = QdqPlan(activations={t: union[t] for t in tensors}, lora_weights={s: union[s] for s in lora_slots},
-                   weight_bw=p.weights.bw, updatable=live, weight_overrides=weight_overrides, gram=gram or {})
+                   weight_bw=p.weights.bw, updatable=live, weight_overrides=weight_overrides, gram=gram or {},
+                   weight_block=p.weights.block_size if p.weights.enc_type == "PER_BLOCK" else None)
     say(f"rewriting to QDQ ({mode} encodings, {weight_rounding} weight rounding)")
     weights = {e.name: e for e in apply_qdq(model, base_dir, root, DATA_FILE, plan, frozenset(lora_slots), say=say)}
     (root / manifest.graph).write_bytes(model.SerializeToString())
@@ -135,10 +131,8 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
     manifest = dataclasses.replace(manifest, slots=manifest.slots + tuple(slots), use_cases=use_cases,
                                    union_encodings=UNION_ENCODINGS if slots else None)
 
-    wide_inputs = [t for t in tensors if t not in branch and (union[t].dtype == "FLOAT" or union[t].bw > 8)]
-    config = {"session_config": dict(EXACT_SESSION_CONFIG)} if wide_inputs else {}
     say("measuring INT8 against FP32 on held-out samples")
-    int8 = Bundle(root, dataclasses.replace(manifest, extra={**manifest.extra, "encodings": config}))
+    int8 = Bundle(root, manifest)
     session = make_session(int8)
     runs = {u: [run_use_case(int8, u, s, session=session) for s in held] for u in names}
     sqnr = {u: _sqnr(fp32[u], runs[u]) for u in names}
@@ -155,11 +149,10 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
         test = _greedy_runs(int8, chat, names)
         extra["greedy_agreement"] = {"prompts": len(GREEDY_PROMPTS), "tokens": GREEDY_TOKENS, "use_cases": {
             u: prefix_agreement(fp32_greedy[u], test[u], GREEDY_TOKENS) for u in names}}
-    if wide_inputs:
-        extra |= config
-        extra["execution"] = (f"{len(wide_inputs)} base linear inputs are wider than 8 bits: ONNX Runtime's QDQ "
-                              "fusions are off (their MatMulNBits would requantize them to int8); weights are "
-                              "dequantized once at load, activations rounded as encoded")
+    wide = sum(1 for t in tensors if t not in branch and (union[t].dtype == "FLOAT" or union[t].bw > 8))
+    if wide:
+        extra["execution"] = (f"{wide} base linear layers read inputs wider than 8 bits: float MatMul on their "
+                              "int8 weights dequantized at load (exact); the others int8 GEMM")
     if sensitive_db is not None:
         extra["mixed_precision"] = {
             "threshold_db": sensitive_db, "16bit_activations": sum(b == 16 for b in precision.values()),

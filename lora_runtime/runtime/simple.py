@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lora_runtime.bundle import Bundle, Manifest, open_bundle, patched_slots
+from lora_runtime.bundle import Bundle, open_bundle, patched_slots
 from lora_runtime.errors import InputError, UseCaseError
 from lora_runtime.tensorfile import read_header
 
@@ -25,24 +25,10 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 def make_session(bundle: Bundle, *, providers: list[str] | None = None,
                  session_options: ort.SessionOptions | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime session on the bundle's graph, with the session config entries the bundle asks for
-    (``extra.encodings.session_config``: see lora_runtime.quant.pipeline) unless ``session_options`` sets them."""
     so = session_options or ort.SessionOptions()
     so.log_severity_level = max(so.log_severity_level, 3)  # one warning per initializer-input otherwise
-    for key, value in session_config(bundle.manifest).items():
-        try:
-            so.get_session_config_entry(key)  # the caller's own choice wins
-        except RuntimeError:  # not set
-            so.add_session_config_entry(key, value)
     return ort.InferenceSession(str(bundle.file(bundle.manifest.graph)), so,
                                 providers=providers or ["CPUExecutionProvider"])
-
-
-def session_config(m: Manifest) -> dict[str, str]:
-    """ONNX Runtime session config entries a bundle's graph needs to run as its encodings say."""
-    enc = m.extra.get("encodings")
-    cfg = enc.get("session_config", {}) if isinstance(enc, dict) else {}
-    return {str(k): str(v) for k, v in cfg.items()} if isinstance(cfg, dict) else {}
 
 
 def slot_feeds(bundle: Bundle, strengths: Mapping[str, float], use_case: str | None = None) -> dict[str, np.ndarray]:
