@@ -248,7 +248,9 @@ def test_mixed_precision_in_a_bundle(tiny, calibration, tmp_path):
         casts = sum(n.op_type == "Cast" and n.name.endswith("/ToFloat16") for n in graph.node)
         if threshold == 0.0:
             assert {e.bw for e in acts} == {8} and casts == 0
-            assert enc["mixed_precision"]["float16_activations"] == 0 and "execution" not in enc
+            assert enc["mixed_precision"]["float16_activations"] == 0
+            n = enc["base_weights"]
+            assert enc["execution"] == f"{n} base linear layers: {n} int8 GEMM (MatMulIntegerToFloat)"
         else:
             assert {(e.dtype, e.bw) for e in acts} == {("FLOAT", 16)} and casts == len(acts)
             assert enc["mixed_precision"]["float16_activations"] == len(acts)

@@ -151,6 +151,8 @@ def test_w4a16_bundle(tiny, calibration, tmp_path):
     nbits = [n for n in g.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == len(base)
     assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == 1 for n in nbits)
+    assert b.manifest.extra["encodings"]["execution"] == (f"{len(base)} base linear layers: {len(base)} MatMulNBits "
+                                                          "with float32 compute (block-wise weights)")
     sq = {r: np.mean(list(x.manifest.extra["encodings"]["sqnr_db"].values())) for r, x in bundles.items()}
     # random tiny model, 144 calibration rows: GPTQ is not expected to win here (see the block-grid unit test)
     assert sq["gptq"] > sq["nearest"] - 1.0

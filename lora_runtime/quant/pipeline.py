@@ -120,6 +120,7 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
     plan = QdqPlan(activations={t: union[t] for t in tensors}, lora_weights={s: union[s] for s in lora_slots},
                    weight_bw=p.weights.bw, updatable=live, weight_overrides=weight_overrides, gram=gram or {},
                    weight_block=p.weights.block_size if p.weights.enc_type == "PER_BLOCK" else None)
+    linear_inputs = {c.weight: c.x for c in find_candidates(model.graph) if c.weight not in lora_slots}
     say(f"rewriting to QDQ ({mode} encodings, {weight_rounding} weight rounding)")
     weights = {e.name: e for e in apply_qdq(model, base_dir, root, DATA_FILE, plan, frozenset(lora_slots), say=say)}
     (root / manifest.graph).write_bytes(model.SerializeToString())
@@ -149,10 +150,7 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
         test = _greedy_runs(int8, chat, names)
         extra["greedy_agreement"] = {"prompts": len(GREEDY_PROMPTS), "tokens": GREEDY_TOKENS, "use_cases": {
             u: prefix_agreement(fp32_greedy[u], test[u], GREEDY_TOKENS) for u in names}}
-    wide = sum(1 for t in tensors if t not in branch and (union[t].dtype == "FLOAT" or union[t].bw > 8))
-    if wide:
-        extra["execution"] = (f"{wide} base linear layers read inputs wider than 8 bits: float MatMul on their "
-                              "int8 weights dequantized at load (exact); the others int8 GEMM")
+    extra["execution"] = _execution(linear_inputs, weights, union)
     if sensitive_db is not None:
         extra["mixed_precision"] = {
             "threshold_db": sensitive_db, "16bit_activations": sum(b == 16 for b in precision.values()),
@@ -162,6 +160,22 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
     if ort_sqnr is not None:
         extra["ort_quantize_static_sqnr_db"] = ort_sqnr
     return QuantResult(dataclasses.replace(manifest, extra={**manifest.extra, "encodings": extra}), files)
+
+
+def _execution(linear_inputs: Mapping[str, str], weights: Mapping[str, Encoding], acts: Mapping[str, Encoding]
+               ) -> str:
+    """How the base linear layers of the QDQ graph run on ONNX Runtime, in words (see lora_runtime.quant.qdq)."""
+    inputs = {w: x for w, x in linear_inputs.items() if w in weights}
+    blocks = sum(1 for w in inputs if weights[w].enc_type == "PER_BLOCK")
+    wide = sum(1 for w, x in inputs.items() if weights[w].enc_type != "PER_BLOCK"
+               and (acts[x].dtype == "FLOAT" or acts[x].bw > 8))
+    gemm = len(inputs) - blocks - wide
+    parts = [f"{gemm} int8 GEMM (MatMulIntegerToFloat)"] if gemm else []
+    if wide:
+        parts.append(f"{wide} float MatMul on int8 weights dequantized at load (inputs wider than 8 bits)")
+    if blocks:
+        parts.append(f"{blocks} MatMulNBits with float32 compute (block-wise weights)")
+    return f"{len(inputs)} base linear layers: " + ", ".join(parts)
 
 
 def _chat(base_dir: Path):  # noqa: ANN202  (lora_runtime.llm.Chat, imported late: llm imports the compiler)
