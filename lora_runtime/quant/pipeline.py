@@ -237,12 +237,14 @@ def _ort_reference(bundle: Bundle, names: Sequence[str], calib: Sequence[dict[st
             q = Path(tmp) / f"{u}.int8.onnx"
             user = [{k: v for k, v in s.items()} for s in calib]
             logging.disable(logging.WARNING)  # its "consider pre-processing" advice, on the root logger, per call
+            ort.set_default_logger_severity(3)  # its calibration sessions log every initializer a fusion left unused
             try:
                 quantize_static(str(merged), str(q), Reader(user), quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True)
             finally:
                 logging.disable(logging.NOTSET)
+                ort.set_default_logger_severity(2)  # ONNX Runtime's default
             so = ort.SessionOptions()
             so.log_severity_level = 3
             sess = ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
