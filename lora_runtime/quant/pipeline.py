@@ -29,7 +29,6 @@ from lora_runtime.quant.calibrate import TensorRange, collect_ranges, split_held
 from lora_runtime.quant.encodings import (
     VERSION,
     Encoding,
-    EncodingsError,
     EncodingsFile,
     Preset,
     check_fits,
@@ -67,10 +66,9 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
     """Rewrite ``model`` (whose float version is at ``root``/graph) to QDQ; write encodings; measure SQNR.
 
     ``weight_rounding="gptq"`` chooses the base weights' codes with GPTQ (lora_runtime.quant.gptq) from the
-    calibration inputs of every use-case; the encodings (the grid) are the same as with ``"nearest"``.
+    calibration inputs of every use-case; the encodings (the grid) are the same as with ``"nearest"``
+    (``compile_bundle`` checks the choice).
     """
-    if weight_rounding not in WEIGHT_ROUNDING:
-        raise EncodingsError(f"weight rounding must be one of {', '.join(WEIGHT_ROUNDING)}, got {weight_rounding!r}")
     p = load_preset(preset)
     float_bundle = Bundle(root, manifest)
     lora_slots = sorted(s.name for s in manifest.slots if s.kind in ("lora_A", "lora_B"))

@@ -125,18 +125,18 @@ def apply_qdq(model: onnx.ModelProto, base_dir: Path, out: Path, data_name: str,
                 codes = np.clip(np.rint(w / scale) + zp.astype(np.float64), info.min, info.max)
             q_name = f"{c.weight}.int{enc.bw}"
             new_inits.append(writer.tensor(q_name, codes.astype(zp.dtype), _onnx_type(zp.dtype), list(w.shape)))
-            s_name, z_name = const(f"{c.weight}.scale", scale), const(f"{c.weight}.zero_point", zp)
+            s_name = const(f"{c.weight}.scale", scale)
             dq = f"{c.weight}/dq"
             if _wide(plan.activations.get(c.x)):
                 # (q - zp) * s as Cast/Sub/Mul: ONNX Runtime folds these constants into the float weight at load,
                 # while DequantizeLinear would be fused into MatMulNBits, whose int8 compute requantizes x to 8 bits
-                zf = const(f"{c.weight}.zero_point.float", zp.astype(np.float32))
+                zf = const(f"{c.weight}.zero_point", zp.astype(np.float32))
                 p = f"{c.weight}/dequantize"
                 nodes += [helper.make_node("Cast", [q_name], [f"{p}/cast"], name=f"{p}/Cast", to=TensorProto.FLOAT),
                           helper.make_node("Sub", [f"{p}/cast", zf], [f"{p}/sub"], name=f"{p}/Sub"),
                           helper.make_node("Mul", [f"{p}/sub", s_name], [dq], name=f"{p}/Mul")]
-                new_inits[:] = [t for t in new_inits if t.name != z_name]
             else:
+                z_name = const(f"{c.weight}.zero_point", zp)
                 nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq],
                                               name=f"{c.weight}/DQ", axis=1))
             nodes.append(helper.make_node("MatMul", [c.x, dq], [mm_out], name=name))
