@@ -105,7 +105,7 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
                                          use_cases=["both=caps,listify", "caps=caps", "base="], force=True,
                                          base_weights="int4", measure_accuracy=False),
         }
-        calib = calibration_data(model_dir, work / "calibration.npz", samples=6 if quick else 16, seq_len=48)
+        calib = calibration_data(model_dir, work / "calibration.npz", samples=8 if quick else 32, seq_len=48)
         bar.step("bundles")
         for preset, sens, rounding in PRESETS:
             key = f"qdq_{preset}" + (f"_s{int(sens)}" if sens else "") + ("_gptq" if rounding == "gptq" else "")

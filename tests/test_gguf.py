@@ -172,3 +172,14 @@ def test_prefix_agreement():
     assert prefix_agreement([[1, 2]], [[1, 2]], 4) == 1.0  # both stopped at EOS after two tokens
     assert prefix_agreement([[1, 2]], [[1, 2, 5, 6]], 4) == 0.5  # one stopped, the other went on
     assert prefix_agreement([[7, 2], [1, 2, 3, 4]], [[1, 2], [1, 2, 3, 4]], 4) == 0.5
+
+
+def test_calibration_data_refuses_more_samples_than_prompts(tmp_path):
+    from lora_runtime.errors import InputError
+    from lora_runtime.llm import CALIBRATION_PROMPTS, GREEDY_PROMPTS, calibration_data
+
+    with pytest.raises(InputError, match=f"1 to {len(CALIBRATION_PROMPTS)} samples"):
+        calibration_data(tmp_path, tmp_path / "c.npz", samples=len(CALIBRATION_PROMPTS) + 1)
+    assert not (tmp_path / "c.npz").exists()
+    assert len(set(CALIBRATION_PROMPTS)) == len(CALIBRATION_PROMPTS)
+    assert not set(GREEDY_PROMPTS) & set(CALIBRATION_PROMPTS)  # the greedy-token report uses held-out prompts
