@@ -290,3 +290,42 @@ def test_wide_activations_run_exactly_as_encoded(tiny, calibration, tmp_path):
     rt.switch("tone")
     np.testing.assert_allclose(rt.run(feeds)["logits"], default, atol=1e-6)
     assert "float MatMul" in b.manifest.extra["encodings"]["execution"]
+
+
+def test_user_overrides_mix_precisions_per_tensor(tiny, calibration, tmp_path):
+    """A w8a8 bundle where the user's file keeps one base-layer input float16 and one weight int4 per block:
+    that layer runs MatMulNBits, the float16 input's layers run float, every other layer keeps int8 GEMM, in
+    all three modes (the overrides land in every file of the mode)."""
+    from lora_runtime.quant.encodings import EncodingsFile, symmetric_per_block
+    from lora_runtime.quant.modes import FLOAT16
+
+    ref = compile_bundle(tiny.base, tiny.adapters, tmp_path / "ref", generation="v3", encodings="non-updatable",
+                         calibration=calibration, ort_reference=False)
+    f = read_encodings(ref.path / "encodings/all.encodings")
+    act = f.activation_encodings[0].name  # the first base-layer input
+    weight = next(e.name for e in f.param_encodings if e.name.endswith("mlp.down_proj.weight"))
+    from lora_runtime.compiler.points import find_candidates
+
+    g = onnx.load(str(tiny.base)).graph
+    c = next(c for c in find_candidates(g) if c.weight == weight)
+    w = next(onnx.numpy_helper.to_array(t) for t in g.initializer if t.name == weight)
+    mine = EncodingsFile(f.version, (FLOAT16(act),), (symmetric_per_block(weight, w.T if c.transposed else w, 32, 4),))
+    write_encodings(tmp_path / "mine.encodings", mine)
+    for mode in ("non-updatable", "adapter-only", "full"):
+        b = compile_bundle(tiny.base, tiny.adapters, tmp_path / mode, generation="v3", encodings=mode,
+                           calibration=calibration, encodings_file=tmp_path / "mine.encodings", ort_reference=False)
+        files = [read_encodings(b.path / rel) for rel in b.manifest.extra["encodings"]["files"]]
+        got_act = [e for x in files for e in x.activation_encodings if e.name == act]
+        got_w = [e for x in files for e in x.param_encodings if e.name == weight]
+        assert got_act and all(e.dtype == "FLOAT" and e.bw == 16 for e in got_act), mode
+        assert got_w and all(e.enc_type == "PER_BLOCK" and e.bw == 4 for e in got_w), mode
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"{mode}.opt.onnx")
+        out = run_use_case(b, "tone", {"input_ids": np.arange(8, dtype=np.int64)[None]},
+                           session=make_session(b, session_options=so))["logits"]
+        ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath,
+                                                               load_external_data=False).graph.node)
+        execution = b.manifest.extra["encodings"]["execution"]
+        assert ops["MatMulNBits"] == 1 and "1 MatMulNBits" in execution, mode
+        assert ops["MatMulIntegerToFloat"] >= 1 and "int8 GEMM" in execution and "float MatMul" in execution, mode
+        assert np.all(np.isfinite(out))
