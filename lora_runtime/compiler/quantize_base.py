@@ -50,7 +50,7 @@ class QuantizedWeight:
 
 
 def quantize_block(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """W (K, N) float -> (packed uint8 (N, blocks, block_size*bits/8), scales (N, blocks), dequantized (K, N))."""
+    """W (K, N) float -> (unsigned codes uint8 (N, blocks, block_size), scales (N, blocks), dequantized (K, N))."""
     k, n = w.shape
     blocks = -(-k // block_size)
     wt = np.zeros((n, blocks * block_size), np.float32)
@@ -60,9 +60,25 @@ def quantize_block(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarra
     scales = np.abs(grouped).max(axis=-1) / qmax
     scales[scales == 0] = 1.0
     codes = (np.clip(np.rint(grouped / scales[..., None]), -qmax - 1, qmax) + 2 ** (bits - 1)).astype(np.uint8)
-    packed = codes if bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
     deq = ((codes.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]).reshape(n, -1)[:, :k].T
-    return packed, scales.astype(np.float32), deq
+    return codes, scales.astype(np.float32), deq
+
+
+def matmul_nbits(writer: DataWriter, weight: str, x: str, outputs: list[str], name: str, codes: np.ndarray,
+                 scales: np.ndarray, k: int, bits: int, accuracy_level: int, bias: str | None = None
+                 ) -> tuple[onnx.NodeProto, list[TensorProto]]:
+    """ONNX Runtime's ``MatMulNBits`` over unsigned ``codes`` (N, blocks, block_size) uint8, dequantized as
+    ``(code - 2^(bits-1)) * scale`` with ``scales`` (N, blocks); 4-bit codes are packed two per byte, low
+    nibble first. Returns the node and its two initializers (written to ``writer``)."""
+    n, _, block_size = codes.shape
+    packed = codes if bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    b_name, s_name = f"{weight}.q{bits}", f"{weight}.scales"
+    inits = [writer.tensor(b_name, packed, TensorProto.UINT8, list(packed.shape)),
+             writer.tensor(s_name, scales.reshape(-1), TensorProto.FLOAT, [scales.size])]
+    node = helper.make_node("MatMulNBits", [x, b_name, s_name] + (["", "", bias] if bias else []), outputs,
+                            name=name, domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size,
+                            accuracy_level=accuracy_level)
+    return node, inits
 
 
 def default_block_size(bits: int, in_features: int) -> int:
@@ -133,16 +149,14 @@ def quantize_base(model: onnx.ModelProto, base_dir: Path, out: Path, data_name: 
             w = read_tensor(inits[c.weight], base_dir).astype(np.float32)
             w = w.T if c.transposed else w  # (in, out)
             bs = block_size or default_block_size(bits, c.in_features)
-            packed, scales, deq = quantize_block(w, bits, bs)
+            codes, scales, deq = quantize_block(w, bits, bs)
             err = float(np.sum((w.astype(np.float64) - deq) ** 2))
             sqnr = float("inf") if err == 0 else 10 * np.log10(float(np.sum(w.astype(np.float64) ** 2)) / err)
-            b_name, s_name = f"{c.weight}.q{bits}", f"{c.weight}.scales"
-            new_inits.append(writer.tensor(b_name, packed, TensorProto.UINT8, list(packed.shape)))
-            new_inits.append(writer.tensor(s_name, scales.reshape(-1), TensorProto.FLOAT, [scales.size]))
-            inputs = [c.x, b_name, s_name] + (["", "", bias] if bias else [])
-            nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name or c.node,
-                                          domain="com.microsoft", K=c.in_features, N=c.out_features, bits=bits,
-                                          block_size=bs, accuracy_level=accuracy_level))
+            q_node, q_inits = matmul_nbits(writer, c.weight, c.x, list(node.output), node.name or c.node, codes,
+                                           scales, c.in_features, bits, accuracy_level, bias)
+            nodes.append(q_node)
+            new_inits += q_inits
+            s_name = q_inits[1].name
             done.append(QuantizedWeight(c.weight, c.node, bits, bs, c.in_features, c.out_features, s_name, sqnr,
                                         _encoding(c.weight, bits, bs, scales, c.in_features)))
         nodes, kept = own_what_is_left(graph, nodes, writer, base_dir)

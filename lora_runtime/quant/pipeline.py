@@ -80,9 +80,10 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
     say(f"calibrating {len(tensors)} tensors on {len(calib)} samples x {len(names)} use-cases")
     count = iter(range(1, len(calib) * len(names) + 1))
     kept: dict[str, list[np.ndarray]] | None = {} if sensitive_db is not None else None
+    linear = [c for c in find_candidates(model.graph) if c.weight not in lora_slots]  # the base linear layers
     gram: dict[str, np.ndarray] | None = None
     if weight_rounding == "gptq":
-        gram = {c.x: np.zeros(()) for c in find_candidates(model.graph) if c.weight not in lora_slots}
+        gram = {c.x: np.zeros(()) for c in linear}
     ranges = collect_ranges(float_bundle, tensors, calib, names, method=method, keep_values=kept, gram=gram,
                             step=lambda u: say(f"calibrating {u}: {next(count)}/{len(calib) * len(names)}"))
     chosen: dict[str, tuple[int | str, float]] = {}
@@ -105,8 +106,7 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
                     for u in names}
     weight_overrides = {}
     if overrides is not None:  # the user's entries win, in every use-case's set
-        weights_shape = {c.weight: (c.in_features, c.out_features) for c in find_candidates(model.graph)
-                         if c.weight not in lora_slots}
+        weights_shape = {c.weight: (c.in_features, c.out_features) for c in linear}
         shapes = {t: None for t in tensors} | {s: v[0].shape for s, v in values.items()} | weights_shape
         check_fits(overrides, shapes, {s: 0 for s in lora_slots} | {w: 1 for w in weights_shape})
         mine = {e.name: e for e in overrides.activation_encodings + overrides.param_encodings}
@@ -118,7 +118,6 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
     plan = QdqPlan(activations={t: union[t] for t in tensors}, lora_weights={s: union[s] for s in lora_slots},
                    weight_bw=p.weights.bw, updatable=live, weight_overrides=weight_overrides, gram=gram or {},
                    weight_block=p.weights.block_size if p.weights.enc_type == "PER_BLOCK" else None)
-    linear_inputs = {c.weight: c.x for c in find_candidates(model.graph) if c.weight not in lora_slots}
     say(f"rewriting to QDQ ({mode} encodings, {weight_rounding} weight rounding)")
     weights = {e.name: e for e in apply_qdq(model, base_dir, root, DATA_FILE, plan, frozenset(lora_slots), say=say)}
     (root / manifest.graph).write_bytes(model.SerializeToString())
@@ -148,7 +147,7 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
         test = _greedy_runs(int8, chat, names)
         extra["greedy_agreement"] = {"prompts": len(GREEDY_PROMPTS), "tokens": GREEDY_TOKENS, "use_cases": {
             u: prefix_agreement(fp32_greedy[u], test[u], GREEDY_TOKENS) for u in names}}
-    extra["execution"] = _execution(linear_inputs, weights, union)
+    extra["execution"] = _execution({c.weight: c.x for c in linear}, weights, union)
     if sensitive_db is not None:
         extra["mixed_precision"] = {
             "threshold_db": sensitive_db, "16bit_activations": sum(b == 16 for b in precision.values()),

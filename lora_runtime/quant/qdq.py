@@ -36,7 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lora_runtime.compiler.points import Candidate, find_candidates, node_keys
-from lora_runtime.compiler.quantize_base import DataWriter, own_what_is_left, read_tensor
+from lora_runtime.compiler.quantize_base import DataWriter, matmul_nbits, own_what_is_left, read_tensor
 from lora_runtime.errors import BaseModelError
 from lora_runtime.quant.encodings import Encoding, EncodingsError, symmetric_per_block, symmetric_per_channel, to_qdq
 from lora_runtime.quant.gptq import gptq_codes
@@ -244,12 +244,9 @@ def _matmul_nbits(c: Candidate, w: np.ndarray, enc: Encoding, gram: np.ndarray |
     else:
         codes = np.clip(np.rint(w / grid), -shift, shift - 1)
     u = (codes.astype(np.int64) + shift).astype(np.uint8).T.reshape(n, blocks, block)  # MatMulNBits: zero point 2^(b-1)
-    packed = u if bits == 8 else (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
-    b_name, s_name = f"{c.weight}.q{bits}", f"{c.weight}.scales"
-    new_inits.append(writer.tensor(b_name, packed, TensorProto.UINT8, list(packed.shape)))
-    new_inits.append(writer.tensor(s_name, scales.reshape(-1), TensorProto.FLOAT, [scales.size]))
-    return helper.make_node("MatMulNBits", [c.x, b_name, s_name], [out], name=name, domain="com.microsoft", K=k, N=n,
-                            bits=bits, block_size=block, accuracy_level=1)
+    node, inits = matmul_nbits(writer, c.weight, c.x, [out], name, u, scales, k, bits, accuracy_level=1)
+    new_inits += inits
+    return node
 
 
 def _fake_quant(src: str, slot: str, enc: Encoding, plan: QdqPlan, const, new_inputs: list,
