@@ -1,18 +1,20 @@
-"""lora_runtime: compile a base ONNX model + PEFT LoRA adapters into v1/v2/v3 bundles and run them.
+"""lora_runtime: compile a base ONNX model + PEFT LoRA adapters into v1/v2/v3 bundles, and run them.
 
-    from lora_runtime import compile_bundle, load_adapter, run_use_case
+    from lora_runtime import CompileOptions, Runtime, compile_bundle
 
     bundle = compile_bundle("base.onnx", {"a": "peft/a", "b": "peft/b"}, "out/bundle",
-                            generation="v3", use_cases=["mix=a:1.0,b:0.5", "base="])
-    logits = run_use_case(bundle.path, "mix", {"input_ids": ids})["logits"]
+                            generation="v3", use_cases=["mix=a:1.0,b:0.5", "a=a", "base="])
+    rt = Runtime.open(bundle.path)
+    rt.switch("mix")
+    logits = rt.run({"input_ids": ids})["logits"]
 """
 
-__version__ = "0.1.0"
-
-from lora_runtime.bundle import Bundle, Manifest, open_bundle  # noqa: E402
-from lora_runtime.compiler.adapter import Adapter, load_adapter  # noqa: E402
-from lora_runtime.compiler.compile import UseCaseSpec, compile_bundle, parse_use_case  # noqa: E402
-from lora_runtime.errors import (  # noqa: E402
+from lora_runtime.bundle import Bundle, open_bundle
+from lora_runtime.compiler.adapter import Adapter, load_adapter
+from lora_runtime.compiler.compile import compile_bundle
+from lora_runtime.compiler.options import CompileOptions, QuantOptions, WeightOnlyOptions
+from lora_runtime.compiler.use_cases import UseCaseSpec, parse_use_case
+from lora_runtime.errors import (
     AdapterError,
     AttachmentError,
     BaseModelError,
@@ -22,11 +24,14 @@ from lora_runtime.errors import (  # noqa: E402
     TensorFileError,
     UseCaseError,
 )
-from lora_runtime.runtime.runtime import Runtime, SwitchReport  # noqa: E402
-from lora_runtime.runtime.simple import run_use_case  # noqa: E402
+from lora_runtime.manifest import Manifest
+from lora_runtime.runtime.session import run_use_case
+from lora_runtime.runtime.switcher import Runtime, SwitchReport
+from lora_runtime.version import __version__
 
 __all__ = [
-    "Adapter", "AdapterError", "AttachmentError", "BaseModelError", "Bundle", "BundleError", "InputError",
-    "LoraRuntimeError", "Manifest", "Runtime", "SwitchReport", "TensorFileError", "UseCaseError", "UseCaseSpec",
-    "compile_bundle", "load_adapter", "open_bundle", "parse_use_case", "run_use_case",
+    "Adapter", "AdapterError", "AttachmentError", "BaseModelError", "Bundle", "BundleError", "CompileOptions",
+    "InputError", "LoraRuntimeError", "Manifest", "QuantOptions", "Runtime", "SwitchReport", "TensorFileError",
+    "UseCaseError", "UseCaseSpec", "WeightOnlyOptions", "__version__", "compile_bundle", "load_adapter",
+    "open_bundle", "parse_use_case", "run_use_case",
 ]

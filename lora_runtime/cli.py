@@ -104,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_export_ort_adapter)
 
     bn = sub.add_parser("bench", help="switch latency and run cost vs physical limits and peers, in one run")
-    bn.add_argument("bundle", nargs="?", help="(not yet) a bundle to measure; default: the bench-size default model")
+    bn.add_argument("bundle", nargs="?", help="a bundle to measure (its switches, limits and run cost); default: the "
+                         "bench-size default model")
     bn.add_argument("--size", default="bench", help="default-model preset (bench, or tiny for a smoke run)")
     bn.add_argument("--json", help="write the report as JSON")
     bn.add_argument("--plot", help="write a PNG (needs the [plot] extra: matplotlib)")
@@ -154,22 +155,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from lora_runtime.compiler.compile import COMPILE_STEPS, compile_bundle, parse_adapter_arg
+    from lora_runtime.compiler.compile import COMPILE_STEPS, compile_bundle
+    from lora_runtime.compiler.options import CompileOptions, QuantOptions, WeightOnlyOptions
+    from lora_runtime.compiler.use_cases import parse_adapter_arg
+    from lora_runtime.describe import encodings_report
     from lora_runtime.progress import Progress
 
     adapters = dict(parse_adapter_arg(a) for a in args.adapter)
     if len(adapters) != len(args.adapter):
         raise InputError("an adapter name is given twice in --adapter")
+    weight_only = quant = None
+    if args.base_weights != "float32":
+        weight_only = WeightOnlyOptions.of(args.base_weights, args.block_size, args.base_encodings)
+    if args.encodings != "none":
+        quant = QuantOptions(args.encodings, args.calibration, args.preset, args.calibration_method,
+                             args.weight_rounding, args.encodings_file, args.sensitive_db, not args.no_ort_reference)
+    options = CompileOptions(args.generation, args.lora_dtype, weight_only, quant, args.copy_base_data)
     t0 = time.perf_counter()
     with Progress("compile", total=COMPILE_STEPS) as bar:  # silent unless compiling takes over a second
-        bundle = compile_bundle(args.base, adapters, args.out, generation=args.generation,
-                                use_cases=args.use_case, force=args.force, copy_base_data=args.copy_base_data,
-                                lora_dtype=args.lora_dtype, base_weights=args.base_weights,
-                                block_size=args.block_size, base_encodings=args.base_encodings,
-                                encodings=args.encodings, calibration=args.calibration,
-                                preset=args.preset, calibration_method=args.calibration_method,
-                                encodings_file=args.encodings_file, ort_reference=not args.no_ort_reference,
-                                sensitive_db=args.sensitive_db, weight_rounding=args.weight_rounding,
+        bundle = compile_bundle(args.base, adapters, args.out, options, use_cases=args.use_case, force=args.force,
                                 report=bar.step)
     m = bundle.manifest
     linked = sum(m.files[f].nbytes for f in m.base.data_files)
@@ -177,11 +181,8 @@ def _compile(args: argparse.Namespace) -> int:
     shared = f" + {linked / 1e6:.2f} MB of base data linked" if linked else ""
     print(f"wrote {bundle.path} ({m.generation}, {len(m.points)} points, {len(m.adapters)} adapters, "
           f"{len(m.use_cases)} use-cases, {own / 1e6:.2f} MB{shared}) in {time.perf_counter() - t0:.2f}s")
-    enc = m.extra.get("encodings")
-    if enc:
-        from lora_runtime.inspect import encodings_report
-
-        print("\n".join(encodings_report(enc)))
+    if m.quantization:
+        print("\n".join(encodings_report(m)))
     return 0
 
 
@@ -194,7 +195,7 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lora_runtime.runtime.runtime import Runtime
+    from lora_runtime.runtime.switcher import Runtime
 
     if bool(args.use_case) == bool(args.strength):
         raise InputError("give --use-case NAME (repeatable) or --strength ADAPTER=S (repeatable), not both")
@@ -231,7 +232,7 @@ def _mix(strengths: dict[str, float]) -> str:
 
 def _inspect(args: argparse.Namespace) -> int:
     from lora_runtime.bundle import open_bundle
-    from lora_runtime.inspect import describe, summary
+    from lora_runtime.describe import describe, summary
 
     bundle = open_bundle(args.bundle)
     if args.json:
@@ -243,7 +244,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from lora_runtime.bundle import open_bundle
-    from lora_runtime.compiler.export import merge_use_case
+    from lora_runtime.export import merge_use_case
 
     path = merge_use_case(open_bundle(args.bundle), args.out, use_case=args.use_case)
     print(f"wrote {path} ({args.use_case} merged into the base weights)")
@@ -252,7 +253,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _export_ort_adapter(args: argparse.Namespace) -> int:
     from lora_runtime.bundle import open_bundle
-    from lora_runtime.compiler.export import export_ort_adapter
+    from lora_runtime.export import export_ort_adapter
 
     path = export_ort_adapter(open_bundle(args.bundle), args.adapter, args.out)
     print(f"wrote {path} (load with onnxruntime.LoraAdapter, activate with RunOptions.add_active_adapter)")
@@ -260,9 +261,32 @@ def _export_ort_adapter(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from lora_runtime.bench import main_bench
+    from lora_runtime.bench.report import format_table, plot
 
-    main_bench(args.bundle, "smollm2" if args.model else args.size, args.json, args.plot, args.quick, args.work)
+    work = Path(args.work) if args.work else None
+    if args.bundle is not None:
+        from lora_runtime.bench.bundle import run_bench_bundle
+
+        report = run_bench_bundle(Path(args.bundle), args.quick)
+    elif args.model == "smollm2":
+        from lora_runtime.bench.llm import run_bench_smollm2
+
+        report = run_bench_smollm2(work, args.quick)
+    elif args.size == "1b":
+        from lora_runtime.bench.scale import run_bench_scale
+
+        report = run_bench_scale(args.size, work, args.quick)
+    else:
+        from lora_runtime.bench.default import run_bench
+
+        report = run_bench(args.size, work, args.quick)
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    if args.plot:
+        plot(report, Path(args.plot))
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -299,7 +323,7 @@ def _calibration_data(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from lora_runtime.llm import Chat, generate
-    from lora_runtime.runtime.runtime import Runtime
+    from lora_runtime.runtime.switcher import Runtime
 
     rt = Runtime.open(args.bundle)
     chat = Chat.load(args.bundle)
@@ -316,7 +340,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     from lora_runtime.llm import Chat, generate
-    from lora_runtime.runtime.runtime import Runtime
+    from lora_runtime.runtime.switcher import Runtime
 
     rt = Runtime.open(args.bundle)
     chat = Chat.load(args.bundle)

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from lora_runtime.compiler.compile import compile_bundle
-from lora_runtime.default_model import DefaultModel, build_default, recipe
+from lora_runtime.compiler.options import CompileOptions, QuantOptions
+from lora_runtime.models.default import DefaultModel, build_default, recipe
 from lora_runtime.progress import Progress
-from lora_runtime.runtime.runtime import Runtime
+from lora_runtime.runtime.switcher import Runtime
 
 
 def demo_use_cases(generation: str, adapters: list[str]) -> list[str]:
@@ -65,16 +66,18 @@ def _int8(model: DefaultModel, path: Path, names: list[str]) -> Path:
     calibration = path.parent / "calibration.npz"
     np.savez(calibration, **{k: np.stack([model.inputs(seed=100 + i)[k] for i in range(32)])
                              for k in model.inputs()})
-    bundle = compile_bundle(model.base, model.adapters, path, generation="v3", use_cases=demo_use_cases("v3", names),
-                            encodings="full", calibration=calibration, force=True)
-    enc = bundle.manifest.extra["encodings"]
-    ref = enc.get("ort_quantize_static_sqnr_db", {})
+    options = CompileOptions("v3", quant=QuantOptions("full", calibration))
+    bundle = compile_bundle(model.base, model.adapters, path, options, use_cases=demo_use_cases("v3", names),
+                            force=True)
+    q, acc = bundle.manifest.quantization, bundle.manifest.accuracy_of("fp32")
+    peer = bundle.manifest.accuracy_of("ort_quantize_static")
+    ref = peer.sqnr_db if peer else {}
     rt = Runtime.open(bundle.path)
     kinds = {rt.switch(u).kind for u in rt.use_cases}
-    print(f"\nINT8 v3, fully updatable encodings ({enc['preset']}; base layers run as integer kernels): SQNR vs "
-          f"FP32 on {enc['calibration']['held_out']} held-out inputs, ONNX Runtime's quantize_static of the "
+    print(f"\nINT8 v3, fully updatable encodings ({q.preset}; base layers run as integer kernels): SQNR vs "
+          f"FP32 on {q.held_out} held-out inputs, ONNX Runtime's quantize_static of the "
           f"merged use-case in brackets; switches: {', '.join(sorted(kinds))}")
-    for u, v in enc["sqnr_db"].items():
+    for u, v in acc.sqnr_db.items():
         print(f"  {u:<12} {v:6.1f} dB" + (f"  ({ref[u]:.1f} dB)" if u in ref else ""))
     return path
 

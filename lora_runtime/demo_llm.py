@@ -14,7 +14,7 @@ from pathlib import Path
 from lora_runtime.compiler.compile import compile_bundle
 from lora_runtime.errors import BaseModelError
 from lora_runtime.llm import Chat, find_smollm2, generate, import_gguf
-from lora_runtime.runtime.runtime import Runtime
+from lora_runtime.runtime.switcher import Runtime
 
 ADAPTERS = Path(__file__).parent / "data" / "adapters" / "smollm2"
 PROMPTS = ("What is the capital of France?", "Give me three tips for better sleep.")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_runtime.default_model import DefaultModel, build_default
+from lora_runtime.models.default import DefaultModel, build_default
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from lora_runtime import AdapterError, BundleError, compile_bundle, open_bundle
-from lora_runtime.default_model import DefaultModel, build_default, recipe
+from lora_runtime.models.default import DefaultModel, build_default, recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATIONS = ("v1", "v2", "v3")

@@ -31,7 +31,8 @@ from lora_runtime import (
     load_adapter,
     open_bundle,
 )
-from lora_runtime.bundle import _digest
+from lora_runtime.compiler.options import CompileOptions, QuantOptions
+from lora_runtime.manifest import digest as _digest
 
 ST, CFG = "adapter_model.safetensors", "adapter_config.json"
 
@@ -374,7 +375,7 @@ def test_encodings_file_that_does_not_fit(ctx, tmp_path, case, content, message)
     enc = tmp_path / "user.encodings"
     enc.write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(LoraRuntimeError) as info:
-        compile_bundle(ctx.base, ctx.adapters, tmp_path / "out" / "b", generation="v3", encodings="non-updatable",
-                       calibration=calib, encodings_file=enc)
+        compile_bundle(ctx.base, ctx.adapters, tmp_path / "out" / "b",
+                       CompileOptions("v3", quant=QuantOptions("non-updatable", calib, encodings_file=enc)))
     assert message in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from lora_runtime.bench import format_table, plot, run_bench, run_bench_bundle
+from lora_runtime.bench.bundle import run_bench_bundle
+from lora_runtime.bench.default import run_bench
+from lora_runtime.bench.report import format_table, plot
 from lora_runtime.cli import main
 
 ROWS = ["hot_switch", "hot_switch_100", "cold_switch_cache", "cold_switch_disk", "cold_switch_cache_100",

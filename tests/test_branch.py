@@ -12,15 +12,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lora_runtime.compiler.branch import (
-    SCALING,
-    STRENGTH,
-    Branch,
-    add_branches,
-    lora_a_name,
-    lora_b_name,
-)
+from lora_runtime.compiler.passes.branch import Branch, BranchOptions
+from lora_runtime.compiler.passes.branch import add_branches as branch_pass
 from lora_runtime.compiler.points import find_candidates
+from lora_runtime.names import SCALING, STRENGTH
+from lora_runtime.names import lora_a as lora_a_name
+from lora_runtime.names import lora_b as lora_b_name
 
 D_IN, D_OUT, T = 6, 4, 5
 Q0 = "model.layers.0.self_attn.q_proj"
@@ -37,6 +34,12 @@ X = _r(1, T, D_IN)
 # adapter 0 has rank 2, adapter 1 rank 3
 A0, B0, SC0 = _r(2, D_IN), _r(D_OUT, 2), 2.0
 A1, B1, SC1 = _r(3, D_IN), _r(D_OUT, 3), 0.75
+
+
+def add_branches(model: onnx.ModelProto, branches: list[Branch], generation: str, n_adapters: int,
+                 params: dict | None = None) -> onnx.ModelProto:
+    """The branch pass with its options spelled out (the pass edits and returns ``model``)."""
+    return branch_pass(model, BranchOptions(tuple(branches), generation, n_adapters, params or {})).model
 
 
 def _one_matmul() -> onnx.ModelProto:

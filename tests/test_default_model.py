@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from lora_runtime.default_model import PRESETS, build_model
+from lora_runtime.models.default import PRESETS, build_model
 
 GRAPHS = Path(__file__).parent.parent / "graphs"
 

@@ -16,19 +16,16 @@ from onnx import TensorProto, helper
 
 from lora_runtime.errors import LoraRuntimeError
 from lora_runtime.quant.encodings import (
-    PRESETS,
     Encoding,
     EncodingsError,
     EncodingsFile,
-    asymmetric_per_tensor,
     check_fits,
     dumps_encodings,
-    load_preset,
     read_encodings,
-    symmetric_per_channel,
-    to_qdq,
     write_encodings,
 )
+from lora_runtime.quant.presets import PRESET_DIR, load_preset, preset_names
+from lora_runtime.quant.rules import asymmetric_per_tensor, symmetric_per_channel, to_qdq
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -345,19 +342,23 @@ def test_check_fits_names_the_tensor(tmp_path, tensors, axes, pattern):
 
 # --- presets --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_preset_files_equal_the_embedded_dict(name):
-    on_disk = json.loads((ROOT / "encodings" / "presets" / f"{name}.json").read_text())
-    assert on_disk == PRESETS[name]
+@pytest.mark.parametrize("name", preset_names())
+def test_presets_are_read_from_the_one_copy(name):
+    """The package's data files are the presets; the repository's encodings/presets is that same folder."""
+    assert (ROOT / "encodings" / "presets").resolve() == PRESET_DIR
+    on_disk = json.loads((PRESET_DIR / f"{name}.json").read_text())
     preset = load_preset(name)
-    assert preset.name == name
-    for role in (preset.activations, preset.weights, preset.lora_activations, preset.lora_weights):
-        assert 2 <= role.bw <= 32 and role.enc_type in ("PER_TENSOR", "PER_CHANNEL", "PER_BLOCK")
-        assert (role.block_size is not None) == (role.enc_type == "PER_BLOCK")
+    assert preset.name == name == on_disk["name"]
+    for role in ("activations", "weights", "lora_activations", "lora_weights"):
+        spec = getattr(preset, role)
+        assert (spec.bw, spec.is_sym, spec.enc_type, spec.block_size) == (
+            on_disk[role]["bw"], on_disk[role]["is_sym"], on_disk[role]["enc_type"], on_disk[role].get("block_size"))
+        assert 2 <= spec.bw <= 32 and spec.enc_type in ("PER_TENSOR", "PER_CHANNEL", "PER_BLOCK")
+        assert (spec.block_size is not None) == (spec.enc_type == "PER_BLOCK")
 
 
-def test_preset_directory_has_no_strays():
-    assert sorted(p.stem for p in (ROOT / "encodings" / "presets").glob("*.json")) == sorted(PRESETS)
+def test_the_shipped_presets():
+    assert preset_names() == ["lora_a16w16", "w4a16", "w8a16", "w8a8"]
 
 
 def test_lora_preset_uses_16_bit_lora_weights():

@@ -12,9 +12,10 @@ import pytest
 from conftest import FIXTURES
 
 from lora_runtime import InputError, Runtime, UseCaseError, compile_bundle, run_use_case
-from lora_runtime.accuracy import sqnr_db
+from lora_runtime.compiler.options import CompileOptions, QuantOptions
+from lora_runtime.metrics import sqnr_db
 from lora_runtime.quant.encodings import EncodingsError, dumps_encodings, read_encodings, write_encodings
-from lora_runtime.runtime.simple import make_session
+from lora_runtime.runtime.session import make_session
 
 USE_CASES = ["base=", "summarize=summarize", "translate=translate:0.8", "tone=tone"]
 COMBOS = [("v1", "non-updatable"), ("v2", "full"), ("v3", "non-updatable"), ("v3", "adapter-only"), ("v3", "full")]
@@ -31,8 +32,8 @@ def calibration(tmp_path_factory):
 def int8(request, tiny, calibration, tmp_path_factory):
     gen, mode = request.param
     cases = USE_CASES + (["mix=summarize:1,tone:0.5"] if gen == "v3" else [])
-    b = compile_bundle(tiny.base, tiny.adapters, tmp_path_factory.mktemp(gen) / "b", generation=gen,
-                       use_cases=cases, encodings=mode, calibration=calibration, ort_reference=False)
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path_factory.mktemp(gen) / "b",
+                       CompileOptions(gen, quant=QuantOptions(mode, calibration, ort_reference=False)), use_cases=cases)
     return b, mode
 
 
@@ -89,7 +90,7 @@ def test_switching_with_encodings_matches_the_reference_path(int8, tiny):
 
 def test_accuracy_is_recorded_and_reasonable(int8, tiny):
     b, _ = int8
-    sqnr = b.manifest.extra["encodings"]["sqnr_db"]
+    sqnr = b.manifest.accuracy_of("fp32").sqnr_db
     assert set(sqnr) == set(b.manifest.use_case_names)
     assert all(15.0 < v < 60.0 for v in sqnr.values())  # quantized: lossy, and not broken
 
@@ -98,8 +99,8 @@ def test_accuracy_is_recorded_and_reasonable(int8, tiny):
                                            ("v2", "adapter-only")])
 def test_qairt_table_is_enforced(tiny, calibration, tmp_path, gen, mode):
     with pytest.raises(UseCaseError, match="QAIRT"):
-        compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation=gen, encodings=mode,
-                       calibration=calibration)
+        compile_bundle(tiny.base, tiny.adapters, tmp_path / "b",
+                       CompileOptions(gen, quant=QuantOptions(mode, calibration)))
     assert not (tmp_path / "b").exists()
 
 
@@ -121,35 +122,41 @@ def test_bad_calibration_inputs(tiny, tmp_path):
             else:
                 np.savez(path, **content)
         with pytest.raises(exc) as info:
-            compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation="v3", encodings="full",
-                           calibration=path)
+            compile_bundle(tiny.base, tiny.adapters, tmp_path / "b",
+                           CompileOptions("v3", quant=QuantOptions("full", path)))
         assert message in str(info.value), name
         assert not (tmp_path / "b").exists()
 
 
 def test_user_encodings_override_and_misfit(tiny, calibration, tmp_path):
-    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation="v3", encodings="non-updatable",
-                       calibration=calibration, ort_reference=False)
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b",
+                       CompileOptions("v3", quant=QuantOptions("non-updatable", calibration, ort_reference=False)))
     f = read_encodings(b.path / "encodings/all.encodings")
     act = f.activation_encodings[0]
     mine = type(f)(f.version, (type(act)(act.name, "INT", "PER_TENSOR", 8, False, (0.125,), (-100,)),), ())
     write_encodings(tmp_path / "mine.encodings", mine)
-    b2 = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b2", generation="v3", encodings="non-updatable",
-                        calibration=calibration, encodings_file=tmp_path / "mine.encodings", ort_reference=False)
+    b2 = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b2",
+                        CompileOptions("v3",
+                                       quant=QuantOptions("non-updatable", calibration, ort_reference=False,
+                                                          encodings_file=tmp_path / "mine.encodings")))
     assert read_encodings(b2.path / "encodings/all.encodings")[act.name].scale == (0.125,)
 
     bad = type(f)(f.version, (type(act)("no.such.tensor", "INT", "PER_TENSOR", 8, False, (0.1,), (0,)),), ())
     write_encodings(tmp_path / "bad.encodings", bad)
     with pytest.raises(EncodingsError, match="no.such.tensor"):
-        compile_bundle(tiny.base, tiny.adapters, tmp_path / "b3", generation="v3", encodings="non-updatable",
-                       calibration=calibration, encodings_file=tmp_path / "bad.encodings")
+        compile_bundle(tiny.base, tiny.adapters, tmp_path / "b3",
+                       CompileOptions("v3",
+                                      quant=QuantOptions("non-updatable", calibration,
+                                                         encodings_file=tmp_path / "bad.encodings")))
     lora = next(e for e in f.param_encodings if "lora_A" in e.name)
     wrong = type(f)(f.version, (), (type(lora)(lora.name, "INT", "PER_CHANNEL", 8, True, (0.1,) * 3,
                                                 (-128,) * 3),))
     write_encodings(tmp_path / "wrong.encodings", wrong)
     with pytest.raises(EncodingsError, match=lora.name.replace(".", r"\.")):
-        compile_bundle(tiny.base, tiny.adapters, tmp_path / "b4", generation="v3", encodings="non-updatable",
-                       calibration=calibration, encodings_file=tmp_path / "wrong.encodings")
+        compile_bundle(tiny.base, tiny.adapters, tmp_path / "b4",
+                       CompileOptions("v3",
+                                      quant=QuantOptions("non-updatable", calibration,
+                                                         encodings_file=tmp_path / "wrong.encodings")))
     assert not (tmp_path / "b3").exists() and not (tmp_path / "b4").exists()
 
 
@@ -177,14 +184,14 @@ def test_peft_fixture_full_updatable_meets_the_accuracy_goal(tmp_path):
     calib = tmp_path / "calib.npz"
     np.savez(calib, input_ids=np.random.default_rng(1).integers(0, 64, (64, 1, 7), dtype=np.int64))
     b = compile_bundle(root / "dynamo.onnx", {a: root / "adapters" / a for a in ("a", "b", "c", "h16", "bf16")},
-                       tmp_path / "b", generation="v3", use_cases=use_cases, encodings="full", calibration=calib)
+                       tmp_path / "b", CompileOptions("v3", quant=QuantOptions("full", calib)), use_cases=use_cases)
     expected = np.load(root / "expected.npz")
     feeds = {"input_ids": np.load(root / "inputs.npz")["input_ids"]}
-    enc = b.manifest.extra["encodings"]
+    mine, ort = b.manifest.accuracy_of("fp32").sqnr_db, b.manifest.accuracy_of("ort_quantize_static").sqnr_db
     for u in cases:
         assert sqnr_db(expected[u], run_use_case(b, u, feeds)["logits"]) >= 28.0, u
-        assert enc["sqnr_db"][u] >= 28.0, u
-        assert enc["sqnr_db"][u] >= enc["ort_quantize_static_sqnr_db"][u] - 1.0, u
+        assert mine[u] >= 28.0, u
+        assert mine[u] >= ort[u] - 1.0, u
 
 
 def _token_sqnr_reference(rows, lo, hi, bw):
@@ -201,7 +208,7 @@ def _token_sqnr_reference(rows, lo, hi, bw):
 def test_token_sqnr_weights_every_token_equally():
     """One token with a massive activation sets the range: a global SQNR hides that every other token is
     quantized coarsely; the per-token measure shows it."""
-    from lora_runtime.quant.modes import token_sqnr_db
+    from lora_runtime.quant.precision import token_sqnr_db
 
     rng = np.random.default_rng(0)
     rows = rng.standard_normal((64, 128))
@@ -217,7 +224,7 @@ def test_token_sqnr_weights_every_token_equally():
 
 def test_choose_precision_widens_to_16_bits_then_float16():
     from lora_runtime.quant.calibrate import TensorRange
-    from lora_runtime.quant.modes import choose_precision
+    from lora_runtime.quant.precision import choose_precision
 
     rng = np.random.default_rng(1)
     smooth = rng.uniform(-1, 1, (32, 64))
@@ -239,24 +246,26 @@ def test_mixed_precision_in_a_bundle(tiny, calibration, tmp_path):
     """Threshold 0: nothing changes. Threshold 200: every activation fails at 8 and at 16 bits, so every one is
     float16: FLOAT entries in the file, a Cast pair in the graph, no scale inputs, exact-execution session."""
     for threshold in (0.0, 200.0):
-        b = compile_bundle(tiny.base, tiny.adapters, tmp_path / f"b{threshold}", generation="v3",
-                           use_cases=USE_CASES, encodings="full", calibration=calibration, ort_reference=False,
-                           sensitive_db=threshold)
-        enc = b.manifest.extra["encodings"]
+        b = compile_bundle(tiny.base, tiny.adapters, tmp_path / f"b{threshold}",
+                           CompileOptions("v3",
+                                          quant=QuantOptions("full", calibration, ort_reference=False,
+                                                             sensitive_db=threshold)),
+                           use_cases=USE_CASES)
+        q = b.manifest.quantization
         acts = read_encodings(b.path / "encodings/use-cases/tone.encodings").activation_encodings
         graph = onnx.load(str(b.path / "model.onnx"), load_external_data=False).graph
         casts = sum(n.op_type == "Cast" and n.name.endswith("/ToFloat16") for n in graph.node)
         if threshold == 0.0:
             assert {e.bw for e in acts} == {8} and casts == 0
-            assert enc["mixed_precision"]["float16_activations"] == 0
-            n = enc["base_weights"]
-            assert enc["execution"] == f"{n} base linear layers: {n} int8 GEMM (MatMulIntegerToFloat)"
+            assert q.mixed_precision.float16 == 0
+            n = q.base_weights
+            assert q.execution == f"{n} base linear layers: {n} int8 GEMM (MatMulIntegerToFloat)"
         else:
             assert {(e.dtype, e.bw) for e in acts} == {("FLOAT", 16)} and casts == len(acts)
-            assert enc["mixed_precision"]["float16_activations"] == len(acts)
+            assert q.mixed_precision.float16 == len(acts)
             assert not [i for i in graph.input if i.name.startswith("act") and i.name.endswith(".scale")]
-            assert "float MatMul" in enc["execution"]  # float16 inputs: exact dequantized weights
-        assert all(0.0 <= v <= 1.0 for v in enc["argmax_agreement"].values())
+            assert "float MatMul" in q.execution  # float16 inputs: exact dequantized weights
+        assert all(0.0 <= v <= 1.0 for v in b.manifest.accuracy_of("fp32").argmax_agreement.values())
         # switching still works and matches the reference path
         rt = Runtime.open(b.path)
         feeds = {"input_ids": np.arange(8, dtype=np.int64)[None]}
@@ -269,8 +278,10 @@ def test_wide_activations_run_exactly_as_encoded(tiny, calibration, tmp_path):
     requantizes the activation to int8 inside. The graph dequantizes such weights with Cast/Sub/Mul, which
     ONNX Runtime folds at load: no MatMulNBits, and the outputs equal the graph with every constant folded
     (the QDQ fusions off), which is the encodings' arithmetic."""
-    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation="v3", use_cases=USE_CASES,
-                       encodings="full", calibration=calibration, preset="w8a16", ort_reference=False)
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b",
+                       CompileOptions("v3",
+                                      quant=QuantOptions("full", calibration, preset="w8a16", ort_reference=False)),
+                       use_cases=USE_CASES)
     feeds = {"input_ids": np.random.default_rng(3).integers(0, 256, (1, 8))}
 
     def run(value=None, save=None):
@@ -289,18 +300,19 @@ def test_wide_activations_run_exactly_as_encoded(tiny, calibration, tmp_path):
     rt = Runtime.open(b.path)
     rt.switch("tone")
     np.testing.assert_allclose(rt.run(feeds)["logits"], default, atol=1e-6)
-    assert "float MatMul" in b.manifest.extra["encodings"]["execution"]
+    assert "float MatMul" in b.manifest.quantization.execution
 
 
 def test_user_overrides_mix_precisions_per_tensor(tiny, calibration, tmp_path):
     """A w8a8 bundle where the user's file keeps one base-layer input float16 and one weight int4 per block:
     that layer runs MatMulNBits, the float16 input's layers run float, every other layer keeps int8 GEMM, in
     all three modes (the overrides land in every file of the mode)."""
-    from lora_runtime.quant.encodings import EncodingsFile, symmetric_per_block
-    from lora_runtime.quant.modes import FLOAT16
+    from lora_runtime.quant.encodings import EncodingsFile
+    from lora_runtime.quant.rules import float16 as FLOAT16
+    from lora_runtime.quant.rules import symmetric_per_block
 
-    ref = compile_bundle(tiny.base, tiny.adapters, tmp_path / "ref", generation="v3", encodings="non-updatable",
-                         calibration=calibration, ort_reference=False)
+    ref = compile_bundle(tiny.base, tiny.adapters, tmp_path / "ref",
+                         CompileOptions("v3", quant=QuantOptions("non-updatable", calibration, ort_reference=False)))
     f = read_encodings(ref.path / "encodings/all.encodings")
     act = f.activation_encodings[0].name  # the first base-layer input
     weight = next(e.name for e in f.param_encodings if e.name.endswith("mlp.down_proj.weight"))
@@ -312,9 +324,11 @@ def test_user_overrides_mix_precisions_per_tensor(tiny, calibration, tmp_path):
     mine = EncodingsFile(f.version, (FLOAT16(act),), (symmetric_per_block(weight, w.T if c.transposed else w, 32, 4),))
     write_encodings(tmp_path / "mine.encodings", mine)
     for mode in ("non-updatable", "adapter-only", "full"):
-        b = compile_bundle(tiny.base, tiny.adapters, tmp_path / mode, generation="v3", encodings=mode,
-                           calibration=calibration, encodings_file=tmp_path / "mine.encodings", ort_reference=False)
-        files = [read_encodings(b.path / rel) for rel in b.manifest.extra["encodings"]["files"]]
+        b = compile_bundle(tiny.base, tiny.adapters, tmp_path / mode,
+                           CompileOptions("v3",
+                                          quant=QuantOptions(mode, calibration, ort_reference=False,
+                                                             encodings_file=tmp_path / "mine.encodings")))
+        files = [read_encodings(b.path / rel) for rel in b.manifest.quantization.files]
         got_act = [e for x in files for e in x.activation_encodings if e.name == act]
         got_w = [e for x in files for e in x.param_encodings if e.name == weight]
         assert got_act and all(e.dtype == "FLOAT" and e.bw == 16 for e in got_act), mode
@@ -325,7 +339,7 @@ def test_user_overrides_mix_precisions_per_tensor(tiny, calibration, tmp_path):
                            session=make_session(b, session_options=so))["logits"]
         ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath,
                                                                load_external_data=False).graph.node)
-        execution = b.manifest.extra["encodings"]["execution"]
+        execution = b.manifest.quantization.execution
         assert ops["MatMulNBits"] == 1 and "1 MatMulNBits" in execution, mode
         assert ops["MatMulIntegerToFloat"] >= 1 and "int8 GEMM" in execution and "float MatMul" in execution, mode
         assert np.all(np.isfinite(out))

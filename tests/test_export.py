@@ -10,8 +10,8 @@ from conftest import FIXTURES
 from reference import merged_outputs
 
 from lora_runtime import UseCaseError, compile_bundle, run_use_case
-from lora_runtime.compiler.export import export_ort_adapter, merge_use_case
 from lora_runtime.demo import demo_use_cases
+from lora_runtime.export import export_ort_adapter, merge_use_case
 
 
 @pytest.mark.parametrize("generation", ["v1", "v2", "v3"])

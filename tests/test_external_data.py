@@ -14,7 +14,8 @@ from reference import merged_outputs
 
 from lora_runtime import BaseModelError, Runtime, compile_bundle, run_use_case
 from lora_runtime.bundle import sha256_file
-from lora_runtime.default_model import PRESETS, build_default
+from lora_runtime.compiler.options import CompileOptions
+from lora_runtime.models.default import PRESETS, build_default
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,6 @@ def test_another_filesystem_needs_copy_on_request(external):
         with pytest.raises(BaseModelError, match="--copy-base-data"):
             compile_bundle(external.base, external.adapters, out, generation="v3")
         assert not out.exists() and list(Path(shm).iterdir()) == []
-        b = compile_bundle(external.base, external.adapters, out, generation="v3", copy_base_data=True)
+        b = compile_bundle(external.base, external.adapters, out, CompileOptions("v3", copy_base_data=True))
         assert not os.path.samefile(b.path / "base.onnx.data", _data(external))
         assert sha256_file(b.path / "base.onnx.data") == sha256_file(_data(external))

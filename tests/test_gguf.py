@@ -132,7 +132,11 @@ def test_hugging_face_folder_matches_the_same_weights(tmp_path):
     import json
 
     from lora_runtime.models.hf import build_from_hf
-    from lora_runtime.tensorfile import load_tensors, save_tensors
+    from lora_runtime.tensorfile import read_header, save_tensors
+
+    def load_tensors(path):  # BF16 -> float32, through the reader under test
+        tf = read_header(path)
+        return {n: tf.read(n) for n in tf.entries}
 
     _, hf = _write_gguf(tmp_path / "unused.gguf", gguf.GGMLQuantizationType.F32, tied=False)
     folder = tmp_path / "hf"
@@ -165,7 +169,7 @@ def test_hugging_face_folder_matches_the_same_weights(tmp_path):
 
 
 def test_prefix_agreement():
-    from lora_runtime.llm import prefix_agreement
+    from lora_runtime.metrics import prefix_agreement
 
     assert prefix_agreement([[1, 2, 3, 4]], [[1, 2, 3, 4]], 4) == 1.0
     assert prefix_agreement([[1, 2, 3, 4]], [[1, 2, 9, 4]], 4) == 0.5  # agrees until the first difference

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lora_runtime import UseCaseError, compile_bundle
+from lora_runtime.compiler.options import CompileOptions, QuantOptions
 from lora_runtime.quant.encodings import read_encodings
 from lora_runtime.quant.gptq import gptq_codes
 
@@ -71,14 +72,16 @@ def calibration(tmp_path_factory):
 def test_gptq_in_a_bundle_keeps_the_encodings_and_changes_codes(tiny, calibration, tmp_path):
     import onnx
 
-    from lora_runtime.compiler.quantize_base import read_tensor
+    from lora_runtime.external_data import read_tensor
 
-    bundles = {r: compile_bundle(tiny.base, tiny.adapters, tmp_path / r, generation="v3", encodings="full",
-                                 calibration=calibration, ort_reference=False, weight_rounding=r)
+    bundles = {r: compile_bundle(tiny.base, tiny.adapters, tmp_path / r,
+                                 CompileOptions("v3",
+                                                quant=QuantOptions("full", calibration, ort_reference=False,
+                                                                   weight_rounding=r)))
                for r in ("nearest", "gptq")}
     files = {r: read_encodings(b.path / "encodings/use-cases/tone.encodings") for r, b in bundles.items()}
     assert files["nearest"].param_encodings == files["gptq"].param_encodings  # the same grid
-    assert bundles["gptq"].manifest.extra["encodings"]["weight_rounding"] == "gptq"
+    assert bundles["gptq"].manifest.quantization.weight_rounding == "gptq"
 
     def codes(b):
         g = onnx.load(str(b.path / "model.onnx"), load_external_data=False).graph
@@ -88,14 +91,14 @@ def test_gptq_in_a_bundle_keeps_the_encodings_and_changes_codes(tiny, calibratio
     assert a.keys() == g.keys() and a
     changed = sum(int(np.sum(a[k] != g[k])) for k in a)
     assert 0 < changed < 0.5 * sum(v.size for v in a.values())
-    sq = {r: b.manifest.extra["encodings"]["sqnr_db"] for r, b in bundles.items()}
+    sq = {r: b.manifest.accuracy_of("fp32").sqnr_db for r, b in bundles.items()}
     assert np.mean(list(sq["gptq"].values())) > np.mean(list(sq["nearest"].values())) - 1.0
 
 
 def test_unknown_weight_rounding_is_refused(tiny, calibration, tmp_path):
     with pytest.raises(UseCaseError, match="weight rounding must be one of nearest, gptq"):
-        compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation="v3", encodings="full",
-                       calibration=calibration, weight_rounding="adaround")
+        compile_bundle(tiny.base, tiny.adapters, tmp_path / "b",
+                       CompileOptions("v3", quant=QuantOptions("full", calibration, weight_rounding="adaround")))
     assert not (tmp_path / "b").exists()
 
 
@@ -105,10 +108,11 @@ def test_block_weights_run_as_matmulnbits_exactly():
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
+    from lora_runtime.compiler.passes.qdq_plan import Constants
+    from lora_runtime.compiler.passes.qdq_weights import _matmul_nbits
     from lora_runtime.compiler.points import Candidate
-    from lora_runtime.compiler.quantize_base import DataWriter
-    from lora_runtime.quant.encodings import symmetric_per_block
-    from lora_runtime.quant.qdq import _matmul_nbits
+    from lora_runtime.external_data import DataWriter
+    from lora_runtime.quant.rules import symmetric_per_block
 
     rng = np.random.default_rng(5)
     k, n, block = 96, 24, 32
@@ -117,11 +121,12 @@ def test_block_weights_run_as_matmulnbits_exactly():
     scales = np.asarray(enc.scale).reshape(n, k // block)  # (out, block) order
     ref_codes = np.clip(np.rint(w / np.repeat(scales.T, block, axis=0)), -8, 7)
     c = Candidate("mm", "MatMul", "x", "y", "w", k, n, ("w",))
-    inits = []
     import io
 
     buf = io.BytesIO()
-    node = _matmul_nbits(c, w, enc, None, DataWriter(buf, "d"), inits, "mm", "y", lambda _m: None)
+    consts = Constants()
+    node = _matmul_nbits(c, "x", w, enc, None, DataWriter(buf, "d"), consts, "mm", "y", lambda _m: None)
+    inits = consts.tensors
     for t in inits:  # back to inline data for a one-file model
         info = {e.key: e.value for e in t.external_data}
         raw = buf.getvalue()[int(info["offset"]):int(info["offset"]) + int(info["length"])]
@@ -140,8 +145,10 @@ def test_block_weights_run_as_matmulnbits_exactly():
 def test_w4a16_bundle(tiny, calibration, tmp_path):
     import onnx
 
-    bundles = {r: compile_bundle(tiny.base, tiny.adapters, tmp_path / r, generation="v3", encodings="full",
-                                 calibration=calibration, preset="w4a16", ort_reference=False, weight_rounding=r)
+    bundles = {r: compile_bundle(tiny.base, tiny.adapters, tmp_path / r,
+                                 CompileOptions("v3",
+                                                quant=QuantOptions("full", calibration, preset="w4a16",
+                                                                   ort_reference=False, weight_rounding=r)))
                for r in ("nearest", "gptq")}
     b = bundles["gptq"]
     weights = read_encodings(b.path / "encodings/use-cases/tone.encodings").param_encodings
@@ -151,9 +158,9 @@ def test_w4a16_bundle(tiny, calibration, tmp_path):
     nbits = [n for n in g.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == len(base)
     assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == 1 for n in nbits)
-    assert b.manifest.extra["encodings"]["execution"] == (f"{len(base)} base linear layers: {len(base)} MatMulNBits "
+    assert b.manifest.quantization.execution == (f"{len(base)} base linear layers: {len(base)} MatMulNBits "
                                                           "with float32 compute (block-wise weights)")
-    sq = {r: np.mean(list(x.manifest.extra["encodings"]["sqnr_db"].values())) for r, x in bundles.items()}
+    sq = {r: np.mean(list(x.manifest.accuracy_of("fp32").sqnr_db.values())) for r, x in bundles.items()}
     # random tiny model, 144 calibration rows: GPTQ is not expected to win here (see the block-grid unit test)
     assert sq["gptq"] > sq["nearest"] - 1.0
     assert sq["nearest"] > 5.0  # lossy (int4), not broken

@@ -12,7 +12,7 @@ import pytest
 from conftest import FIXTURES
 
 from lora_runtime import compile_bundle, run_use_case
-from lora_runtime.runtime.simple import make_session
+from lora_runtime.runtime.session import make_session
 
 MODELS = [("llama", "dynamo.onnx"), ("llama", "torchscript.onnx"), ("gpt2", "dynamo.onnx"),
           ("gpt2", "torchscript.onnx")]

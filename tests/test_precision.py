@@ -13,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from lora_runtime import AdapterError, Runtime, compile_bundle, run_use_case
 from lora_runtime.cli import main
+from lora_runtime.compiler.options import CompileOptions, WeightOnlyOptions
 from lora_runtime.demo import demo_use_cases
 
 
@@ -32,8 +33,8 @@ def _rounded_adapters(adapters, tmp_path):
 def test_float16_slots(tiny, tmp_path, generation):
     cases = demo_use_cases(generation, list(tiny.adapters))
     f32 = compile_bundle(tiny.base, tiny.adapters, tmp_path / "f32", generation=generation, use_cases=cases)
-    f16 = compile_bundle(tiny.base, tiny.adapters, tmp_path / "f16", generation=generation, use_cases=cases,
-                         lora_dtype="float16")
+    f16 = compile_bundle(tiny.base, tiny.adapters, tmp_path / "f16", CompileOptions(generation, lora_dtype="float16"),
+                         use_cases=cases)
     patches = lambda b: sum(f.nbytes for k, f in b.manifest.files.items() if k.startswith("patches/"))  # noqa: E731
     assert 0.45 < patches(f16) / patches(f32) < 0.55
     assert {s.dtype for s in f16.manifest.slots if s.kind in ("lora_A", "lora_B")} == {"float16"}
@@ -41,7 +42,7 @@ def test_float16_slots(tiny, tmp_path, generation):
     rounded = _rounded_adapters(tiny.adapters, tmp_path)
     feeds = tiny.inputs(seed=8)
     rt = Runtime.open(f16.path)
-    sqnr = f16.manifest.extra["accuracy"]["use_cases"]
+    sqnr = f16.manifest.accuracy_of("float32_bundle").sqnr_db
     for u in f16.manifest.use_cases:
         want = merged_outputs(tiny.base, u.strengths, rounded, feeds)["logits"]
         np.testing.assert_allclose(run_use_case(f16, u.name, feeds)["logits"], want, atol=1e-4, rtol=0)
@@ -60,7 +61,7 @@ def test_float16_slots(tiny, tmp_path, generation):
 def test_float16_peft_adapter_is_exact_in_float16_slots(tmp_path, generation):
     root = FIXTURES / "llama"
     b = compile_bundle(root / "dynamo.onnx", {"h16": root / "adapters/h16"}, tmp_path / "b",
-                       generation=generation, use_cases=["h16=h16"], lora_dtype="float16")
+                       CompileOptions(generation, lora_dtype="float16"), use_cases=["h16=h16"])
     with np.load(root / "inputs.npz") as z:
         feeds = {"input_ids": z["input_ids"]}
     got = run_use_case(b, "h16", feeds)["logits"]
@@ -75,7 +76,7 @@ def test_values_beyond_float16_are_refused(tiny, tmp_path):
     t[key][0, 0] = 1e6
     save_file(t, str(folder / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match="beyond float16"):
-        compile_bundle(tiny.base, {"big": folder}, tmp_path / "b", generation="v2", lora_dtype="float16")
+        compile_bundle(tiny.base, {"big": folder}, tmp_path / "b", CompileOptions("v2", lora_dtype="float16"))
     assert not (tmp_path / "b").exists()
     compile_bundle(tiny.base, {"big": folder}, tmp_path / "b", generation="v2")  # float32 slots hold it
 
@@ -90,7 +91,8 @@ def test_cli_lora_dtype_and_inspect(tiny, tmp_path, capsys):
     assert "LoRA slots float16" in text and " dB" in text
     assert main(["inspect", str(tmp_path / "b"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert set(info["manifest"]["extra"]["accuracy"]["use_cases"]) == {"summarize", "translate", "tone"}
+    (twin,) = [a for a in info["manifest"]["accuracy"] if a["key"] == "float32_bundle"]
+    assert set(twin["sqnr_db"]) == {"summarize", "translate", "tone"}
 
 
 # ---- quantized base weights -----------------------------------------------------------------------
@@ -120,8 +122,9 @@ def test_quantized_base(tiny, tmp_path, bits, block, generation):
     from reference import load_with_data
 
     kind = f"int{bits}"
-    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation=generation, base_weights=kind,
-                       block_size=block, use_cases=demo_use_cases(generation, list(tiny.adapters)))
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b",
+                       CompileOptions(generation, weight_only=WeightOnlyOptions.of(kind, block_size=block)),
+                       use_cases=demo_use_cases(generation, list(tiny.adapters)))
     g = onnx.load(str(b.file("model.onnx")), load_external_data=False)
     base = load_with_data(tiny.base)
     linear = {t.name: numpy_helper.to_array(t) for t in base.graph.initializer
@@ -174,14 +177,14 @@ def test_quantized_base(tiny, tmp_path, bits, block, generation):
         assert _sqnr(want, got) > 30.0, u.name
         if bits == 4:
             assert _sqnr(want, got) > _sqnr(exact, got) + 10.0, u.name
-        assert 5.0 < b.manifest.extra["accuracy"]["use_cases"][u.name] < 60.0  # recorded, and lossy
+        assert 5.0 < b.manifest.accuracy_of("float32_bundle").sqnr_db[u.name] < 60.0  # recorded, and lossy
 
 
 def test_quantized_gemm_with_bias_gpt2(tmp_path):
     """GPT-2 (Gemm, transB=0, bias) from the TorchScript export, int8 base, against PEFT's float outputs."""
     root = FIXTURES / "gpt2"
-    b = compile_bundle(root / "torchscript.onnx", {"p": root / "adapters/p"}, tmp_path / "b", generation="v2",
-                       use_cases=["p=p"], base_weights="int8")
+    b = compile_bundle(root / "torchscript.onnx", {"p": root / "adapters/p"}, tmp_path / "b",
+                       CompileOptions("v2", weight_only=WeightOnlyOptions.of("int8")), use_cases=["p=p"])
     with np.load(root / "inputs.npz") as z:
         feeds = {k: z[k] for k in z.files}
     got = run_use_case(b, "p", feeds)["logits"]
@@ -192,15 +195,18 @@ def test_bad_block_size_is_refused(tiny, tmp_path):
     from lora_runtime import UseCaseError
 
     with pytest.raises(UseCaseError, match="power of two"):
-        compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation="v3", base_weights="int4", block_size=24)
+        compile_bundle(tiny.base, tiny.adapters, tmp_path / "b",
+                       CompileOptions("v3", weight_only=WeightOnlyOptions.of("int4", block_size=24)))
     assert not (tmp_path / "b").exists()
 
 
 def test_base_encodings_file_can_be_left_out(tiny, tmp_path):
-    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation="v3", base_weights="int4",
-                       base_encodings="never", measure_accuracy=False)
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b",
+                       CompileOptions("v3", measure_accuracy=False,
+                                      weight_only=WeightOnlyOptions.of("int4", encodings="never")))
     assert not (b.path / "encodings").exists()
-    assert b.manifest.extra["base_weights"]["encodings"].startswith("not written")
-    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "c", generation="v3", base_weights="int4",
-                       measure_accuracy=False)  # auto: a small model's scales are written
-    assert b.manifest.extra["base_weights"]["encodings"] == "encodings/base_weights.encodings"
+    assert b.manifest.weight_only.encodings is None
+    assert b.manifest.weight_only.encodings_note.startswith("not written")
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "c",  # auto: a small model's scales are written
+                       CompileOptions("v3", measure_accuracy=False, weight_only=WeightOnlyOptions.of("int4")))
+    assert b.manifest.weight_only.encodings == "encodings/base_weights.encodings"

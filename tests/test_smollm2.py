@@ -15,6 +15,7 @@ pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
 
 from lora_runtime import Runtime, compile_bundle  # noqa: E402
+from lora_runtime.compiler.options import CompileOptions, QuantOptions
 from lora_runtime.errors import BaseModelError  # noqa: E402
 from lora_runtime.llm import Chat, find_smollm2, generate, import_gguf  # noqa: E402
 
@@ -123,20 +124,21 @@ def test_calibration_data_and_w8a16_on_the_real_model(model_dir, tmp_path):
     from lora_runtime.demo_llm import shipped_adapters
 
     b = compile_bundle(model_dir / "base.onnx", {"listify": shipped_adapters()["listify"]}, tmp_path / "b",
-                       generation="v3", use_cases=["listify=listify"], encodings="non-updatable", calibration=path,
-                       preset="w8a16", ort_reference=False)
-    enc = b.manifest.extra["encodings"]
-    assert enc["sqnr_db"]["listify"] > 10.0 and enc["argmax_agreement"]["listify"] > 0.7  # lossy, not broken
+                       CompileOptions("v3",
+                                      quant=QuantOptions("non-updatable", path, preset="w8a16", ort_reference=False)),
+                       use_cases=["listify=listify"])
+    acc = b.manifest.accuracy_of("fp32")
+    assert acc.sqnr_db["listify"] > 10.0 and acc.argmax_agreement["listify"] > 0.7  # lossy, not broken
     # an imported LLM's report also compares greedy tokens of held-out prompts with FP32, here checked again
-    from lora_runtime.llm import GREEDY_PROMPTS, Chat, greedy_runs, prefix_agreement
+    from lora_runtime.llm import GREEDY_PROMPTS, Chat, greedy_runs
+    from lora_runtime.metrics import prefix_agreement
 
-    greedy = enc["greedy_agreement"]
-    assert greedy["prompts"] == len(GREEDY_PROMPTS) and greedy["tokens"] == 16
+    assert acc.greedy == f"{len(GREEDY_PROMPTS)} prompts x 16 tokens"
     chat = Chat.load(b.path)
     fp32 = compile_bundle(model_dir / "base.onnx", {"listify": shipped_adapters()["listify"]}, tmp_path / "f",
                           generation="v3", use_cases=["listify=listify"])
     ref, test = greedy_runs(fp32, chat, ["listify"]), greedy_runs(b, chat, ["listify"])
-    assert greedy["use_cases"]["listify"] == prefix_agreement(ref["listify"], test["listify"], 16)
-    assert greedy["use_cases"]["listify"] > 0.0
+    assert acc.greedy_agreement["listify"] == prefix_agreement(ref["listify"], test["listify"], 16)
+    assert acc.greedy_agreement["listify"] > 0.0
     # 16-bit activations: the layers run as encoded (no int8 requantization inside ORT's kernels)
-    assert "float MatMul" in enc["execution"]
+    assert "float MatMul" in b.manifest.quantization.execution

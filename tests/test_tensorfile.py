@@ -13,7 +13,13 @@ import safetensors
 import safetensors.numpy
 
 from lora_runtime.errors import TensorFileError
-from lora_runtime.tensorfile import load_tensors, read_header, save_tensors
+from lora_runtime.tensorfile import read_header, save_tensors
+
+
+def load_tensors(path, float32: bool = False) -> dict[str, np.ndarray]:
+    """Every tensor of a file through the reader under test (``TensorFile.read``), in data order."""
+    tf = read_header(path)
+    return {name: tf.read(name, float32=float32) for name in tf.entries}
 
 
 def _write_raw(path, header: dict | bytes | str, data: bytes = b"", *, length: int | None = None) -> None:

@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import ast
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx
 
-from lora_runtime.errors import AttachmentError
+from lora_runtime.compiler.adapter import Adapter
+from lora_runtime.errors import AttachmentError, BaseModelError
+from lora_runtime.graph import node_keys
+from lora_runtime.names import lora_a, lora_b
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +42,7 @@ NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 class Candidate:
     """A MatMul/Gemm with a constant weight, and the module paths it may be known by."""
 
-    node: str  # node_keys(): the node name, made unique if the graph left it empty or repeated it
+    node: str  # graph.node_keys(): the node name, made unique if the graph left it empty or repeated it
     op_type: str
     x: str  # activation input
     y: str  # output
@@ -78,22 +83,34 @@ def find_candidates(graph: onnx.GraphProto) -> list[Candidate]:
     return out
 
 
-def node_keys(graph: onnx.GraphProto) -> list[str]:
-    """One unique key per node, in graph order: its name, or ``<op_type>_<index>`` when it has none.
+def attach(graph: onnx.GraphProto, adapters: Sequence[Adapter], base: Path) -> list[AttachmentPoint]:
+    """Every module any adapter names, resolved to its op and checked against it, in graph order.
 
-    ONNX requires node names neither to exist nor to be unique. A key already in use (an unnamed node
-    beside a node literally named ``MatMul_3``, or a repeated name) gets ``_`` appended until it is unique.
+    ``base`` (the model's path) is named in messages. Each pair's A/B must fit the op's in/out features, and no
+    two module paths (of different adapters) may reach one op.
     """
-    named = {n.name for n in graph.node if n.name}
-    keys: list[str] = []
-    used: set[str] = set()
-    for i, node in enumerate(graph.node):
-        key = node.name or f"{node.op_type}_{i}"
-        while key in used or (not node.name and key in named):
-            key += "_"
-        used.add(key)
-        keys.append(key)
-    return keys
+    candidates = find_candidates(graph)
+    if not candidates:
+        raise BaseModelError(f"{base}: no MatMul/Gemm with a constant 2-D weight: nothing to attach LoRA to")
+    by_module: dict[str, AttachmentPoint] = {}
+    for a in adapters:
+        found = resolve(candidates, [p.module for p in a.pairs], f"adapter {a.name!r} on {base.name}")
+        for pair in a.pairs:
+            c = found[pair.module].candidate
+            if (pair.in_features, pair.out_features) != (c.in_features, c.out_features):
+                raise AttachmentError(
+                    f"adapter {a.name!r}: {lora_a(pair.module)} {pair.a.shape} / {lora_b(pair.module)} "
+                    f"{pair.b.shape} do not fit {c.op_type} {c.node!r} with in={c.in_features}, "
+                    f"out={c.out_features} (A must be (r, in), B (out, r))")
+        for module, point in found.items():
+            other = next((p for p in by_module.values() if p.candidate.node == point.candidate.node
+                          and p.module != module), None)
+            if other is not None:
+                raise AttachmentError(f"adapter {a.name!r}: module {module!r} resolves to op {point.candidate.node!r}, "
+                                      f"which another adapter reaches as {other.module!r}; use one module path")
+            by_module.setdefault(module, point)
+    order = {c.node: i for i, c in enumerate(candidates)}
+    return sorted(by_module.values(), key=lambda p: order[p.candidate.node])
 
 
 def resolve(candidates: list[Candidate], modules: list[str], source: str) -> dict[str, AttachmentPoint]:

@@ -26,8 +26,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from lora_runtime.external_data import DataWriter
+
 DATA_FILE = "base.onnx.data"
-DATA_ALIGN = 65536  # the largest mmap allocation granularity ONNX Runtime meets (Windows); Linux needs 4096
 
 # name, shape in graph layout (linear weights (in, out)) -> float32 values
 Weights = Callable[[str, tuple[int, ...]], np.ndarray]
@@ -170,7 +171,7 @@ class _Graph:
 
     def __init__(self, weights: Weights, data: BinaryIO | None = None) -> None:
         self.weights = weights
-        self.data = data
+        self.data = DataWriter(data, DATA_FILE) if data is not None else None
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
         self.count = 0
@@ -182,17 +183,8 @@ class _Graph:
     def const(self, name: str, value: np.ndarray) -> str:
         if self.data is None or value.nbytes < 1024:
             self.inits.append(numpy_helper.from_array(value, name))
-            return name
-        offset = self.data.tell()
-        # big tensors aligned, so ONNX Runtime can map them instead of copying; small ones packed
-        offset += -offset % (DATA_ALIGN if value.nbytes >= DATA_ALIGN else 64)
-        self.data.seek(offset)
-        self.data.write(np.ascontiguousarray(value, value.dtype.newbyteorder("<")).tobytes())
-        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=value.shape,
-                        data_location=TensorProto.EXTERNAL)
-        for key, v in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(value.nbytes))):
-            t.external_data.add(key=key, value=v)
-        self.inits.append(t)
+        else:
+            self.inits.append(self.data.array(name, value))
         return name
 
     def weight(self, name: str, shape: tuple[int, ...]) -> str:

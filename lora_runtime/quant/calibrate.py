@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 
 from lora_runtime.bundle import Bundle
 from lora_runtime.errors import InputError
-from lora_runtime.runtime.simple import check_feeds, input_specs, slot_feeds
+from lora_runtime.runtime.session import check_feeds, input_specs, slot_feeds
 
 METHODS = ("minmax", "percentile")
 KEEP = 16384  # values kept per tensor and run for the sensitivity measurement (whole rows: tokens)

@@ -1,4 +1,4 @@
-"""The AIMET/QAIRT encodings JSON, version 1.0.0: read, validate, write, compute, and map to ONNX QDQ.
+"""The AIMET/QAIRT encodings JSON, version 1.0.0: read, validate, write, and check against a graph.
 
 The file (what AIMET-ONNX ``QuantizationSimModel.export`` writes with ``quantsim.encoding_version = "1.0.0"``)::
 
@@ -19,7 +19,7 @@ Offset convention (AIMET ``trim_functions.cpp``): the integer grid is unsigned, 
 
 Symmetric encodings use ``offset = -2^(bw-1)`` (``-128`` for 8 bits; ``-(2^(bw-1) - 1)`` in AIMET's "strict"
 mode); asymmetric ones ``offset = -round(-min / scale)``. ONNX ``DequantizeLinear`` computes ``(q' - zp) * scale``;
-``to_qdq`` maps the two (see there).
+``lora_runtime.quant.rules.to_qdq`` maps the two; the same module computes encodings from numbers.
 
 Writing is canonical: keys sorted and 4-space indent as AIMET writes them (``json.dump(..., sort_keys=True,
 indent=4)``), plus a trailing newline; offsets as JSON integers; floats by ``repr`` so they read back
@@ -36,8 +36,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-import numpy as np
-
 from lora_runtime.errors import LoraRuntimeError
 
 VERSION = "1.0.0"
@@ -46,7 +44,7 @@ ENC_TYPES = ("PER_TENSOR", "PER_CHANNEL", "PER_BLOCK")
 UNSUPPORTED_ENC_TYPES = ("LPBQ", "VECTOR")  # valid in AIMET 1.0.0, not executable here
 FLOAT_BWS = (16, 32)
 _MIN_BW, _MAX_BW = 2, 32
-_EPSILON = 1e-5  # AIMET quantization_utils.hpp: max - min is at least this (gateMinMax)
+EPSILON = 1e-5  # AIMET quantization_utils.hpp: max - min is at least this (gateMinMax)
 
 _TOP_KEYS = ("version", "activation_encodings", "param_encodings")
 _OPTIONAL_TOP_KEYS = ("quantizer_args", "excluded_layers")
@@ -285,112 +283,9 @@ def write_encodings(path: str | os.PathLike[str], f: EncodingsFile) -> None:
     os.replace(tmp, target)
 
 
-# --- computing encodings from numbers ---------------------------------------------------------------------------
-
-
-def _f32(x: float) -> float:
-    """Round to the nearest float32: the file then holds exactly the scale ONNX Runtime will use."""
-    return float(np.float32(x))
-
-
-def _round_half_away(x: float) -> int:
-    """C ``round``, as AIMET uses (numpy rounds half to even)."""
-    return int(math.copysign(math.floor(abs(x) + 0.5), x))
-
-
-def symmetric_per_channel(name: str, weight: np.ndarray, axis: int, bw: int = 8) -> Encoding:
-    """AIMET's symmetric (non-strict) rule, one scale per index of ``axis``.
-
-    ``scale = absmax / (2^(bw-1) - 1)`` and ``offset = -2^(bw-1)`` (quantization_utils.cpp: ``delta = max /
-    floor(numSteps / 2)``, ``offset = -ceil(numSteps / 2)`` with ``numSteps = 2^bw - 1``). An all-zero channel
-    gets AIMET's minimum range (``_EPSILON``) so its scale stays positive.
-    """
-    w = np.asarray(weight, dtype=np.float64)
-    _check_bw(name, bw)
-    if w.ndim == 0 or not -w.ndim <= axis < w.ndim:
-        raise EncodingsError(f"tensor {name!r}: axis {axis} does not exist in shape {w.shape}")
-    if not np.all(np.isfinite(w)):
-        raise EncodingsError(f"tensor {name!r}: weight has NaN or infinite values")
-    others = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
-    absmax = np.max(np.abs(w), axis=others) if others else np.abs(w)
-    steps = 2 ** (bw - 1) - 1
-    scale = tuple(_f32(max(float(a), _EPSILON) / steps) for a in np.atleast_1d(absmax))
-    return Encoding(name, "INT", "PER_CHANNEL", bw, True, scale, (-(2 ** (bw - 1)),) * len(scale))
-
-
-def symmetric_per_block(name: str, weight: np.ndarray, block_size: int, bw: int) -> Encoding:
-    """AIMET's symmetric rule per block of ``block_size`` input features of ``weight (in, out)``: scales in
-    (out, block) order (QAIRT's blockwise layout for an (out, in) weight)."""
-    w = np.asarray(weight, dtype=np.float64)
-    _check_bw(name, bw)
-    if w.ndim != 2 or block_size < 1 or w.shape[0] % block_size:
-        raise EncodingsError(f"tensor {name!r}: {w.shape[0] if w.ndim == 2 else w.shape} input features do not "
-                             f"split into blocks of {block_size}")
-    if not np.all(np.isfinite(w)):
-        raise EncodingsError(f"tensor {name!r}: weight has NaN or infinite values")
-    absmax = np.abs(w.reshape(-1, block_size, w.shape[1])).max(axis=1).T  # (out, blocks)
-    steps = 2 ** (bw - 1) - 1
-    scale = tuple(_f32(max(float(a), _EPSILON) / steps) for a in absmax.ravel())
-    return Encoding(name, "INT", "PER_BLOCK", bw, True, scale, (-(2 ** (bw - 1)),) * len(scale), block_size)
-
-
-def asymmetric_per_tensor(name: str, min: float, max: float, bw: int = 8) -> Encoding:
-    """AIMET/QNN asymmetric rule for an observed range.
-
-    The range is first widened to hold 0.0 (AIMET ``gateMinMax``: ``min <= 0 <= max``, ``max - min >= 1e-5``);
-    then ``scale = (max - min) / (2^bw - 1)`` and ``offset = -round(-min / scale)``, clamped to
-    ``[-(2^bw - 1), 0]``, so 0.0 is exactly representable.
-    """
-    _check_bw(name, bw)
-    if not (math.isfinite(min) and math.isfinite(max)) or min > max:
-        raise EncodingsError(f"tensor {name!r}: range [{min}, {max}] is not a finite range with min <= max")
-    lo, hi = float(np.minimum(min, 0.0)), float(np.maximum(max, 0.0))
-    hi = float(np.maximum(hi, lo + _EPSILON))
-    steps = 2**bw - 1
-    scale = _f32((hi - lo) / steps)
-    zero = _round_half_away(-lo / scale)
-    zero = int(np.clip(zero, 0, steps))
-    return Encoding(name, "INT", "PER_TENSOR", bw, False, (scale,), (-zero,))
-
-
-def _check_bw(name: str, bw: int) -> None:
+def check_bw(name: str, bw: int) -> None:
     if not _is_int(bw) or not _MIN_BW <= bw <= _MAX_BW:
         raise EncodingsError(f"tensor {name!r}: bw {bw!r} is outside {_MIN_BW}..{_MAX_BW}")
-
-
-# --- mapping to ONNX QuantizeLinear / DequantizeLinear ----------------------------------------------------------
-
-_QDQ_TYPES = {(8, True): np.int8, (8, False): np.uint8, (16, True): np.int16, (16, False): np.uint16}
-
-
-def to_qdq(enc: Encoding, axis: int | None = None) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """``(scale, zero_point, axis)`` for ONNX QuantizeLinear/DequantizeLinear, exactly equivalent to ``enc``.
-
-    AIMET: ``x = (q + offset) * scale`` with unsigned ``q`` in ``[0, 2^bw - 1]``. ONNX: ``x = (q' - zp) * scale``.
-
-    - asymmetric (``is_sym`` False): unsigned type, ``q' = q``, ``zp = -offset``.
-    - symmetric: signed type, ``q' = q - 2^(bw-1)``, ``zp = -(offset + 2^(bw-1))``; for the usual
-      ``offset = -2^(bw-1)`` that is ``zp = 0`` (strict symmetric gives 1, unsigned-symmetric ``-2^(bw-1)``).
-
-    Only bw 8 and 16 map (uint8/int8, uint16/int16). PER_TENSOR gives 0-d arrays and axis None; PER_CHANNEL
-    gives 1-d arrays and needs the channel ``axis`` of the tensor (the file does not record it).
-    """
-    if enc.dtype != "INT":
-        raise EncodingsError(f"tensor {enc.name!r}: a {enc.dtype} encoding has no QDQ form")
-    zp_type = _QDQ_TYPES.get((enc.bw, enc.is_sym))
-    if zp_type is None:
-        raise EncodingsError(f"tensor {enc.name!r}: bw {enc.bw} has no ONNX QuantizeLinear integer type here; "
-                             "use bw 8 or 16")
-    if enc.enc_type == "PER_BLOCK":
-        raise EncodingsError(f"tensor {enc.name!r}: PER_BLOCK encodings have no QDQ mapping here yet")
-    shift = 2 ** (enc.bw - 1) if enc.is_sym else 0
-    zp = np.array([-(o + shift) for o in enc.offset], dtype=np.int64)
-    scale = np.array(enc.scale, dtype=np.float32)
-    if enc.enc_type == "PER_TENSOR":
-        return scale.reshape(()), zp.astype(zp_type).reshape(()), None
-    if axis is None:
-        raise EncodingsError(f"tensor {enc.name!r}: a PER_CHANNEL encoding needs the tensor's channel axis")
-    return scale, zp.astype(zp_type), axis
 
 
 # --- checking a file against a graph ----------------------------------------------------------------------------
@@ -427,77 +322,6 @@ def check_fits(f: EncodingsFile, tensors: Mapping[str, Sequence[int | None] | No
             if enc.block_size is None or numel % enc.block_size or numel // enc.block_size != n:
                 raise EncodingsError(f"{f.source}: tensor {enc.name!r} of shape {list(dims)} does not split into "
                                      f"{n} blocks of {enc.block_size}")
-
-
-# --- presets ----------------------------------------------------------------------------------------------------
-
-# Bitwidth per tensor role. Mirrored, byte for byte in meaning, by encodings/presets/<name>.json (a test checks):
-# the package is installed without that data directory, so the dict is the source used at run time.
-PRESETS: dict[str, dict[str, Any]] = {
-    "w8a8": {
-        "name": "w8a8",
-        "description": "INT8 everywhere: base weights symmetric per-channel, activations asymmetric per-tensor.",
-        "activations": {"bw": 8, "is_sym": False, "enc_type": "PER_TENSOR"},
-        "weights": {"bw": 8, "is_sym": True, "enc_type": "PER_CHANNEL"},
-        "lora_activations": {"bw": 8, "is_sym": False, "enc_type": "PER_TENSOR"},
-        "lora_weights": {"bw": 8, "is_sym": True, "enc_type": "PER_TENSOR"},
-    },
-    "w8a16": {
-        "name": "w8a16",
-        "description": "INT8 weights, INT16 activations (real LLMs: outlier channels ruin INT8 activations).",
-        "activations": {"bw": 16, "is_sym": False, "enc_type": "PER_TENSOR"},
-        "weights": {"bw": 8, "is_sym": True, "enc_type": "PER_CHANNEL"},
-        "lora_activations": {"bw": 16, "is_sym": False, "enc_type": "PER_TENSOR"},
-        "lora_weights": {"bw": 8, "is_sym": True, "enc_type": "PER_TENSOR"},
-    },
-    "w4a16": {
-        "name": "w4a16",
-        "description": "INT4 base weights in blocks of 32 input features, INT16 activations, INT8 LoRA weights.",
-        "activations": {"bw": 16, "is_sym": False, "enc_type": "PER_TENSOR"},
-        "weights": {"bw": 4, "is_sym": True, "enc_type": "PER_BLOCK", "block_size": 32},
-        "lora_activations": {"bw": 16, "is_sym": False, "enc_type": "PER_TENSOR"},
-        "lora_weights": {"bw": 8, "is_sym": True, "enc_type": "PER_TENSOR"},
-    },
-    "lora_a16w16": {
-        "name": "lora_a16w16",
-        "description": "AIMET's LoRA default: 16-bit LoRA weights and activations over a w8a16 base.",
-        "activations": {"bw": 16, "is_sym": False, "enc_type": "PER_TENSOR"},
-        "weights": {"bw": 8, "is_sym": True, "enc_type": "PER_CHANNEL"},
-        "lora_activations": {"bw": 16, "is_sym": False, "enc_type": "PER_TENSOR"},
-        "lora_weights": {"bw": 16, "is_sym": True, "enc_type": "PER_TENSOR"},
-    },
-}
-
-ROLES = ("activations", "weights", "lora_activations", "lora_weights")
-
-
-@dataclass(frozen=True)
-class RoleSpec:
-    """How one role of tensors is quantized."""
-
-    bw: int
-    is_sym: bool
-    enc_type: str
-    block_size: int | None = None  # PER_BLOCK: input features per block
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    description: str
-    activations: RoleSpec
-    weights: RoleSpec
-    lora_activations: RoleSpec
-    lora_weights: RoleSpec
-
-
-def load_preset(name: str) -> Preset:
-    """The named preset (``w8a8``, ``w8a16``, ``w4a16``, ``lora_a16w16``) as typed values."""
-    raw = PRESETS.get(name)
-    if raw is None:
-        raise EncodingsError(f"preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
-    roles = {r: RoleSpec(raw[r]["bw"], raw[r]["is_sym"], raw[r]["enc_type"], raw[r].get("block_size")) for r in ROLES}
-    return Preset(raw["name"], raw["description"], **roles)
 
 
 # --- small JSON type helpers ------------------------------------------------------------------------------------

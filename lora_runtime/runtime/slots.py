@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lora_runtime.bundle import Slot
 from lora_runtime.errors import BundleError, TensorFileError
+from lora_runtime.manifest import Slot
 from lora_runtime.tensorfile import TensorFile, read_header
 
 
@@ -94,6 +94,13 @@ class SlotSet:
             self.values[s.name] = ort.OrtValue.ortvalue_from_numpy(view)
         self.holds = holds  # the adapter (v1/v2) or "group" (v3) whose values the arena holds; None: unknown
         self.readers = 0  # runs in flight on this set (guarded by the runtime's lock)
+
+    @classmethod
+    def filled(cls, layout: Layout, patch: Path, holds: str | None = None) -> SlotSet:
+        """A new set holding the values of ``patch`` (validated against ``layout`` first)."""
+        s = cls(layout, holds)
+        s.fill_from(PatchSource(patch, layout))
+        return s
 
     @property
     def nbytes(self) -> int:

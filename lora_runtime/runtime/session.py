@@ -1,8 +1,9 @@
-"""Run one use-case of a bundle by feeding its slots as inputs: the reference path.
+"""Sessions on a bundle, the user's feeds checked against the graph, and the reference run path.
 
-This is the plain way to run a bundle: a session, the use-case's patch read from the bundle and
-fed next to the user's inputs. :class:`lora_runtime.Runtime` (resident slots, hot and cold switches)
-gives the same outputs without moving weights on every run.
+``make_session`` is the one place an ONNX Runtime session is created for a bundle. ``run_use_case`` is the
+plain way to run a bundle: a session, the use-case's patch read from the bundle and fed next to the
+user's inputs. :class:`lora_runtime.Runtime` (resident slots, hot and cold switches) gives the same
+outputs without moving weights on every run.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lora_runtime.bundle import Bundle, open_bundle, patched_slots
+from lora_runtime.bundle import Bundle, open_bundle
 from lora_runtime.errors import InputError, UseCaseError
+from lora_runtime.names import STRENGTH
 from lora_runtime.tensorfile import read_header
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -35,7 +37,7 @@ def slot_feeds(bundle: Bundle, strengths: Mapping[str, float], use_case: str | N
     """Every slot value for ``strengths``: the adapter's patch (v1/v2), ``lora_alpha``, and updatable
     encodings (the use-case's, or for ad-hoc strengths the union set)."""
     m = bundle.manifest
-    feeds: dict[str, np.ndarray] = {"lora_alpha": m.strength_value(strengths)}
+    feeds: dict[str, np.ndarray] = {STRENGTH: m.strength_value(strengths)}
     if any(s.kind == "encoding" for s in m.slots):
         rel = m.use_case(use_case).encodings if use_case is not None else m.union_encodings
         tf = read_header(bundle.file(rel or ""))
@@ -46,7 +48,7 @@ def slot_feeds(bundle: Bundle, strengths: Mapping[str, float], use_case: str | N
     if m.generation == "v2" and adapter in (None, m.default_adapter):
         return feeds  # the graph's parameters already hold it (or the strength is 0)
     if adapter is None:  # v1, base alone: any finite weights do, the strength is 0
-        return feeds | {s.name: np.zeros(s.shape, s.numpy_dtype) for s in patched_slots(m)}
+        return feeds | {s.name: np.zeros(s.shape, s.numpy_dtype) for s in m.patched_slots}
     tf = read_header(bundle.file(m.adapter(adapter).patch or ""))
     return feeds | {name: tf.read(name) for name in tf.entries}
 

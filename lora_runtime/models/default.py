@@ -20,6 +20,7 @@ from typing import BinaryIO
 import numpy as np
 import onnx
 
+from lora_runtime.lora_config import LoraConfig, rank_and_scaling
 from lora_runtime.models.llama import DATA_FILE, LlamaShape, build_llama, linear_shapes
 from lora_runtime.tensorfile import save_tensors
 
@@ -139,8 +140,6 @@ def module_shapes(r: ModelRecipe) -> dict[str, tuple[int, int]]:
 
 def write_adapter(a: AdapterRecipe, r: ModelRecipe, folder: Path) -> None:
     """A PEFT folder for recipe ``a``: the modules its target_modules select, seeded A/B, PEFT's key names."""
-    from lora_runtime.lora_config import LoraConfig, rank_and_scaling
-
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": f"lora_runtime/{r.name}",
               "r": a.r, "lora_alpha": a.lora_alpha, "target_modules": a.target_modules, "use_rslora": a.use_rslora,
               "rank_pattern": a.rank_pattern, "alpha_pattern": a.alpha_pattern, "fan_in_fan_out": False,

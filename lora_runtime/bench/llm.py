@@ -26,20 +26,27 @@ by the issue that asked for this bench; its numbers are in ``LLAMA_CPP`` and the
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
-from lora_runtime import __version__
-from lora_runtime.bench import Row, _alternate, _machine, _versions, _with_ratios, measure, measure_interleaved
+from lora_runtime.bench.default import GOALS
+from lora_runtime.bench.report import machine, versions, with_ratios
+from lora_runtime.bench.timing import Row, alternate, measure, measure_interleaved
 from lora_runtime.compiler.compile import compile_bundle
-from lora_runtime.compiler.export import merge_use_case
+from lora_runtime.compiler.options import CompileOptions, QuantOptions, WeightOnlyOptions
+from lora_runtime.compiler.points import find_candidates
 from lora_runtime.demo_llm import shipped_adapters
+from lora_runtime.export import merge_use_case
 from lora_runtime.llm import Chat, calibration_data, find_smollm2, import_gguf
 from lora_runtime.progress import Progress
-from lora_runtime.runtime.runtime import Runtime
+from lora_runtime.runtime.switcher import Runtime
+from lora_runtime.tensorfile import save_tensors
+from lora_runtime.version import __version__
 
 PROMPT = [{"role": "user", "content": "Give me three tips for better sleep."}]
 # INT8 rows: preset, --sensitive-db, --weight-rounding
@@ -53,13 +60,6 @@ LLAMA_CPP = {"decode_ms": 6.8, "qv8_overhead": (1.04, 1.21), "peer16_overhead": 
 def peer_adapter(model: Path, folder: Path, seed: int, r: int = 16,
                  targets: tuple[str, ...] = ("o_proj", "gate_proj", "up_proj", "down_proj")) -> Path:
     """A seeded F32 PEFT folder with rank ``r`` on every ``targets`` module of ``model`` (PEFT names)."""
-    import json
-
-    import onnx
-
-    from lora_runtime.compiler.points import find_candidates
-    from lora_runtime.tensorfile import save_tensors
-
     rng = np.random.default_rng(seed)
     tensors = {}
     for c in find_candidates(onnx.load(str(model), load_external_data=False).graph):
@@ -101,18 +101,20 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
                                     generation="v3", use_cases=["caps=caps", "base="], force=True),
             "v3_n2": compile_bundle(model_dir / "base.onnx", two, work / "b-v3-n2", generation="v3",
                                     use_cases=["both=caps,listify", "caps=caps", "base="], force=True),
-            "v3_n2_int4": compile_bundle(model_dir / "base.onnx", two, work / "b-v3-n2-int4", generation="v3",
-                                         use_cases=["both=caps,listify", "caps=caps", "base="], force=True,
-                                         base_weights="int4", measure_accuracy=False),
+            "v3_n2_int4": compile_bundle(model_dir / "base.onnx", two, work / "b-v3-n2-int4",
+                                         CompileOptions("v3", weight_only=WeightOnlyOptions.of("int4"),
+                                                        measure_accuracy=False),
+                                         use_cases=["both=caps,listify", "caps=caps", "base="], force=True),
         }
         calib = calibration_data(model_dir, work / "calibration.npz", samples=8 if quick else 32, seq_len=48)
         bar.step("bundles")
         for preset, sens, rounding in PRESETS:
             key = f"qdq_{preset}" + (f"_s{int(sens)}" if sens else "") + ("_gptq" if rounding == "gptq" else "")
-            bundles[key] = compile_bundle(model_dir / "base.onnx", two, work / f"b-{key}", generation="v3",
-                                          use_cases=["both=caps,listify", "caps=caps", "base="], force=True,
-                                          encodings="full", calibration=calib, preset=preset, sensitive_db=sens,
-                                          weight_rounding=rounding, ort_reference=False)
+            quant = QuantOptions("full", calib, preset=preset, weight_rounding=rounding, sensitive_db=sens,
+                                 ort_reference=False)
+            bundles[key] = compile_bundle(model_dir / "base.onnx", two, work / f"b-{key}",
+                                          CompileOptions("v3", quant=quant),
+                                          use_cases=["both=caps,listify", "caps=caps", "base="], force=True)
             bar.step(key)
         merged = merge_use_case(bundles["v2"], work / "merged" / "caps.onnx", use_case="caps")
         bar.step("merged")
@@ -149,12 +151,12 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
         bar.step("sessions")
         rows += measure_interleaved(runners, reps, block=5)
         bar.step("decode")
-        rows.append(measure("hot_switch", _alternate(runtimes["v3_n2"], ["both", "caps", "base"]), 2000))
+        rows.append(measure("hot_switch", alternate(runtimes["v3_n2"], ["both", "caps", "base"]), 2000))
         rt2 = runtimes["v2"]
-        rows.append(measure("cold_switch_cache", _alternate(rt2, ["caps", "listify", "signoff"], expect="cold"),
+        rows.append(measure("cold_switch_cache", alternate(rt2, ["caps", "listify", "signoff"], expect="cold"),
                             200, nbytes=rt2.layout.nbytes))
         rtp = runtimes["v2_peer16"]
-        rows.append(measure("cold_switch_peer16", _alternate(rtp, list(peers), expect="cold"), 200,
+        rows.append(measure("cold_switch_peer16", alternate(rtp, list(peers), expect="cold"), 200,
                             nbytes=rtp.layout.nbytes))
         bar.step("switches")
         t = time.perf_counter()
@@ -167,17 +169,17 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
     accuracy = {}
     for k, b in bundles.items():
         if k.startswith("qdq_"):
-            e = b.manifest.extra["encodings"]
-            greedy = e.get("greedy_agreement", {}).get("use_cases", {})
+            e = b.manifest.accuracy_of("fp32")
+            greedy = e.greedy_agreement
             accuracy[f"decode_{k} (v3, 2 adapters, full encodings) vs FP32: logit SQNR dB / argmax agreement / "
                      "greedy tokens agreeing"] = {
-                u: f"{e['sqnr_db'][u]:.1f} / {e['argmax_agreement'][u]:.0%} / {greedy.get(u, float('nan')):.0%}"
+                u: f"{e.sqnr_db[u]:.1f} / {e.argmax_agreement[u]:.0%} / {greedy.get(u, float('nan')):.0%}"
                 for u in b.manifest.use_case_names}
-    report = _with_ratios(rows, {"lora_runtime": __version__, "size": "smollm2", "quick": quick,
+    report = with_ratios(rows, {"lora_runtime": __version__, "size": "smollm2", "quick": quick,
                                  "accuracy_text": accuracy,
-                                 "machine": _machine(), "versions": _versions(),
+                                 "machine": machine(), "versions": versions(),
                                  "model": {"recipe": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32)",
-                                           "prompt_tokens": int(ids.shape[1])}})
+                                           "prompt_tokens": int(ids.shape[1])}}, GOALS)
     by = {r.name: r for r in rows}
     for num in ("decode_merged", "decode_v1", "decode_v2", "decode_v2_qv8", "decode_v2_peer16", "decode_v3_n1",
                 "decode_v3_n2", "decode_v3_n2_int4",

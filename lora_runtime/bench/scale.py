@@ -33,23 +33,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lora_runtime import __version__
-from lora_runtime.bench import (
-    Row,
-    _alternate,
-    _machine,
-    _next_patch,
-    _versions,
-    _with_ratios,
-    disk_rows,
-    limit_rows,
-    measure,
-)
+from lora_runtime.bench.default import GOALS
+from lora_runtime.bench.report import machine, versions, with_ratios
+from lora_runtime.bench.timing import Row, alternate, disk_rows, limit_rows, measure, next_patch
 from lora_runtime.bundle import Bundle
 from lora_runtime.compiler.compile import compile_bundle
-from lora_runtime.default_model import AdapterRecipe, build_default, recipe, write_adapter
+from lora_runtime.models.default import AdapterRecipe, build_default, recipe, write_adapter
 from lora_runtime.progress import Progress
-from lora_runtime.runtime.runtime import Runtime
+from lora_runtime.runtime.switcher import Runtime
+from lora_runtime.version import __version__
 
 N_MANY = 100
 
@@ -101,7 +93,7 @@ def run_bench_scale(size: str = "1b", work: Path | None = None, quick: bool = Fa
         rows.append(Row("build_model", (time.perf_counter() - t) * 1e6, None, 1, base_bytes))
         adapters_dir = work / "model" / "adapters"
         group = {}
-        for i in range(3):  # same layout, ~27 MB each: cold switches of the size the issue names
+        for i in range(3):  # same layout, ~27 MB each: the cold-switch size of a 1B-class model's adapter
             a = AdapterRecipe(f"n{i}", r=32, lora_alpha=64, seed=200 + i,
                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
             if not (adapters_dir / a.name / "adapter_model.safetensors").is_file():
@@ -144,10 +136,10 @@ def run_bench_scale(size: str = "1b", work: Path | None = None, quick: bool = Fa
         rows += _base_rows(model.base, feeds, reps)
         bar.step("base")
 
-    report = _with_ratios(rows, {
-        "lora_runtime": __version__, "size": size, "quick": quick, "machine": _machine(), "versions": _versions(),
+    report = with_ratios(rows, {
+        "lora_runtime": __version__, "size": size, "quick": quick, "machine": machine(), "versions": versions(),
         "model": {"recipe": r.name, "layers": r.n_layers, "d_model": r.d_model, "base_bytes": base_bytes,
-                  "seq_len": r.seq_len, "points_v2": len(v2.manifest.points)}})
+                  "seq_len": r.seq_len, "points_v2": len(v2.manifest.points)}}, GOALS)
     by = {x.name: x for x in rows}
     extra = {
         "compile_v3_peak_rss / (base_bytes + adapter_bytes)": (
@@ -167,8 +159,8 @@ def run_bench_scale(size: str = "1b", work: Path | None = None, quick: bool = Fa
 
 def _v3_rows(path: Path, feeds: dict[str, np.ndarray], reps: dict[str, int]) -> list[Row]:
     rt = Runtime.open(path)
-    rows = [measure("hot_switch", _alternate(rt, rt.use_cases[:2]), reps["switch"]),
-            measure("hot_switch_100", _alternate(rt, rt.use_cases), reps["switch"])]
+    rows = [measure("hot_switch", alternate(rt, rt.use_cases[:2]), reps["switch"]),
+            measure("hot_switch_100", alternate(rt, rt.use_cases), reps["switch"])]
     rt.switch(rt.use_cases[0])
     rows.append(measure("run_v3", lambda: rt.run(feeds), reps["run"], warmup=1))
     return rows
@@ -178,9 +170,9 @@ def _v2_rows(bundle: Bundle, feeds: dict[str, np.ndarray], reps: dict[str, int])
     rt = Runtime.open(bundle.path)
     patch = bundle.file(bundle.manifest.adapter("m0").patch or "")
     nbytes = rt.layout.nbytes
-    cycle = _alternate(rt, ["m0", "m1", "m2"], expect="cold")
+    cycle = alternate(rt, ["m0", "m1", "m2"], expect="cold")
     rows = [measure("cold_switch_cache", cycle, reps["cold"], nbytes=nbytes)]
-    nxt = _next_patch(rt, ["m0", "m1", "m2"])
+    nxt = next_patch(rt, ["m0", "m1", "m2"])
     rows += disk_rows(cycle, nxt, nbytes, reps["disk"])
     rows += limit_rows(patch, nbytes, reps["cold"])
     rt.switch("m0")
@@ -188,7 +180,7 @@ def _v2_rows(bundle: Bundle, feeds: dict[str, np.ndarray], reps: dict[str, int])
     t = time.perf_counter()
     rt.preload(rt.use_cases)
     rows.append(Row("preload_100", (time.perf_counter() - t) * 1e6, None, 1, rt.memory()["resident_bytes"]))
-    rows.append(measure("preloaded_switch_100", _alternate(rt, rt.use_cases, expect="hot"), reps["switch"]))
+    rows.append(measure("preloaded_switch_100", alternate(rt, rt.use_cases, expect="hot"), reps["switch"]))
     mem = rt.memory()
     rows.append(Row("patch_bytes", None, None, 1, nbytes))
     rows.append(Row("resident_per_preloaded_use_case", None, None, N_MANY,

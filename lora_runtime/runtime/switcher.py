@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lora_runtime.bundle import Bundle, encoding_slots, open_bundle, patched_slots
-from lora_runtime.runtime.simple import check_feeds, input_specs, make_session
+from lora_runtime.bundle import Bundle, open_bundle
+from lora_runtime.runtime.session import check_feeds, input_specs, make_session
 from lora_runtime.runtime.slots import Layout, PatchSource, SlotSet
 
 GROUP = "group"
@@ -63,7 +63,7 @@ class Runtime:
         self.bundle = bundle
         self.manifest = m = bundle.manifest
         self.session = session
-        self.layout = Layout.of(patched_slots(m))
+        self.layout = Layout.of(m.patched_slots)
         self._strength_name = next(s.name for s in m.slots if s.kind == "strength")
         self._inputs = input_specs(session, {s.name for s in m.slots})
         self._outputs = [o.name for o in session.get_outputs()]
@@ -81,13 +81,13 @@ class Runtime:
             self._sources = {a.name: PatchSource(bundle.file(a.patch or ""), self.layout) for a in m.adapters}
         # Updatable encodings are a few scales and zero points per use-case: all resident from the start,
         # so a switch binds its use-case's set, atomically with the weights and the strength.
-        self._encodings: dict[str, SlotSet] = {}
-        enc_layout = Layout.of(encoding_slots(m))
+        self._encodings: dict[str, SlotSet] = {}  # use-case -> its encodings set
+        self._union_encodings: SlotSet | None = None  # ad-hoc strengths: calibrated over every use-case
+        enc_layout = Layout.of(m.encoding_slots)
         if enc_layout.slots:
-            for rel, key in [(u.encodings, u.name) for u in m.use_cases] + [(m.union_encodings, "")]:
-                enc = SlotSet(enc_layout, key)
-                enc.fill_from(PatchSource(bundle.file(rel or ""), enc_layout))
-                self._encodings[key] = enc
+            for u in m.use_cases:
+                self._encodings[u.name] = SlotSet.filled(enc_layout, bundle.file(u.encodings or ""), u.name)
+            self._union_encodings = SlotSet.filled(enc_layout, bundle.file(m.union_encodings or ""), "union")
         # Each use-case's adapter (v3: the group) and strength value, built once: a hot switch allocates nothing.
         self._targets = {u.name: (GROUP if m.generation == "v3" else next(iter(u.strengths), None),
                                   self._strength_value(u.strengths), self._encodings.get(u.name))
@@ -99,7 +99,7 @@ class Runtime:
             self._resident[GROUP] = first
         else:
             self._scratch = [first, SlotSet(self.layout)]
-        self._state = _State(0, first, *self._strength_value({}), None, self._encodings.get(""))
+        self._state = _State(0, first, *self._strength_value({}), None, self._union_encodings)
         self.preload(preload)
         if m.use_cases:
             self.switch(m.use_cases[0].name)
@@ -146,7 +146,7 @@ class Runtime:
         with self._lock:
             preloaded = {k: s.nbytes for k, s in self._resident.items()}
             scratch = sum(s.nbytes for s in self._scratch)
-        encodings = sum(s.nbytes for s in self._encodings.values())
+        encodings = sum(s.nbytes for s in [*self._encodings.values(), self._union_encodings] if s is not None)
         return {"patch_bytes": self.layout.nbytes, "scratch_bytes": scratch, "preloaded_bytes": preloaded,
                 "encodings_bytes": encodings, "resident_bytes": scratch + sum(preloaded.values()) + encodings}
 
@@ -194,7 +194,7 @@ class Runtime:
         value = self._strength_value(strengths)  # validates names, values, and v1/v2's one adapter
         adapter = GROUP if self.manifest.generation == "v3" else next(iter(strengths), None)
         # an ad-hoc mix has no calibration of its own: updatable encodings use the union of all use-cases
-        return self._publish(adapter, value, None, t0, self._encodings.get(""))
+        return self._publish(adapter, value, None, t0, self._union_encodings)
 
     def _strength_value(self, strengths: Mapping[str, float]) -> tuple[ort.OrtValue, np.ndarray, dict[str, float]]:
         arr = self.manifest.strength_value(strengths)

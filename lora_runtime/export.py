@@ -1,10 +1,14 @@
-"""Exports for peers and baselines: a use-case merged into the base weights, and ONNX Runtime adapters.
+"""Exports of a finished bundle, for peers and baselines: a use-case merged into the base weights, and
+ONNX Runtime's own adapters.
 
 ``merge_use_case`` undoes the branch rewrite and bakes ``W0 + sum_i s_i * scaling_i * B_i A_i`` into
 each attachment point's weight: the zero-overhead ideal a switching runtime is measured against, and
 what a naive user (or AIMET's ``load_adapter``) rebuilds a session from on every switch.
 ``export_ort_adapter`` writes one v2 adapter as ONNX Runtime's own ``.onnx_adapter`` (its
 parameters are the bundle's v2 slots), for ``LoraAdapter`` + ``RunOptions.add_active_adapter``.
+
+Both read only the bundle (its manifest, patches and graph) and the naming contract: they sit below
+the compiler, so the compiler can measure what it builds against them.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from lora_runtime.bundle import Bundle, Manifest, patched_slots
-from lora_runtime.compiler.branch import GAIN_NODE
-from lora_runtime.compiler.quantize_base import read_tensor
+from lora_runtime.bundle import Bundle
 from lora_runtime.errors import UseCaseError
+from lora_runtime.external_data import inline
+from lora_runtime.graph import GraphEdit
+from lora_runtime.manifest import Manifest
+from lora_runtime.names import GAIN_NODE, SCALING, BranchNames, lora_a, lora_b
 from lora_runtime.tensorfile import read_header
 
 
@@ -33,7 +39,7 @@ def use_case_deltas(bundle: Bundle, strengths: Mapping[str, float]) -> dict[str,
     if m.generation == "v3":
         tf = read_header(bundle.file(m.group_patch or ""))
         for p in m.points:
-            a, b = tf.read(f"{p.module}.lora_A.weight"), tf.read(f"{p.module}.lora_B.weight")
+            a, b = tf.read(lora_a(p.module), float32=True), tf.read(lora_b(p.module), float32=True)
             for c in p.columns:
                 s = strengths.get(c.adapter, 0.0)
                 if s:
@@ -44,32 +50,38 @@ def use_case_deltas(bundle: Bundle, strengths: Mapping[str, float]) -> dict[str,
         return deltas
     (adapter, s), = strengths.items()
     tf = read_header(bundle.file(m.adapter(adapter).patch or ""))
-    scaling = tf.read("lora_scaling")
+    scaling = tf.read(SCALING)
     for i, p in enumerate(m.points):
         if scaling[i]:
-            a, b = tf.read(f"{p.module}.lora_A.weight"), tf.read(f"{p.module}.lora_B.weight")
+            a, b = tf.read(lora_a(p.module), float32=True), tf.read(lora_b(p.module), float32=True)
             deltas[p.module] = (s * float(scaling[i])) * (b.astype(np.float64) @ a)
     return deltas
 
 
 def strip_branches(model: onnx.ModelProto, manifest: Manifest) -> onnx.ModelProto:
-    """Remove every LoRA node, input and tensor: the inverse of ``add_branches``, in place."""
+    """Remove every LoRA node, input and tensor: the inverse of the branch pass, in place.
+
+    Each branch ends in ``Add(y.base, delta) -> y``; the base op that writes ``y.base`` writes ``y`` again::
+
+        x ──► Op(W0) ──► y.base ──► Add ──► y        becomes        x ──► Op(W0) ──► y
+    """
     g = model.graph
-    prefixes = tuple(f"{p.module}.lora" for p in manifest.points)
+    branch_nodes = {GAIN_NODE}.union(*(BranchNames(p.module).nodes for p in manifest.points))
+    adds = {BranchNames(p.module).node("Add") for p in manifest.points}
+    restore = {n.input[0]: n.output[0] for n in g.node if n.name in adds}  # y.base -> y
+    edit = GraphEdit(g)
+    for i, n in edit.nodes():
+        if n.name in branch_nodes:
+            edit.remove(i)
+        elif n.output and n.output[0] in restore:
+            n.output[0] = restore[n.output[0]]
+    constants = {c for p in manifest.points for c in (BranchNames(p.module).strength_index,
+                                                     BranchNames(p.module).column_scaling,
+                                                     BranchNames(p.module).point_index)}
     slots = {s.name for s in manifest.slots}
-    outputs = {f"{n.output[0]}" for n in g.node if n.name.endswith("/Add") and n.name.startswith(prefixes)}
-    keep = [n for n in g.node if not (n.name == GAIN_NODE or n.name.startswith(prefixes))]
-    for n in keep:
-        if n.output and n.output[0].endswith(".base") and n.output[0][: -len(".base")] in outputs:
-            n.output[0] = n.output[0][: -len(".base")]
-    del g.node[:]
-    g.node.extend(keep)
-    inputs = [i for i in g.input if i.name not in slots]
-    del g.input[:]
-    g.input.extend(inputs)
-    inits = [t for t in g.initializer if t.name not in slots and not t.name.startswith(prefixes)]
-    del g.initializer[:]
-    g.initializer.extend(inits)
+    edit.drop_inputs(slots)
+    edit.drop_initializers(slots | constants)
+    edit.apply()
     return model
 
 
@@ -77,9 +89,10 @@ def merge_use_case(bundle: Bundle, out: str | os.PathLike[str], use_case: str | 
                    strengths: Mapping[str, float] | None = None) -> Path:
     """Write a plain ONNX model with the use-case baked into the base weights (external data if the base had it)."""
     m = bundle.manifest
-    if "base_weights" in m.extra:
-        raise UseCaseError(f"{bundle.path}: the base weights are {m.extra['base_weights']['dtype']}; merge needs a "
-                           "bundle compiled with float32 base weights")
+    quantized = m.weight_only.dtype if m.weight_only else ("QDQ" if m.quantization else None)
+    if quantized:
+        raise UseCaseError(f"{bundle.path}: the base weights are {quantized}; merge needs a bundle compiled with "
+                           "float32 base weights")
     if strengths is None:
         if use_case is None:
             raise UseCaseError("give a use-case or strengths to merge")
@@ -87,7 +100,8 @@ def merge_use_case(bundle: Bundle, out: str | os.PathLike[str], use_case: str | 
     deltas = use_case_deltas(bundle, strengths)
     model = onnx.load(str(bundle.file(m.graph)), load_external_data=False)
     strip_branches(model, m)
-    _load_external_data(model, bundle)
+    for t in model.graph.initializer:  # read by offset: onnx.load refuses hard-linked data files
+        inline(t, bundle.path)
     inits = {t.name: t for t in model.graph.initializer}
     for p in m.points:
         if p.module not in deltas:
@@ -107,15 +121,6 @@ def merge_use_case(bundle: Bundle, out: str | os.PathLike[str], use_case: str | 
     return out
 
 
-def _load_external_data(model: onnx.ModelProto, bundle: Bundle) -> None:
-    """Read external tensors into the proto ourselves: onnx.load refuses hard-linked data files."""
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            t.raw_data = read_tensor(t, bundle.path).tobytes()
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
-
-
 def export_ort_adapter(bundle: Bundle, adapter: str, out: str | os.PathLike[str]) -> Path:
     """One v2 adapter as an ONNX Runtime ``.onnx_adapter``: its patch's slot values as parameters.
 
@@ -127,7 +132,7 @@ def export_ort_adapter(bundle: Bundle, adapter: str, out: str | os.PathLike[str]
     if m.generation != "v2":
         raise UseCaseError(f"ONNX Runtime adapters override initializers; export from a v2 bundle, not {m.generation}")
     tf = read_header(bundle.file(m.adapter(adapter).patch or ""))
-    params = {s.name: ort.OrtValue.ortvalue_from_numpy(tf.read(s.name)) for s in patched_slots(m)}
+    params = {s.name: ort.OrtValue.ortvalue_from_numpy(tf.read(s.name)) for s in m.patched_slots}
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)

@@ -1,0 +1,75 @@
+"""The base model as the compiler meets it: the graph without its weights, and the data files it names.
+
+Base models are used where they lie: the graph is read with ``load_external_data=False`` (attachment checks
+need only the initializers' shapes), external data files are hard-linked into the bundle, never rewritten
+(``copy_base_data`` copies them where links are impossible), and the rewritten graph is checked by
+``onnx.checker`` on its structure alone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto
+
+from lora_runtime.errors import BaseModelError
+from lora_runtime.external_data import location
+
+
+def load_base(path: Path) -> tuple[onnx.ModelProto, list[str]]:
+    """The graph (weights left where they are) and its external data files, relative to its folder."""
+    if not path.is_file():
+        raise BaseModelError(f"{path}: base model not found")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError and friends; all mean the same to the user
+        raise BaseModelError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from e
+    if not model.graph.node:
+        raise BaseModelError(f"{path}: the graph has no nodes (truncated or not an ONNX model)")
+    data_files: list[str] = []
+    for t in model.graph.initializer:
+        rel = location(t)
+        if rel is None:
+            continue
+        if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise BaseModelError(f"{path}: initializer {t.name!r} has external data outside the model folder")
+        if not (path.parent / rel).is_file():
+            raise BaseModelError(f"{path}: external data file {rel!r} of initializer {t.name!r} is missing")
+        if rel not in data_files:
+            data_files.append(rel)
+    return model, data_files
+
+
+def check_structure(model: onnx.ModelProto, base: Path) -> None:
+    """onnx.checker on the rewritten graph's structure, with every initializer's data left out.
+
+    Not on the path: onnx refuses external data files that have several hard links ("potential
+    hardlink attack"), and a hard link is how a bundle shares the base weights. Not on the proto
+    as is: the checker then looks for external data relative to the current directory.
+    """
+    g = model.graph
+    stub = onnx.GraphProto(name=g.name, node=g.node, input=g.input, output=g.output, value_info=g.value_info,
+                           initializer=[TensorProto(name=t.name, data_type=t.data_type, dims=[0])
+                                        for t in g.initializer])
+    m = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, graph=stub,
+                        functions=model.functions)
+    try:
+        onnx.checker.check_model(m)
+    except onnx.checker.ValidationError as e:  # a bug of ours, or a base model onnx itself rejects
+        raise BaseModelError(f"{base}: the rewritten graph fails onnx.checker: {str(e).splitlines()[0]}") from e
+
+
+def link_data(src: Path, dst: Path, copy: bool) -> None:
+    """Base weights are referenced, not rewritten: a hard link, or a copy only when asked for."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError as e:
+        if not copy:
+            raise BaseModelError(f"{src}: cannot hard-link the base weights into the bundle ({e.strerror or e}; "
+                                 f"another filesystem?); pass --copy-base-data to copy "
+                                 f"{src.stat().st_size / 1e9:.2f} GB") from e
+        shutil.copyfile(src, dst)

@@ -1,0 +1,151 @@
+"""The branch pass: one rewrite, three generations.
+
+At every attachment point the op's output gets the LoRA branch added (names are PEFT's, so a PEFT
+safetensors file loads without remapping and Netron shows where each adapter sits)::
+
+    before:  x ──► Op(W0) ──► y ──► consumers
+
+    after:   x ──► Op(W0) ──► y.base ──────────────────────────────────► Add ──► y ──► consumers
+             └──► MatMul(Transpose(<m>.lora_A.weight)) ─► u (…, R)          ▲
+                   u ──► Mul(g) ──► MatMul(Transpose(<m>.lora_B.weight)) ───┘
+
+A is stored (R, in) and B (out, R) exactly as PEFT stores them; ONNX Runtime fuses each
+Transpose+MatMul into one FusedMatMul, so nothing is copied per run. ``g`` is the gain on the rank
+axis, where it costs R multiplies per token:
+
+* v1/v2: ``g = Gather(lora_alpha * lora_scaling, p)``, a scalar: ``lora_alpha`` is the scalar strength
+  input and ``lora_scaling`` (P,) holds the current adapter's PEFT scaling per point (a slot, since
+  each adapter has its own). v1 makes A, B and ``lora_scaling`` graph inputs; v2 makes them
+  initializers that are also graph inputs (ONNX Runtime never folds those) holding a default adapter.
+* v3: ``g = Gather(lora_alpha, <m>.lora_strength_index) * <m>.lora_column_scaling``, shape (R,):
+  ``lora_alpha`` (N,) holds one strength per adapter, the constant index map expands it to the
+  concatenated rank, and the constant scaling holds each column's PEFT scaling. This is PEFT's
+  ``cat`` combination: ``y = W0 x + B_cat ((A_cat x) * s_expanded * scaling_expanded)``.
+
+Every name comes from :class:`lora_runtime.names.BranchNames`; the pass returns, per point, the tensors and
+nodes it made (:class:`BranchTensors`), which the QDQ pass quantizes without looking at a name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from lora_runtime.compiler.passes import PassResult
+from lora_runtime.compiler.points import Candidate
+from lora_runtime.graph import GraphEdit
+from lora_runtime.names import GAIN, GAIN_NODE, SCALING, STRENGTH, BranchNames, base_output, lora_a, lora_b
+
+GENERATIONS = ("v1", "v2", "v3")
+
+
+@dataclass(frozen=True)
+class Branch:
+    """What the rewrite needs to know about one point: where, how wide, and (v3) each column's owner."""
+
+    index: int  # position p in the bundle's point list
+    module: str
+    candidate: Candidate
+    rank: int  # slot rank R: max over adapters (v1/v2) or sum over adapters (v3)
+    column_adapter: tuple[int, ...] = ()  # v3: adapter index of every column
+    column_scaling: tuple[float, ...] = ()  # v3: PEFT scaling of every column
+
+
+@dataclass(frozen=True)
+class BranchOptions:
+    branches: tuple[Branch, ...]
+    generation: str
+    n_adapters: int
+    # v2/v3: the initializers of the LoRA tensors (A, B and v2's lora_scaling), typically external data inside
+    # a patch file; v1 makes them graph inputs only
+    parameters: Mapping[str, TensorProto] = field(default_factory=dict)
+    lora_dtype: str = "float32"  # float16: A and B widened by a Cast before their Transpose
+
+    def __post_init__(self) -> None:
+        if self.generation not in GENERATIONS:
+            raise ValueError(f"generation must be one of {GENERATIONS}, got {self.generation!r}")
+
+
+@dataclass(frozen=True)
+class BranchTensors:
+    """The names one branch created, for the passes after it."""
+
+    module: str
+    x: str  # the base op's activation input, which the branch reads too
+    a_slot: str  # <module>.lora_A.weight
+    b_slot: str
+    transpose_a: str  # node names: the Transposes read a_slot / b_slot (or their float32 Casts)
+    transpose_b: str
+    matmul_a: str  # reads x
+    matmul_b: str  # reads scaled
+    scaled: str  # the rank-R intermediate after the gain, input of matmul_b
+    base_out: str  # the base op's output, now an input of the Add
+    out: str  # the Add's output: the name the base op wrote before
+
+
+@dataclass(frozen=True)
+class BranchResult(PassResult):
+    points: Mapping[str, BranchTensors]  # by module
+
+
+def add_branches(model: onnx.ModelProto, options: BranchOptions) -> BranchResult:
+    """Rewrite ``model`` in place (see the module docstring)."""
+    generation, lora_dtype = options.generation, options.lora_dtype
+    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[lora_dtype]
+    by_node = {b.candidate.node: b for b in options.branches}
+    edit = GraphEdit(model.graph)
+    consts: list[TensorProto] = []
+    if generation == "v3":
+        inputs = [helper.make_tensor_value_info(STRENGTH, TensorProto.FLOAT, [options.n_adapters])]
+    else:
+        inputs = [helper.make_tensor_value_info(STRENGTH, TensorProto.FLOAT, []),
+                  helper.make_tensor_value_info(SCALING, TensorProto.FLOAT, [len(options.branches)])]
+        edit.prepend([helper.make_node("Mul", [STRENGTH, SCALING], [GAIN], name=GAIN_NODE)])
+
+    made: dict[str, BranchTensors] = {}
+    for i, key, node in edit.keyed():
+        b = by_node.get(key)
+        if b is None:
+            continue
+        c, m = b.candidate, b.module
+        n = BranchNames(m)
+        a_name, b_name = lora_a(m), lora_b(m)
+        inputs.append(helper.make_tensor_value_info(a_name, elem, [b.rank, c.in_features]))
+        inputs.append(helper.make_tensor_value_info(b_name, elem, [c.out_features, b.rank]))
+        node.output[0] = base_output(c.y)
+        if generation == "v3":
+            consts.append(numpy_helper.from_array(np.asarray(b.column_adapter, np.int64), n.strength_index))
+            consts.append(numpy_helper.from_array(np.asarray(b.column_scaling, np.float32), n.column_scaling))
+            gain = [helper.make_node("Gather", [STRENGTH, n.strength_index], [n.tensor("strength")],
+                                     name=n.node("Gather")),
+                    helper.make_node("Mul", [n.tensor("strength"), n.column_scaling], [n.gain], name=n.node("Gain"))]
+        else:
+            consts.append(numpy_helper.from_array(np.asarray(b.index, np.int64), n.point_index))
+            gain = [helper.make_node("Gather", [GAIN, n.point_index], [n.gain], name=n.node("Gather"))]
+        a_read, b_read, widen = a_name, b_name, []
+        if elem != TensorProto.FLOAT:
+            a_read, b_read = n.tensor("A_f32"), n.tensor("B_f32")
+            widen = [helper.make_node("Cast", [a_name], [a_read], name=n.node("CastA"), to=TensorProto.FLOAT),
+                     helper.make_node("Cast", [b_name], [b_read], name=n.node("CastB"), to=TensorProto.FLOAT)]
+        edit.insert_after(i, gain + widen + [
+            helper.make_node("Transpose", [a_read], [n.tensor("A_t")], name=n.node("TransposeA"), perm=[1, 0]),
+            helper.make_node("MatMul", [c.x, n.tensor("A_t")], [n.u], name=n.node("MatMulA")),
+            helper.make_node("Mul", [n.u, n.gain], [n.scaled], name=n.node("Scale")),
+            helper.make_node("Transpose", [b_read], [n.tensor("B_t")], name=n.node("TransposeB"), perm=[1, 0]),
+            helper.make_node("MatMul", [n.scaled, n.tensor("B_t")], [n.delta], name=n.node("MatMulB")),
+            helper.make_node("Add", [base_output(c.y), n.delta], [c.y], name=n.node("Add")),
+        ])
+        made[m] = BranchTensors(m, c.x, a_name, b_name, n.node("TransposeA"), n.node("TransposeB"),
+                                n.node("MatMulA"), n.node("MatMulB"), n.scaled, base_output(c.y), c.y)
+    missing = set(by_node) - {b.candidate.node for b in options.branches if b.module in made}
+    if missing:
+        raise ValueError(f"attachment points not found in the graph: {sorted(missing)}")
+    edit.add_inputs(inputs)
+    edit.add_initializers(consts)
+    edit.add_initializers(options.parameters.values())
+    edit.apply()
+    return BranchResult(model, made)

@@ -1,0 +1,161 @@
+"""The QDQ pass: execute encodings on ONNX Runtime.
+
+Base linear ops (every MatMul/Gemm with a constant weight that is not a LoRA slot)::
+
+    x ──► Q(s_x, z_x) ──► DQ ──┐
+    W_int8 (in, out) ──► DQ(s_W per output channel, axis=1) ──► MatMul ──► y.base   [+ Add(bias) for Gemm]
+
+ONNX Runtime fuses ``DQ(x) + DQ(W) + MatMul`` into ``MatMulIntegerToFloat`` (int8 GEMM), also when the
+activation's scale and zero point are graph inputs (measured: ORT 1.32). Base weights are constant int8
+with constant scales: they always fuse. The LoRA branch reuses the quantized ``x``; its weights are
+quantized in the graph (``Mul(Clip(Round(W / s)), s)``, exact for any bitwidth and opset, one scale per
+row), its MatMuls stay float (rank-r work), and the input of its second MatMul (``<m>.lora/scaled``)
+gets an activation encoding of its own::
+
+    x.dq ──► MatMul(Transpose(fq(A, s_A))) ──► Mul(gain) ──► Q/DQ(s, z) ──► MatMul(Transpose(fq(B, s_B)))
+
+A base linear layer whose input is wider than 8 bits (16-bit, float16) dequantizes its weight with
+``Mul(Sub(Cast(W_int8), zp), s)`` instead: ONNX Runtime would fuse ``DQ(W) + MatMul`` into ``MatMulNBits``,
+whose default int8 compute requantizes the input to 8 bits per block (measured on SmolLM2 W8A16: 32 -> 27.6 dB
+logit SQNR), while these constants fold into the float weight when the session loads: the layer runs exactly
+as encoded, at float32 speed, and the file keeps int8. 8-bit layers in the same graph keep their int8 GEMM.
+Block-wise weights (int4) become ``MatMulNBits`` with float32 compute.
+
+Encodings that are updatable per use-case become graph inputs (slots) instead of constants. Base weight
+codes are the nearest ones, or GPTQ's (``plan.gram``: see lora_runtime.quant.gptq) on the same grid.
+The weights' part of the rewrite is in ``qdq_weights``; this module places the activations' Q/DQ pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+from lora_runtime.compiler.passes import PassResult
+from lora_runtime.compiler.passes.branch import BranchTensors
+from lora_runtime.compiler.passes.emit import MS_DOMAIN, onnx_type, own_base_tensors, use_ms_domain
+from lora_runtime.compiler.passes.qdq_plan import Constants, QdqPlan
+from lora_runtime.compiler.passes.qdq_weights import quantize_linear, quantize_lora_weight
+from lora_runtime.compiler.points import find_candidates
+from lora_runtime.errors import BaseModelError
+from lora_runtime.external_data import DataWriter
+from lora_runtime.graph import GraphEdit
+from lora_runtime.names import dequantized, quantized, scale_of, zero_point_of
+from lora_runtime.quant.encodings import Encoding
+from lora_runtime.quant.rules import to_qdq
+
+MIN_OPSET = 13  # per-axis DequantizeLinear
+
+
+@dataclass(frozen=True)
+class QdqOptions:
+    plan: QdqPlan
+    branches: Mapping[str, BranchTensors]  # what the branch pass made, by module
+    base_dir: Path  # where the base model's external data is
+    out: Path  # the bundle being written
+    data_name: str  # its own data file, relative to ``out``
+    say: Callable[[str], None] = lambda _m: None
+
+    @property
+    def lora_slots(self) -> frozenset[str]:
+        return frozenset(s for b in self.branches.values() for s in (b.a_slot, b.b_slot))
+
+
+@dataclass(frozen=True)
+class QdqResult(PassResult):
+    weight_encodings: tuple[Encoding, ...]  # of the base weights, in graph order
+
+
+def activation_tensors(model: onnx.ModelProto, branches: Mapping[str, BranchTensors]) -> list[str]:
+    """Tensors that get an activation encoding: inputs of base linear ops, and each branch's ``scaled``."""
+    lora = {s for b in branches.values() for s in (b.a_slot, b.b_slot)}
+    seen: list[str] = []
+    for c in find_candidates(model.graph):
+        if c.weight not in lora and c.x not in seen:
+            seen.append(c.x)
+    return seen + [b.scaled for b in branches.values()]
+
+
+def apply_qdq(model: onnx.ModelProto, options: QdqOptions) -> QdqResult:
+    """Rewrite ``model`` in place (see the module docstring); return the base weights' encodings."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:
+        raise BaseModelError(f"INT8 execution needs opset {MIN_OPSET} or later; the base model has opset {opset}")
+    plan, g = options.plan, model.graph
+    acts = plan.activations
+    consts = Constants()
+    edit = GraphEdit(g)
+    candidates = {c.node: c for c in find_candidates(g) if c.weight not in options.lora_slots}
+    inits = {t.name: t for t in g.initializer}
+    weights: list[Encoding] = []
+    with open(options.out / options.data_name, "wb") as f:
+        writer = DataWriter(f, options.data_name)
+        # base linear layers: int8 weights, reading the dequantized activation
+        for i, key, node in edit.keyed():
+            c = candidates.get(key)
+            done = None if c is None else quantize_linear(node, c, inits[c.weight], plan, writer, consts,
+                                                          options.base_dir, options.say)
+            if done is not None:
+                edit.replace(i, done[0])
+                weights.append(done[1])
+        # the LoRA branch: its MatMuls read quantized inputs, its weights are quantized before their Transpose
+        rewire = {b.matmul_a: b.x for b in options.branches.values()} | {
+            b.matmul_b: b.scaled for b in options.branches.values()}
+        transposes = {b.transpose_a: b.a_slot for b in options.branches.values()} | {
+            b.transpose_b: b.b_slot for b in options.branches.values()}
+        for i, node in edit.nodes():
+            if node.name in rewire:
+                src = rewire[node.name]
+                node.input[:] = [dequantized(x) if x == src and x in acts else x for x in node.input]
+            elif node.name in transposes:
+                slot = transposes[node.name]
+                enc = plan.lora_weights.get(slot)
+                if enc is not None:
+                    fq, read = quantize_lora_weight(node.input[0], slot, enc, slot in plan.updatable, consts)
+                    node.input[0] = read
+                    edit.replace(i, [*fq, node])
+        # activations: Q/DQ right after each producer (or first, for graph inputs)
+        made = {out: i for i, n in edit.nodes() for out in n.output}
+        for t, enc in acts.items():
+            pair = _qdq(t, enc, t in plan.updatable, opset, consts)
+            if t in made:
+                edit.insert_after(made[t], pair)
+            else:  # a graph input
+                edit.prepend(pair)
+        if any(enc.dtype == "INT" and enc.bw == 16 for enc in acts.values()) and opset < 21:
+            use_ms_domain(model)
+        edit.add_initializers(consts.tensors)
+        edit.add_inputs(consts.inputs)
+        edit.apply()
+        own_base_tensors(g, writer, options.base_dir)
+    if any(n.op_type == "MatMulNBits" for n in g.node):
+        use_ms_domain(model)
+    return QdqResult(model, tuple(weights))
+
+
+def _qdq(tensor: str, enc: Encoding, updatable: bool, opset: int, consts: Constants) -> list[onnx.NodeProto]:
+    """``tensor -> Q -> DQ -> <tensor>/dq``; a FLOAT (float16) encoding is a Cast pair that rounds exactly as
+    float16 storage would."""
+    if enc.dtype == "FLOAT":  # mixed precision kept it floating point
+        return [helper.make_node("Cast", [tensor], [f"{tensor}/f16"], name=f"{tensor}/ToFloat16",
+                                 to=TensorProto.FLOAT16),
+                helper.make_node("Cast", [f"{tensor}/f16"], [dequantized(tensor)], name=f"{tensor}/ToFloat32",
+                                 to=TensorProto.FLOAT)]
+    scale, zp, _ = to_qdq(enc)
+    s_name, z_name = scale_of(tensor), zero_point_of(tensor)
+    if updatable:
+        consts.input(s_name, TensorProto.FLOAT, [])
+        consts.input(z_name, onnx_type(zp.dtype), [])
+    else:
+        consts.add(s_name, scale)
+        consts.add(z_name, zp)
+    # 16-bit Q/DQ is standard ONNX only from opset 21; ONNX Runtime's contrib Q/DQ take it at any opset
+    domain = MS_DOMAIN if zp.dtype.itemsize == 2 and opset < 21 else ""
+    return [helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [quantized(tensor)], name=f"{tensor}/Q",
+                             domain=domain),
+            helper.make_node("DequantizeLinear", [quantized(tensor), s_name, z_name], [dequantized(tensor)],
+                             name=f"{tensor}/DQ", domain=domain)]

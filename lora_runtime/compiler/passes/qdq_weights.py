@@ -1,0 +1,139 @@
+"""The weights' half of the QDQ pass: base linear layers on integer weights, and LoRA weights quantized.
+
+A base linear layer (MatMul, or Gemm with alpha = beta = 1) becomes, by its weight's encoding and its input's::
+
+    8-bit input:     x.dq ──► MatMul ◄── DQ(W int8, per-channel scale, axis=1)          (int8 GEMM on ORT CPU)
+    wider input:     x.dq ──► MatMul ◄── Mul(Sub(Cast(W int8), zp), s)                  (folded at load: exact)
+    PER_BLOCK:       x.dq ──► MatMulNBits(W int4/int8 blocks, float32 compute)
+                     (+ Add(bias) after any of them for a Gemm with a bias)
+
+A LoRA weight (a slot: its values change per adapter) is quantized in the graph, before its Transpose::
+
+    <m>.lora_A.weight ──► Mul(Clip(Round(Div(W, s)), lo, hi), s) ──► Transpose ──► ...
+
+exact for any bitwidth and opset, one scale per row (a graph input when the encoding is updatable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from lora_runtime.compiler.passes.emit import matmul_nbits, onnx_type
+from lora_runtime.compiler.passes.qdq_plan import Constants, QdqPlan
+from lora_runtime.compiler.points import Candidate
+from lora_runtime.external_data import DataWriter, read_tensor
+from lora_runtime.names import dequantized, integer_weight, scale_of, zero_point_of
+from lora_runtime.quant.encodings import Encoding, EncodingsError
+from lora_runtime.quant.gptq import gptq_codes
+from lora_runtime.quant.rules import symmetric_per_block, symmetric_per_channel, to_qdq
+
+
+def quantize_linear(node: onnx.NodeProto, c: Candidate, weight: TensorProto, plan: QdqPlan, writer: DataWriter,
+                    consts: Constants, base_dir: Path, say: Callable[[str], None]
+                    ) -> tuple[list[onnx.NodeProto], Encoding] | None:
+    """The nodes that replace base linear op ``node`` (see the module docstring) and its weight's encoding;
+    None for an op that stays float (a Gemm with transA, or alpha/beta other than 1)."""
+    if node.op_type == "Gemm" and _gemm_scaled(node):
+        return None
+    w = read_tensor(weight, base_dir).astype(np.float32)
+    w = w.T if c.transposed else w  # (in, out)
+    enc = plan.weight_overrides.get(c.weight) or (
+        symmetric_per_block(c.weight, w, plan.weight_block, plan.weight_bw) if plan.weight_block else
+        symmetric_per_channel(c.weight, w, axis=1, bw=plan.weight_bw))
+    bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+    out = node.output[0]
+    mm_out = f"{out}/matmul" if bias else out
+    name = node.name or c.node
+    x = dequantized(c.x) if c.x in plan.activations else c.x
+    if enc.enc_type == "PER_BLOCK":
+        nodes = [_matmul_nbits(c, x, w, enc, plan.gram.get(c.x), writer, consts, name, mm_out, say)]
+    else:
+        scale, zp, _ = to_qdq(enc, axis=1)
+        info = np.iinfo(zp.dtype)
+        if c.x in plan.gram:
+            say(f"GPTQ rounding {c.weight}")
+            codes = gptq_codes(w, plan.gram[c.x], scale, zp, info.min, info.max)
+        else:
+            codes = np.clip(np.rint(w / scale) + zp.astype(np.float64), info.min, info.max)
+        q_name = integer_weight(c.weight, enc.bw)
+        consts.tensors.append(writer.tensor(q_name, codes.astype(zp.dtype), onnx_type(zp.dtype), list(w.shape)))
+        s_name = consts.add(scale_of(c.weight), scale)
+        dq = dequantized(c.weight)
+        if _wide(plan.activations.get(c.x)):
+            # (q - zp) * s as Cast/Sub/Mul: ONNX Runtime folds these constants into the float weight at load,
+            # while DequantizeLinear would be fused into MatMulNBits, whose int8 compute requantizes x to 8 bits
+            zf = consts.add(zero_point_of(c.weight), zp.astype(np.float32))
+            p = f"{c.weight}/dequantize"
+            nodes = [helper.make_node("Cast", [q_name], [f"{p}/cast"], name=f"{p}/Cast", to=TensorProto.FLOAT),
+                     helper.make_node("Sub", [f"{p}/cast", zf], [f"{p}/sub"], name=f"{p}/Sub"),
+                     helper.make_node("Mul", [f"{p}/sub", s_name], [dq], name=f"{p}/Mul")]
+        else:
+            z_name = consts.add(zero_point_of(c.weight), zp)
+            nodes = [helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq], name=f"{c.weight}/DQ",
+                                      axis=1)]
+        nodes.append(helper.make_node("MatMul", [x, dq], [mm_out], name=name))
+    if bias:
+        nodes.append(helper.make_node("Add", [mm_out, bias], [out], name=f"{name}/bias"))
+    return nodes, enc
+
+
+def quantize_lora_weight(src: str, slot: str, enc: Encoding, updatable: bool, consts: Constants
+                         ) -> tuple[list[onnx.NodeProto], str]:
+    """``Mul(Clip(Round(W / s)), s)`` with one scale per row of the LoRA weight; returns the nodes and the
+    tensor the Transpose reads instead of ``src``."""
+    s_name = scale_of(slot)
+    scale = np.asarray(enc.scale, np.float32).reshape(-1, 1)
+    if updatable:
+        consts.input(s_name, TensorProto.FLOAT, list(scale.shape))
+    else:
+        consts.add(s_name, scale)
+    lo = consts.add(f"{slot}.qmin", np.array(-(2 ** (enc.bw - 1)), np.float32))
+    hi = consts.add(f"{slot}.qmax", np.array(2 ** (enc.bw - 1) - 1, np.float32))
+    p = f"{slot}/fq"
+    return [helper.make_node("Div", [src, s_name], [f"{p}/div"], name=f"{p}/Div"),
+            helper.make_node("Round", [f"{p}/div"], [f"{p}/round"], name=f"{p}/Round"),
+            helper.make_node("Clip", [f"{p}/round", lo, hi], [f"{p}/clip"], name=f"{p}/Clip"),
+            helper.make_node("Mul", [f"{p}/clip", s_name], [p], name=f"{p}/Mul")], p
+
+
+def _wide(enc: Encoding | None) -> bool:
+    """An activation kept wider than 8 bits (16-bit integer or float16), or not quantized at all."""
+    return enc is None or enc.dtype == "FLOAT" or enc.bw > 8
+
+
+def _matmul_nbits(c: Candidate, x: str, w: np.ndarray, enc: Encoding, gram: np.ndarray | None, writer: DataWriter,
+                  consts: Constants, name: str, out: str, say: Callable[[str], None]) -> onnx.NodeProto:
+    """A PER_BLOCK weight (int4 or int8, symmetric) as ONNX Runtime's ``MatMulNBits``, in float32 compute
+    (``accuracy_level`` 1: its int8 compute would requantize the 16-bit activation). Standard ONNX has blocked
+    DequantizeLinear only from opset 21, and ONNX Runtime would fuse it into the same kernel."""
+    k, n = w.shape
+    bits, block = enc.bw, enc.block_size or 0
+    shift = 2 ** (bits - 1)
+    if bits not in (4, 8) or not enc.is_sym or any(o != -shift for o in enc.offset):
+        raise EncodingsError(f"tensor {c.weight!r}: block-wise weights run as MatMulNBits, which takes symmetric "
+                             f"4- or 8-bit codes (offset {-shift}); got bw {bits}, is_sym {enc.is_sym}")
+    if block < 16 or block & (block - 1) or k % block:
+        raise EncodingsError(f"tensor {c.weight!r}: block size {block} must be a power of two >= 16 dividing its "
+                             f"{k} input features")
+    blocks = k // block
+    scales = np.asarray(enc.scale, np.float32).reshape(n, blocks)  # (out, block): the file's order
+    grid = np.repeat(scales.T.astype(np.float64), block, axis=0)  # (in, out)
+    if gram is not None:
+        say(f"GPTQ rounding {c.weight}")
+        codes = gptq_codes(w, gram, grid, 0.0, -shift, shift - 1)
+    else:
+        codes = np.clip(np.rint(w / grid), -shift, shift - 1)
+    u = (codes.astype(np.int64) + shift).astype(np.uint8).T.reshape(n, blocks, block)  # MatMulNBits: zero point 2^(b-1)
+    node, inits = matmul_nbits(writer, c.weight, x, [out], name, u, scales, k, bits, accuracy_level=1)
+    consts.tensors.extend(inits)
+    return node
+
+
+def _gemm_scaled(node: onnx.NodeProto) -> bool:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or bool(attrs.get("transA", 0))

@@ -1,0 +1,157 @@
+"""The slot table and the patches, made from one ordered list so they cannot disagree.
+
+For every attachment point the plan fixes the slot rank (max over adapters in v1/v2, sum in v3) and, in
+v3, which adapter owns each rank column. :class:`PatchLayout` then lists the slots in patch order,
+each with the function that fills it from adapters::
+
+    v1/v2:  lora_scaling (P,) | A_0 (R_0, in) | B_0 (out, R_0) | A_1 | B_1 | ...     one patch per adapter,
+                                                                                    zero-padded to R_p
+    v3:     A_0 (R_0, in) = [A_0^1; A_0^2; ...] | B_0 (out, R_0) = [B_0^1 B_0^2 ...] | ...   one group patch
+    then:   lora_alpha (strength: a graph input, in no patch)
+
+The slot table the manifest records and every patch written iterate over that same list. The runtime lays
+its arenas out exactly as a patch's data section, so a cold switch is one positioned read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto
+
+from lora_runtime.compiler.adapter import Adapter
+from lora_runtime.compiler.passes.branch import Branch
+from lora_runtime.compiler.points import AttachmentPoint
+from lora_runtime.errors import AdapterError
+from lora_runtime.manifest import Column, Point, Slot
+from lora_runtime.names import GROUP_PATCH, SCALING, STRENGTH, adapter_patch, lora_a, lora_b
+from lora_runtime.tensorfile import TensorFile, save_tensors
+
+Fill = Callable[[Sequence[Adapter]], np.ndarray]  # the adapters a patch holds -> one slot's values
+_ONNX_TYPES = {"F32": TensorProto.FLOAT, "F16": TensorProto.FLOAT16}
+
+
+def plan_branches(points: Sequence[AttachmentPoint], adapters: Sequence[Adapter], generation: str) -> list[Branch]:
+    """Each point's slot rank and, in v3, the owner and PEFT scaling of every rank column."""
+    branches = []
+    for p, point in enumerate(points):
+        pairs = [(i, a.pair(point.module)) for i, a in enumerate(adapters) if a.pair(point.module)]
+        if generation == "v3":
+            cols = [(i, pair.scaling) for i, pair in pairs for _ in range(pair.rank)]
+            branches.append(Branch(p, point.module, point.candidate, len(cols),
+                                   tuple(i for i, _ in cols), tuple(s for _, s in cols)))
+        else:
+            branches.append(Branch(p, point.module, point.candidate, max(pair.rank for _, pair in pairs)))
+    return branches
+
+
+@dataclass(frozen=True)
+class PatchLayout:
+    """The patched slots in patch order, each with how a patch fills it (see the module docstring)."""
+
+    generation: str
+    lora_dtype: str
+    entries: tuple[tuple[Slot, Fill], ...]
+    n_adapters: int
+
+    @classmethod
+    def of(cls, branches: Sequence[Branch], generation: str, n_adapters: int, lora_dtype: str) -> PatchLayout:
+        entries: list[tuple[Slot, Fill]] = []
+        if generation != "v3":
+            entries.append((Slot(SCALING, (len(branches),), "float32", "lora_scaling"), _scaling(branches)))
+        for b in branches:
+            c = b.candidate
+            entries.append((Slot(lora_a(b.module), (b.rank, c.in_features), lora_dtype, "lora_A"),
+                            _stacked(b, "a", generation)))
+            entries.append((Slot(lora_b(b.module), (c.out_features, b.rank), lora_dtype, "lora_B"),
+                            _stacked(b, "b", generation)))
+        return cls(generation, lora_dtype, tuple(entries), n_adapters)
+
+    @property
+    def slots(self) -> tuple[Slot, ...]:
+        """The slot table: the patched slots, then the strength input."""
+        shape = () if self.generation != "v3" else (self.n_adapters,)
+        return (*(s for s, _ in self.entries), Slot(STRENGTH, shape, "float32", "strength"))
+
+    def patch(self, adapters: Sequence[Adapter], what: str) -> dict[str, np.ndarray]:
+        """The values of one patch (``adapters``: one in v1/v2, all in v3), in slot order and slot dtype;
+        float16 slots must hold every value. ``what`` names the patch in messages."""
+        out = {}
+        for slot, fill in self.entries:
+            values = fill(adapters)
+            if slot.dtype == "float16":
+                peak = float(np.abs(values).max()) if values.size else 0.0
+                if peak > float(np.finfo(np.float16).max):
+                    raise AdapterError(f"{what}: tensor {slot.name!r} holds |x| = {peak:.4g}, beyond float16; "
+                                       "compile with --lora-dtype float32")
+            out[slot.name] = values.astype(slot.numpy_dtype)
+        return out
+
+    def write(self, root: Path, adapters: Sequence[Adapter]) -> dict[str, TensorFile]:
+        """Every patch of the bundle under ``root``: bundle-relative path -> its validated header."""
+        (root / "patches").mkdir()
+        if self.generation == "v3":
+            return {GROUP_PATCH: save_tensors(root / GROUP_PATCH, self.patch(adapters, "the adapter group"))}
+        return {adapter_patch(a.name): save_tensors(root / adapter_patch(a.name),
+                                                    self.patch([a], f"adapter {a.name!r}")) for a in adapters}
+
+
+def _scaling(branches: Sequence[Branch]) -> Fill:
+    def fill(adapters: Sequence[Adapter]) -> np.ndarray:
+        (adapter,) = adapters
+        return np.array([p.scaling if (p := adapter.pair(b.module)) else 0.0 for b in branches], np.float32)
+    return fill
+
+
+def _stacked(b: Branch, which: str, generation: str) -> Fill:
+    """A (R, in) or B (out, R) at ``b``: v3 concatenates every adapter's along the rank; v1/v2 zero-pads one."""
+    c = b.candidate
+    shape = (b.rank, c.in_features) if which == "a" else (c.out_features, b.rank)
+    axis = 0 if which == "a" else 1
+
+    def fill(adapters: Sequence[Adapter]) -> np.ndarray:
+        pairs = [p for p in (a.pair(b.module) for a in adapters) if p is not None]
+        parts = [p.a if which == "a" else p.b for p in pairs]
+        if generation == "v3":
+            return np.concatenate(parts, axis=axis)
+        out = np.zeros(shape, np.float32)
+        if parts:
+            rank = parts[0].shape[axis]
+            if which == "a":
+                out[:rank] = parts[0]
+            else:
+                out[:, :rank] = parts[0]
+        return out
+    return fill
+
+
+def external_parameters(tf: TensorFile, rel: str) -> dict[str, TensorProto]:
+    """Initializers whose data is the patch file itself: ONNX external data at the tensors' offsets."""
+    out = {}
+    for e in tf.entries.values():
+        t = TensorProto(name=e.name, data_type=_ONNX_TYPES[e.dtype], dims=list(e.shape))
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", rel), ("offset", str(e.begin)), ("length", str(e.nbytes))):
+            t.external_data.add(key=key, value=value)
+        out[e.name] = t
+    return out
+
+
+def point_record(b: Branch, adapters: Sequence[Adapter], generation: str) -> Point:
+    """The manifest's record of a point: its op and which adapter owns which rank columns."""
+    cols, start = [], 0
+    for a in adapters:
+        pair = a.pair(b.module)
+        if pair is None:
+            continue
+        if generation == "v3":
+            cols.append(Column(a.name, start, start + pair.rank, pair.scaling))
+            start += pair.rank
+        else:
+            cols.append(Column(a.name, 0, pair.rank, pair.scaling))
+    c = b.candidate
+    return Point(b.module, c.node, c.op_type, c.weight, c.transposed, c.in_features, c.out_features, b.rank,
+                 tuple(cols))

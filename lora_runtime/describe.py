@@ -1,0 +1,98 @@
+"""What a bundle holds, for people (``describe``) and machines (``summary``): ``lora-runtime inspect``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lora_runtime.bundle import Bundle
+from lora_runtime.manifest import Accuracy, Manifest, Quantization
+
+
+def summary(bundle: Bundle) -> dict[str, Any]:
+    """The manifest plus derived numbers: slot bytes and each adapter's padding cost."""
+    m = bundle.manifest
+    patch_bytes = sum(s.nbytes for s in m.patched_slots)
+    adapters = []
+    for a in m.adapters:
+        adapters.append({"name": a.name, "own_bytes": a.nbytes,
+                         "patch_bytes": patch_bytes if m.generation != "v3" else None,
+                         "padding_bytes": patch_bytes - a.nbytes if m.generation != "v3" else 0,
+                         "points": sum(1 for p in m.points for c in p.columns if c.adapter == a.name)})
+    return {"path": str(bundle.path), "generation": m.generation,
+            "slot_bytes": sum(s.nbytes for s in m.slots), "patch_bytes": patch_bytes,
+            "file_bytes": sum(f.nbytes for f in m.files.values()),
+            "adapters": adapters, "manifest": m.to_json()}
+
+
+def base_dtype(m: Manifest) -> str:
+    """The base weights as the bundle holds them."""
+    if m.weight_only is not None:
+        return m.weight_only.dtype
+    if m.quantization is not None:
+        return f"int{m.quantization.preset[1]} QDQ ({m.quantization.preset})"
+    return "float32"
+
+
+def describe(bundle: Bundle) -> str:
+    m = bundle.manifest
+    s = summary(bundle)
+    lines = [f"bundle {bundle.path}", f"  generation {m.generation}; base {m.base.name} (sha256 {m.base.sha256[:12]}…)",
+             f"  {len(m.points)} attachment points, {len(m.slots)} slots, {s['slot_bytes'] / 1e6:.3f} MB of slots, "
+             f"{s['file_bytes'] / 1e6:.3f} MB on disk", "", "  adapters"]
+    for a, info in zip(m.adapters, s["adapters"]):
+        cfg = a.config
+        pad = (f"patch {info['patch_bytes'] / 1e6:.3f} MB, padding {info['padding_bytes'] / 1e6:.3f} MB "
+               f"({100 * info['padding_bytes'] / max(info['patch_bytes'], 1):.0f}%)" if m.generation != "v3" else
+               "in the group patch")
+        lines.append(f"    {a.name:<16} r={cfg.get('r')} alpha={cfg.get('lora_alpha')} rslora={cfg.get('use_rslora')} "
+                     f"{info['points']} points, {a.nbytes / 1e6:.3f} MB own; {pad}")
+    q = m.weight_only
+    if q:
+        lines += ["", f"  base weights {q.dtype} ({q.op}): {q.weights} linear weights, block size "
+                  f"{'/'.join(map(str, q.block_sizes))}, {q.data_bytes / 1e6:.2f} MB in the bundle; weight SQNR "
+                  f"mean {q.weight_sqnr_db_mean:.1f} dB, min {q.weight_sqnr_db_min:.1f} dB; encodings: "
+                  f"{q.encodings or q.encodings_note}"]
+    if m.quantization:
+        lines += ["", *("  " + line for line in encodings_report(m))]
+    twin = m.accuracy_of("float32_bundle")
+    lora_dtype = next((sl.dtype for sl in m.slots if sl.kind == "lora_A"), "float32")
+    lines += ["", f"  use-cases (LoRA slots {lora_dtype}, base weights {base_dtype(m)}"
+              + (f"; output SQNR vs {twin.reference} on {twin.inputs} inputs)" if twin else ")")]
+    for u in m.use_cases:
+        mix = ", ".join(f"{k}:{v:g}" for k, v in u.strengths.items()) or "(base model)"
+        acc = f"  {twin.sqnr_db[u.name]:.1f} dB" if twin and u.name in twin.sqnr_db else ""
+        lines.append(f"    {u.name:<16} {mix:<40}{acc}")
+    lines += ["", "  attachment points (module: op, in x out, slot rank, adapters[columns])"]
+    for p in m.points:
+        cols = " ".join(f"{c.adapter}[{c.start}:{c.stop}]" for c in p.columns)
+        lines.append(f"    {p.module}: {p.op_type} {p.in_features}x{p.out_features} r={p.rank} {cols}")
+    return "\n".join(lines)
+
+
+def encodings_report(m: Manifest) -> list[str]:
+    """The INT8 part of a manifest in words: what was quantized how, and how accurate every use-case is
+    against FP32 (used by ``inspect`` and by ``compile``'s output)."""
+    q: Quantization | None = m.quantization
+    acc: Accuracy | None = m.accuracy_of("fp32")
+    if q is None or acc is None:
+        return []
+    ref = m.accuracy_of("ort_quantize_static")
+    lines = [f"INT8: {q.mode} encodings, preset {q.preset}, {q.weight_rounding} weight rounding; {q.activations} "
+             f"activations, {q.base_weights} base weights, {q.lora_weights} LoRA weights, {q.updatable} updatable; "
+             f"files {', '.join(q.files)}",
+             f"  vs FP32 on {q.held_out} held-out samples: logit SQNR, argmax agreement"
+             + (f", greedy tokens agreeing ({acc.greedy})" if acc.greedy else "")
+             + (" (ORT quantize_static of the merged use-case)" if ref else "")]
+    for u, v in acc.sqnr_db.items():
+        lines.append(f"  {u:<16} {v:6.1f} dB"
+                     + (f", argmax {acc.argmax_agreement[u]:.1%}" if u in acc.argmax_agreement else "")
+                     + (f", greedy {acc.greedy_agreement[u]:.0%}" if u in acc.greedy_agreement else "")
+                     + (f"   (ORT {ref.sqnr_db[u]:.1f} dB, {v - ref.sqnr_db[u]:+.1f})" if ref and u in ref.sqnr_db
+                        else ""))
+    mp = q.mixed_precision
+    if mp:
+        lines.append(f"  mixed precision: {mp.wide16} activations at 16 bits, {mp.float16} in float16 (per-token "
+                     f"SQNR at the preset's bitwidth below {mp.threshold_db} dB)")
+    if q.execution:
+        lines.append(f"  execution: {q.execution}")
+    return lines

@@ -1,0 +1,62 @@
+"""Calibration samples for an imported LLM: built-in chat prompts, tokenized, with empty KV caches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from lora_runtime.errors import InputError
+from lora_runtime.llm.chat import Chat
+
+# A small built-in prompt list for calibration: varied chat requests (facts, advice, lists, code, prose).
+# Each calibration sample starts with its own prompt, so at most len(CALIBRATION_PROMPTS) distinct samples.
+CALIBRATION_PROMPTS = (
+    "What is the capital of Australia?", "Explain photosynthesis to a ten-year-old.",
+    "Give me three tips for a good job interview.", "Write a Python function that reverses a string.",
+    "Summarize the plot of Romeo and Juliet in two sentences.", "How do vaccines train the immune system?",
+    "List five fruits that are rich in vitamin C.", "What causes the seasons on Earth?",
+    "Translate 'good morning, how are you?' into French.", "Write a short poem about the sea at night.",
+    "What is the difference between a virus and a bacterium?", "How do I boil an egg so the yolk stays soft?",
+    "Explain what a hash table is and when to use one.", "Why is the sky blue?",
+    "Suggest a name for a bakery that sells sourdough bread.", "What are the main causes of inflation?",
+    "How does a bicycle stay upright when it moves?", "Write an email asking my manager for a day off.",
+    "What is the Pythagorean theorem? Give an example.", "Describe the water cycle step by step.",
+    "Recommend three classic novels and say why.", "How do I convert Celsius to Fahrenheit?",
+    "What were the main causes of the First World War?", "Explain recursion with a simple example.",
+    "Plan a one-day trip to Rome for a first-time visitor.", "What does a cell's mitochondrion do?",
+    "Write a limerick about a cat who loves cheese.", "How can I save money on groceries?",
+    "What is machine learning, in plain words?", "Why do leaves change color in the fall?",
+    "Give me a recipe for a simple tomato pasta sauce.", "How does compound interest work?",
+)
+
+
+def calibration_data(folder: str | os.PathLike[str], out: str | os.PathLike[str], *, samples: int = 16,
+                     seq_len: int = 64, seed: int = 0) -> Path:
+    """Calibration samples for an imported LLM: chat prompts of the built-in list, tokenized and cut to
+    ``seq_len`` tokens (shorter ones are padded with the next prompts), with empty KV caches. Each sample
+    starts with a prompt of its own (no two samples repeat, so held-out samples are not calibration ones)."""
+    if not 1 <= samples <= len(CALIBRATION_PROMPTS):
+        raise InputError(f"calibration-data makes 1 to {len(CALIBRATION_PROMPTS)} samples from its built-in prompt "
+                         f"list, not {samples}; for more, write your own .npz (keys: the graph's inputs)")
+    if seq_len < 1:
+        raise InputError(f"seq_len must be at least 1, got {seq_len}")
+    chat = Chat.load(folder)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(CALIBRATION_PROMPTS))
+    rows = []
+    for i in range(samples):
+        ids: list[int] = []
+        k = i
+        while len(ids) < seq_len:  # pad with the next prompts of the shuffled list
+            ids += chat.encode(chat.prompt([{"role": "user", "content": CALIBRATION_PROMPTS[order[k % len(order)]]}]))
+            k += 1
+        rows.append(ids[:seq_len])
+    graph = onnx.load(str(Path(folder) / "base.onnx"), load_external_data=False).graph
+    empty = np.zeros((samples, 1, chat.kv_heads, 0, chat.head_dim), np.float32)
+    arrays = {"input_ids": np.array(rows, np.int64)[:, None, :]}
+    arrays |= {i.name: empty for i in graph.input if i.name.startswith("past_")}
+    np.savez(out, **arrays)
+    return Path(out)

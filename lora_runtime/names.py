@@ -1,0 +1,166 @@
+"""The naming contract: every tensor, node and file name that two modules must agree on is made here.
+
+Graph names are PEFT's where PEFT has one (``<module>.lora_A.weight``), so a PEFT safetensors file
+loads into a slot without remapping and QAIRT tools recognise the LoRA tensors. The names of a
+branch's intermediate tensors appear in encodings files (``<module>.lora/scaled``), so they are part
+of the bundle format. A module that needs a name asks this one; nothing rebuilds a name from pieces,
+and no pass finds a node by parsing its name: passes return the names they created.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --- graph inputs every generation shares -----------------------------------------------------------------------
+
+STRENGTH = "lora_alpha"  # the run-time strength: a scalar (v1/v2) or one entry per adapter (v3)
+SCALING = "lora_scaling"  # v1/v2: the current adapter's PEFT scaling per point, (P,)
+GAIN = "lora_gain"  # v1/v2: lora_alpha * lora_scaling
+GAIN_NODE = "lora/gain"
+
+
+def lora_a(module: str) -> str:
+    """PEFT's name of the A (r, in) weight at ``module``."""
+    return f"{module}.lora_A.weight"
+
+
+def lora_b(module: str) -> str:
+    """PEFT's name of the B (out, r) weight at ``module``."""
+    return f"{module}.lora_B.weight"
+
+
+def base_output(y: str) -> str:
+    """The base op's own output once a branch is added to it (the Add writes ``y``)."""
+    return f"{y}.base"
+
+
+@dataclass(frozen=True)
+class BranchNames:
+    """Every name the branch at ``module`` uses: its tensors and its nodes (see ``compiler.passes.branch``)."""
+
+    module: str
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.module}.lora"
+
+    # constants
+    @property
+    def strength_index(self) -> str:  # v3: column -> adapter index map
+        return f"{self.module}.lora_strength_index"
+
+    @property
+    def column_scaling(self) -> str:  # v3: PEFT scaling of every column
+        return f"{self.module}.lora_column_scaling"
+
+    @property
+    def point_index(self) -> str:  # v1/v2: the point's index into lora_gain
+        return f"{self.module}.lora_point_index"
+
+    # tensors
+    def tensor(self, what: str) -> str:
+        """``strength``, ``gain``, ``A_f32``, ``B_f32``, ``A_t``, ``u``, ``scaled``, ``B_t``, ``delta``."""
+        return f"{self.prefix}/{what}"
+
+    @property
+    def u(self) -> str:
+        return self.tensor("u")
+
+    @property
+    def gain(self) -> str:
+        return self.tensor("gain")
+
+    @property
+    def scaled(self) -> str:  # the input of the second MatMul: it gets an activation encoding of its own
+        return self.tensor("scaled")
+
+    @property
+    def delta(self) -> str:
+        return self.tensor("delta")
+
+    # nodes
+    def node(self, what: str) -> str:
+        """One of ``BRANCH_NODES``."""
+        return f"{self.prefix}/{what}"
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Every node a branch may have (v1/v2 have no ``Gain``; only float16 slots have the Casts)."""
+        return tuple(self.node(w) for w in BRANCH_NODES)
+
+
+BRANCH_NODES = ("Gather", "Gain", "CastA", "CastB", "TransposeA", "MatMulA", "Scale", "TransposeB", "MatMulB", "Add")
+
+
+# --- quantization ------------------------------------------------------------------------------------------------
+
+
+def quantized(tensor: str) -> str:
+    """The output of the QuantizeLinear of an activation."""
+    return f"{tensor}/q"
+
+
+def dequantized(tensor: str) -> str:
+    """The DequantizeLinear output every consumer of a quantized activation reads."""
+    return f"{tensor}/dq"
+
+
+def scale_of(tensor: str) -> str:
+    """An encoding's scale: a constant, or a graph input when the encoding is updatable."""
+    return f"{tensor}.scale"
+
+
+def zero_point_of(tensor: str) -> str:
+    return f"{tensor}.zero_point"
+
+
+def integer_weight(weight: str, bits: int) -> str:
+    """A base weight's integer codes in a QDQ graph."""
+    return f"{weight}.int{bits}"
+
+
+def packed_weight(weight: str, bits: int) -> str:
+    """A base weight's codes packed for MatMulNBits, and its scales: ``<w>.q4`` / ``<w>.scales``."""
+    return f"{weight}.q{bits}"
+
+
+def block_scales(weight: str) -> str:
+    return f"{weight}.scales"
+
+
+# --- files of a bundle ---------------------------------------------------------------------------------------------
+
+MANIFEST = "manifest.json"
+GRAPH = "model.onnx"
+PATCHES = "patches"
+GROUP_PATCH = "patches/group.safetensors"  # v3: the rank-concatenated A/B of every adapter
+UNION_ENCODINGS = "patches/encodings.union.safetensors"  # ad-hoc strengths: calibrated over every use-case
+ENCODINGS_DIR = "encodings"
+ALL_ENCODINGS = "encodings/all.encodings"  # non-updatable
+BASE_ENCODINGS = "encodings/base.encodings"  # adapter-only: the base's shared set
+BASE_WEIGHT_ENCODINGS = "encodings/base_weights.encodings"  # --base-weights int8/int4
+QDQ_DATA = "base.qdq.data"  # the QDQ graph's own base tensors
+LORA_WEIGHT_LIST = "lora_weight_list.txt"  # for qairt-converter --lora_weight_list
+LORA_CONFIG_YAML = "lora_config.yaml"  # QAIRT's use-case list
+SIDECARS = ("tokenizer.json", "chat.json")  # an imported LLM's tokenizer and chat settings
+
+
+def adapter_patch(adapter: str) -> str:
+    """v1/v2: one adapter's slot values."""
+    return f"patches/{adapter}.safetensors"
+
+
+def encodings_patch(use_case: str) -> str:
+    """Updatable encodings: one use-case's scales and zero points."""
+    return f"patches/encodings/{use_case}.safetensors"
+
+
+def use_case_encodings(use_case: str) -> str:
+    """Per-use-case encodings files live in a folder of their own: no use-case name (``base``, ``all``) can
+    collide with the shared files."""
+    return f"encodings/use-cases/{use_case}.encodings"
+
+
+def weight_only_data(dtype: str) -> str:
+    """The data file of a bundle whose base weights were quantized weight-only (``base.int4.data``)."""
+    return f"base.{dtype}.data"
