@@ -19,14 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_runtime.errors import BundleError, TensorFileError
 from lora_runtime.manifest import FORMAT, INTEGRITY, FileInfo, Manifest, Slot, digest
 from lora_runtime.names import MANIFEST
 from lora_runtime.staging import STAGING_SUFFIX
-from lora_runtime.tensorfile import read_header
+from lora_runtime.tensorfile import TensorFile, read_header
 
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "int8": "I8", "uint8": "U8", "int16": "I16",
@@ -39,9 +40,19 @@ class Bundle:
 
     path: Path
     manifest: Manifest
+    headers: Mapping[str, TensorFile] = field(default_factory=dict, compare=False)  # patches open_bundle checked
 
     def file(self, rel: str) -> Path:
         return inside(self.path, rel)
+
+    def header(self, rel: str) -> TensorFile:
+        """The header of patch ``rel``: as :func:`open_bundle` validated it, or read now (a bundle being built)."""
+        if rel in self.headers:
+            return self.headers[rel]
+        try:
+            return read_header(self.file(rel))
+        except TensorFileError as e:
+            raise BundleError(str(e)) from e
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -136,11 +147,12 @@ def open_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True, ver
             raise BundleError(f"{root}: compiled for base model {manifest.base.name} (sha256 "
                               f"{manifest.base.sha256[:12]}…), not {base} (sha256 {given[:12]}…)")
     bundle = Bundle(root, manifest)
+    headers = {}
     for rel, slots in _patch_files(manifest):
         if rel not in manifest.files:
             raise BundleError(f"{root}: patch {rel!r} is not listed in the manifest's files")
-        check_patch(bundle, rel, slots)
-    return bundle
+        headers[rel] = check_patch(bundle, rel, slots)
+    return Bundle(root, manifest, headers)
 
 
 def _patch_files(m: Manifest) -> list[tuple[str, list[Slot]]]:
@@ -149,7 +161,7 @@ def _patch_files(m: Manifest) -> list[tuple[str, list[Slot]]]:
     return [(w, m.patched_slots) for w in weights] + [(e, m.encoding_slots) for e in encodings]
 
 
-def check_patch(bundle: Bundle, rel: str, slots: list[Slot] | None = None) -> None:
+def check_patch(bundle: Bundle, rel: str, slots: list[Slot] | None = None) -> TensorFile:
     """A patch's header must list exactly its slots, in slot order, with their shapes and dtypes."""
     p = bundle.file(rel)
     try:
@@ -162,6 +174,7 @@ def check_patch(bundle: Bundle, rel: str, slots: list[Slot] | None = None) -> No
     if got != want:
         diff = next(((w, g) for w, g in zip(want, got) if w != g), (want[len(got):][:1], got[len(want):][:1]))
         raise BundleError(f"{p}: patch does not fit the slot table (expected {diff[0]}, found {diff[1]})")
+    return tf
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:

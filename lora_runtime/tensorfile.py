@@ -66,6 +66,7 @@ class TensorFile:
     metadata: dict[str, str]
     data_start: int
     file_size: int
+    stamp: tuple[int, int, int] = (-1, -1, -1)  # (inode, size, mtime_ns) of the file the header was read from
 
     def read(self, name: str, *, float32: bool = False) -> np.ndarray:
         """Read one tensor. BF16 always comes back as exact float32; ``float32=True`` widens F16 too."""
@@ -87,8 +88,9 @@ def read_header(path: str | os.PathLike[str]) -> TensorFile:
     """Parse and check a safetensors header: sizes, dtypes, and that the offsets tile the data exactly."""
     path = Path(path)
     try:
-        file_size = path.stat().st_size
         with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            file_size, stamp = st.st_size, (st.st_ino, st.st_size, st.st_mtime_ns)
             head = f.read(8)
             if len(head) < 8:
                 raise TensorFileError(f"{path}: not a safetensors file ({file_size} bytes, need at least 8)")
@@ -120,7 +122,7 @@ def read_header(path: str | os.PathLike[str]) -> TensorFile:
     if cursor != file_size:
         raise TensorFileError(f"{path}: tensors cover {cursor - data_start} data bytes but the file holds "
                               f"{file_size - data_start} (truncated or trailing bytes)")
-    return TensorFile(path, {e.name: e for e in entries}, dict(metadata), data_start, file_size)
+    return TensorFile(path, {e.name: e for e in entries}, dict(metadata), data_start, file_size, stamp)
 
 
 def load_tensors(path: str | os.PathLike[str], *, float32: bool = False) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ cold_switch_peer16       v2: between three 14.4 MB adapters shaped like llama.cp
 =======================  ==============================================================================
 
 The peer (llama.cpp through llama-cpp-python 0.3.36, the same GGUF, 2 threads) was measured on this machine
-by the issue that asked for this bench; its numbers are in ``LLAMA_CPP`` and the ratio table compares them.
+once (it is not installed here); its numbers are in ``LLAMA_CPP`` and the ratio table compares them.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from lora_runtime.version import __version__
 PROMPT = [{"role": "user", "content": "Give me three tips for better sleep."}]
 # INT8 rows: preset, --sensitive-db, --weight-rounding
 PRESETS = (("w8a8", None, "nearest"), ("w8a8", 30.0, "gptq"), ("w8a16", 30.0, "gptq"), ("w4a16", 30.0, "gptq"))
-# llama.cpp on this machine (issue 10): decode ms/token; per-token overhead of its two adapters (low-high of its
+# llama.cpp on this machine: decode ms/token; per-token overhead of its two adapters (low-high of its
 # runs); adapter load ms of the 1.8 MB and the 14.4 MB adapter.
 LLAMA_CPP = {"decode_ms": 6.8, "qv8_overhead": (1.04, 1.21), "peer16_overhead": (1.26, 1.51),
              "load_qv8_ms": 2.0, "load_peer16_ms": 11.9}

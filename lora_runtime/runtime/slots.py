@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -53,18 +52,11 @@ class Layout:
 class PatchSource:
     """A patch file ("ROM") whose header matches the layout, and the stamp of the file it was checked on."""
 
-    def __init__(self, path: os.PathLike[str] | str, layout: Layout) -> None:
-        self.path = Path(path)
-        self.data_start = 0
-        self.stamp: tuple[int, int, int] = (-1, -1, -1)
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError as e:
-            raise BundleError(f"{self.path}: cannot open patch ({e.strerror or e})") from e
-        try:
-            self.revalidate(fd, layout)
-        finally:
-            os.close(fd)
+    def __init__(self, header: TensorFile, layout: Layout) -> None:
+        """``header``: the patch's header as :func:`lora_runtime.bundle.open_bundle` validated it."""
+        layout.check(header)
+        self.path = header.path
+        self.data_start, self.stamp = header.data_start, header.stamp
 
     def revalidate(self, fd: int, layout: Layout) -> None:
         """Parse and check the header again only if the file is not the one checked last time."""
@@ -96,8 +88,8 @@ class SlotSet:
         self.readers = 0  # runs in flight on this set (guarded by the runtime's lock)
 
     @classmethod
-    def filled(cls, layout: Layout, patch: Path, holds: str | None = None) -> SlotSet:
-        """A new set holding the values of ``patch`` (validated against ``layout`` first)."""
+    def filled(cls, layout: Layout, patch: TensorFile, holds: str | None = None) -> SlotSet:
+        """A new set holding the values of the patch whose validated header is ``patch``."""
         s = cls(layout, holds)
         s.fill_from(PatchSource(patch, layout))
         return s

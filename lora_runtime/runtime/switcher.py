@@ -74,11 +74,11 @@ class Runtime:
         self._scratch: list[SlotSet] = []
         self.fault_hook: Callable[[str], None] | None = None  # tests: called at every step of a cold switch
         self.last_switch: SwitchReport | None = None
-        # Every patch is validated against the slot table now; a switch only re-checks its file stamp.
+        # open_bundle validated every patch header; a switch only re-checks its file stamp.
         if m.generation == "v3":
-            self._sources = {GROUP: PatchSource(bundle.file(m.group_patch or ""), self.layout)}
+            self._sources = {GROUP: PatchSource(bundle.header(m.group_patch or ""), self.layout)}
         else:
-            self._sources = {a.name: PatchSource(bundle.file(a.patch or ""), self.layout) for a in m.adapters}
+            self._sources = {a.name: PatchSource(bundle.header(a.patch or ""), self.layout) for a in m.adapters}
         # Updatable encodings are a few scales and zero points per use-case: all resident from the start,
         # so a switch binds its use-case's set, atomically with the weights and the strength.
         self._encodings: dict[str, SlotSet] = {}  # use-case -> its encodings set
@@ -86,8 +86,8 @@ class Runtime:
         enc_layout = Layout.of(m.encoding_slots)
         if enc_layout.slots:
             for u in m.use_cases:
-                self._encodings[u.name] = SlotSet.filled(enc_layout, bundle.file(u.encodings or ""), u.name)
-            self._union_encodings = SlotSet.filled(enc_layout, bundle.file(m.union_encodings or ""), "union")
+                self._encodings[u.name] = SlotSet.filled(enc_layout, bundle.header(u.encodings or ""), u.name)
+            self._union_encodings = SlotSet.filled(enc_layout, bundle.header(m.union_encodings or ""), "union")
         # Each use-case's adapter (v3: the group) and strength value, built once: a hot switch allocates nothing.
         self._targets = {u.name: (GROUP if m.generation == "v3" else next(iter(u.strengths), None),
                                   self._strength_value(u.strengths), self._encodings.get(u.name))
