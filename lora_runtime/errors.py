@@ -37,3 +37,8 @@ class InputError(LoraRuntimeError):
 
 class TensorFileError(LoraRuntimeError):
     """A safetensors file is truncated, corrupt or holds an unsupported dtype."""
+
+
+class TargetError(LoraRuntimeError):
+    """A bundle cannot be built or run for the requested target (a free dimension, an op or option the HTP
+    cannot take, a missing execution provider)."""

@@ -41,6 +41,16 @@ def node_keys(graph: onnx.GraphProto) -> list[str]:
     return keys
 
 
+def elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor -> its ONNX element type, for every tensor shape inference can type (inputs, outputs,
+    intermediates, initializers)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    out = {v.name: v.type.tensor_type.elem_type
+           for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
+    out.update({t.name: t.data_type for t in model.graph.initializer})
+    return out
+
+
 def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     """Tensor name -> the node that writes it."""
     return {out: n for n in graph.node for out in n.output}
@@ -86,6 +96,7 @@ class GraphEdit:
         self._replace[index] = []
 
     def insert_after(self, index: int, nodes: Iterable[onnx.NodeProto]) -> None:
+        """Nodes after node ``index`` (after its replacement, and after nodes inserted there before)."""
         self._after.setdefault(index, []).extend(nodes)
 
     def prepend(self, nodes: Iterable[onnx.NodeProto]) -> None:
@@ -104,14 +115,27 @@ class GraphEdit:
     def drop_inputs(self, names: Iterable[str]) -> None:
         self._dropped_inputs.update(names)
 
-    def apply(self) -> None:
-        """Rebuild the graph's lists once: nodes in order with replacements and insertions, then
-        initializers and inputs with the dropped ones left out and the new ones appended."""
-        g = self.graph
+    def pending(self) -> list[onnx.NodeProto]:
+        """The node list as :meth:`apply` will write it (the same node objects: edits to them take effect)."""
         nodes = list(self._top)
         for i, n in enumerate(self._nodes):
             nodes += self._replace.get(i, [n])
             nodes += self._after.get(i, [])
+        return nodes
+
+    def producers(self) -> dict[str, tuple[int, onnx.NodeProto]]:
+        """Tensor -> (index to insert after, the node that will write it), as the edit stands."""
+        out = {}
+        for i, n in enumerate(self._nodes):
+            for m in [*self._replace.get(i, [n]), *self._after.get(i, [])]:
+                out.update({o: (i, m) for o in m.output})
+        return out
+
+    def apply(self) -> None:
+        """Rebuild the graph's lists once: nodes in order with replacements and insertions, then
+        initializers and inputs with the dropped ones left out and the new ones appended."""
+        g = self.graph
+        nodes = self.pending()
         inits = [t for t in g.initializer if t.name not in self._dropped_inits] + self._new_inits
         inputs = [v for v in g.input if v.name not in self._dropped_inputs] + self._new_inputs
         del g.node[:]

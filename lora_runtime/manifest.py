@@ -164,6 +164,20 @@ class Accuracy:
 
 
 @dataclass(frozen=True)
+class Target:
+    """What the bundle was compiled for: ONNX Runtime's CPU provider, or the HTP through QNN."""
+
+    name: str = "cpu"  # "cpu" or "htp"
+    soc_model: str | None = None
+    htp_arch: str | None = None
+    static_shapes: dict[str, int] = field(default_factory=dict)  # dim_param -> the value baked in
+    strength_range: tuple[float, float] | None = None  # INT8 on the HTP: what the lora_alpha encoding covers
+    context: str | None = None  # the EPContext model (compiled ahead of time for the HTP), bundle-relative
+    placement: str = ""  # where the nodes ran when the compiler checked, e.g. "all 412 nodes on QNN"
+    qnn_ops: dict[str, int] = field(default_factory=dict)  # "FullyConnected ufixed16 x sfixed8" -> count
+
+
+@dataclass(frozen=True)
 class Manifest:
     generation: str
     base: BaseInfo
@@ -180,6 +194,7 @@ class Manifest:
     weight_only: WeightOnly | None = None
     quantization: Quantization | None = None
     accuracy: tuple[Accuracy, ...] = ()
+    target: Target = field(default_factory=Target)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -222,6 +237,12 @@ class Manifest:
             self.adapter(name)
             if not isinstance(s, (int, float, np.floating)) or isinstance(s, bool) or not math.isfinite(s):
                 raise InputError(f"strength of adapter {name!r} must be a finite number, got {s!r}")
+        r = self.target.strength_range
+        outside = next((n for n, s in strengths.items() if r is not None and not r[0] <= s <= r[1]), None)
+        if outside is not None:
+            raise InputError(f"strength {strengths[outside]} of adapter {outside!r} is outside [{r[0]:g}, {r[1]:g}], "
+                             "the range this bundle's lora_alpha encoding covers (compiled into the HTP graph): "
+                             "recompile with a use-case at that strength")
         if self.generation == "v3":
             return np.array([float(strengths.get(a, 0.0)) for a in self.adapter_names], np.float32)
         if len(strengths) > 1:
@@ -258,7 +279,8 @@ class Manifest:
                 weight_only=_typed(WeightOnly, d.get("weight_only")),
                 quantization=None if q is None else _typed(Quantization, {
                     **q, "mixed_precision": _mixed_precision(q.get("mixed_precision"))}),
-                accuracy=tuple(_typed(Accuracy, a) for a in d.get("accuracy", ())))
+                accuracy=tuple(_typed(Accuracy, a) for a in d.get("accuracy", ())),
+                target=_typed(Target, d.get("target", {})))
         except (KeyError, TypeError, AttributeError) as e:
             raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
 

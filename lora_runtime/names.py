@@ -143,6 +143,7 @@ QDQ_DATA = "base.qdq.data"  # the QDQ graph's own base tensors
 LORA_WEIGHT_LIST = "lora_weight_list.txt"  # for qairt-converter --lora_weight_list
 LORA_CONFIG_YAML = "lora_config.yaml"  # QAIRT's use-case list
 SIDECARS = ("tokenizer.json", "chat.json")  # an imported LLM's tokenizer and chat settings
+HTP_CONTEXT = "model_ctx.onnx"  # --htp-context: ONNX Runtime's EPContext wrapper of the compiled QNN graph
 
 
 def adapter_patch(adapter: str) -> str:

@@ -24,17 +24,19 @@ import onnx
 from lora_runtime.bundle import Bundle, file_table, open_bundle, sha256_file, write_manifest
 from lora_runtime.compiler.adapter import Adapter
 from lora_runtime.compiler.base import check_structure, link_data, load_base
+from lora_runtime.compiler.htp import htp_stage
 from lora_runtime.compiler.options import CompileOptions, WeightOnlyOptions
 from lora_runtime.compiler.passes.branch import BranchOptions, add_branches
+from lora_runtime.compiler.passes.static_shape import StaticShapeOptions, make_static
 from lora_runtime.compiler.passes.weight_only import WeightOnlyPassOptions, quantize_weights
 from lora_runtime.compiler.patches import PatchLayout, external_parameters, plan_branches, point_record
 from lora_runtime.compiler.points import attach
 from lora_runtime.compiler.qairt import write_qairt_artefacts
-from lora_runtime.compiler.quantize import quantize_bundle
+from lora_runtime.compiler.quantize import FloatStage, quantize_bundle
 from lora_runtime.compiler.use_cases import UseCaseSpec, check_use_cases, default_adapter, load_adapters
 from lora_runtime.errors import UseCaseError
 from lora_runtime.eval.accuracy import compare_bundles
-from lora_runtime.manifest import Accuracy, AdapterInfo, BaseInfo, Manifest, UseCase, WeightOnly
+from lora_runtime.manifest import Accuracy, AdapterInfo, BaseInfo, Manifest, Target, UseCase, WeightOnly
 from lora_runtime.names import (
     BASE_WEIGHT_ENCODINGS,
     GRAPH,
@@ -51,6 +53,7 @@ from lora_runtime.version import versions
 
 Report = Callable[[str], None]
 COMPILE_STEPS = 6  # how many times compile_bundle calls ``report`` (more with encodings or quantization)
+MASK_FLOOR = -50.0  # the HTP: attention-mask constants at or below -1e4 are raised to this (see passes.static_shape)
 MAX_AUTO_ENCODINGS = 1 << 20  # scale entries written to base_weights.encodings without being asked
 
 
@@ -72,6 +75,7 @@ def compile_bundle(base: str | os.PathLike[str],
     """
     options = _options(options, generation)
     say = report or (lambda _msg: None)
+    sample_list = [dict(sample_inputs)] if sample_inputs is not None else None
     q = options.quant
     samples = overrides = None
     if q is not None:  # everything the INT8 stage reads is checked before anything is written
@@ -96,13 +100,14 @@ def compile_bundle(base: str | os.PathLike[str],
         parameters = external_parameters(patches[parameter_patch], parameter_patch) if parameter_patch else {}
         say(f"rewriting the graph ({len(branches)} points, {gen})")
         made = add_branches(model, BranchOptions(tuple(branches), gen, len(loaded), parameters, options.lora_dtype))
+        target = _static(model, base.parent, options, say)
         manifest = Manifest(
             generation=gen, base=BaseInfo(base.name, sha256_file(base), base.stat().st_size, ()),
             points=tuple(point_record(b, loaded, gen) for b in branches), slots=layout.slots,
             adapters=tuple(AdapterInfo(a.name, a.source, a.sha256, a.config.to_json(), a.nbytes,
                                        adapter_patch(a.name) if gen != "v3" else None) for a in loaded),
             use_cases=tuple(UseCase(s.name, dict(s.strengths)) for s in specs), files={}, versions=versions(),
-            group_patch=GROUP_PATCH if gen == "v3" else None, default_adapter=default)
+            group_patch=GROUP_PATCH if gen == "v3" else None, default_adapter=default, target=target)
         own: list[str] = [*patches]
         if options.weight_only is not None:
             say(f"quantizing base weights to {options.weight_only.dtype}")
@@ -116,14 +121,23 @@ def compile_bundle(base: str | os.PathLike[str],
         (tmp / GRAPH).write_bytes(model.SerializeToString())
         check_structure(model, base)
         manifest = dataclasses.replace(manifest, base=dataclasses.replace(manifest.base, data_files=tuple(data_files)))
+        held, fp32 = sample_list, None
         if q is not None and samples is not None:
-            result = quantize_bundle(tmp, model, manifest, base.parent, q, samples, overrides, made.points, say)
+            stage = FloatStage(tmp, model, manifest, base.parent, made.points, layout, tuple(loaded),
+                               full=options.target == "htp")
+            result = quantize_bundle(stage, q, samples, overrides, say)
             for rel in data_files:  # the QDQ graph holds every base tensor it needs in its own data file
                 (tmp / rel).unlink()
             data_files = []
             own += result.files
             manifest = dataclasses.replace(result.manifest, base=dataclasses.replace(manifest.base, data_files=()))
+            held, fp32 = list(result.held_out), result.fp32
             check_structure(model, base)
+        if options.target == "htp":
+            checked = htp_stage(Bundle(tmp, manifest), options.htp, held, fp32, say)
+            manifest = dataclasses.replace(manifest, target=checked.target,
+                                           accuracy=(*manifest.accuracy, *checked.accuracy))
+            own += checked.files
         for sidecar in SIDECARS:  # a real LLM's tokenizer and chat settings travel with the bundle
             if (base.parent / sidecar).is_file():
                 shutil.copyfile(base.parent / sidecar, tmp / sidecar)
@@ -137,6 +151,17 @@ def compile_bundle(base: str | os.PathLike[str],
             manifest = _with_accuracy(Bundle(tmp, manifest), base, loaded, specs, options, sample_inputs)
         write_manifest(tmp, manifest)
     return open_bundle(out)
+
+
+def _static(model: onnx.ModelProto, base_dir: Path, options: CompileOptions, say: Report) -> Target:
+    """Static shapes (``--static-shape``; every free dimension for the HTP), and the target the manifest records."""
+    htp = options.htp if options.target == "htp" else None
+    if options.static_shapes or htp is not None:
+        say("fixing shapes and folding constants")
+        make_static(model, StaticShapeOptions(options.static_shapes, base_dir,
+                                              mask_floor=MASK_FLOOR if htp is not None else None))
+    return Target(options.target, htp.soc_model if htp else None, htp.htp_arch if htp else None,
+                  dict(options.static_shapes))
 
 
 def _options(options: CompileOptions | None, generation: str | None) -> CompileOptions:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from lora_runtime.errors import UseCaseError
+from lora_runtime.errors import TargetError, UseCaseError
 
 GENERATIONS = ("v1", "v2", "v3")
 LORA_DTYPES = ("float32", "float16")
@@ -22,8 +23,17 @@ MODES = ("non-updatable", "adapter-only", "full")
 CALIBRATION_METHODS = ("minmax", "percentile")
 WEIGHT_ROUNDING = ("nearest", "gptq")
 BASE_ENCODINGS = ("auto", "always", "never")
+TARGETS = ("cpu", "htp")
 # QAIRT's table: which encodings mode each generation takes
 MODES_OF = {"v1": ("non-updatable",), "v2": ("full",), "v3": MODES}
+# The HTP runs encodings compiled into its graph: one set for every use-case, in every generation. Per-use-case
+# sets need a graph per use-case sharing one weights binary (ONNX Runtime's EP-context weight sharing); the
+# simulator here cannot load such binaries (QNN_COMMON_ERROR_NOT_SUPPORTED), so they are not offered.
+HTP_MODES = ("non-updatable",)
+HTP_NO_UPDATABLE = ("the HTP takes encodings compiled into the graph: scales fed as graph inputs are refused "
+                    "(QNN: 'Failed to get initializer value') or silently ignored; per-use-case encodings need one "
+                    "graph per use-case in a weight-shared QNN context, which this machine's HTP simulator cannot "
+                    "load: use --encodings non-updatable")
 
 
 def _one_of(what: str, value: object, allowed: tuple) -> None:
@@ -82,6 +92,20 @@ class QuantOptions:
 
 
 @dataclass(frozen=True)
+class HtpOptions:
+    """``--target htp``: Qualcomm's HTP through ONNX Runtime's QNN execution provider."""
+
+    soc_model: str = "60"  # QNN's soc_model: required (without it float Gather fails, u16 x s8 layers are wrong)
+    htp_arch: str | None = None  # QNN's htp_arch (e.g. "75"); None: what the soc_model implies
+    context: bool = False  # write the EPContext model and its QNN context binary into the bundle
+
+    def __post_init__(self) -> None:
+        for what, v in (("soc_model", self.soc_model), ("htp_arch", self.htp_arch)):
+            if v is not None and not (isinstance(v, str) and v.isdigit()):
+                raise UseCaseError(f"{what} is a number (QNN's own numbering, e.g. 60), got {v!r}")
+
+
+@dataclass(frozen=True)
 class CompileOptions:
     """How to compile: the generation and every optional step."""
 
@@ -91,16 +115,40 @@ class CompileOptions:
     quant: QuantOptions | None = None
     copy_base_data: bool = False  # copy the base's external data where it cannot be hard-linked
     measure_accuracy: bool = True  # float16 slots / quantized bases: SQNR against the float32 bundle
+    target: str = "cpu"  # "htp": static shapes, full QDQ groups, integer LoRA slots (see HtpOptions)
+    htp: HtpOptions = field(default_factory=HtpOptions)
+    static_shapes: Mapping[str, int] = field(default_factory=dict)  # dim_param -> value (required for the HTP)
 
     def __post_init__(self) -> None:
         _one_of("generation", self.generation, GENERATIONS)
         _one_of("lora_dtype", self.lora_dtype, LORA_DTYPES)
-        if self.quant is not None:
+        _one_of("target", self.target, TARGETS)
+        if self.target == "htp":
+            self._check_htp()
+        elif self.htp != HtpOptions():
+            raise UseCaseError("--soc-model, --htp-arch and --htp-context go with --target htp")
+        if self.quant is not None and self.target == "cpu":
             allowed = MODES_OF[self.generation]
             if self.quant.mode not in allowed:
                 hint = "; use --generation v3" if self.generation != "v3" else ""
                 raise UseCaseError(f"{self.generation} takes encodings {' or '.join(allowed)} (QAIRT's table), not "
                                    f"{self.quant.mode!r}{hint}")
-            if self.weight_only is not None:
-                raise UseCaseError("--encodings with --base-weights int8/int4 is not supported yet: the QDQ graph "
-                                   "quantizes the base weights itself (int8 per channel)")
+        if self.quant is not None and self.weight_only is not None:
+            raise UseCaseError("--encodings with --base-weights int8/int4 is not supported yet: the QDQ graph "
+                               "quantizes the base weights itself (int8 per channel)")
+
+    def _check_htp(self) -> None:
+        if self.weight_only is not None:
+            raise TargetError("--base-weights makes ONNX Runtime's MatMulNBits, which the HTP does not run: quantize "
+                              "with --encodings non-updatable")
+        q = self.quant
+        if q is None:
+            return
+        if q.mode not in HTP_MODES:
+            raise TargetError(f"encodings {q.mode!r} on the HTP: {HTP_NO_UPDATABLE}")
+        if q.sensitive_db is not None:
+            raise TargetError("--sensitive-db mixes activation bitwidths, and the HTP runs a QDQ group whose inputs "
+                              "and output differ in width in float: choose one width with --preset (w8a16)")
+        if self.lora_dtype != "float32":
+            raise TargetError("--lora-dtype float16 with --encodings on the HTP: the LoRA slots hold integer codes "
+                              "(the preset's LoRA weight bitwidth); leave --lora-dtype at float32")

@@ -15,7 +15,8 @@ its arenas out exactly as a patch's data section, so a cold switch is one positi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +29,12 @@ from lora_runtime.compiler.points import AttachmentPoint
 from lora_runtime.errors import AdapterError
 from lora_runtime.manifest import Column, Point, Slot
 from lora_runtime.names import GROUP_PATCH, SCALING, STRENGTH, adapter_patch, lora_a, lora_b
+from lora_runtime.quant.encodings import Encoding
 from lora_runtime.tensorfile import TensorFile, save_tensors
 
 Fill = Callable[[Sequence[Adapter]], np.ndarray]  # the adapters a patch holds -> one slot's values
-_ONNX_TYPES = {"F32": TensorProto.FLOAT, "F16": TensorProto.FLOAT16}
+_ONNX_TYPES = {"F32": TensorProto.FLOAT, "F16": TensorProto.FLOAT16, "I8": TensorProto.INT8,
+               "I16": TensorProto.INT16}
 
 
 def plan_branches(points: Sequence[AttachmentPoint], adapters: Sequence[Adapter], generation: str) -> list[Branch]:
@@ -70,6 +73,18 @@ class PatchLayout:
                             _stacked(b, "b", generation)))
         return cls(generation, lora_dtype, tuple(entries), n_adapters)
 
+    def integer(self, encodings: Mapping[str, Encoding]) -> PatchLayout:
+        """The same layout with the LoRA A/B slots holding integer codes on their (symmetric, per-tensor)
+        encodings: what a graph with full QDQ groups reads through its DequantizeLinear."""
+        entries = []
+        for slot, fill in self.entries:
+            enc = encodings.get(slot.name)
+            if enc is not None and slot.kind in ("lora_A", "lora_B"):
+                dtype = {8: "int8", 16: "int16"}[enc.bw]
+                slot, fill = dataclasses.replace(slot, dtype=dtype), _codes(fill, enc, np.dtype(dtype))
+            entries.append((slot, fill))
+        return dataclasses.replace(self, entries=tuple(entries))
+
     @property
     def slots(self) -> tuple[Slot, ...]:
         """The slot table: the patched slots, then the strength input."""
@@ -92,11 +107,20 @@ class PatchLayout:
 
     def write(self, root: Path, adapters: Sequence[Adapter]) -> dict[str, TensorFile]:
         """Every patch of the bundle under ``root``: bundle-relative path -> its validated header."""
-        (root / "patches").mkdir()
+        (root / "patches").mkdir(exist_ok=True)
         if self.generation == "v3":
             return {GROUP_PATCH: save_tensors(root / GROUP_PATCH, self.patch(adapters, "the adapter group"))}
         return {adapter_patch(a.name): save_tensors(root / adapter_patch(a.name),
                                                     self.patch([a], f"adapter {a.name!r}")) for a in adapters}
+
+
+def _codes(fill: Fill, enc: Encoding, dtype: np.dtype) -> Fill:
+    scale = float(enc.scale[0])
+    info = np.iinfo(dtype)
+
+    def codes(adapters: Sequence[Adapter]) -> np.ndarray:
+        return np.clip(np.rint(fill(adapters).astype(np.float64) / scale), info.min, info.max).astype(dtype)
+    return codes
 
 
 def _scaling(branches: Sequence[Branch]) -> Fill:

@@ -1,4 +1,4 @@
-"""The INT8 stage of a compile: calibrate the float graph, write encodings, rewrite to QDQ, measure.
+"""The INT8 stage of a compile: calibrate the float graph, make the encodings, rewrite to QDQ, measure.
 
 Called by ``compile_bundle`` inside its staging directory, after the float graph and the patches are
 written (the float graph is what calibration runs and what accuracy is measured against)::
@@ -6,10 +6,9 @@ written (the float graph is what calibration runs and what accuracy is measured 
     float bundle ──► ranges per use-case (calibration samples) ──► encodings (per mode) ──► QDQ graph
          └──────────► FP32 outputs on held-out samples ──────────────────────► SQNR of the INT8 graph
 
-Updatable encodings become encoding slots: graph inputs whose values each use-case carries in a small
-patch (``patches/encodings/<use-case>.safetensors``; ``patches/encodings.union.safetensors`` for ad-hoc
-strengths). Per-use-case encodings files live in ``encodings/use-cases/`` so that no use-case name (``base``,
-``all``) can collide with the shared ``encodings/base.encodings`` or ``encodings/all.encodings``.
+Two plans, one pass: for ONNX Runtime's CPU provider the inputs of linear layers and of each branch's second
+MatMul are quantized (ORT fuses them into integer kernels; LoRA weights stay float slots, quantized in the
+graph); for the HTP, every op gets a full QDQ group and the LoRA slots hold integer codes (``full_qdq``).
 """
 
 from __future__ import annotations
@@ -20,115 +19,142 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from lora_runtime.bundle import Bundle
+from lora_runtime.compiler.adapter import Adapter
+from lora_runtime.compiler.encodings_out import (
+    active_values,
+    all_values,
+    by_slot,
+    encoding_slots,
+    lora_values,
+    write_encodings_files,
+)
+from lora_runtime.compiler.full_qdq import (
+    activation_encodings,
+    constant_encodings,
+    float_activations,
+    float_constants,
+    shared_roots,
+    strength_ranges,
+)
 from lora_runtime.compiler.options import QuantOptions
 from lora_runtime.compiler.passes.branch import BranchTensors
 from lora_runtime.compiler.passes.qdq import QdqOptions, QdqPlan, activation_tensors, apply_qdq
-from lora_runtime.compiler.points import find_candidates
-from lora_runtime.errors import BaseModelError
+from lora_runtime.compiler.passes.qdq_weights import linear_weights
+from lora_runtime.compiler.patches import PatchLayout, external_parameters
+from lora_runtime.compiler.points import Candidate
+from lora_runtime.errors import BaseModelError, TargetError
 from lora_runtime.eval.accuracy import logits_agreement, logits_sqnr, run_all
 from lora_runtime.eval.greedy import described, greedy_agreement, reference_tokens
 from lora_runtime.eval.ort_reference import quantize_static_sqnr
 from lora_runtime.llm.chat import Chat
-from lora_runtime.manifest import Accuracy, Manifest, MixedPrecision, Quantization, Slot
-from lora_runtime.names import (
-    ALL_ENCODINGS,
-    BASE_ENCODINGS,
-    QDQ_DATA,
-    UNION_ENCODINGS,
-    encodings_patch,
-    lora_a,
-    lora_b,
-    scale_of,
-    use_case_encodings,
-    zero_point_of,
-)
-from lora_runtime.quant.calibrate import collect_ranges, split_held_out, union
-from lora_runtime.quant.encodings import VERSION, Encoding, EncodingsFile, check_fits, write_encodings
-from lora_runtime.quant.modes import activation_encodings, lora_weight_encodings, updatable
+from lora_runtime.manifest import Accuracy, Manifest, MixedPrecision, Quantization
+from lora_runtime.names import GROUP_PATCH, QDQ_DATA, SCALING, STRENGTH, UNION_ENCODINGS, adapter_patch
+from lora_runtime.quant.calibrate import TensorRange, collect_ranges, split_held_out, union
+from lora_runtime.quant.encodings import Encoding, EncodingsFile, check_fits
+from lora_runtime.quant.modes import activation_encodings as cpu_activation_encodings
+from lora_runtime.quant.modes import lora_weight_encodings, updatable
 from lora_runtime.quant.precision import choose_precision
 from lora_runtime.quant.presets import Preset, load_preset
-from lora_runtime.quant.rules import to_qdq
-from lora_runtime.tensorfile import read_header, save_tensors
 
 Say = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatStage:
+    """The float bundle being compiled: where it is, its graph and manifest, and what made them."""
+
+    root: Path
+    model: onnx.ModelProto
+    manifest: Manifest
+    base_dir: Path  # the base model's folder (its external data)
+    branches: Mapping[str, BranchTensors]
+    layout: PatchLayout
+    adapters: tuple[Adapter, ...]
+    full: bool  # full QDQ groups and integer LoRA slots (the HTP target)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantResult:
     manifest: Manifest  # with encoding slots, per-use-case encodings patches and the accuracy measured
     files: tuple[str, ...]  # bundle-relative files written (data, encodings files, encodings patches)
+    held_out: tuple[dict[str, np.ndarray], ...]  # the samples accuracy was measured on
+    fp32: Mapping[str, list[dict[str, np.ndarray]]]  # the FP32 graph's outputs on them, per use-case
 
 
-def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base_dir: Path, options: QuantOptions,
-                    samples: Sequence[dict[str, np.ndarray]], overrides: EncodingsFile | None,
-                    branches: Mapping[str, BranchTensors], say: Say = lambda _m: None) -> QuantResult:
-    """Rewrite ``model`` (whose float version is at ``root``/graph) to QDQ; write encodings; measure accuracy.
+@dataclasses.dataclass(frozen=True)
+class _Encodings:
+    plan: QdqPlan
+    union: dict[str, Encoding]
+    per_use_case: dict[str, dict[str, Encoding]]
+    layout: PatchLayout | None = None  # full groups: the layout with integer LoRA slots
+
+
+def quantize_bundle(stage: FloatStage, options: QuantOptions, samples: Sequence[dict[str, np.ndarray]],
+                    overrides: EncodingsFile | None, say: Say = lambda _m: None) -> QuantResult:
+    """Rewrite ``stage.model`` (whose float version is at ``stage.root``) to QDQ; write encodings; measure.
 
     ``options.weight_rounding == "gptq"`` chooses the base weights' codes with GPTQ (lora_runtime.quant.gptq)
     from the calibration inputs of every use-case; the encodings (the grid) are the same as with "nearest".
     """
     o, p = options, load_preset(options.preset)
-    float_bundle = Bundle(root, manifest)
-    lora_slots = sorted(s for b in branches.values() for s in (b.a_slot, b.b_slot))
-    tensors = activation_tensors(model, branches)
-    branch = [b.scaled for b in branches.values()]
+    model, manifest = stage.model, stage.manifest
+    float_bundle = Bundle(stage.root, manifest)
+    lora_slots = sorted(s for b in stage.branches.values() for s in (b.a_slot, b.b_slot))
+    linear = linear_weights(model.graph, frozenset(lora_slots))
+    tensors = float_activations(model, stage.branches) if stage.full else activation_tensors(model, stage.branches)
+    branch = [b.scaled for b in stage.branches.values()]
     calib, held = split_held_out(samples)
     names = manifest.use_case_names
     say(f"calibrating {len(tensors)} tensors on {len(calib)} samples x {len(names)} use-cases")
     count = iter(range(1, len(calib) * len(names) + 1))
     kept: dict[str, list[np.ndarray]] | None = {} if o.sensitive_db is not None else None
-    linear = [c for c in find_candidates(model.graph) if c.weight not in lora_slots]  # the base linear layers
-    gram = {c.x: np.zeros(()) for c in linear} if o.weight_rounding == "gptq" else None
+    gram = {c.x: np.zeros(()) for c in linear.values()} if o.weight_rounding == "gptq" else None
     ranges = collect_ranges(float_bundle, tensors, calib, names, method=o.method, keep_values=kept, gram=gram,
                             step=lambda u: say(f"calibrating {u}: {next(count)}/{len(calib) * len(names)}"))
     mixed = None
     if kept is not None and o.sensitive_db is not None:  # outlier-heavy activations at 16 bits, or float16
         start = {t: (p.lora_activations if t in branch else p.activations).bw for t in tensors}
         mixed = MixedPrecision(o.sensitive_db, choose_precision(kept, union(ranges), o.sensitive_db, start))
-    precision = {t: bits for t, (bits, _db) in (mixed.tensors if mixed else {}).items()}
     fp32 = run_all(float_bundle, names, held)
-    chat = _chat(base_dir)
+    chat = _chat(stage.base_dir)
     if chat is not None:
         say("greedy decoding of the held-out prompts with FP32")
         fp32_greedy = reference_tokens(float_bundle, chat, names)
     ort_sqnr = quantize_static_sqnr(float_bundle, names, calib, held, fp32, say) if o.ort_reference else None
 
-    values = _lora_values(float_bundle, lora_slots)
-    union_enc = _encodings(union(ranges), tensors, branch, _all(values), p, precision)
-    per_use_case = {u: _encodings(ranges[u], tensors, branch, _active(float_bundle, values, u), p, precision)
-                    for u in names}
-    weight_overrides = {}
+    values = lora_values(float_bundle, lora_slots)
+    if stage.full:
+        enc = _full_plan(stage, p, tensors, ranges, values, gram or {})
+    else:
+        precision = {t: bits for t, (bits, _db) in (mixed.tensors if mixed else {}).items()}
+        enc = _cpu_plan(o.mode, p, tensors, branch, ranges, values, float_bundle, precision, gram or {})
     if overrides is not None:  # the user's entries win, in every use-case's set
-        weights_shape = {c.weight: (c.in_features, c.out_features) for c in linear}
-        slot_shapes = {s: next(iter(v.values())).shape for s, v in _by_slot(values).items()}
-        check_fits(overrides, {t: None for t in tensors} | slot_shapes | weights_shape,
-                   {s: 0 for s in lora_slots} | {w: 1 for w in weights_shape})
-        mine = {e.name: e for e in overrides.activation_encodings + overrides.param_encodings}
-        weight_overrides = {k: v for k, v in mine.items() if k in weights_shape}
-        for enc in [union_enc, *per_use_case.values()]:
-            enc.update({k: v for k, v in mine.items() if k in enc})
-    floats = frozenset(t for t in tensors if union_enc[t].dtype == "FLOAT")
-    live = updatable(o.mode, tensors, branch, lora_slots) - floats  # a float16 activation has no parameters
-    plan = QdqPlan(activations={t: union_enc[t] for t in tensors}, lora_weights={s: union_enc[s] for s in lora_slots},
-                   weight_bw=p.weights.bw, updatable=live, weight_overrides=weight_overrides, gram=gram or {},
-                   weight_block=p.weights.block_size if p.weights.enc_type == "PER_BLOCK" else None)
-    say(f"rewriting to QDQ ({o.mode} encodings, {o.weight_rounding} weight rounding)")
-    done = apply_qdq(model, QdqOptions(plan, branches, base_dir, root, QDQ_DATA, say))
+        enc = _with_overrides(enc, overrides, tensors, linear, by_slot(values))
+    say(f"rewriting to QDQ ({o.mode} encodings, {o.weight_rounding} weight rounding"
+        + (", full QDQ groups)" if stage.full else ")"))
+    done = apply_qdq(model, QdqOptions(enc.plan, stage.branches, stage.base_dir, stage.root, QDQ_DATA, say))
     weights = {e.name: e for e in done.weight_encodings}
-    (root / manifest.graph).write_bytes(model.SerializeToString())
+    (stage.root / manifest.graph).write_bytes(model.SerializeToString())
 
-    files = [QDQ_DATA, *_write_encodings_files(root, o.mode, weights, union_enc, per_use_case, tensors, branch,
-                                               lora_slots)]
-    slots, patches = _encoding_slots(root, live, union_enc, per_use_case, lora_slots)
+    params = [*weights.values(), *enc.plan.constants.values()]
+    files = [QDQ_DATA, *write_encodings_files(stage.root, o.mode, params, enc.union, enc.per_use_case, tensors,
+                                              branch, lora_slots)]
+    live = enc.plan.updatable
+    slots, patches = encoding_slots(stage.root, live, enc.union, enc.per_use_case, lora_slots)
     files += [*patches.values(), *([UNION_ENCODINGS] if slots else [])]
     use_cases = tuple(dataclasses.replace(u, encodings=patches.get(u.name)) for u in manifest.use_cases)
-    manifest = dataclasses.replace(manifest, slots=manifest.slots + tuple(slots), use_cases=use_cases,
+    patched = enc.layout.slots if enc.layout is not None else manifest.slots
+    manifest = dataclasses.replace(manifest, slots=patched + tuple(slots), use_cases=use_cases,
                                    union_encodings=UNION_ENCODINGS if slots else None)
+    if stage.full:  # the strength's encoding is a constant of the graph: strengths outside it would clip
+        manifest = dataclasses.replace(manifest, target=dataclasses.replace(
+            manifest.target, strength_range=_covered(enc.union[STRENGTH])))
 
     say("measuring INT8 against FP32 on held-out samples")
-    int8 = Bundle(root, manifest)
+    int8 = Bundle(stage.root, manifest)
     runs = run_all(int8, names, held)
     accuracy = Accuracy(
         "fp32", "this bundle (QDQ on ONNX Runtime's CPU provider)", "its FP32 graph",
@@ -145,14 +171,85 @@ def quantize_bundle(root: Path, model: onnx.ModelProto, manifest: Manifest, base
     info = Quantization(o.mode, o.preset, o.weight_rounding, o.method, len(calib), len(held), len(tensors),
                         len(weights), len(lora_slots), len(live),
                         tuple(f for f in files if f.startswith("encodings/")),
-                        _execution({c.weight: c.x for c in linear}, weights, union_enc), mixed)
-    return QuantResult(dataclasses.replace(manifest, quantization=info, accuracy=tuple(measured)), tuple(files))
+                        _execution({w: c.x for w, c in linear.items()}, weights, enc.union, stage.full), mixed)
+    return QuantResult(dataclasses.replace(manifest, quantization=info, accuracy=tuple(measured)), tuple(files),
+                       tuple(held), fp32)
 
 
-def _execution(linear_inputs: Mapping[str, str], weights: Mapping[str, Encoding], acts: Mapping[str, Encoding]
-               ) -> str:
-    """How the base linear layers of the QDQ graph run on ONNX Runtime, in words (see ``passes.qdq_weights``)."""
+def _cpu_plan(mode: str, p: Preset, tensors: Sequence[str], branch: Sequence[str],
+              ranges: Mapping[str, Mapping[str, TensorRange]], values: Mapping[str, Mapping[str, np.ndarray]],
+              bundle: Bundle, precision: Mapping[str, int | str], gram: Mapping[str, np.ndarray]) -> _Encodings:
+    """Quantized inputs of linear layers and of each branch's second MatMul; per mode, updatable ones."""
+    def encodings(r: Mapping[str, TensorRange], lora: Mapping[str, Sequence[np.ndarray]]) -> dict[str, Encoding]:
+        return cpu_activation_encodings(r, tensors, branch, p, precision) | lora_weight_encodings(lora, p)
+
+    lora_slots = sorted(by_slot(values))
+    union_enc = encodings(union(ranges), all_values(values))
+    per_use_case = {u: encodings(ranges[u], active_values(bundle, values, u)) for u in ranges}
+    floats = frozenset(t for t in tensors if union_enc[t].dtype == "FLOAT")
+    live = updatable(mode, tensors, branch, lora_slots) - floats  # a float16 activation has no parameters
+    plan = QdqPlan(activations={t: union_enc[t] for t in tensors}, lora_weights={s: union_enc[s] for s in lora_slots},
+                   weight_bw=p.weights.bw, updatable=live, gram=gram,
+                   weight_block=p.weights.block_size if p.weights.enc_type == "PER_BLOCK" else None)
+    return _Encodings(plan, union_enc, per_use_case)
+
+
+def _full_plan(stage: FloatStage, p: Preset, tensors: Sequence[str], ranges: Mapping[str, Mapping[str, TensorRange]],
+               values: Mapping[str, Mapping[str, np.ndarray]], gram: Mapping[str, np.ndarray]) -> _Encodings:
+    """Every float tensor and constant quantized, one non-updatable set; LoRA slots as integer patches."""
+    if p.weights.enc_type != "PER_CHANNEL" or p.lora_weights.enc_type != "PER_TENSOR" or \
+            p.activations.bw != p.lora_activations.bw:
+        raise TargetError(f"preset {p.name!r} cannot run on the HTP as full QDQ groups: it needs per-channel base "
+                          "weights, per-tensor LoRA weights and one activation bitwidth (w8a8, w8a16, lora_a16w16)")
+    model, bw = stage.model, p.activations.bw
+    lora = lora_weight_encodings(all_values(values), p)
+    linear = linear_weights(model.graph, frozenset(lora))
+    constants = float_constants(model, linear, stage.branches)
+    const_enc = constant_encodings(model, constants, stage.base_dir, bw)
+    scalings = [v[SCALING] for v in values.values() if SCALING in v]
+    r = strength_ranges(union(ranges), scalings)
+    roots = shared_roots(model, set(tensors) | set(constants) | set(lora))  # a Transpose keeps its slot's
+    acts = activation_encodings(tensors, r, roots, const_enc | lora, bw)
+    layout = stage.layout.integer(lora)
+    headers = layout.write(stage.root, stage.adapters)  # the float patches are calibrated and measured: replace
+    m = stage.manifest
+    rel = GROUP_PATCH if m.generation == "v3" else (adapter_patch(m.default_adapter) if m.default_adapter else None)
+    declared: dict[str, onnx.TensorProto | onnx.ValueInfoProto] = {
+        s.name: helper.make_tensor_value_info(s.name, helper.np_dtype_to_tensor_dtype(s.numpy_dtype), list(s.shape))
+        for s in layout.slots if s.name in lora}
+    if rel is not None:  # every parameter moved in the rewritten patch (lora_scaling too: the header changed)
+        declared |= external_parameters(headers[rel], rel)
+    plan = QdqPlan(activations=acts, lora_weights=lora, weight_bw=p.weights.bw, gram=gram, full=True,
+                   constants=const_enc, integer_slots=declared)
+    union_enc = {**acts, **lora, **const_enc}
+    return _Encodings(plan, union_enc, {u: union_enc for u in ranges}, layout)
+
+
+def _with_overrides(enc: _Encodings, overrides: EncodingsFile, tensors: Sequence[str],
+                    linear: Mapping[str, Candidate], slot_values: Mapping[str, Mapping[str, np.ndarray]]) -> _Encodings:
+    """The user's encodings replace the calibrated ones they name (checked against the graph first)."""
+    weights_shape = {w: (c.in_features, c.out_features) for w, c in linear.items()}
+    slot_shapes = {s: next(iter(v.values())).shape for s, v in slot_values.items()}
+    check_fits(overrides, {t: None for t in tensors} | slot_shapes | weights_shape,
+               {s: 0 for s in slot_values} | {w: 1 for w in weights_shape})
+    mine = {e.name: e for e in overrides.activation_encodings + overrides.param_encodings}
+    union_enc = enc.union | {k: v for k, v in mine.items() if k in enc.union}
+    per_use_case = {u: e | {k: v for k, v in mine.items() if k in e} for u, e in enc.per_use_case.items()}
+    floats = {t for t, e in union_enc.items() if e.dtype == "FLOAT"}  # a float16 activation has no parameters
+    plan = dataclasses.replace(
+        enc.plan, activations={t: union_enc[t] for t in enc.plan.activations},
+        lora_weights={s: union_enc[s] for s in enc.plan.lora_weights}, updatable=enc.plan.updatable - floats,
+        weight_overrides={k: v for k, v in mine.items() if k in weights_shape})
+    return dataclasses.replace(enc, plan=plan, union=union_enc, per_use_case=per_use_case)
+
+
+def _execution(linear_inputs: Mapping[str, str], weights: Mapping[str, Encoding], acts: Mapping[str, Encoding],
+               full: bool) -> str:
+    """How the base linear layers of the QDQ graph run, in words (see ``passes.qdq_weights``)."""
     inputs = {w: x for w, x in linear_inputs.items() if w in weights}
+    if full:
+        return f"{len(inputs)} base linear layers: full QDQ groups (int{next(iter(weights.values())).bw} weights)" \
+            if weights else "no base linear layers"
     blocks = sum(1 for w in inputs if weights[w].enc_type == "PER_BLOCK")
     wide = sum(1 for w, x in inputs.items() if weights[w].enc_type != "PER_BLOCK"
                and (acts[x].dtype == "FLOAT" or acts[x].bw > 8))
@@ -165,116 +262,16 @@ def _execution(linear_inputs: Mapping[str, str], weights: Mapping[str, Encoding]
     return f"{len(inputs)} base linear layers: " + ", ".join(parts)
 
 
+def _covered(enc: Encoding) -> tuple[float, float]:
+    """The values an asymmetric encoding takes without clipping: AIMET's x = (q + offset) * scale with q in
+    [0, 2^bw - 1], widened by half a step each side (what still rounds to the first or last code)."""
+    s = enc.scale[0]
+    return float((enc.offset[0] - 0.5) * s), float(((1 << enc.bw) - 0.5 + enc.offset[0]) * s)
+
+
 def _chat(base_dir: Path) -> Chat | None:
     """The tokenizer of an imported LLM (``import-model`` wrote it next to the base), or None."""
     try:
         return Chat.load(base_dir)
     except BaseModelError:  # not an imported LLM, or no tokenizers package: no greedy-token report
         return None
-
-
-def _encodings(ranges: Mapping, tensors: Sequence[str], branch: Sequence[str],
-               values: Mapping[str, Sequence[np.ndarray]], p: Preset, precision: Mapping[str, int | str]
-               ) -> dict[str, Encoding]:
-    return activation_encodings(ranges, tensors, branch, p, precision) | lora_weight_encodings(values, p)
-
-
-def _lora_values(bundle: Bundle, slots: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
-    """Patch -> slot -> the values it holds (one patch per adapter in v1/v2, the group in v3), as float32.
-    Keyed by adapter name (v1/v2) or ``"group"`` (v3)."""
-    m = bundle.manifest
-    patches = {"group": m.group_patch} if m.group_patch else {a.name: a.patch for a in m.adapters if a.patch}
-    out = {}
-    for key, rel in patches.items():
-        tf = read_header(bundle.file(rel or ""))
-        out[key] = {s: tf.read(s, float32=True) for s in slots}
-    return out
-
-
-def _by_slot(values: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for patch, slots in values.items():
-        for s, v in slots.items():
-            out.setdefault(s, {})[patch] = v
-    return out
-
-
-def _all(values: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
-    """Every value each LoRA slot takes, over all patches."""
-    return {s: list(v.values()) for s, v in _by_slot(values).items()}
-
-
-def _active(bundle: Bundle, values: Mapping[str, Mapping[str, np.ndarray]], use_case: str
-            ) -> dict[str, list[np.ndarray]]:
-    """The LoRA values a use-case uses: its adapter's patch (v1/v2); the group with inactive adapters' rank
-    columns zeroed (v3: they are multiplied by a zero strength anyway). The base model alone: everything."""
-    m = bundle.manifest
-    active = {a for a, s in m.use_case(use_case).strengths.items() if s}
-    if not active:
-        return _all(values)
-    if m.generation != "v3":
-        (adapter,) = active
-        return {s: [v] for s, v in values[adapter].items()}
-    group = values["group"]
-    out = {}
-    for point in m.points:
-        keep = np.zeros(point.rank, bool)
-        for c in point.columns:
-            keep[c.start:c.stop] = c.adapter in active
-        a, b = lora_a(point.module), lora_b(point.module)
-        out[a] = [group[a] * keep[:, None]]
-        out[b] = [group[b] * keep[None, :]]
-    return out
-
-
-def _write_encodings_files(root: Path, mode: str, weights: Mapping[str, Encoding], union: Mapping[str, Encoding],
-                           per_use_case: Mapping[str, Mapping[str, Encoding]], tensors: Sequence[str],
-                           branch: Sequence[str], lora_slots: Sequence[str]) -> list[str]:
-    """The AIMET/QAIRT files of the mode (see lora_runtime.quant.modes)."""
-    (root / "encodings" / "use-cases").mkdir(parents=True, exist_ok=True)
-    base_acts = [t for t in tensors if t not in branch]
-    written = []
-
-    def write(rel: str, acts: Sequence[Encoding], params: Sequence[Encoding]) -> None:
-        write_encodings(root / rel, EncodingsFile(VERSION, tuple(acts), tuple(params)))
-        written.append(rel)
-
-    if mode == "non-updatable":
-        write(ALL_ENCODINGS, [union[t] for t in tensors], [*weights.values(), *(union[s] for s in lora_slots)])
-    elif mode == "adapter-only":
-        write(BASE_ENCODINGS, [union[t] for t in base_acts], list(weights.values()))
-        for u, enc in per_use_case.items():
-            write(use_case_encodings(u), [enc[t] for t in branch], [enc[s] for s in lora_slots])
-    else:
-        for u, enc in per_use_case.items():
-            write(use_case_encodings(u), [enc[t] for t in tensors], [*weights.values(), *(enc[s] for s in lora_slots)])
-    return written
-
-
-def _encoding_slots(root: Path, live: frozenset[str], union: Mapping[str, Encoding],
-                    per_use_case: Mapping[str, Mapping[str, Encoding]],
-                    lora_slots: Sequence[str]) -> tuple[list[Slot], dict[str, str]]:
-    """The slot table for updatable encodings (scales first, then zero points) and each use-case's patch."""
-    if not live:
-        return [], {}
-    names = sorted(live)
-
-    def values(enc: Mapping[str, Encoding]) -> dict[str, np.ndarray]:
-        scales, zps = {}, {}
-        for n in names:
-            if n in lora_slots:
-                scales[scale_of(n)] = np.asarray(enc[n].scale, np.float32).reshape(-1, 1)
-            else:
-                scale, zp, _ = to_qdq(enc[n])
-                scales[scale_of(n)], zps[zero_point_of(n)] = scale, zp
-        return scales | zps
-
-    layout = values(union)
-    slots = [Slot(k, tuple(v.shape), str(v.dtype), "encoding") for k, v in layout.items()]
-    (root / "patches" / "encodings").mkdir(parents=True, exist_ok=True)
-    save_tensors(root / UNION_ENCODINGS, layout)
-    patches = {}
-    for u, enc in per_use_case.items():
-        save_tensors(root / encodings_patch(u), values(enc))
-        patches[u] = encodings_patch(u)
-    return slots, patches

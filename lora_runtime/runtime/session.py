@@ -16,8 +16,9 @@ import numpy as np
 import onnxruntime as ort
 
 from lora_runtime.bundle import Bundle, open_bundle
-from lora_runtime.errors import InputError, UseCaseError
+from lora_runtime.errors import InputError, TargetError, UseCaseError
 from lora_runtime.names import STRENGTH
+from lora_runtime.runtime import htp
 from lora_runtime.tensorfile import read_header
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -25,12 +26,34 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
 
-def make_session(bundle: Bundle, *, providers: list[str] | None = None,
+DEVICES = ("cpu", "htp")
+
+
+def make_session(bundle: Bundle, *, device: str = "cpu", providers: list[str] | None = None,
                  session_options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """The one way a session is made for a bundle.
+
+    ``device="htp"``: on Qualcomm's HTP through QNN (every node, or a TargetError naming those that cannot),
+    from the bundle's ahead-of-time context when it has one. A bundle compiled for the HTP runs on the CPU too,
+    with ONNX Runtime's basic graph optimizations: its extended ones fuse DequantizeLinear + MatMul into
+    MatMulNBits, whose int8 compute requantizes 16-bit activations (up to 160 steps off, measured), so the CPU
+    run would not be the reference the HTP is compared with.
+    """
+    if device not in DEVICES:
+        raise InputError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    m = bundle.manifest
     so = session_options or ort.SessionOptions()
     so.log_severity_level = max(so.log_severity_level, 3)  # one warning per initializer-input otherwise
-    return ort.InferenceSession(str(bundle.file(bundle.manifest.graph)), so,
-                                providers=providers or ["CPUExecutionProvider"])
+    if device == "htp":
+        if m.target.name != "htp":
+            raise TargetError(f"{bundle.path}: compiled for the {m.target.name.upper()}, not the HTP: compile with "
+                              "--target htp (static shapes, full QDQ groups)")
+        graph = bundle.file(m.target.context or m.graph)
+        return htp.session(graph, m.target.soc_model, m.target.htp_arch, session_options=so)
+    if m.target.name == "htp":
+        if so.graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(str(bundle.file(m.graph)), so, providers=providers or ["CPUExecutionProvider"])
 
 
 def slot_feeds(bundle: Bundle, strengths: Mapping[str, float], use_case: str | None = None) -> dict[str, np.ndarray]:

@@ -107,17 +107,19 @@ class Runtime:
     # ---- opening -------------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, bundle_dir: str | os.PathLike[str], *, preload: Iterable[str] | str = (),
+    def open(cls, bundle_dir: str | os.PathLike[str], *, preload: Iterable[str] | str = (), device: str = "cpu",
              providers: list[str] | None = None, session_options: ort.SessionOptions | None = None,
              verify_base: bool = False, base: str | os.PathLike[str] | None = None) -> Runtime:
         """Validate the bundle, create the session once, fill the slots, make the first use-case current.
 
         ``preload``: use-case names whose adapters stay resident (hot switches), or "all".
+        ``device``: "cpu" (ONNX Runtime's CPU provider) or "htp" (Qualcomm's HTP through QNN, for a bundle
+        compiled with ``--target htp``; switches work the same: slots are bound once, written in place).
         ``verify_base``: also hash the base model's external data (else its size is checked).
         ``base``: refuse the bundle unless it was compiled from this base model file.
         """
         bundle = open_bundle(Path(bundle_dir), verify_base=verify_base, base=base)
-        session = make_session(bundle, providers=providers, session_options=session_options)
+        session = make_session(bundle, device=device, providers=providers, session_options=session_options)
         names = bundle.manifest.use_case_names if preload == "all" else list(preload)
         return cls(bundle, session, names)
 

@@ -37,9 +37,15 @@ from onnx import TensorProto, helper
 
 from lora_runtime.compiler.passes import PassResult
 from lora_runtime.compiler.passes.branch import BranchTensors
-from lora_runtime.compiler.passes.emit import MS_DOMAIN, onnx_type, own_base_tensors, use_ms_domain
+from lora_runtime.compiler.passes.emit import onnx_type, own_base_tensors, use_ms_domain
 from lora_runtime.compiler.passes.qdq_plan import Constants, QdqPlan
-from lora_runtime.compiler.passes.qdq_weights import quantize_linear, quantize_lora_weight
+from lora_runtime.compiler.passes.qdq_weights import (
+    integer_slots,
+    qdq_domain,
+    quantize_constants,
+    quantize_linear,
+    quantize_lora_weight,
+)
 from lora_runtime.compiler.points import find_candidates
 from lora_runtime.errors import BaseModelError
 from lora_runtime.external_data import DataWriter
@@ -102,31 +108,52 @@ def apply_qdq(model: onnx.ModelProto, options: QdqOptions) -> QdqResult:
             if done is not None:
                 edit.replace(i, done[0])
                 weights.append(done[1])
-        # the LoRA branch: its MatMuls read quantized inputs, its weights are quantized before their Transpose
-        rewire = {b.matmul_a: b.x for b in options.branches.values()} | {
-            b.matmul_b: b.scaled for b in options.branches.values()}
+        # the LoRA branch: its MatMuls read quantized inputs; its weights are quantized before their Transpose
+        # (in the graph, as float slots), or are integer slots read through a DequantizeLinear (full groups)
+        matmuls = {b.matmul_a for b in options.branches.values()} | {b.matmul_b for b in options.branches.values()}
+        readers: list[onnx.NodeProto] = []
         transposes = {b.transpose_a: b.a_slot for b in options.branches.values()} | {
             b.transpose_b: b.b_slot for b in options.branches.values()}
         for i, node in edit.nodes():
-            if node.name in rewire:
-                src = rewire[node.name]
-                node.input[:] = [dequantized(x) if x == src and x in acts else x for x in node.input]
-            elif node.name in transposes:
+            if node.name in matmuls:
+                readers.append(node)
+            elif node.name in transposes and not plan.full:
                 slot = transposes[node.name]
                 enc = plan.lora_weights.get(slot)
                 if enc is not None:
                     fq, read = quantize_lora_weight(node.input[0], slot, enc, slot in plan.updatable, consts)
                     node.input[0] = read
                     edit.replace(i, [*fq, node])
+        keep: set[int] = set()  # nodes that read the original tensor: the Q of an activation, the DQ of a slot
+        if plan.full:
+            slot_dqs = integer_slots(g, plan.integer_slots, plan.lora_weights, consts, opset)
+            keep |= {id(n) for n in slot_dqs}
+            edit.prepend(slot_dqs)
+            edit.prepend(quantize_constants(plan.constants, inits, writer, consts, options.base_dir, opset))
         # activations: Q/DQ right after each producer (or first, for graph inputs)
-        made = {out: i for i, n in edit.nodes() for out in n.output}
+        made = edit.producers()
+        outputs = {v.name for v in g.output}
         for t, enc in acts.items():
-            pair = _qdq(t, enc, t in plan.updatable, opset, consts)
+            read = t
+            if t in outputs:  # the graph's output becomes the DequantizeLinear's: its producer writes <t>/float
+                read = f"{t}/float"
+                producer = made[t][1]
+                producer.output[:] = [read if o == t else o for o in producer.output]
+            pair = _qdq(t, enc, t in plan.updatable, opset, consts, read)
+            keep.add(id(pair[0]))
             if t in made:
-                edit.insert_after(made[t], pair)
+                edit.insert_after(made[t][0], pair)
             else:  # a graph input
                 edit.prepend(pair)
-        if any(enc.dtype == "INT" and enc.bw == 16 for enc in acts.values()) and opset < 21:
+        # who reads the dequantized tensors: full groups, every node (constants and slots too); else the branch's
+        # MatMuls (the base linear layers were made reading them)
+        rewire = {t: dequantized(t) for t in [*acts, *plan.constants, *(plan.lora_weights if plan.full else ())]
+                  if t not in outputs}
+        for node in (edit.pending() if plan.full else readers):
+            if id(node) not in keep:
+                node.input[:] = [rewire.get(x, x) for x in node.input]
+        if opset < 21 and any(e.dtype == "INT" and e.bw == 16 for e in [*acts.values(), *plan.constants.values(),
+                                                                        *plan.lora_weights.values()]):
             use_ms_domain(model)
         edit.add_initializers(consts.tensors)
         edit.add_inputs(consts.inputs)
@@ -137,14 +164,16 @@ def apply_qdq(model: onnx.ModelProto, options: QdqOptions) -> QdqResult:
     return QdqResult(model, tuple(weights))
 
 
-def _qdq(tensor: str, enc: Encoding, updatable: bool, opset: int, consts: Constants) -> list[onnx.NodeProto]:
-    """``tensor -> Q -> DQ -> <tensor>/dq``; a FLOAT (float16) encoding is a Cast pair that rounds exactly as
-    float16 storage would."""
+def _qdq(tensor: str, enc: Encoding, updatable: bool, opset: int, consts: Constants, read: str
+         ) -> list[onnx.NodeProto]:
+    """``read -> Q -> DQ -> <tensor>/dq`` (``read`` is ``tensor``, or for a graph output its producer's renamed
+    output, and the DQ then writes ``tensor`` itself); a FLOAT (float16) encoding is a Cast pair that rounds
+    exactly as float16 storage would."""
+    out = tensor if read != tensor else dequantized(tensor)
     if enc.dtype == "FLOAT":  # mixed precision kept it floating point
-        return [helper.make_node("Cast", [tensor], [f"{tensor}/f16"], name=f"{tensor}/ToFloat16",
+        return [helper.make_node("Cast", [read], [f"{tensor}/f16"], name=f"{tensor}/ToFloat16",
                                  to=TensorProto.FLOAT16),
-                helper.make_node("Cast", [f"{tensor}/f16"], [dequantized(tensor)], name=f"{tensor}/ToFloat32",
-                                 to=TensorProto.FLOAT)]
+                helper.make_node("Cast", [f"{tensor}/f16"], [out], name=f"{tensor}/ToFloat32", to=TensorProto.FLOAT)]
     scale, zp, _ = to_qdq(enc)
     s_name, z_name = scale_of(tensor), zero_point_of(tensor)
     if updatable:
@@ -153,9 +182,8 @@ def _qdq(tensor: str, enc: Encoding, updatable: bool, opset: int, consts: Consta
     else:
         consts.add(s_name, scale)
         consts.add(z_name, zp)
-    # 16-bit Q/DQ is standard ONNX only from opset 21; ONNX Runtime's contrib Q/DQ take it at any opset
-    domain = MS_DOMAIN if zp.dtype.itemsize == 2 and opset < 21 else ""
-    return [helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [quantized(tensor)], name=f"{tensor}/Q",
+    domain = qdq_domain(zp, opset)
+    return [helper.make_node("QuantizeLinear", [read, s_name, z_name], [quantized(tensor)], name=f"{tensor}/Q",
                              domain=domain),
-            helper.make_node("DequantizeLinear", [quantized(tensor), s_name, z_name], [dequantized(tensor)],
-                             name=f"{tensor}/DQ", domain=domain)]
+            helper.make_node("DequantizeLinear", [quantized(tensor), s_name, z_name], [out], name=f"{tensor}/DQ",
+                             domain=domain)]

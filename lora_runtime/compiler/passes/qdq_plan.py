@@ -23,7 +23,12 @@ class QdqPlan:
     weight_overrides: Mapping[str, Encoding] = field(default_factory=dict)  # base weight -> user's encoding
     gram: Mapping[str, np.ndarray] = field(default_factory=dict)  # linear input -> X^T X: GPTQ rounding
     weight_block: int | None = None  # PER_BLOCK base weights (int4): input features per block
-
+    # Full QDQ groups (HTP): every op between DQ and Q. Then ``activations`` holds every float tensor, ``constants``
+    # every other float constant (per-tensor), and the LoRA slots hold integer codes (``integer_slots``: the
+    # slot's new declaration, a graph input or a v2/v3 initializer whose data is the integer patch).
+    full: bool = False
+    constants: Mapping[str, Encoding] = field(default_factory=dict)
+    integer_slots: Mapping[str, TensorProto | onnx.ValueInfoProto] = field(default_factory=dict)
 
 
 class Constants:

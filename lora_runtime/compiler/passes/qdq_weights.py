@@ -16,17 +16,18 @@ exact for any bitwidth and opset, one scale per row (a graph input when the enco
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from lora_runtime.compiler.passes.emit import matmul_nbits, onnx_type
+from lora_runtime.compiler.passes.emit import MS_DOMAIN, matmul_nbits, onnx_type
 from lora_runtime.compiler.passes.qdq_plan import Constants, QdqPlan
-from lora_runtime.compiler.points import Candidate
+from lora_runtime.compiler.points import Candidate, find_candidates
 from lora_runtime.external_data import DataWriter, read_tensor
+from lora_runtime.graph import node_keys
 from lora_runtime.names import dequantized, integer_weight, scale_of, zero_point_of
 from lora_runtime.quant.encodings import Encoding, EncodingsError
 from lora_runtime.quant.gptq import gptq_codes
@@ -64,7 +65,7 @@ def quantize_linear(node: onnx.NodeProto, c: Candidate, weight: TensorProto, pla
         consts.tensors.append(writer.tensor(q_name, codes.astype(zp.dtype), onnx_type(zp.dtype), list(w.shape)))
         s_name = consts.add(scale_of(c.weight), scale)
         dq = dequantized(c.weight)
-        if _wide(plan.activations.get(c.x)):
+        if _wide(plan.activations.get(c.x)) and not plan.full:
             # (q - zp) * s as Cast/Sub/Mul: ONNX Runtime folds these constants into the float weight at load,
             # while DequantizeLinear would be fused into MatMulNBits, whose int8 compute requantizes x to 8 bits
             zf = consts.add(zero_point_of(c.weight), zp.astype(np.float32))
@@ -80,6 +81,64 @@ def quantize_linear(node: onnx.NodeProto, c: Candidate, weight: TensorProto, pla
     if bias:
         nodes.append(helper.make_node("Add", [mm_out, bias], [out], name=f"{name}/bias"))
     return nodes, enc
+
+
+def linear_weights(graph: onnx.GraphProto, lora_slots: frozenset[str]) -> dict[str, Candidate]:
+    """The base linear layers ``quantize_linear`` replaces, by weight (a scaled Gemm stays as it is)."""
+    nodes = dict(zip(node_keys(graph), graph.node))
+    return {c.weight: c for c in find_candidates(graph)
+            if c.weight not in lora_slots and not (c.op_type == "Gemm" and _gemm_scaled(nodes[c.node]))}
+
+
+def qdq_domain(zp: np.ndarray, opset: int) -> str:
+    """16-bit Q/DQ is standard ONNX only from opset 21; ONNX Runtime's contrib Q/DQ take it at any opset."""
+    return MS_DOMAIN if zp.dtype.itemsize == 2 and opset < 21 else ""
+
+
+def integer_slots(graph: onnx.GraphProto, declarations: Mapping[str, TensorProto | onnx.ValueInfoProto],
+                  encodings: Mapping[str, Encoding], consts: Constants, opset: int) -> list[onnx.NodeProto]:
+    """LoRA slots that hold integer codes (full QDQ groups): each declared as its integer type (a v2/v3
+    initializer replaced by ``declarations[slot]``, whose data is the integer patch; the patch's other
+    parameters are declared again too), and those with an encoding read through a ``DequantizeLinear``::
+
+        <m>.lora_A.weight (int8) ──► DQ(s_A) ──► <m>.lora_A.weight/dq ──► Transpose ──► ...
+    """
+    inputs = {v.name: v for v in graph.input}
+    inits = {t.name: t for t in graph.initializer}
+    nodes = []
+    for slot, decl in declarations.items():
+        elem = decl.data_type if isinstance(decl, TensorProto) else decl.type.tensor_type.elem_type
+        inputs[slot].type.tensor_type.elem_type = elem
+        if isinstance(decl, TensorProto):
+            inits[slot].CopyFrom(decl)
+        if slot not in encodings:
+            continue
+        scale, zp, _ = to_qdq(encodings[slot])
+        s_name, z_name = consts.add(scale_of(slot), scale), consts.add(zero_point_of(slot), zp)
+        nodes.append(helper.make_node("DequantizeLinear", [slot, s_name, z_name], [dequantized(slot)],
+                                      name=f"{slot}/DQ", domain=qdq_domain(zp, opset)))
+    return nodes
+
+
+def quantize_constants(encodings: Mapping[str, Encoding], inits: Mapping[str, TensorProto], writer: DataWriter,
+                       consts: Constants, base_dir: Path, opset: int) -> list[onnx.NodeProto]:
+    """Float constants other than linear weights (norm weights, biases, rotary tables, masks, scalars) as integer
+    codes with a per-tensor encoding, read through a ``DequantizeLinear``; big ones go to the data file."""
+    nodes = []
+    for name, enc in encodings.items():
+        value = read_tensor(inits[name], base_dir).astype(np.float64)
+        scale, zp, _ = to_qdq(enc)
+        info = np.iinfo(zp.dtype)
+        codes = np.clip(np.rint(value / scale) + float(zp), info.min, info.max).astype(zp.dtype)
+        q_name = integer_weight(name, enc.bw)
+        if codes.nbytes >= 1024:
+            consts.tensors.append(writer.array(q_name, codes))
+        else:
+            consts.add(q_name, codes)
+        s_name, z_name = consts.add(scale_of(name), scale), consts.add(zero_point_of(name), zp)
+        nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dequantized(name)],
+                                      name=f"{name}/DQ", domain=qdq_domain(zp, opset)))
+    return nodes
 
 
 def quantize_lora_weight(src: str, slot: str, enc: Encoding, updatable: bool, consts: Constants
