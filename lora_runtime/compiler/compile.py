@@ -158,7 +158,7 @@ def _static(model: onnx.ModelProto, base_dir: Path, options: CompileOptions, say
     htp = options.htp if options.target == "htp" else None
     if options.static_shapes or htp is not None:
         say("fixing shapes and folding constants")
-        make_static(model, StaticShapeOptions(options.static_shapes, base_dir,
+        make_static(model, StaticShapeOptions(options.static_shapes, base_dir, htp_forms=htp is not None,
                                               mask_floor=MASK_FLOOR if htp is not None else None))
     return Target(options.target, htp.soc_model if htp else None, htp.htp_arch if htp else None,
                   dict(options.static_shapes))

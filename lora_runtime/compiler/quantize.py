@@ -42,7 +42,7 @@ from lora_runtime.compiler.full_qdq import (
 from lora_runtime.compiler.options import QuantOptions
 from lora_runtime.compiler.passes.branch import BranchTensors
 from lora_runtime.compiler.passes.qdq import QdqOptions, QdqPlan, activation_tensors, apply_qdq
-from lora_runtime.compiler.passes.qdq_weights import linear_weights
+from lora_runtime.compiler.passes.qdq_weights import int32_biases, linear_weights, norm_scales
 from lora_runtime.compiler.patches import PatchLayout, external_parameters
 from lora_runtime.compiler.points import Candidate
 from lora_runtime.errors import BaseModelError, TargetError
@@ -204,8 +204,11 @@ def _full_plan(stage: FloatStage, p: Preset, tensors: Sequence[str], ranges: Map
     model, bw = stage.model, p.activations.bw
     lora = lora_weight_encodings(all_values(values), p)
     linear = linear_weights(model.graph, frozenset(lora))
-    constants = float_constants(model, linear, stage.branches)
-    const_enc = constant_encodings(model, constants, stage.base_dir, bw)
+    biases = int32_biases(model.graph, linear)
+    constants = float_constants(model, set(linear) | set(biases), stage.branches)
+    scales = norm_scales(model.graph)  # a16w8 norms: QNN takes their scale at the weights' width
+    const_enc = constant_encodings(model, [c for c in constants if c not in scales], stage.base_dir, bw) | \
+        constant_encodings(model, [c for c in constants if c in scales], stage.base_dir, p.weights.bw)
     scalings = [v[SCALING] for v in values.values() if SCALING in v]
     r = strength_ranges(union(ranges), scalings)
     roots = shared_roots(model, set(tensors) | set(constants) | set(lora))  # a Transpose keeps its slot's
@@ -220,7 +223,8 @@ def _full_plan(stage: FloatStage, p: Preset, tensors: Sequence[str], ranges: Map
     if rel is not None:  # every parameter moved in the rewritten patch (lora_scaling too: the header changed)
         declared |= external_parameters(headers[rel], rel)
     plan = QdqPlan(activations=acts, lora_weights=lora, weight_bw=p.weights.bw, gram=gram, full=True,
-                   constants=const_enc, integer_slots=declared)
+                   constants=const_enc, integer_slots=declared,
+                   norm_biases={b: xw for b, xw in biases.items() if xw[1] not in linear})
     union_enc = {**acts, **lora, **const_enc}
     return _Encodings(plan, union_enc, {u: union_enc for u in ranges}, layout)
 

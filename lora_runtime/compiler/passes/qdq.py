@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -42,13 +43,14 @@ from lora_runtime.compiler.passes.qdq_plan import Constants, QdqPlan
 from lora_runtime.compiler.passes.qdq_weights import (
     integer_slots,
     qdq_domain,
+    quantize_bias,
     quantize_constants,
     quantize_linear,
     quantize_lora_weight,
 )
 from lora_runtime.compiler.points import find_candidates
 from lora_runtime.errors import BaseModelError
-from lora_runtime.external_data import DataWriter
+from lora_runtime.external_data import DataWriter, read_tensor
 from lora_runtime.graph import GraphEdit
 from lora_runtime.names import dequantized, quantized, scale_of, zero_point_of
 from lora_runtime.quant.encodings import Encoding
@@ -103,8 +105,8 @@ def apply_qdq(model: onnx.ModelProto, options: QdqOptions) -> QdqResult:
         # base linear layers: int8 weights, reading the dequantized activation
         for i, key, node in edit.keyed():
             c = candidates.get(key)
-            done = None if c is None else quantize_linear(node, c, inits[c.weight], plan, writer, consts,
-                                                          options.base_dir, options.say)
+            done = None if c is None else quantize_linear(node, c, inits, plan, writer, consts, options.base_dir,
+                                                          options.say)
             if done is not None:
                 edit.replace(i, done[0])
                 weights.append(done[1])
@@ -130,6 +132,9 @@ def apply_qdq(model: onnx.ModelProto, options: QdqOptions) -> QdqResult:
             keep |= {id(n) for n in slot_dqs}
             edit.prepend(slot_dqs)
             edit.prepend(quantize_constants(plan.constants, inits, writer, consts, options.base_dir, opset))
+            edit.prepend(quantize_bias(b, read_tensor(inits[b], options.base_dir).astype(np.float64),
+                                       acts[x].scale[0], plan.constants[w].scale[0], consts)
+                         for b, (x, w) in plan.norm_biases.items())
         # activations: Q/DQ right after each producer (or first, for graph inputs)
         made = edit.producers()
         outputs = {v.name for v in g.output}
@@ -147,8 +152,8 @@ def apply_qdq(model: onnx.ModelProto, options: QdqOptions) -> QdqResult:
                 edit.prepend(pair)
         # who reads the dequantized tensors: full groups, every node (constants and slots too); else the branch's
         # MatMuls (the base linear layers were made reading them)
-        rewire = {t: dequantized(t) for t in [*acts, *plan.constants, *(plan.lora_weights if plan.full else ())]
-                  if t not in outputs}
+        rewire = {t: dequantized(t) for t in [*acts, *plan.constants, *plan.norm_biases,
+                                              *(plan.lora_weights if plan.full else ())] if t not in outputs}
         for node in (edit.pending() if plan.full else readers):
             if id(node) not in keep:
                 node.input[:] = [rewire.get(x, x) for x in node.input]

@@ -29,6 +29,7 @@ class QdqPlan:
     full: bool = False
     constants: Mapping[str, Encoding] = field(default_factory=dict)
     integer_slots: Mapping[str, TensorProto | onnx.ValueInfoProto] = field(default_factory=dict)
+    norm_biases: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # int32 bias -> (input, scale tensor)
 
 
 class Constants:

@@ -34,19 +34,22 @@ from lora_runtime.quant.gptq import gptq_codes
 from lora_runtime.quant.rules import symmetric_per_block, symmetric_per_channel, to_qdq
 
 
-def quantize_linear(node: onnx.NodeProto, c: Candidate, weight: TensorProto, plan: QdqPlan, writer: DataWriter,
-                    consts: Constants, base_dir: Path, say: Callable[[str], None]
+def quantize_linear(node: onnx.NodeProto, c: Candidate, inits: Mapping[str, TensorProto], plan: QdqPlan,
+                    writer: DataWriter, consts: Constants, base_dir: Path, say: Callable[[str], None]
                     ) -> tuple[list[onnx.NodeProto], Encoding] | None:
     """The nodes that replace base linear op ``node`` (see the module docstring) and its weight's encoding;
     None for an op that stays float (a Gemm with transA, or alpha/beta other than 1)."""
     if node.op_type == "Gemm" and _gemm_scaled(node):
         return None
-    w = read_tensor(weight, base_dir).astype(np.float32)
+    w = read_tensor(inits[c.weight], base_dir).astype(np.float32)
     w = w.T if c.transposed else w  # (in, out)
     enc = plan.weight_overrides.get(c.weight) or (
         symmetric_per_block(c.weight, w, plan.weight_block, plan.weight_bw) if plan.weight_block else
         symmetric_per_channel(c.weight, w, axis=1, bw=plan.weight_bw))
     bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+    if plan.full and node.op_type == "Gemm" and enc.enc_type == "PER_CHANNEL":
+        b = read_tensor(inits[bias], base_dir).astype(np.float64) if bias else None
+        return _gemm(node, c, w, b, enc, plan, writer, consts, say), enc
     out = node.output[0]
     mm_out = f"{out}/matmul" if bias else out
     name = node.name or c.node
@@ -81,6 +84,69 @@ def quantize_linear(node: onnx.NodeProto, c: Candidate, weight: TensorProto, pla
     if bias:
         nodes.append(helper.make_node("Add", [mm_out, bias], [out], name=f"{name}/bias"))
     return nodes, enc
+
+
+def _gemm(node: onnx.NodeProto, c: Candidate, w: np.ndarray, b: np.ndarray | None, enc: Encoding, plan: QdqPlan,
+          writer: DataWriter, consts: Constants, say: Callable[[str], None]) -> list[onnx.NodeProto]:
+    """Full QDQ groups keep a Gemm a Gemm (QNN's FullyConnected with its bias), its weight int8 per output channel
+    in its own layout and its bias int32 on the grid ``s_x * s_w`` (zero point 0), as QNN expects::
+
+        x.dq ──► Gemm(transB) ◄── DQ(W int8, axis = 0 if transB else 1), DQ(bias int32, s_x * s_W, axis=0)
+    """
+    scale, zp, _ = to_qdq(enc, axis=1)
+    info = np.iinfo(zp.dtype)
+    if c.x in plan.gram:
+        say(f"GPTQ rounding {c.weight}")
+        codes = gptq_codes(w, plan.gram[c.x], scale, zp, info.min, info.max)
+    else:
+        codes = np.clip(np.rint(w / scale) + zp.astype(np.float64), info.min, info.max)
+    codes = (codes.T if c.transposed else codes).astype(zp.dtype)  # back to the weight's own layout
+    axis = 0 if c.transposed else 1
+    q_name = integer_weight(c.weight, enc.bw)
+    consts.tensors.append(writer.array(q_name, codes))
+    s_name, z_name = consts.add(scale_of(c.weight), scale), consts.add(zero_point_of(c.weight), zp)
+    nodes = [helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dequantized(c.weight)],
+                              name=f"{c.weight}/DQ", axis=axis)]
+    inputs = [dequantized(c.x), dequantized(c.weight)]
+    if b is not None:
+        nodes.append(quantize_bias(node.input[2], b, plan.activations[c.x].scale[0], scale, consts))
+        inputs.append(dequantized(node.input[2]))
+    gemm = helper.make_node("Gemm", inputs, list(node.output), name=node.name or c.node)
+    gemm.attribute.extend(node.attribute)
+    return [*nodes, gemm]
+
+
+def quantize_bias(bias: str, values: np.ndarray, x_scale: float, w_scale: np.ndarray | float, consts: Constants
+                  ) -> onnx.NodeProto:
+    """A bias as int32 on the grid ``s_x * s_w`` (per output channel when ``w_scale`` is), zero point 0: what QNN
+    takes for a Gemm's or a LayerNormalization's bias."""
+    scale = (float(x_scale) * np.asarray(w_scale, np.float64)).astype(np.float32)
+    scale = np.broadcast_to(scale, values.reshape(-1).shape).copy() if scale.ndim else scale
+    codes = np.clip(np.rint(values.reshape(-1) / scale), -(2**31), 2**31 - 1).astype(np.int32)
+    q_name = integer_weight(bias, 32)
+    consts.add(q_name, codes.reshape(values.shape))
+    s_name, z_name = consts.add(scale_of(bias), scale), consts.add(zero_point_of(bias), np.zeros_like(scale, np.int32))
+    return helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dequantized(bias)], name=f"{bias}/DQ",
+                            **({"axis": 0} if scale.ndim else {}))
+
+
+def norm_scales(graph: onnx.GraphProto) -> set[str]:
+    """The constant scales (gamma) of LayerNormalization ops."""
+    inits = {t.name for t in graph.initializer}
+    return {n.input[1] for n in graph.node if n.op_type == "LayerNormalization" and n.input[1] in inits}
+
+
+def int32_biases(graph: onnx.GraphProto, linear: Mapping[str, Candidate]) -> dict[str, tuple[str, str]]:
+    """Biases that full QDQ groups hold as int32 (a Gemm's among ``linear``, a LayerNormalization's):
+    bias -> (the op's input, its weight or scale), whose scales make the bias's."""
+    nodes = dict(zip(node_keys(graph), graph.node))
+    out = {nodes[c.node].input[2]: (c.x, c.weight) for c in linear.values()
+           if c.op_type == "Gemm" and len(nodes[c.node].input) > 2 and nodes[c.node].input[2]}
+    inits = {t.name for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "LayerNormalization" and len(n.input) > 2 and n.input[2] in inits and n.input[1] in inits:
+            out[n.input[2]] = (n.input[0], n.input[1])
+    return out
 
 
 def linear_weights(graph: onnx.GraphProto, lora_slots: frozenset[str]) -> dict[str, Candidate]:

@@ -12,6 +12,15 @@ static) with ONNX's reference evaluator, one node at a time, and replaces its ou
 LoRA slots and every graph input are never constants. A constant larger than ``max_fold_bytes`` is left
 to its node.
 
+HTP forms (HTP only): equivalent spellings of what QNN's HTP gets wrong, measured on the simulator::
+
+    Mul(weight, x)  ──►  Mul(x, weight)   (Add too) a broadcast with the static operand first fails to finalize
+                                          (QNN_COMMON_ERROR_MEM_ALLOC, a dynamo export's RMSNorm)
+    Reciprocal(x)   ──►  Div(1, x)        a quantized Reciprocal of a small-scale input is 40x off (0.2 dB vs
+                                          the CPU); the quantized Div is exact (76 dB)
+    GatherND(x, I)  ──►  Gather(Reshape(x, [-1]), J)   with constant indices I (J: their flat offsets); QNN has
+                                          no GatherND (a dynamo export expands its attention mask with one)
+
 The mask floor (HTP only): a quantized graph cannot hold ``-1e9`` (or ``finfo.min``) next to attention scores
 of about ±30: the Add's encoding would spend its whole range on the mask. Constants at or below ``-1e4`` are
 raised to the floor (-50, the value Qualcomm's own LLM exports use): masked scores stay far below the real
@@ -43,6 +52,7 @@ class StaticShapeOptions:
     dims: Mapping[str, int]  # the graph's dim_param names -> their values
     base_dir: Path  # where external constants are (folding reads small ones)
     mask_floor: float | None = None  # raise constants at or below MASK_THRESHOLD to this (HTP)
+    htp_forms: bool = False  # rewrite what the HTP gets wrong into equivalent forms it runs (see above)
     max_fold_bytes: int = 1 << 24
 
 
@@ -50,6 +60,7 @@ class StaticShapeOptions:
 class StaticShapeResult(PassResult):
     folded: int  # nodes replaced by constants
     floored: tuple[str, ...]  # constants whose mask values were raised to the floor
+    rewritten: int  # nodes put into their HTP forms
 
 
 def make_static(model: onnx.ModelProto, options: StaticShapeOptions) -> StaticShapeResult:
@@ -66,7 +77,8 @@ def make_static(model: onnx.ModelProto, options: StaticShapeOptions) -> StaticSh
             break
     _bake_outputs(g, shapes)
     floored = _floor_masks(g, options.mask_floor) if options.mask_floor is not None else ()
-    return StaticShapeResult(model, folded, floored)
+    rewritten = _htp_forms(g, shapes) if options.htp_forms else 0
+    return StaticShapeResult(model, folded, floored, rewritten)
 
 
 def free_dims(graph: onnx.GraphProto) -> dict[str, str]:
@@ -184,6 +196,46 @@ def _evaluate(node: onnx.NodeProto, args: list[np.ndarray | None]) -> list[np.nd
 
 def _nbytes(t: TensorProto) -> int:
     return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def _htp_forms(g: onnx.GraphProto, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    inits = {t.name: t for t in g.initializer if t.name not in {v.name for v in g.input}}
+    edit = GraphEdit(g)
+    one = "htp_form.one"
+    count = 0
+    for i, n in edit.nodes():
+        standard = n.domain in ("", "ai.onnx")
+        if standard and n.op_type in ("Mul", "Add") and n.input[0] in inits and n.input[1] not in inits:
+            n.input[:] = [n.input[1], n.input[0]]
+        elif standard and n.op_type == "Reciprocal":
+            edit.replace(i, [helper.make_node("Div", [one, n.input[0]], list(n.output), name=n.name or None)])
+        elif standard and n.op_type == "GatherND" and n.input[1] in inits and n.input[0] in shapes \
+                and not any(a.name == "batch_dims" and a.i for a in n.attribute):
+            edit.replace(i, _gather_nd(n, numpy_helper.to_array(inits[n.input[1]]), shapes[n.input[0]], edit))
+        else:
+            continue
+        count += 1
+    if any(n.op_type == "Reciprocal" for n in g.node):
+        edit.add_initializers([numpy_helper.from_array(np.array([1.0], np.float32), one)])
+    edit.apply()
+    return count
+
+
+def _gather_nd(n: onnx.NodeProto, indices: np.ndarray, shape: tuple[int, ...], edit: GraphEdit) -> list[onnx.NodeProto]:
+    """GatherND (batch_dims 0) with constant indices as a Gather from the flattened data."""
+    k = indices.shape[-1]
+    strides = np.array([int(np.prod(shape[j + 1:k])) for j in range(k)], np.int64)
+    inner = int(np.prod(shape[k:]))
+    flat = np.where(indices < 0, indices + np.array(shape[:k]), indices).astype(np.int64) @ strides
+    name = n.name or n.output[0]
+    edit.add_initializers([numpy_helper.from_array(np.array([-1, inner], np.int64), f"{name}/flat_shape"),
+                           numpy_helper.from_array(flat, f"{name}/flat_index"),
+                           numpy_helper.from_array(np.array([*indices.shape[:-1], *shape[k:]], np.int64),
+                                                   f"{name}/out_shape")])
+    return [helper.make_node("Reshape", [n.input[0], f"{name}/flat_shape"], [f"{name}/flat"], name=f"{name}/Reshape"),
+            helper.make_node("Gather", [f"{name}/flat", f"{name}/flat_index"], [f"{name}/gathered"],
+                             name=f"{name}/Gather", axis=0),
+            helper.make_node("Reshape", [f"{name}/gathered", f"{name}/out_shape"], list(n.output), name=name)]
 
 
 def _floor_masks(g: onnx.GraphProto, floor: float) -> tuple[str, ...]:
