@@ -12,7 +12,7 @@
 from lora_runtime.bundle import Bundle, open_bundle
 from lora_runtime.compiler.adapter import Adapter, load_adapter
 from lora_runtime.compiler.compile import compile_bundle
-from lora_runtime.compiler.options import CompileOptions, QuantOptions, WeightOnlyOptions
+from lora_runtime.compiler.options import CompileOptions, HtpOptions, QuantOptions, WeightOnlyOptions
 from lora_runtime.compiler.use_cases import UseCaseSpec, parse_use_case
 from lora_runtime.errors import (
     AdapterError,
@@ -21,6 +21,7 @@ from lora_runtime.errors import (
     BundleError,
     InputError,
     LoraRuntimeError,
+    TargetError,
     TensorFileError,
     UseCaseError,
 )
@@ -31,7 +32,7 @@ from lora_runtime.version import __version__
 
 __all__ = [
     "Adapter", "AdapterError", "AttachmentError", "BaseModelError", "Bundle", "BundleError", "CompileOptions",
-    "InputError", "LoraRuntimeError", "Manifest", "QuantOptions", "Runtime", "SwitchReport", "TensorFileError",
-    "UseCaseError", "UseCaseSpec", "WeightOnlyOptions", "__version__", "compile_bundle", "load_adapter",
-    "open_bundle", "parse_use_case", "run_use_case",
+    "HtpOptions", "InputError", "LoraRuntimeError", "Manifest", "QuantOptions", "Runtime", "SwitchReport",
+    "TargetError", "TensorFileError", "UseCaseError", "UseCaseSpec", "WeightOnlyOptions", "__version__",
+    "compile_bundle", "load_adapter", "open_bundle", "parse_use_case", "run_use_case",
 ]

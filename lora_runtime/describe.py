@@ -54,6 +54,8 @@ def describe(bundle: Bundle) -> str:
                   f"{q.encodings or q.encodings_note}"]
     if m.quantization:
         lines += ["", *("  " + line for line in encodings_report(m))]
+    if m.target.name != "cpu":
+        lines += ["", *("  " + line for line in target_report(m))]
     twin = m.accuracy_of("float32_bundle")
     lora_dtype = next((sl.dtype for sl in m.slots if sl.kind == "lora_A"), "float32")
     lines += ["", f"  use-cases (LoRA slots {lora_dtype}, base weights {base_dtype(m)}"
@@ -95,4 +97,27 @@ def encodings_report(m: Manifest) -> list[str]:
                      f"SQNR at the preset's bitwidth below {mp.threshold_db} dB)")
     if q.execution:
         lines.append(f"  execution: {q.execution}")
+    return lines
+
+
+def target_report(m: Manifest) -> list[str]:
+    """Where the bundle runs (``--target htp``): static shapes, placement and QNN kernels the compiler saw,
+    and how the HTP's outputs compare with the CPU's and the FP32 graph's."""
+    t = m.target
+    shapes = ", ".join(f"{k}={v}" for k, v in t.static_shapes.items()) or "none"
+    lines = [f"target {t.name.upper()} (QNN soc_model {t.soc_model}{f', htp_arch {t.htp_arch}' if t.htp_arch else ''});"
+             f" static shapes {shapes}; " + (f"ahead-of-time context {t.context}" if t.context else "compiled on open"),
+             f"  placement: {t.placement or 'not checked'}"]
+    if t.strength_range:
+        lo, hi = t.strength_range
+        lines.append(f"  strengths: the lora_alpha encoding covers [{lo:.4g}, {hi:.4g}]")
+    if t.qnn_ops:
+        kernels = [f"{n} {op}" for op, n in t.qnn_ops.items() if op.startswith(("FullyConnected", "MatMul"))]
+        floats = sum(n for op, n in t.qnn_ops.items() if "float" in op.split("->")[-1] and "Dequantize" not in op)
+        lines.append(f"  QNN kernels: {'; '.join(kernels)}; {floats} ops with float outputs")
+    cpu, fp32 = m.accuracy_of("htp_vs_cpu"), m.accuracy_of("htp_vs_fp32")
+    if cpu:
+        lines.append(f"  HTP vs {cpu.reference} on {cpu.inputs}" + (" | vs FP32" if fp32 else "") + " (logit SQNR):")
+        for u, v in cpu.sqnr_db.items():
+            lines.append(f"    {u:<16} {v:6.1f} dB" + (f" | {fp32.sqnr_db[u]:6.1f} dB" if fp32 else ""))
     return lines

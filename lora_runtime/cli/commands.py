@@ -1,0 +1,253 @@
+"""What each command does, given its parsed arguments (``parser`` makes them)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lora_runtime.errors import InputError, LoraRuntimeError
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from lora_runtime.compiler.compile import COMPILE_STEPS, compile_bundle
+    from lora_runtime.compiler.options import CompileOptions, HtpOptions, QuantOptions, WeightOnlyOptions
+    from lora_runtime.compiler.use_cases import parse_adapter_arg
+    from lora_runtime.describe import encodings_report, target_report
+    from lora_runtime.progress import Progress
+
+    adapters = dict(parse_adapter_arg(a) for a in args.adapter)
+    if len(adapters) != len(args.adapter):
+        raise InputError("an adapter name is given twice in --adapter")
+    weight_only = quant = None
+    if args.base_weights != "float32":
+        weight_only = WeightOnlyOptions.of(args.base_weights, args.block_size, args.base_encodings)
+    if args.encodings != "none":
+        quant = QuantOptions(args.encodings, args.calibration, args.preset, args.calibration_method,
+                             args.weight_rounding, args.encodings_file, args.sensitive_db, not args.no_ort_reference)
+    htp = HtpOptions(args.soc_model or "60", args.htp_arch, args.htp_context)
+    if args.target != "htp" and (args.soc_model or args.htp_arch or args.htp_context):
+        raise InputError("--soc-model, --htp-arch and --htp-context go with --target htp")
+    options = CompileOptions(args.generation, args.lora_dtype, weight_only, quant, args.copy_base_data,
+                             target=args.target, htp=htp if args.target == "htp" else HtpOptions(),
+                             static_shapes=parse_dims(args.static_shape))
+    t0 = time.perf_counter()
+    with Progress("compile", total=COMPILE_STEPS) as bar:  # silent unless compiling takes over a second
+        bundle = compile_bundle(args.base, adapters, args.out, options, use_cases=args.use_case, force=args.force,
+                                report=bar.step)
+    m = bundle.manifest
+    linked = sum(m.files[f].nbytes for f in m.base.data_files)
+    own = sum(f.nbytes for f in m.files.values()) - linked
+    shared = f" + {linked / 1e6:.2f} MB of base data linked" if linked else ""
+    print(f"wrote {bundle.path} ({m.generation}, {len(m.points)} points, {len(m.adapters)} adapters, "
+          f"{len(m.use_cases)} use-cases, {own / 1e6:.2f} MB{shared}) in {time.perf_counter() - t0:.2f}s")
+    if m.quantization:
+        print("\n".join(encodings_report(m)))
+    if m.target.name == "htp":
+        print("\n".join(target_report(m)))
+    return 0
+
+
+def parse_dims(items: list[str]) -> dict[str, int]:
+    """``DIM=N`` pairs (``--static-shape``)."""
+    dims = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value.strip().isdigit() or int(value) < 1:
+            raise InputError(f"--static-shape {item!r}: expected DIM=N with a positive integer N")
+        if name in dims:
+            raise InputError(f"--static-shape gives {name!r} twice")
+        dims[name] = int(value)
+    return dims
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read as .npz ({e})") from e
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lora_runtime.runtime.switcher import Runtime
+
+    if bool(args.use_case) == bool(args.strength):
+        raise InputError("give --use-case NAME (repeatable) or --strength ADAPTER=S (repeatable), not both")
+    feeds = load_npz(args.inputs)
+    rt = Runtime.open(args.bundle, base=args.base, device=args.device)
+    results: dict[str, np.ndarray] = {}
+    if args.strength:
+        mix = {}
+        for item in args.strength:
+            adapter, sep, value = item.partition("=")
+            try:
+                mix[adapter] = float(value)
+            except ValueError:
+                raise InputError(f"--strength {item!r}: expected ADAPTER=NUMBER") from None
+        report = rt.set_strengths(mix)
+        results = rt.run(feeds)
+        print(f"{mix_text(mix)}: {report.kind} switch {report.seconds * 1e6:.0f} us", file=sys.stderr)
+    else:
+        for name in args.use_case:
+            report = rt.switch(name)
+            out = rt.run(feeds)
+            print(f"{name}: {report.kind} switch {report.seconds * 1e6:.0f} us, {report.bytes_moved} bytes moved",
+                  file=sys.stderr)
+            prefix = f"{name}/" if len(args.use_case) > 1 else ""
+            results.update({prefix + k: v for k, v in out.items()})
+    np.savez(args.outputs, **results)
+    print(f"wrote {', '.join(f'{k} {v.shape}' for k, v in results.items())} to {args.outputs}")
+    return 0
+
+
+def mix_text(strengths: dict[str, float]) -> str:
+    return ", ".join(f"{k}:{v:g}" for k, v in strengths.items()) or "base"
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lora_runtime.bundle import open_bundle
+    from lora_runtime.describe import describe, summary
+
+    bundle = open_bundle(args.bundle)
+    if args.json:
+        print(json.dumps(summary(bundle), indent=1))
+    else:
+        print(describe(bundle))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lora_runtime.bundle import open_bundle
+    from lora_runtime.export import merge_use_case
+
+    path = merge_use_case(open_bundle(args.bundle), args.out, use_case=args.use_case)
+    print(f"wrote {path} ({args.use_case} merged into the base weights)")
+    return 0
+
+
+def cmd_export_ort_adapter(args: argparse.Namespace) -> int:
+    from lora_runtime.bundle import open_bundle
+    from lora_runtime.export import export_ort_adapter
+
+    path = export_ort_adapter(open_bundle(args.bundle), args.adapter, args.out)
+    print(f"wrote {path} (load with onnxruntime.LoraAdapter, activate with RunOptions.add_active_adapter)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lora_runtime.bench.report import format_table, plot
+
+    work = Path(args.work) if args.work else None
+    if args.bundle is not None:
+        from lora_runtime.bench.bundle import run_bench_bundle
+
+        report = run_bench_bundle(Path(args.bundle), args.quick)
+    elif args.model == "smollm2":
+        from lora_runtime.bench.llm import run_bench_smollm2
+
+        report = run_bench_smollm2(work, args.quick)
+    elif args.size == "1b":
+        from lora_runtime.bench.scale import run_bench_scale
+
+        report = run_bench_scale(args.size, work, args.quick)
+    else:
+        from lora_runtime.bench.default import run_bench
+
+        report = run_bench(args.size, work, args.quick)
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    if args.plot:
+        plot(report, Path(args.plot))
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.model == "smollm2":
+        from lora_runtime.demo_llm import run_smollm2_demo
+
+        run_smollm2_demo(Path(args.out).parent / "smollm2")
+        return 0
+    from lora_runtime.demo import run_demo
+
+    run_demo(args.size, Path(args.out))
+    return 0
+
+
+def cmd_import_gguf(args: argparse.Namespace) -> int:
+    from lora_runtime.llm import find_smollm2, import_model
+
+    src = Path(args.gguf) if args.gguf else find_smollm2()
+    t0 = time.perf_counter()
+    path = import_model(src, args.out, max_seq=args.max_seq)
+    print(f"wrote {path} (+ base.onnx.data, tokenizer.json, chat.json) from {src.name} in "
+          f"{time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def cmd_calibration_data(args: argparse.Namespace) -> int:
+    from lora_runtime.llm import calibration_data
+
+    path = calibration_data(args.model, args.out, samples=args.samples, seq_len=args.seq_len)
+    print(f"wrote {path}: {args.samples} chat prompts of {args.seq_len} tokens with empty KV caches")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lora_runtime.llm import Chat, generate
+    from lora_runtime.runtime.switcher import Runtime
+
+    rt = Runtime.open(args.bundle)
+    chat = Chat.load(args.bundle)
+    if args.use_case:
+        rt.switch(args.use_case)
+    prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+    g = generate(rt, chat, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_p=args.top_p, seed=args.seed, on_text=lambda t: print(t, end="", flush=True))
+    print()
+    print(f"[{rt.current}: {g.prompt_tokens} prompt tokens, prefill {g.prefill_ms:.0f} ms, "
+          f"{len(g.ids)} new tokens at {g.decode_ms_per_token:.1f} ms/token]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lora_runtime.llm import Chat, generate
+    from lora_runtime.runtime.switcher import Runtime
+
+    rt = Runtime.open(args.bundle)
+    chat = Chat.load(args.bundle)
+    print(f"use-cases: {', '.join(rt.use_cases)} (current: {rt.current}); /use NAME switches, /quit ends",
+          file=sys.stderr)
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input(f"[{rt.current}]> ").strip()
+        except EOFError:
+            return 0
+        if line in ("/quit", "/exit"):
+            return 0
+        if line.startswith("/use "):
+            try:
+                r = rt.switch(line[5:].strip())
+            except LoraRuntimeError as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            history = []  # keys and values computed under another adapter are stale
+            print(f"switched to {r.use_case}: {r.kind}, {r.seconds * 1e6:.0f} us, {r.bytes_moved} bytes moved",
+                  file=sys.stderr)
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        g = generate(rt, chat, history, max_new_tokens=args.max_new_tokens,
+                     on_text=lambda t: print(t, end="", flush=True))
+        print()
+        history.append({"role": "assistant", "content": g.text})
+

