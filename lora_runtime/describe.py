@@ -120,4 +120,15 @@ def target_report(m: Manifest) -> list[str]:
         lines.append(f"  HTP vs {cpu.reference} on {cpu.inputs}" + (" | vs FP32" if fp32 else "") + " (logit SQNR):")
         for u, v in cpu.sqnr_db.items():
             lines.append(f"    {u:<16} {v:6.1f} dB" + (f" | {fp32.sqnr_db[u]:6.1f} dB" if fp32 else ""))
+    d = t.decode
+    if d is not None:
+        shapes = ", ".join(f"{k}={v}" for k, v in d.static_shapes.items())
+        lines += [f"decode graph {d.graph}: static shapes {shapes}; "
+                  + (f"ahead-of-time context {d.context}" if d.context else "compiled on open"),
+                  f"  placement: {d.placement or 'not checked'}"]
+        dec = m.accuracy_of("htp_vs_cpu_decode")
+        if dec:
+            lines.append(f"  HTP vs {dec.reference} on {dec.inputs} (logit SQNR, argmax agreement):")
+            lines += [f"    {u:<16} {v:6.1f} dB, {dec.argmax_agreement.get(u, float('nan')):.0%}"
+                      for u, v in dec.sqnr_db.items()]
     return lines

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lora_runtime.errors import BaseModelError
@@ -81,3 +82,31 @@ def inline(t: TensorProto, base_dir: Path) -> None:
         t.raw_data = read_tensor(t, base_dir).tobytes()
         del t.external_data[:]
         t.data_location = TensorProto.DEFAULT
+
+
+def share_data(model: onnx.ModelProto, root: Path, data: str, other: onnx.ModelProto) -> int:
+    """Point ``model``'s initializers stored in ``root/data`` at ``other``'s identical ones (same name, same
+    bytes), rewrite ``data`` with the rest (deleted when nothing is left); returns the bytes left in it."""
+    theirs = {t.name: t for t in other.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    mine = [t for t in model.graph.initializer if location(t) == data]
+    left: list[tuple[TensorProto, np.ndarray]] = []
+    for t in mine:
+        twin = theirs.get(t.name)
+        value = read_tensor(t, root)
+        if twin is not None and twin.data_type == t.data_type and list(twin.dims) == list(t.dims) \
+                and np.array_equal(read_tensor(twin, root), value):
+            del t.external_data[:]
+            t.external_data.extend(twin.external_data)
+        else:
+            left.append((t, value.copy()))
+    path = root / data
+    if not left:
+        path.unlink()
+        return 0
+    with open(path, "wb") as f:
+        writer = DataWriter(f, data)
+        for t, value in left:
+            moved = writer.array(t.name, value)
+            del t.external_data[:]
+            t.external_data.extend(moved.external_data)
+    return path.stat().st_size

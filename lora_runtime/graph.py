@@ -144,3 +144,4 @@ class GraphEdit:
         g.initializer.extend(inits)
         del g.input[:]
         g.input.extend(inputs)
+

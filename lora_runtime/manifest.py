@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -164,6 +164,18 @@ class Accuracy:
 
 
 @dataclass(frozen=True)
+class DecodeGraph:
+    """A second graph of a static-shape bundle (``--decode-shape``): the same ops, weights and encodings at other
+    static shapes, e.g. an LLM's one-token decode step next to its N-token prefill graph."""
+
+    graph: str  # bundle-relative
+    static_shapes: dict[str, int]  # every dim_param baked into it
+    context: str | None = None  # its EPContext model (--htp-context)
+    placement: str = ""
+    qnn_ops: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Target:
     """What the bundle was compiled for: ONNX Runtime's CPU provider, or the HTP through QNN."""
 
@@ -175,6 +187,7 @@ class Target:
     context: str | None = None  # the EPContext model (compiled ahead of time for the HTP), bundle-relative
     placement: str = ""  # where the nodes ran when the compiler checked, e.g. "all 412 nodes on QNN"
     qnn_ops: dict[str, int] = field(default_factory=dict)  # "FullyConnected ufixed16 x sfixed8" -> count
+    decode: DecodeGraph | None = None
 
 
 @dataclass(frozen=True)
@@ -280,9 +293,14 @@ class Manifest:
                 quantization=None if q is None else _typed(Quantization, {
                     **q, "mixed_precision": _mixed_precision(q.get("mixed_precision"))}),
                 accuracy=tuple(_typed(Accuracy, a) for a in d.get("accuracy", ())),
-                target=_typed(Target, d.get("target", {})))
+                target=_target(d.get("target", {})))
         except (KeyError, TypeError, AttributeError) as e:
             raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
+
+
+def _target(d: dict[str, Any]) -> Target:
+    decode = d.get("decode")
+    return replace(_typed(Target, d), decode=None if decode is None else _typed(DecodeGraph, decode))
 
 
 def _typed(cls: type, d: dict[str, Any] | None) -> Any:

@@ -132,6 +132,7 @@ def block_scales(weight: str) -> str:
 
 MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
+DECODE_GRAPH = "model_decode.onnx"  # --decode-shape: the same graph at other static shapes (an LLM's decode step)
 PATCHES = "patches"
 GROUP_PATCH = "patches/group.safetensors"  # v3: the rank-concatenated A/B of every adapter
 UNION_ENCODINGS = "patches/encodings.union.safetensors"  # ad-hoc strengths: calibrated over every use-case
@@ -140,10 +141,17 @@ ALL_ENCODINGS = "encodings/all.encodings"  # non-updatable
 BASE_ENCODINGS = "encodings/base.encodings"  # adapter-only: the base's shared set
 BASE_WEIGHT_ENCODINGS = "encodings/base_weights.encodings"  # --base-weights int8/int4
 QDQ_DATA = "base.qdq.data"  # the QDQ graph's own base tensors
+QDQ_DECODE_DATA = "base.qdq.decode.data"  # the decode graph's tensors that differ from the main graph's
 LORA_WEIGHT_LIST = "lora_weight_list.txt"  # for qairt-converter --lora_weight_list
 LORA_CONFIG_YAML = "lora_config.yaml"  # QAIRT's use-case list
 SIDECARS = ("tokenizer.json", "chat.json")  # an imported LLM's tokenizer and chat settings
 HTP_CONTEXT = "model_ctx.onnx"  # --htp-context: ONNX Runtime's EPContext wrapper of the compiled QNN graph
+HTP_DECODE_CONTEXT = "model_decode_ctx.onnx"  # ... and of the decode graph
+
+# --- model metadata (ONNX metadata_props) ------------------------------------------------------------------------
+
+KV_PAIRS = "lora_runtime.kv_pairs"  # JSON [[past input, present output], ...]: a static KV cache's tensors
+CACHE_SLOTS = "lora_runtime.cache_slots"  # a static KV cache's length C
 
 
 def adapter_patch(adapter: str) -> str:

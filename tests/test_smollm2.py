@@ -16,7 +16,7 @@ pytest.importorskip("tokenizers")
 
 from lora_runtime import Runtime, compile_bundle  # noqa: E402
 from lora_runtime.compiler.options import CompileOptions, QuantOptions
-from lora_runtime.errors import BaseModelError  # noqa: E402
+from lora_runtime.errors import BaseModelError, InputError  # noqa: E402
 from lora_runtime.llm import Chat, find_smollm2, generate, import_gguf  # noqa: E402
 
 REF = json.loads((FIXTURES / "smollm2" / "reference.json").read_text())
@@ -142,3 +142,33 @@ def test_calibration_data_and_w8a16_on_the_real_model(model_dir, tmp_path):
     assert acc.greedy_agreement["listify"] > 0.0
     # 16-bit activations: the layers run as encoded (no int8 requantization inside ORT's kernels)
     assert "float MatMul" in b.manifest.quantization.execution
+
+
+def test_static_cache_prefill_and_decode_graphs_generate_as_transformers(tmp_path):
+    """The accelerator's shape: a static KV cache, a 16-token prefill graph and a 1-token decode graph sharing
+    the weights; prompts longer than 16 tokens go in chunks (the last one padded). Greedy tokens as
+    transformers' (which runs neither chunks, padding nor a static cache)."""
+    try:
+        gguf = find_smollm2()
+    except BaseModelError as e:
+        pytest.skip(str(e))
+    model = tmp_path / "static"
+    import_gguf(gguf, model, static_cache=80)
+    from lora_runtime.demo_llm import shipped_adapters
+
+    name, folder = next(iter(shipped_adapters().items()))
+    b = compile_bundle(model / "base.onnx", {name: folder}, tmp_path / "b",
+                       CompileOptions("v3", static_shapes={"sequence": 16}, decode_shapes={"sequence": 1}),
+                       use_cases=["base="])
+    assert b.manifest.target.decode.static_shapes == {"sequence": 1}
+    rt = Runtime.open(b.path)
+    assert [s["input_ids"] for s in rt.input_shapes] == [[1, 16], [1, 1]]
+    assert rt.input_shapes[0]["past_key.0"] == [1, 3, 80, 64]
+    chat = Chat.load(b.path)
+    stop = REF["greedy"]["stop_after_eos"]
+    for p in REF["prompts"]:  # 5, 41 (three chunks) and 6 prompt tokens
+        want = [t for t in p["greedy_tokens"] if t != stop]
+        g = generate(rt, chat, p["input_ids"], max_new_tokens=len(p["greedy_tokens"]))
+        assert g.ids == want[: len(g.ids)] and len(g.ids) >= min(len(want), 8), p["name"]
+    with pytest.raises(InputError, match="exceed the model's 80 positions"):
+        generate(rt, chat, REF["prompts"][1]["input_ids"], max_new_tokens=40)

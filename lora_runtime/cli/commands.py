@@ -34,7 +34,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise InputError("--soc-model, --htp-arch and --htp-context go with --target htp")
     options = CompileOptions(args.generation, args.lora_dtype, weight_only, quant, args.copy_base_data,
                              target=args.target, htp=htp if args.target == "htp" else HtpOptions(),
-                             static_shapes=parse_dims(args.static_shape))
+                             static_shapes=parse_dims(args.static_shape),
+                             decode_shapes=parse_dims(args.decode_shape, "--decode-shape"))
     t0 = time.perf_counter()
     with Progress("compile", total=COMPILE_STEPS) as bar:  # silent unless compiling takes over a second
         bundle = compile_bundle(args.base, adapters, args.out, options, use_cases=args.use_case, force=args.force,
@@ -52,15 +53,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_dims(items: list[str]) -> dict[str, int]:
-    """``DIM=N`` pairs (``--static-shape``)."""
+def parse_dims(items: list[str], flag: str = "--static-shape") -> dict[str, int]:
+    """``DIM=N`` pairs (``--static-shape``, ``--decode-shape``)."""
     dims = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name or not value.strip().isdigit() or int(value) < 1:
-            raise InputError(f"--static-shape {item!r}: expected DIM=N with a positive integer N")
+            raise InputError(f"{flag} {item!r}: expected DIM=N with a positive integer N")
         if name in dims:
-            raise InputError(f"--static-shape gives {name!r} twice")
+            raise InputError(f"{flag} gives {name!r} twice")
         dims[name] = int(value)
     return dims
 
@@ -143,7 +144,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from lora_runtime.bench.report import format_table, plot
 
     work = Path(args.work) if args.work else None
-    if args.bundle is not None:
+    if args.device == "htp":
+        from lora_runtime.bench.htp import run_bench_htp, run_bench_htp_smollm2
+
+        if args.bundle is not None:
+            raise InputError("bench BUNDLE --device htp is not supported: bench --device htp builds its own bundles")
+        report = run_bench_htp_smollm2(work, args.quick) if args.model == "smollm2" else \
+            run_bench_htp(args.size or "tiny", work, args.quick)
+    elif args.bundle is not None:
         from lora_runtime.bench.bundle import run_bench_bundle
 
         report = run_bench_bundle(Path(args.bundle), args.quick)
@@ -158,7 +166,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         from lora_runtime.bench.default import run_bench
 
-        report = run_bench(args.size, work, args.quick)
+        report = run_bench(args.size or "bench", work, args.quick)
     print(format_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
@@ -186,7 +194,9 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
 
     src = Path(args.gguf) if args.gguf else find_smollm2()
     t0 = time.perf_counter()
-    path = import_model(src, args.out, max_seq=args.max_seq)
+    if args.static_cache is not None and args.static_cache < 1:
+        raise InputError(f"--static-cache {args.static_cache}: the cache needs at least one slot")
+    path = import_model(src, args.out, max_seq=args.max_seq, static_cache=args.static_cache)
     print(f"wrote {path} (+ base.onnx.data, tokenizer.json, chat.json) from {src.name} in "
           f"{time.perf_counter() - t0:.1f}s")
     return 0
@@ -204,7 +214,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lora_runtime.llm import Chat, generate
     from lora_runtime.runtime.switcher import Runtime
 
-    rt = Runtime.open(args.bundle)
+    rt = Runtime.open(args.bundle, device=args.device)
     chat = Chat.load(args.bundle)
     if args.use_case:
         rt.switch(args.use_case)

@@ -54,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
                         "groups, integer LoRA slots; encodings non-updatable)")
     c.add_argument("--static-shape", action="append", default=[], metavar="DIM=N",
                    help="bake the graph's free dimension DIM (its dim_param) to N; repeat (required for --target htp)")
+    c.add_argument("--decode-shape", action="append", default=[], metavar="DIM=N",
+                   help="also write model_decode.onnx: the graph with DIM at N instead (e.g. sequence=1, an LLM's "
+                        "decode step next to its prefill graph), sharing weights and encodings; repeat")
     c.add_argument("--soc-model", default=None, metavar="N", help="htp: QNN's soc_model (default 60)")
     c.add_argument("--htp-arch", default=None, metavar="N", help="htp: QNN's htp_arch (default: the soc model's)")
     c.add_argument("--htp-context", action="store_true",
@@ -93,12 +96,15 @@ def parser() -> argparse.ArgumentParser:
     bn = sub.add_parser("bench", help="switch latency and run cost vs physical limits and peers, in one run")
     bn.add_argument("bundle", nargs="?", help="a bundle to measure (its switches, limits and run cost); default: the "
                          "bench-size default model")
-    bn.add_argument("--size", default="bench", help="default-model preset (bench, or tiny for a smoke run)")
+    bn.add_argument("--size", default=None, help="default-model preset: bench (default), tiny for a smoke run "
+                                                 "(the default with --device htp), 1b")
     bn.add_argument("--json", help="write the report as JSON")
     bn.add_argument("--plot", help="write a PNG (needs the [plot] extra: matplotlib)")
     bn.add_argument("--quick", action="store_true", help="fewer repetitions: well under a minute")
     bn.add_argument("--work", help="where models and bundles are built (default graphs/built/bench-<size>)")
     bn.add_argument("--model", default=None, choices=["smollm2"], help="a real LLM: decode, prefill and switches")
+    bn.add_argument("--device", default="cpu", choices=["cpu", "htp"],
+                    help="htp: w8a16 bundles on the QNN HTP simulator next to the CPU (simulated: read the ratios)")
     bn.set_defaults(func=commands.cmd_bench)
 
     ig = sub.add_parser("import-model", aliases=["import-gguf"],
@@ -107,6 +113,9 @@ def parser() -> argparse.ArgumentParser:
                     help="a .gguf file or a folder with config.json + *.safetensors (default: SmolLM2's GGUF)")
     ig.add_argument("-o", "--out", required=True, help="directory for base.onnx, tokenizer.json, chat.json")
     ig.add_argument("--max-seq", type=int, default=2048, help="longest prompt + generation (rotary table)")
+    ig.add_argument("--static-cache", type=int, default=None, metavar="C",
+                    help="a fixed KV cache of C slots (what an accelerator deploys: compile it with --static-shape "
+                         "sequence=N --decode-shape sequence=1); C is then the longest prompt + generation")
     ig.set_defaults(func=commands.cmd_import_gguf)
 
     cd = sub.add_parser("calibration-data", help="calibration samples for an imported LLM from built-in prompts")
@@ -125,6 +134,8 @@ def parser() -> argparse.ArgumentParser:
     gn.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gn.add_argument("--top-p", type=float, default=1.0)
     gn.add_argument("--seed", type=int, default=None)
+    gn.add_argument("--device", default="cpu", choices=["cpu", "htp"],
+                    help="htp: generate on Qualcomm's HTP through QNN (a bundle compiled with --target htp)")
     gn.set_defaults(func=commands.cmd_generate)
 
     ch = sub.add_parser("chat", help="chat with a bundle; /use NAME switches use-case, /quit ends")

@@ -18,6 +18,8 @@ from onnx import TensorProto
 from lora_runtime.errors import BaseModelError
 from lora_runtime.external_data import location
 
+ORT_DEFAULT_DOMAIN_OPS = {"SimplifiedLayerNormalization"}
+
 
 def load_base(path: Path) -> tuple[onnx.ModelProto, list[str]]:
     """The graph (weights left where they are) and its external data files, relative to its folder."""
@@ -46,12 +48,17 @@ def load_base(path: Path) -> tuple[onnx.ModelProto, list[str]]:
 def check_structure(model: onnx.ModelProto, base: Path) -> None:
     """onnx.checker on the rewritten graph's structure, with every initializer's data left out.
 
+    ONNX Runtime's own ops in the default domain (the HTP's fused RMSNorm) are unknown to onnx: the checker
+    sees an ``Identity`` of their first input in their place.
+
     Not on the path: onnx refuses external data files that have several hard links ("potential
     hardlink attack"), and a hard link is how a bundle shares the base weights. Not on the proto
     as is: the checker then looks for external data relative to the current directory.
     """
     g = model.graph
-    stub = onnx.GraphProto(name=g.name, node=g.node, input=g.input, output=g.output, value_info=g.value_info,
+    nodes = [onnx.helper.make_node("Identity", n.input[:1], n.output[:1], name=n.name)
+             if n.op_type in ORT_DEFAULT_DOMAIN_OPS and n.domain in ("", "ai.onnx") else n for n in g.node]
+    stub = onnx.GraphProto(name=g.name, node=nodes, input=g.input, output=g.output, value_info=g.value_info,
                            initializer=[TensorProto(name=t.name, data_type=t.data_type, dims=[0])
                                         for t in g.initializer])
     m = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, graph=stub,

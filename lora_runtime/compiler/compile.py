@@ -11,6 +11,7 @@ complete (``lora_runtime.staging``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import shutil
@@ -36,9 +37,19 @@ from lora_runtime.compiler.quantize import FloatStage, quantize_bundle
 from lora_runtime.compiler.use_cases import UseCaseSpec, check_use_cases, default_adapter, load_adapters
 from lora_runtime.errors import UseCaseError
 from lora_runtime.eval.accuracy import compare_bundles
-from lora_runtime.manifest import Accuracy, AdapterInfo, BaseInfo, Manifest, Target, UseCase, WeightOnly
+from lora_runtime.manifest import (
+    Accuracy,
+    AdapterInfo,
+    BaseInfo,
+    DecodeGraph,
+    Manifest,
+    Target,
+    UseCase,
+    WeightOnly,
+)
 from lora_runtime.names import (
     BASE_WEIGHT_ENCODINGS,
+    DECODE_GRAPH,
     GRAPH,
     GROUP_PATCH,
     SIDECARS,
@@ -100,7 +111,10 @@ def compile_bundle(base: str | os.PathLike[str],
         parameters = external_parameters(patches[parameter_patch], parameter_patch) if parameter_patch else {}
         say(f"rewriting the graph ({len(branches)} points, {gen})")
         made = add_branches(model, BranchOptions(tuple(branches), gen, len(loaded), parameters, options.lora_dtype))
+        decode = copy.deepcopy(model) if options.decode_shapes else None
         target = _static(model, base.parent, options, say)
+        if decode is not None:
+            target = dataclasses.replace(target, decode=_static_decode(decode, base.parent, options, say))
         manifest = Manifest(
             generation=gen, base=BaseInfo(base.name, sha256_file(base), base.stat().st_size, ()),
             points=tuple(point_record(b, loaded, gen) for b in branches), slots=layout.slots,
@@ -120,11 +134,14 @@ def compile_bundle(base: str | os.PathLike[str],
             link_data(base.parent / rel, tmp / rel, options.copy_base_data)
         (tmp / GRAPH).write_bytes(model.SerializeToString())
         check_structure(model, base)
+        if decode is not None:
+            (tmp / DECODE_GRAPH).write_bytes(decode.SerializeToString())
+            own.append(DECODE_GRAPH)
         manifest = dataclasses.replace(manifest, base=dataclasses.replace(manifest.base, data_files=tuple(data_files)))
         held, fp32 = sample_list, None
         if q is not None and samples is not None:
             stage = FloatStage(tmp, model, manifest, base.parent, made.points, layout, tuple(loaded),
-                               full=options.target == "htp")
+                               full=options.target == "htp", decode=decode)
             result = quantize_bundle(stage, q, samples, overrides, say)
             for rel in data_files:  # the QDQ graph holds every base tensor it needs in its own data file
                 (tmp / rel).unlink()
@@ -162,6 +179,19 @@ def _static(model: onnx.ModelProto, base_dir: Path, options: CompileOptions, say
                                               mask_floor=MASK_FLOOR if htp is not None else None))
     return Target(options.target, htp.soc_model if htp else None, htp.htp_arch if htp else None,
                   dict(options.static_shapes))
+
+
+def _static_decode(model: onnx.ModelProto, base_dir: Path, options: CompileOptions, say: Report) -> DecodeGraph:
+    """The decode graph: the main graph's static shapes with ``--decode-shape``'s dims instead."""
+    dims = {**options.static_shapes, **options.decode_shapes}
+    unknown = sorted(set(options.decode_shapes) - set(options.static_shapes))
+    if unknown:
+        raise UseCaseError(f"--decode-shape {unknown[0]}=...: not a --static-shape dim of the main graph "
+                           f"({', '.join(sorted(options.static_shapes))})")
+    say("fixing the decode graph's shapes")
+    htp = options.target == "htp"
+    make_static(model, StaticShapeOptions(dims, base_dir, htp_forms=htp, mask_floor=MASK_FLOOR if htp else None))
+    return DecodeGraph(DECODE_GRAPH, dims)
 
 
 def _options(options: CompileOptions | None, generation: str | None) -> CompileOptions:

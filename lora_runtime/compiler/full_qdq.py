@@ -14,6 +14,7 @@ QNN needs for an integer Gather.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from onnx import TensorProto
 from lora_runtime.compiler.passes.branch import BranchTensors
 from lora_runtime.external_data import read_tensor
 from lora_runtime.graph import consumers, elem_types
-from lora_runtime.names import SCALING, STRENGTH
+from lora_runtime.names import KV_PAIRS, SCALING, STRENGTH
 from lora_runtime.quant.calibrate import TensorRange
 from lora_runtime.quant.encodings import Encoding
 from lora_runtime.quant.rules import asymmetric_per_tensor
@@ -100,3 +101,29 @@ def strength_ranges(ranges: Mapping[str, TensorRange], scalings: Iterable[np.nda
         out[SCALING] = out[SCALING].union(TensorRange(float(min(v.min() for v in values)),
                                                       float(max(v.max() for v in values))))
     return out
+
+
+
+def requantized_operands(model: onnx.ModelProto, acts: Mapping[str, Encoding], bw: int) -> dict[str, Encoding]:
+    """The second operand of every MatMul of two activations (attention's K and V) -> a ``bw``-bit encoding of
+    the same range, read through one more Q/DQ pair right before the MatMul. QNN's HTP has no 16 x 16-bit MatMul
+    of two activations: it converts the second one to 8 bits (measured: ``MatMul ufixed16 x ufixed8``), so the
+    CPU graph must round it the same way, or the two disagree by what that conversion rounds away (17 dB on
+    SmolLM2). A DequantizeLinear -> QuantizeLinear pair is QNN's ``Convert``: the HTP runs what it ran before.
+    (Qualcomm deploys LLMs this way: 16-bit activations, 8-bit K and V.)"""
+    out = {}
+    for n in model.graph.node:
+        t = n.input[1] if n.op_type == "MatMul" and len(n.input) > 1 else None
+        if t is None or n.input[0] not in acts or t not in acts or acts[t].dtype != "INT" or acts[t].bw <= bw:
+            continue
+        e = acts[t]
+        lo = e.offset[0] * e.scale[0]
+        out[t] = asymmetric_per_tensor(t, lo, lo + ((1 << e.bw) - 1) * e.scale[0], bw=bw)
+    return out
+
+
+def kv_pairs(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """A static KV cache's (past input, present output) pairs, from the model's metadata (``names.KV_PAIRS``):
+    the graph reads back what it wrote, so each pair shares one encoding."""
+    props = {p.key: p.value for p in model.metadata_props}
+    return [(past, present) for past, present in json.loads(props.get(KV_PAIRS, "[]"))]

@@ -20,13 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from lora_runtime.bundle import Bundle
 from lora_runtime.compiler.options import HtpOptions
 from lora_runtime.errors import TargetError
 from lora_runtime.eval.accuracy import logits_agreement, logits_sqnr, synthesize_inputs
+from lora_runtime.llm.cache import PAST_BIAS, next_step
 from lora_runtime.manifest import Accuracy, Target
-from lora_runtime.names import HTP_CONTEXT
+from lora_runtime.names import HTP_CONTEXT, HTP_DECODE_CONTEXT
 from lora_runtime.runtime import htp
 from lora_runtime.runtime.session import make_session, run_use_case
 
@@ -41,7 +43,8 @@ class HtpResult:
 def htp_stage(bundle: Bundle, options: HtpOptions, samples: Sequence[Mapping[str, np.ndarray]] | None,
               fp32: Mapping[str, Sequence[Mapping[str, np.ndarray]]] | None, say) -> HtpResult:  # noqa: ANN001
     """Check ``bundle`` (being compiled) on the HTP. ``samples``: inputs to compare on (held-out calibration
-    samples, or the user's sample inputs; None: synthesized); ``fp32``: the FP32 graph's outputs on them."""
+    samples, or the user's sample inputs; None: synthesized); ``fp32``: the FP32 graph's outputs on them.
+    A decode graph is compiled (and kept) too, and compared on the step after each sample."""
     m = bundle.manifest
     reason = htp.missing()
     if reason is not None:
@@ -49,32 +52,59 @@ def htp_stage(bundle: Bundle, options: HtpOptions, samples: Sequence[Mapping[str
             raise TargetError(f"--htp-context compiles on the HTP: {reason}")
         return HtpResult(replace(m.target, placement=f"not checked: {reason}"), (), ())
     say("compiling on the HTP" + (" (and keeping the context)" if options.context else ""))
-    config = {"session.record_ep_graph_assignment_info": "1"}
-    if options.context:
-        config |= {"ep.context_enable": "1", "ep.context_embed_mode": "0",
-                   "ep.context_file_path": str(bundle.path / HTP_CONTEXT)}
-    with tempfile.TemporaryDirectory(prefix=".lora_runtime-qnn-") as dump:
-        s = htp.session(bundle.file(m.graph), options.soc_model, options.htp_arch, dump_dir=Path(dump),
-                        config=config)
-        target = replace(m.target, placement=htp.placement(s), qnn_ops=htp.qnn_ops(Path(dump)))
-    files: tuple[str, ...] = ()
-    if options.context:
-        files = tuple(f.relative_to(bundle.path).as_posix() for f in _fix_context(bundle.path / HTP_CONTEXT))
-        target = replace(target, context=HTP_CONTEXT)
+    s, placement, ops, files = _compile(bundle, m.graph, HTP_CONTEXT, options)
+    target = replace(m.target, placement=placement, qnn_ops=ops, context=HTP_CONTEXT if files else None)
     cpu = make_session(bundle)
     feeds = list(samples) if samples else [synthesize_inputs(cpu, {sl.name for sl in m.slots})]
     say(f"running {len(m.use_cases)} use-cases on the HTP simulator")
     on_htp = {u: [run_use_case(bundle, u, f, session=s) for f in feeds] for u in m.use_case_names}
     on_cpu = {u: [run_use_case(bundle, u, f, session=cpu) for f in feeds] for u in m.use_case_names}
     inputs = f"{len(feeds)} held-out calibration samples" if samples else "synthesized inputs"
-    measured = [Accuracy("htp_vs_cpu", "the HTP (QNN simulator)", "the same bundle on ONNX Runtime's CPU provider",
-                         inputs, {u: logits_sqnr(on_cpu[u], on_htp[u]) for u in on_htp},
-                         {u: logits_agreement(on_cpu[u], on_htp[u]) for u in on_htp})]
+    measured = [_versus("htp_vs_cpu", "the same bundle on ONNX Runtime's CPU provider", inputs, on_cpu, on_htp)]
     if fp32 is not None:
-        measured.append(Accuracy("htp_vs_fp32", "the HTP (QNN simulator)", "its FP32 graph", inputs,
-                                 {u: logits_sqnr(fp32[u], on_htp[u]) for u in on_htp},
-                                 {u: logits_agreement(fp32[u], on_htp[u]) for u in on_htp}))
-    return HtpResult(target, tuple(measured), files)
+        measured.append(_versus("htp_vs_fp32", "its FP32 graph", inputs, fp32, on_htp))
+    if m.target.decode is not None:
+        d = m.target.decode
+        say("compiling the decode graph on the HTP")
+        ds, placement, ops, more = _compile(bundle, d.graph, HTP_DECODE_CONTEXT, options)
+        files += more
+        target = replace(target, decode=replace(d, placement=placement, qnn_ops=ops,
+                                                context=HTP_DECODE_CONTEXT if more else None))
+        dcpu = make_session(bundle, graph="decode")
+        first = m.use_case_names[0]
+        steps = [next_step(f, o) for f, o in zip(feeds, on_cpu[first])] if PAST_BIAS in feeds[0] else \
+            [synthesize_inputs(dcpu, {sl.name for sl in m.slots})]
+        say(f"running {len(m.use_cases)} use-cases on the HTP simulator's decode graph")
+        on_htp = {u: [run_use_case(bundle, u, f, session=ds) for f in steps] for u in m.use_case_names}
+        on_cpu = {u: [run_use_case(bundle, u, f, session=dcpu) for f in steps] for u in m.use_case_names}
+        what = f"the decode step after each of {len(steps)} held-out samples" if PAST_BIAS in feeds[0] \
+            else "synthesized inputs"
+        measured.append(_versus("htp_vs_cpu_decode", "the same decode graph on ONNX Runtime's CPU provider", what,
+                                on_cpu, on_htp, test_name="the decode graph on the HTP (QNN simulator)"))
+    return HtpResult(target, tuple(measured), tuple(files))
+
+
+def _compile(bundle: Bundle, graph: str, context: str, options: HtpOptions
+             ) -> tuple[ort.InferenceSession, str, dict[str, int], list[str]]:
+    """A strict HTP session on one graph of the bundle: the session, where its nodes went, the QNN ops, and the
+    EPContext files it wrote (``options.context``)."""
+    config = {"session.record_ep_graph_assignment_info": "1"}
+    if options.context:
+        config |= {"ep.context_enable": "1", "ep.context_embed_mode": "0",
+                   "ep.context_file_path": str(bundle.path / context)}
+    with tempfile.TemporaryDirectory(prefix=".lora_runtime-qnn-") as dump:
+        s = htp.session(bundle.file(graph), options.soc_model, options.htp_arch, dump_dir=Path(dump), config=config)
+        placement, ops = htp.placement(s), htp.qnn_ops(Path(dump))
+    files = [f.relative_to(bundle.path).as_posix() for f in _fix_context(bundle.path / context)] \
+        if options.context else []
+    return s, placement, ops, files
+
+
+def _versus(key: str, reference: str, inputs: str, ref: Mapping[str, Sequence[Mapping[str, np.ndarray]]],
+            test: Mapping[str, Sequence[Mapping[str, np.ndarray]]], *,
+            test_name: str = "the HTP (QNN simulator)") -> Accuracy:
+    return Accuracy(key, test_name, reference, inputs, {u: logits_sqnr(ref[u], test[u]) for u in test},
+                    {u: logits_agreement(ref[u], test[u]) for u in test})
 
 
 def _fix_context(ctx: Path) -> list[Path]:

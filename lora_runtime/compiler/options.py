@@ -118,11 +118,22 @@ class CompileOptions:
     target: str = "cpu"  # "htp": static shapes, full QDQ groups, integer LoRA slots (see HtpOptions)
     htp: HtpOptions = field(default_factory=HtpOptions)
     static_shapes: Mapping[str, int] = field(default_factory=dict)  # dim_param -> value (required for the HTP)
+    # a second graph (model_decode.onnx) at these dims instead (e.g. {"sequence": 1}: an LLM's decode step next
+    # to its prefill graph), sharing the weights and the encodings
+    decode_shapes: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _one_of("generation", self.generation, GENERATIONS)
         _one_of("lora_dtype", self.lora_dtype, LORA_DTYPES)
         _one_of("target", self.target, TARGETS)
+        for what, dims in (("static shape", self.static_shapes), ("decode shape", self.decode_shapes)):
+            for dim, n in dims.items():
+                if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                    raise UseCaseError(f"{what} {dim}={n!r}: the value must be a positive integer")
+        if self.decode_shapes and self.weight_only is not None:
+            raise UseCaseError("--decode-shape with --base-weights is not supported: quantize with --encodings")
+        if self.decode_shapes and not self.static_shapes:
+            raise UseCaseError("--decode-shape changes dims of a static-shape graph: give --static-shape too")
         if self.target == "htp":
             self._check_htp()
         elif self.htp != HtpOptions():

@@ -36,6 +36,8 @@ from lora_runtime.compiler.full_qdq import (
     constant_encodings,
     float_activations,
     float_constants,
+    kv_pairs,
+    requantized_operands,
     shared_roots,
     strength_ranges,
 )
@@ -49,9 +51,19 @@ from lora_runtime.errors import BaseModelError, TargetError
 from lora_runtime.eval.accuracy import logits_agreement, logits_sqnr, run_all
 from lora_runtime.eval.greedy import described, greedy_agreement, reference_tokens
 from lora_runtime.eval.ort_reference import quantize_static_sqnr
+from lora_runtime.external_data import share_data
 from lora_runtime.llm.chat import Chat
 from lora_runtime.manifest import Accuracy, Manifest, MixedPrecision, Quantization
-from lora_runtime.names import GROUP_PATCH, QDQ_DATA, SCALING, STRENGTH, UNION_ENCODINGS, adapter_patch
+from lora_runtime.names import (
+    DECODE_GRAPH,
+    GROUP_PATCH,
+    QDQ_DATA,
+    QDQ_DECODE_DATA,
+    SCALING,
+    STRENGTH,
+    UNION_ENCODINGS,
+    adapter_patch,
+)
 from lora_runtime.quant.calibrate import TensorRange, collect_ranges, split_held_out, union
 from lora_runtime.quant.encodings import Encoding, EncodingsFile, check_fits
 from lora_runtime.quant.modes import activation_encodings as cpu_activation_encodings
@@ -74,6 +86,7 @@ class FloatStage:
     layout: PatchLayout
     adapters: tuple[Adapter, ...]
     full: bool  # full QDQ groups and integer LoRA slots (the HTP target)
+    decode: onnx.ModelProto | None = None  # the decode graph (--decode-shape), quantized with the same encodings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +151,11 @@ def quantize_bundle(stage: FloatStage, options: QuantOptions, samples: Sequence[
     done = apply_qdq(model, QdqOptions(enc.plan, stage.branches, stage.base_dir, stage.root, QDQ_DATA, say))
     weights = {e.name: e for e in done.weight_encodings}
     (stage.root / manifest.graph).write_bytes(model.SerializeToString())
+    decode_files = _quantize_decode(stage, enc.plan, p, say) if stage.decode is not None else []
 
     params = [*weights.values(), *enc.plan.constants.values()]
-    files = [QDQ_DATA, *write_encodings_files(stage.root, o.mode, params, enc.union, enc.per_use_case, tensors,
-                                              branch, lora_slots)]
+    files = [QDQ_DATA, *decode_files, *write_encodings_files(stage.root, o.mode, params, enc.union, enc.per_use_case,
+                                                             tensors, branch, lora_slots)]
     live = enc.plan.updatable
     slots, patches = encoding_slots(stage.root, live, enc.union, enc.per_use_case, lora_slots)
     files += [*patches.values(), *([UNION_ENCODINGS] if slots else [])]
@@ -213,6 +227,9 @@ def _full_plan(stage: FloatStage, p: Preset, tensors: Sequence[str], ranges: Map
     r = strength_ranges(union(ranges), scalings)
     roots = shared_roots(model, set(tensors) | set(constants) | set(lora))  # a Transpose keeps its slot's
     acts = activation_encodings(tensors, r, roots, const_enc | lora, bw)
+    for past, present in kv_pairs(model):  # a static KV cache: what the graph writes, it reads back unchanged
+        if past in acts and present in acts:
+            acts[past] = dataclasses.replace(acts[present], name=past)
     layout = stage.layout.integer(lora)
     headers = layout.write(stage.root, stage.adapters)  # the float patches are calibrated and measured: replace
     m = stage.manifest
@@ -224,9 +241,37 @@ def _full_plan(stage: FloatStage, p: Preset, tensors: Sequence[str], ranges: Map
         declared |= external_parameters(headers[rel], rel)
     plan = QdqPlan(activations=acts, lora_weights=lora, weight_bw=p.weights.bw, gram=gram, full=True,
                    constants=const_enc, integer_slots=declared,
+                   requantize=requantized_operands(model, acts, p.weights.bw),
                    norm_biases={b: xw for b, xw in biases.items() if xw[1] not in linear})
     union_enc = {**acts, **lora, **const_enc}
     return _Encodings(plan, union_enc, {u: union_enc for u in ranges}, layout)
+
+
+def _quantize_decode(stage: FloatStage, plan: QdqPlan, p: Preset, say: Say) -> list[str]:
+    """The decode graph with the main graph's encodings (its constants encoded over their own values), its
+    base tensors shared with the main graph's data file; returns the files written besides the graph."""
+    decode = stage.decode
+    assert decode is not None
+    tensors = float_activations(decode, stage.branches) if plan.full else activation_tensors(decode, stage.branches)
+    missing = [t for t in tensors if t not in plan.activations]
+    if missing:
+        raise TargetError(f"the decode graph computes {missing[0]!r}, which the main graph does not: the two cannot "
+                          "share encodings (compile the decode shapes as a bundle of their own)")
+    acts = {t: plan.activations[t] for t in tensors}
+    constants: dict[str, Encoding] = {}
+    if plan.full:
+        linear = linear_weights(decode.graph, frozenset(plan.lora_weights))
+        floats = float_constants(decode, set(linear) | set(int32_biases(decode.graph, linear)), stage.branches)
+        scales = norm_scales(decode.graph)
+        constants = constant_encodings(decode, [c for c in floats if c not in scales], stage.base_dir,
+                                       p.activations.bw) | \
+            constant_encodings(decode, [c for c in floats if c in scales], stage.base_dir, p.weights.bw)
+    say("rewriting the decode graph to QDQ with the same encodings")
+    apply_qdq(decode, QdqOptions(dataclasses.replace(plan, activations=acts, constants=constants), stage.branches,
+                                 stage.base_dir, stage.root, QDQ_DECODE_DATA, say))
+    left = share_data(decode, stage.root, QDQ_DECODE_DATA, stage.model)
+    (stage.root / DECODE_GRAPH).write_bytes(decode.SerializeToString())
+    return [QDQ_DECODE_DATA] if left else []
 
 
 def _with_overrides(enc: _Encodings, overrides: EncodingsFile, tensors: Sequence[str],

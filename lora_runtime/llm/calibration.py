@@ -9,7 +9,9 @@ import numpy as np
 import onnx
 
 from lora_runtime.errors import InputError
+from lora_runtime.llm.cache import PAST_BIAS, POSITIONS
 from lora_runtime.llm.chat import Chat
+from lora_runtime.models.llama import MASK
 
 # A small built-in prompt list for calibration: varied chat requests (facts, advice, lists, code, prose).
 # Each calibration sample starts with its own prompt, so at most len(CALIBRATION_PROMPTS) distinct samples.
@@ -37,7 +39,9 @@ def calibration_data(folder: str | os.PathLike[str], out: str | os.PathLike[str]
                      seq_len: int = 64, seed: int = 0) -> Path:
     """Calibration samples for an imported LLM: chat prompts of the built-in list, tokenized and cut to
     ``seq_len`` tokens (shorter ones are padded with the next prompts), with empty KV caches. Each sample
-    starts with a prompt of its own (no two samples repeat, so held-out samples are not calibration ones)."""
+    starts with a prompt of its own (no two samples repeat, so held-out samples are not calibration ones).
+    A static-cache model gets its positions and an empty, masked cache: the prefill graph's first chunk (the
+    encodings of the cache inputs are tied to the keys and values the graph writes, so they need no samples)."""
     if not 1 <= samples <= len(CALIBRATION_PROMPTS):
         raise InputError(f"calibration-data makes 1 to {len(CALIBRATION_PROMPTS)} samples from its built-in prompt "
                          f"list, not {samples}; for more, write your own .npz (keys: the graph's inputs)")
@@ -55,8 +59,17 @@ def calibration_data(folder: str | os.PathLike[str], out: str | os.PathLike[str]
             k += 1
         rows.append(ids[:seq_len])
     graph = onnx.load(str(Path(folder) / "base.onnx"), load_external_data=False).graph
-    empty = np.zeros((samples, 1, chat.kv_heads, 0, chat.head_dim), np.float32)
+    names = [i.name for i in graph.input]
     arrays = {"input_ids": np.array(rows, np.int64)[:, None, :]}
-    arrays |= {i.name: empty for i in graph.input if i.name.startswith("past_")}
+    slots = 0
+    if PAST_BIAS in names:  # a static cache: C empty slots, masked
+        bias = next(i for i in graph.input if i.name == PAST_BIAS)
+        slots = bias.type.tensor_type.shape.dim[-1].dim_value
+        if seq_len > slots:
+            raise InputError(f"seq_len {seq_len} exceeds the static KV cache's {slots} slots")
+        arrays[POSITIONS] = np.broadcast_to(np.arange(seq_len, dtype=np.int64), (samples, 1, seq_len)).copy()
+        arrays[PAST_BIAS] = np.full((samples, 1, 1, 1, slots), MASK, np.float32)
+    empty = np.zeros((samples, 1, chat.kv_heads, slots, chat.head_dim), np.float32)
+    arrays |= {n: empty for n in names if n.startswith(("past_key.", "past_value."))}
     np.savez(out, **arrays)
     return Path(out)

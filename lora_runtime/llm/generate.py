@@ -1,4 +1,5 @@
-"""Text generation from a bundle of an imported LLM: one prefill, then one token per run with the KV cache.
+"""Text generation from a bundle of an imported LLM: prefill, then one token per run with the KV cache
+(``lora_runtime.llm.cache``: a growing cache, or the static one of a static-cache import).
 
 Generation runs the bundle's graph through :class:`lora_runtime.Runtime`. The cache belongs to one
 request: a use-case switch between requests starts the next one from an empty cache (keys and values
@@ -15,6 +16,7 @@ import numpy as np
 
 from lora_runtime.bundle import Bundle
 from lora_runtime.errors import InputError
+from lora_runtime.llm.cache import make_cache
 from lora_runtime.llm.chat import Chat
 from lora_runtime.runtime.session import make_session
 from lora_runtime.runtime.switcher import Runtime
@@ -50,18 +52,19 @@ def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]] | list[
         raise InputError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
                          f"{chat.max_seq} positions")
     rng = np.random.default_rng(seed)
-    empty = np.zeros((1, chat.kv_heads, 0, chat.head_dim), np.float32)
-    past = {name: empty for name in rt.input_names if name.startswith("past_")}
-    feeds = {"input_ids": np.array([ids], np.int64)}
+    shapes = rt.input_shapes
+    lengths = [s["input_ids"][1] if isinstance(s["input_ids"][1], int) else None for s in shapes]
+    cache = make_cache(shapes[0], lengths)
     out_ids: list[int] = []
     shown = ""
     t0 = time.perf_counter()
-    t_decode = t0
+    for chunk in cache.chunks(ids):
+        logits = cache.step(rt.run, chunk)
+    t_decode = time.perf_counter()
     for step in range(max_new_tokens):
-        out = rt.run(feeds | past)
-        if step == 0:
-            t_decode = time.perf_counter()
-        nxt = _pick(out["logits"][0, -1], temperature, top_p, rng)
+        if step:
+            logits = cache.step(rt.run, [out_ids[-1]])
+        nxt = _pick(logits[-1], temperature, top_p, rng)
         if nxt == chat.eos_id:
             break
         out_ids.append(nxt)
@@ -70,8 +73,6 @@ def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]] | list[
             if not full.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                 on_text(full[len(shown):])
                 shown = full
-        past = {k.replace("present_", "past_"): v for k, v in out.items() if k.startswith("present_")}
-        feeds = {"input_ids": np.array([[nxt]], np.int64)}
     end = time.perf_counter()
     decoded = max(len(out_ids) - 1, 0)
     return Generation(chat.decode(out_ids), out_ids, len(ids), (t_decode - t0) * 1e3,

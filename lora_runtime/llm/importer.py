@@ -33,23 +33,30 @@ def find_smollm2() -> Path:
                          "keeps llama-cpp-python out)")
 
 
-def import_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048) -> Path:
-    """GGUF -> ``out_dir/base.onnx`` with a KV cache, plus ``tokenizer.json`` and ``chat.json``."""
+def import_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048,
+                static_cache: int | None = None) -> Path:
+    """GGUF -> ``out_dir/base.onnx`` with a KV cache, plus ``tokenizer.json`` and ``chat.json``.
+
+    ``static_cache=C``: the fixed-size cache of C slots accelerators deploy (``models.llama.build_llama``); the
+    model then sees at most C positions."""
     out = Path(out_dir)
-    path, model = build_from_gguf(gguf_path, out, kv_cache=True, max_seq=max_seq)
+    max_seq = static_cache or max_seq
+    path, model = build_from_gguf(gguf_path, out, kv_cache=True, static_cache=static_cache, max_seq=max_seq)
     tok = tokenizer_from_gguf(model)
     tok.tokenizer.save(str(out / "tokenizer.json"))
     (out / "chat.json").write_text(json.dumps({
         "template": "chatml", "default_system": tok.default_system, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
         "kv_heads": model.shape.n_kv_heads, "head_dim": model.shape.head_dim, "max_seq": model.shape.max_seq,
-        "source": Path(gguf_path).name}, indent=1) + "\n")
+        "static_cache": static_cache, "source": Path(gguf_path).name}, indent=1) + "\n")
     return path
 
 
-def import_hf(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048) -> Path:
+def import_hf(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048,
+              static_cache: int | None = None) -> Path:
     """A Hugging Face Llama folder -> ``out_dir/base.onnx`` with a KV cache, ``tokenizer.json``, ``chat.json``."""
     folder, out = Path(folder), Path(out_dir)
-    path, shape = build_from_hf(folder, out, kv_cache=True, max_seq=max_seq)
+    max_seq = static_cache or max_seq
+    path, shape = build_from_hf(folder, out, kv_cache=True, static_cache=static_cache, max_seq=max_seq)
     cfg = json.loads((folder / "config.json").read_text())
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text()) \
         if (folder / "tokenizer_config.json").is_file() else {}
@@ -59,10 +66,11 @@ def import_hf(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
         "template": "chatml", "default_system": found.group(1) if found else None,
         "eos_id": eos[0] if isinstance(eos, list) else eos, "bos_id": cfg.get("bos_token_id"),
         "kv_heads": shape.n_kv_heads, "head_dim": shape.head_dim, "max_seq": shape.max_seq,
-        "source": folder.name}, indent=1) + "\n")
+        "static_cache": static_cache, "source": folder.name}, indent=1) + "\n")
     return path
 
 
-def import_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048) -> Path:
+def import_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048,
+                 static_cache: int | None = None) -> Path:
     """A GGUF file or a Hugging Face folder."""
-    return (import_hf if Path(src).is_dir() else import_gguf)(src, out_dir, max_seq=max_seq)
+    return (import_hf if Path(src).is_dir() else import_gguf)(src, out_dir, max_seq=max_seq, static_cache=static_cache)

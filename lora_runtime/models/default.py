@@ -165,11 +165,12 @@ def shape_of(r: ModelRecipe) -> LlamaShape:
                       n_kv_heads=r.n_kv_heads, d_ff=r.d_ff, max_seq=r.max_seq, opset=r.opset)
 
 
-def build_model(r: ModelRecipe, data: BinaryIO | None = None) -> onnx.ModelProto:
+def build_model(r: ModelRecipe, data: BinaryIO | None = None, static_cache: int | None = None) -> onnx.ModelProto:
     """The decoder graph with seeded weights: embeddings N(0, 1), norms 1 + N(0, 0.1), linears N(0, 1/in).
 
     With ``data`` (a file opened for writing, named ``base.onnx.data`` next to the model), every weight is
-    written there as it is generated (see :func:`lora_runtime.models.llama.build_llama`).
+    written there as it is generated (see :func:`lora_runtime.models.llama.build_llama`). ``static_cache=C``:
+    the same weights in the static-KV-cache graph of an accelerator deployment.
     """
     rng = np.random.default_rng(r.seed)
 
@@ -181,4 +182,5 @@ def build_model(r: ModelRecipe, data: BinaryIO | None = None) -> onnx.ModelProto
             w *= np.float32(1.0 / np.sqrt(shape[0]))
         return w
 
-    return build_llama(shape_of(r), weights, data=data, name=f"lora_runtime_default_{r.name}")
+    return build_llama(shape_of(r), weights, data=data, kv_cache=static_cache is not None, static_cache=static_cache,
+                       name=f"lora_runtime_default_{r.name}")

@@ -70,7 +70,7 @@ def _index(folder: Path) -> dict[str, TensorFile]:
 
 
 def build_from_hf(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, kv_cache: bool = True,
-                  max_seq: int = 2048) -> tuple[Path, LlamaShape]:
+                  static_cache: int | None = None, max_seq: int = 2048) -> tuple[Path, LlamaShape]:
     """Write ``out_dir/base.onnx`` (+ external data, + tokenizer.json when the folder has one)."""
     folder = Path(folder)
     cfg = _config(folder)
@@ -91,7 +91,8 @@ def build_from_hf(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / DATA_FILE, "wb") as data:
-        proto = build_llama(shape, weights, data=data, kv_cache=kv_cache, name=str(cfg.get("_name_or_path", "llama")))
+        proto = build_llama(shape, weights, data=data, kv_cache=kv_cache, static_cache=static_cache,
+                            name=str(cfg.get("_name_or_path", "llama")))
     onnx.save(proto, str(out / "base.onnx"))
     if (folder / "tokenizer.json").is_file():
         shutil.copyfile(folder / "tokenizer.json", out / "tokenizer.json")

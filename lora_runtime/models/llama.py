@@ -18,6 +18,7 @@ so one graph does both prefill (past = 0) and decode (T = 1).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -27,8 +28,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lora_runtime.external_data import DataWriter
+from lora_runtime.names import CACHE_SLOTS, KV_PAIRS
 
 DATA_FILE = "base.onnx.data"
+MASK = -50.0  # an empty cache slot's past_bias: far below real scores, and within a quantized encoding's reach
 
 # name, shape in graph layout (linear weights (in, out)) -> float32 values
 Weights = Callable[[str, tuple[int, ...]], np.ndarray]
@@ -74,14 +77,23 @@ def linear_shapes(s: LlamaShape) -> dict[str, tuple[int, int]]:
 
 
 def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None, kv_cache: bool = False,
-                name: str = "llama") -> onnx.ModelProto:
+                static_cache: int | None = None, name: str = "llama") -> onnx.ModelProto:
     """The decoder graph; weights are asked for one at a time, in graph order.
 
     With ``data`` (a file opened for writing, named ``base.onnx.data`` next to the model), every
     initializer of 1 KiB or more is written there as soon as it is produced and referenced as external
     data, so a model of billions of parameters never exists whole in memory.
+
+    ``static_cache=C``: the fixed-size KV cache accelerators deploy (QAIRT's Genie shape), static in everything
+    but ``sequence``: the caller keeps C cache slots per layer and feeds them whole with ``past_bias``
+    (1, 1, 1, C) (0 for a filled slot, ``MASK`` for an empty one) and the new tokens' ``position_ids``; the graph
+    attends to the cache and, causally, to the new tokens, and returns only the new tokens' keys and values
+    (``present_key.<i>`` (1, kv_heads, T, head_dim)), which the caller writes into their slots. The model's
+    ``metadata_props`` pair every ``past_*`` input with its ``present_*`` output (``KV_PAIRS``).
     """
     s.check()
+    if static_cache is not None and not 1 <= static_cache <= s.max_seq:
+        raise ValueError(f"static_cache {static_cache}: between 1 and the model's {s.max_seq} positions")
     g = _Graph(weights, data)
     d, hd = s.d_model, s.head_dim
     rep = s.n_heads // s.n_kv_heads
@@ -89,7 +101,7 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
     ang = np.outer(np.arange(s.max_seq, dtype=np.float64), inv)
     g.const("rope.cos", np.concatenate([np.cos(ang)] * 2, axis=1).astype(np.float32))  # (S, hd)
     g.const("rope.sin", np.concatenate([np.sin(ang)] * 2, axis=1).astype(np.float32))
-    for cname, value in {"c.zero": 0, "c.one": 1, "c.two": 2, "c.axes0": [0], "c.axes1": [1],
+    for cname, value in {"c.zero": 0, "c.one": 1, "c.axes1": [1],
                          "c.heads": [0, 0, s.n_heads, hd], "c.kv": [0, 0, s.n_kv_heads, hd],
                          "c.rep": [1, 1, rep, 1, 1], "c.merge": [1, s.n_heads, -1, hd],
                          "c.model": [0, 0, d], "c.half": [hd // 2, hd // 2]}.items():
@@ -100,22 +112,12 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
     g.const("c.masked", np.array(-1e9, np.float32))
     g.const("c.open", np.array(0.0, np.float32))
 
-    # positions past .. past+T-1, and the causal mask (T, past+T): key j is visible from query i if j <= past+i
     g.node("Shape", ["input_ids"], ["ids_shape"])
     g.node("Gather", ["ids_shape", "c.one"], ["seq_len"], axis=0)  # scalar T
-    if kv_cache:
-        g.node("Shape", ["past_key.0"], ["past_shape"])
-        g.node("Gather", ["past_shape", "c.two"], ["past_len"], axis=0)  # scalar past
+    if static_cache:
+        _static_positions(g, static_cache)
     else:
-        g.node("Identity", ["c.zero"], ["past_len"])
-    g.node("Add", ["past_len", "seq_len"], ["total_len"])
-    g.node("Range", ["past_len", "total_len", "c.one"], ["positions"])  # (T,)
-    g.node("Gather", ["rope.cos", "positions"], ["cos"], axis=0)  # (T, hd)
-    g.node("Gather", ["rope.sin", "positions"], ["sin"], axis=0)
-    g.node("Unsqueeze", ["positions", "c.axes1"], ["query_pos"])  # (T, 1)
-    g.node("Range", ["c.zero", "total_len", "c.one"], ["key_pos"])  # (past+T,)
-    g.node("LessOrEqual", ["key_pos", "query_pos"], ["visible"])  # (T, past+T)
-    g.node("Where", ["visible", "c.open", "c.masked"], ["mask"])
+        _positions(g, kv_cache)
 
     g.weight("model.embed_tokens.weight", (s.vocab, d))
     h = g.node("Gather", ["model.embed_tokens.weight", "input_ids"], ["h.embed"], axis=0)  # (1, T, d)
@@ -127,7 +129,13 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
         k = g.heads(g.linear(f"{p}.self_attn.k_proj", n, d, s.n_kv_heads * hd), "c.kv")  # (1, KV, T, hd)
         v = g.heads(g.linear(f"{p}.self_attn.v_proj", n, d, s.n_kv_heads * hd), "c.kv")
         q, k = g.rope(q), g.rope(k)
-        if kv_cache:
+        if static_cache:  # the new tokens' own keys and values out; attention over the cache and them
+            k = g.node("Identity", [k], [f"present_key.{i}"])  # (1, KV, T, hd)
+            v = g.node("Identity", [v], [f"present_value.{i}"])
+            k = g.node("Concat", [f"past_key.{i}", k], [g.fresh("keys")], axis=2)  # (1, KV, C+T, hd)
+            v = g.node("Concat", [f"past_value.{i}", v], [g.fresh("values")], axis=2)
+            kv_io.append((f"key.{i}", f"value.{i}"))
+        elif kv_cache:
             k = g.node("Concat", [f"past_key.{i}", k], [f"present_key.{i}"], axis=2)  # (1, KV, past+T, hd)
             v = g.node("Concat", [f"past_value.{i}", v], [f"present_value.{i}"], axis=2)
             kv_io.append((f"key.{i}", f"value.{i}"))
@@ -152,18 +160,60 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
     g.linear("lm_head", n, d, s.vocab, out="logits")
 
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence"])]
+    if static_cache:
+        inputs += [helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "sequence"]),
+                   helper.make_tensor_value_info("past_bias", TensorProto.FLOAT, [1, 1, 1, static_cache])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "sequence", s.vocab])]
+    past, present = (static_cache, "sequence") if static_cache else ("past", "total")
     for key, value in kv_io:
         for kind in (key, value):
             inputs.append(helper.make_tensor_value_info(f"past_{kind}", TensorProto.FLOAT,
-                                                        [1, s.n_kv_heads, "past", hd]))
+                                                        [1, s.n_kv_heads, past, hd]))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}", TensorProto.FLOAT,
-                                                         [1, s.n_kv_heads, "total", hd]))
+                                                         [1, s.n_kv_heads, present, hd]))
     graph = helper.make_graph(g.nodes, name, inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", s.opset)],
                               producer_name="lora_runtime.models.llama")
     model.ir_version = 8
+    if static_cache:
+        pairs = [[f"past_{kind}", f"present_{kind}"] for pair in kv_io for kind in pair]
+        helper.set_model_props(model, {KV_PAIRS: json.dumps(pairs), CACHE_SLOTS: str(static_cache)})
     return model
+
+
+def _positions(g: _Graph, kv_cache: bool) -> None:
+    """Positions past .. past+T-1 and the causal mask (T, past+T): key j is visible from query i if j <= past+i."""
+    if kv_cache:
+        g.node("Shape", ["past_key.0"], ["past_shape"])
+        g.node("Gather", ["past_shape", g.const("c.two", np.array(2, np.int64))], ["past_len"], axis=0)  # past
+    else:
+        g.node("Identity", ["c.zero"], ["past_len"])
+    g.node("Add", ["past_len", "seq_len"], ["total_len"])
+    g.node("Range", ["past_len", "total_len", "c.one"], ["positions"])  # (T,)
+    g.node("Gather", ["rope.cos", "positions"], ["cos"], axis=0)  # (T, hd)
+    g.node("Gather", ["rope.sin", "positions"], ["sin"], axis=0)
+    g.node("Unsqueeze", ["positions", "c.axes1"], ["query_pos"])  # (T, 1)
+    g.node("Range", ["c.zero", "total_len", "c.one"], ["key_pos"])  # (past+T,)
+    g.node("LessOrEqual", ["key_pos", "query_pos"], ["visible"])  # (T, past+T)
+    g.node("Where", ["visible", "c.open", "c.masked"], ["mask"])
+
+
+def _static_positions(g: _Graph, slots: int) -> None:
+    """The caller's positions, and the mask (1, 1, T, C+T): the cache slots by ``past_bias``, the new tokens
+    causally among themselves."""
+    g.node("Squeeze", ["position_ids", g.const("c.axes0", np.array([0], np.int64))], ["positions"])  # (T,)
+    g.node("Gather", ["rope.cos", "positions"], ["cos"], axis=0)  # (T, hd)
+    g.node("Gather", ["rope.sin", "positions"], ["sin"], axis=0)
+    g.node("Range", ["c.zero", "seq_len", "c.one"], ["new_pos"])  # (T,)
+    g.node("Unsqueeze", ["new_pos", "c.axes1"], ["query_pos"])  # (T, 1)
+    g.node("LessOrEqual", ["new_pos", "query_pos"], ["visible"])  # (T, T)
+    g.node("Where", ["visible", "c.open", "c.masked"], ["new_mask"])
+    g.node("Unsqueeze", ["new_mask", g.const("c.axes01", np.array([0, 1], np.int64))], ["new_mask4"])  # (1,1,T,T)
+    g.node("Unsqueeze", ["seq_len", "c.axes0"], ["seq_len1"])
+    g.node("Concat", [g.const("c.one_one", np.array([1, 1], np.int64)), "seq_len1",
+                      g.const("c.slots", np.array([slots], np.int64))], ["past_mask_shape"], axis=0)
+    g.node("Expand", ["past_bias", "past_mask_shape"], ["past_mask"])  # (1, 1, T, C)
+    g.node("Concat", ["past_mask", "new_mask4"], ["mask"], axis=-1)  # (1, 1, T, C+T)
 
 
 class _Graph:

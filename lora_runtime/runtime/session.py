@@ -27,11 +27,15 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 
 DEVICES = ("cpu", "htp")
+GRAPHS = ("main", "decode")
 
 
 def make_session(bundle: Bundle, *, device: str = "cpu", providers: list[str] | None = None,
-                 session_options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+                 session_options: ort.SessionOptions | None = None, graph: str = "main") -> ort.InferenceSession:
     """The one way a session is made for a bundle.
+
+    ``graph``: "main" (``model.onnx``) or "decode" (the decode graph of a bundle compiled with
+    ``--decode-shape``).
 
     ``device="htp"``: on Qualcomm's HTP through QNN (every node, or a TargetError naming those that cannot),
     from the bundle's ahead-of-time context when it has one. A bundle compiled for the HTP runs on the CPU too,
@@ -42,18 +46,23 @@ def make_session(bundle: Bundle, *, device: str = "cpu", providers: list[str] | 
     if device not in DEVICES:
         raise InputError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     m = bundle.manifest
+    if graph not in GRAPHS:
+        raise InputError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
+    decode = m.target.decode
+    if graph == "decode" and decode is None:
+        raise InputError(f"{bundle.path}: no decode graph (compile with --static-shape and --decode-shape)")
+    path, context = (decode.graph, decode.context) if graph == "decode" and decode else (m.graph, m.target.context)
     so = session_options or ort.SessionOptions()
     so.log_severity_level = max(so.log_severity_level, 3)  # one warning per initializer-input otherwise
     if device == "htp":
         if m.target.name != "htp":
             raise TargetError(f"{bundle.path}: compiled for the {m.target.name.upper()}, not the HTP: compile with "
                               "--target htp (static shapes, full QDQ groups)")
-        graph = bundle.file(m.target.context or m.graph)
-        return htp.session(graph, m.target.soc_model, m.target.htp_arch, session_options=so)
+        return htp.session(bundle.file(context or path), m.target.soc_model, m.target.htp_arch, session_options=so)
     if m.target.name == "htp":
         if so.graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(str(bundle.file(m.graph)), so, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(str(bundle.file(path)), so, providers=providers or ["CPUExecutionProvider"])
 
 
 def slot_feeds(bundle: Bundle, strengths: Mapping[str, float], use_case: str | None = None) -> dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lora_runtime.bundle import Bundle, open_bundle
+from lora_runtime.errors import InputError
 from lora_runtime.runtime.session import check_feeds, input_specs, make_session
 from lora_runtime.runtime.slots import Layout, PatchSource, SlotSet
 
@@ -46,6 +47,13 @@ class SwitchReport:
 
 
 @dataclass(frozen=True)
+class _Graph:
+    session: ort.InferenceSession
+    inputs: dict[str, ort.NodeArg]
+    outputs: list[str]
+
+
+@dataclass(frozen=True)
 class _State:
     version: int
     slots: SlotSet
@@ -59,14 +67,18 @@ class _State:
 class Runtime:
     """An opened bundle with resident slots. Use :meth:`open`."""
 
-    def __init__(self, bundle: Bundle, session: ort.InferenceSession, preload: Iterable[str] = ()) -> None:
+    def __init__(self, bundle: Bundle, session: ort.InferenceSession, preload: Iterable[str] = (),
+                 decode: ort.InferenceSession | None = None) -> None:
         self.bundle = bundle
         self.manifest = m = bundle.manifest
         self.session = session
         self.layout = Layout.of(m.patched_slots)
         self._strength_name = next(s.name for s in m.slots if s.kind == "strength")
-        self._inputs = input_specs(session, {s.name for s in m.slots})
-        self._outputs = [o.name for o in session.get_outputs()]
+        reserved = {s.name for s in m.slots}
+        # the bundle's graphs (a static-shape LLM bundle: prefill and decode), one slot set bound to both
+        self._graphs = [_Graph(s, input_specs(s, reserved), [o.name for o in s.get_outputs()])
+                        for s in (session, decode) if s is not None]
+        self._inputs = self._graphs[0].inputs
         self._lock = threading.Condition()
         self._switch_lock = threading.Lock()
         self._local = threading.local()
@@ -115,13 +127,17 @@ class Runtime:
         ``preload``: use-case names whose adapters stay resident (hot switches), or "all".
         ``device``: "cpu" (ONNX Runtime's CPU provider) or "htp" (Qualcomm's HTP through QNN, for a bundle
         compiled with ``--target htp``; switches work the same: slots are bound once, written in place).
+        A bundle with a decode graph (``--decode-shape``) gets a session for each graph; :meth:`run` takes the
+        one whose input shapes the feeds have, and both read the same resident slots.
         ``verify_base``: also hash the base model's external data (else its size is checked).
         ``base``: refuse the bundle unless it was compiled from this base model file.
         """
         bundle = open_bundle(Path(bundle_dir), verify_base=verify_base, base=base)
         session = make_session(bundle, device=device, providers=providers, session_options=session_options)
+        decode = make_session(bundle, device=device, providers=providers, session_options=session_options,
+                              graph="decode") if bundle.manifest.target.decode is not None else None
         names = bundle.manifest.use_case_names if preload == "all" else list(preload)
-        return cls(bundle, session, names)
+        return cls(bundle, session, names, decode)
 
     # ---- what is where -------------------------------------------------------------------------------
 
@@ -133,6 +149,11 @@ class Runtime:
     def input_names(self) -> list[str]:
         """The graph inputs a caller feeds (the slots are the runtime's own)."""
         return list(self._inputs)
+
+    @property
+    def input_shapes(self) -> list[dict[str, list[int | str | None]]]:
+        """Per graph (the main one first, then a decode graph), each input's shape (a name for a free dim)."""
+        return [{n: list(a.shape) for n, a in g.inputs.items()} for g in self._graphs]
 
     @property
     def current(self) -> str | None:
@@ -237,42 +258,62 @@ class Runtime:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the current use-case. Safe from several threads, also while another thread switches."""
-        inputs = check_feeds(self._inputs, feeds)
+        index, inputs = self._pick(feeds)
+        graph = self._graphs[index]
         with self._lock:
             state = self._state
             state.slots.readers += 1
         try:
-            binding = self._binding(state)
+            binding = self._binding(state, index)
             for name, value in inputs.items():
                 binding.bind_cpu_input(name, value)
             # Outputs are bound afresh each run: a bound output keeps its last shape, and shapes change with
             # the input (sequence length, KV-cache length).
             binding.clear_binding_outputs()
-            for name in self._outputs:
+            for name in graph.outputs:
                 binding.bind_output(name, "cpu")
-            self.session.run_with_iobinding(binding)
+            graph.session.run_with_iobinding(binding)
             outputs = binding.copy_outputs_to_cpu()
         finally:
             with self._lock:
                 state.slots.readers -= 1
                 self._lock.notify_all()
-        return dict(zip(self._outputs, outputs))
+        return dict(zip(graph.outputs, outputs))
 
-    def _binding(self, state: _State) -> ort.IOBinding:
+    def _pick(self, feeds: Mapping[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+        """The first graph whose inputs the feeds fit, and the feeds checked against it."""
+        errors = []
+        for i, g in enumerate(self._graphs):
+            try:
+                return i, check_feeds(g.inputs, feeds)
+            except InputError as e:
+                errors.append(str(e))
+        if len(errors) == 1:
+            raise InputError(errors[0])
+        raise InputError(f"{errors[0]} (prefill graph); {errors[1]} (decode graph)")
+
+    def _binding(self, state: _State, index: int) -> ort.IOBinding:
         local = self._local
-        if getattr(local, "binding", None) is None:
-            local.binding = self.session.io_binding()
-            local.version = None
-            local.slots = None
-            local.encodings = None
-        b = local.binding
-        if local.version != state.version:
+        if getattr(local, "graphs", None) is None:
+            local.graphs = [_Bound(g.session.io_binding()) for g in self._graphs]
+        bound = local.graphs[index]
+        b = bound.binding
+        if bound.version != state.version:
             for have, want in (("slots", state.slots), ("encodings", state.encodings)):
-                if want is not None and getattr(local, have) is not want:
+                if want is not None and getattr(bound, have) is not want:
                     for name, value in want.values.items():
                         b.bind_ortvalue_input(name, value)
-                    setattr(local, have, want)
+                    setattr(bound, have, want)
             b.bind_ortvalue_input(self._strength_name, state.strength)
-            local.version = state.version
+            bound.version = state.version
         return b
 
+
+class _Bound:
+    """One thread's binding of one graph, and the state it was last bound to."""
+
+    def __init__(self, binding: ort.IOBinding) -> None:
+        self.binding = binding
+        self.version: int | None = None
+        self.slots: SlotSet | None = None
+        self.encodings: SlotSet | None = None

@@ -157,6 +157,7 @@ def apply_qdq(model: onnx.ModelProto, options: QdqOptions) -> QdqResult:
         for node in (edit.pending() if plan.full else readers):
             if id(node) not in keep:
                 node.input[:] = [rewire.get(x, x) for x in node.input]
+        _requantize(edit, plan.requantize, opset, consts)
         if opset < 21 and any(e.dtype == "INT" and e.bw == 16 for e in [*acts.values(), *plan.constants.values(),
                                                                         *plan.lora_weights.values()]):
             use_ms_domain(model)
@@ -167,6 +168,21 @@ def apply_qdq(model: onnx.ModelProto, options: QdqOptions) -> QdqResult:
     if any(n.op_type == "MatMulNBits" for n in g.node):
         use_ms_domain(model)
     return QdqResult(model, tuple(weights))
+
+
+def _requantize(edit: GraphEdit, narrower: Mapping[str, Encoding], opset: int, consts: Constants) -> None:
+    """MatMuls whose second operand is in ``narrower`` read it through one more Q/DQ pair at that encoding."""
+    made: set[str] = set()
+    for i, node in edit.nodes():
+        t = node.input[1][: -len("/dq")] if node.op_type == "MatMul" and len(node.input) > 1 and \
+            node.input[1].endswith("/dq") else None
+        if t is None or t not in narrower:
+            continue
+        narrow = f"{t}/{narrower[t].bw}bit"
+        pair = [] if narrow in made else _qdq(narrow, narrower[t], False, opset, consts, dequantized(t))
+        made.add(narrow)
+        node.input[1] = narrow  # the pair reads <t>/dq and its DequantizeLinear writes <t>/<bw>bit
+        edit.replace(i, [*pair, node])
 
 
 def _qdq(tensor: str, enc: Encoding, updatable: bool, opset: int, consts: Constants, read: str

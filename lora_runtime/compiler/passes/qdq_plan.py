@@ -30,6 +30,8 @@ class QdqPlan:
     constants: Mapping[str, Encoding] = field(default_factory=dict)
     integer_slots: Mapping[str, TensorProto | onnx.ValueInfoProto] = field(default_factory=dict)
     norm_biases: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # int32 bias -> (input, scale tensor)
+    # full groups: a MatMul's second operand read through one more Q/DQ at this (narrower) encoding
+    requantize: Mapping[str, Encoding] = field(default_factory=dict)
 
 
 class Constants:

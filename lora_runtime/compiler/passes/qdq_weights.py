@@ -131,9 +131,10 @@ def quantize_bias(bias: str, values: np.ndarray, x_scale: float, w_scale: np.nda
 
 
 def norm_scales(graph: onnx.GraphProto) -> set[str]:
-    """The constant scales (gamma) of LayerNormalization ops."""
+    """The constant scales (gamma) of LayerNormalization and SimplifiedLayerNormalization (RMSNorm) ops."""
     inits = {t.name for t in graph.initializer}
-    return {n.input[1] for n in graph.node if n.op_type == "LayerNormalization" and n.input[1] in inits}
+    return {n.input[1] for n in graph.node
+            if n.op_type in ("LayerNormalization", "SimplifiedLayerNormalization") and n.input[1] in inits}
 
 
 def int32_biases(graph: onnx.GraphProto, linear: Mapping[str, Candidate]) -> dict[str, tuple[str, str]]:

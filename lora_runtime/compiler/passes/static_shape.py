@@ -20,6 +20,9 @@ HTP forms (HTP only): equivalent spellings of what QNN's HTP gets wrong, measure
                                           the CPU); the quantized Div is exact (76 dB)
     GatherND(x, I)  ──►  Gather(Reshape(x, [-1]), J)   with constant indices I (J: their flat offsets); QNN has
                                           no GatherND (a dynamo export expands its attention mask with one)
+    Pow ─► ReduceMean ─► Add ─► Sqrt ─► Div ─► Mul(gamma)  ──►  SimplifiedLayerNormalization(x, gamma)
+                                          an RMSNorm as QNN's RmsNorm kernel: x² of an LLM's massive activations
+                                          has no useful 16-bit encoding (``passes.rms_norm``)
 
 The mask floor (HTP only): a quantized graph cannot hold ``-1e9`` (or ``finfo.min``) next to attention scores
 of about ±30: the Add's encoding would spend its whole range on the mask. Constants at or below ``-1e4`` are
@@ -39,6 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from lora_runtime.compiler.passes import PassResult
+from lora_runtime.compiler.passes.rms_norm import fuse_rms_norms
 from lora_runtime.errors import TargetError
 from lora_runtime.external_data import read_tensor
 from lora_runtime.graph import GraphEdit, consumers
@@ -77,7 +81,7 @@ def make_static(model: onnx.ModelProto, options: StaticShapeOptions) -> StaticSh
             break
     _bake_outputs(g, shapes)
     floored = _floor_masks(g, options.mask_floor) if options.mask_floor is not None else ()
-    rewritten = _htp_forms(g, shapes) if options.htp_forms else 0
+    rewritten = _htp_forms(g, shapes, options.base_dir) if options.htp_forms else 0
     return StaticShapeResult(model, folded, floored, rewritten)
 
 
@@ -198,11 +202,11 @@ def _nbytes(t: TensorProto) -> int:
     return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
-def _htp_forms(g: onnx.GraphProto, shapes: Mapping[str, tuple[int, ...]]) -> int:
+def _htp_forms(g: onnx.GraphProto, shapes: dict[str, tuple[int, ...]], base_dir: Path) -> int:
+    count = fuse_rms_norms(g, base_dir, shapes)
     inits = {t.name: t for t in g.initializer if t.name not in {v.name for v in g.input}}
     edit = GraphEdit(g)
     one = "htp_form.one"
-    count = 0
     for i, n in edit.nodes():
         standard = n.domain in ("", "ai.onnx")
         if standard and n.op_type in ("Mul", "Add") and n.input[0] in inits and n.input[1] not in inits:

@@ -1,0 +1,127 @@
+"""The KV cache a generation loop keeps between runs, in the two shapes an imported LLM's graph can take.
+
+Growing cache (the default import; ONNX Runtime's own shape)::
+
+    feeds  input_ids (1, T), past_key.<i> (1, KV, past, hd)      outputs present_key.<i> (1, KV, past+T, hd)
+
+Static cache (``import-model --static-cache C``; what an accelerator deploys, QAIRT Genie's shape)::
+
+    feeds  input_ids (1, T), position_ids (1, T), past_bias (1, 1, 1, C), past_key.<i> (1, KV, C, hd)
+    outputs present_key.<i> (1, KV, T, hd): the new tokens only, written into their slots by the caller
+
+A graph compiled with static shapes takes a fixed T: a prefill graph (T = N) and a decode graph (T = 1). The
+static cache feeds a prompt in chunks of the largest T a graph takes (the last one padded: padding comes
+after the real tokens, which attend causally, so it changes nothing they compute, and its keys are not
+kept), then one token per run with the smallest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from lora_runtime.errors import InputError
+from lora_runtime.models.llama import MASK
+
+PAST_BIAS, POSITIONS = "past_bias", "position_ids"
+
+
+def _kv_names(inputs: Sequence[str]) -> list[str]:
+    return [n for n in inputs if n.startswith(("past_key.", "past_value."))]
+
+
+class GrowingCache:
+    """``past`` grows by the tokens of each run (one graph, free ``sequence`` and ``past`` dims)."""
+
+    def __init__(self, inputs: Mapping[str, Sequence[object]]) -> None:
+        self._past = {n: np.zeros(_with_len(inputs[n], 0), np.float32) for n in _kv_names(list(inputs))}
+        self.length = 0
+        self.capacity: int | None = None
+
+    def chunks(self, ids: Sequence[int]) -> list[list[int]]:
+        return [list(ids)]
+
+    def step(self, run, ids: Sequence[int]) -> np.ndarray:  # noqa: ANN001  (Runtime.run)
+        """Run ``ids`` after the cached tokens; keep their keys and values; return their logits (T, vocab)."""
+        out = run({"input_ids": np.array([ids], np.int64)} | self._past)
+        self._past = {n: out[n.replace("past_", "present_")] for n in self._past}
+        self.length += len(ids)
+        return out["logits"][0]
+
+
+class StaticCache:
+    """C slots per layer, filled in order; ``lengths``: the token counts the runtime's graphs take (None: any)."""
+
+    def __init__(self, inputs: Mapping[str, Sequence[object]], lengths: Sequence[int | None]) -> None:
+        kv = _kv_names(list(inputs))
+        self.capacity = int(inputs[PAST_BIAS][-1])
+        self._cache = {n: np.zeros(_with_len(inputs[n], self.capacity), np.float32) for n in kv}
+        self._bias = np.full((1, 1, 1, self.capacity), MASK, np.float32)
+        fixed = sorted({n for n in lengths if n is not None})
+        self._free = None in lengths
+        self._largest = fixed[-1] if fixed else None
+        self._fixed = fixed
+        self.length = 0
+
+    def chunks(self, ids: Sequence[int]) -> list[list[int]]:
+        """The prompt in runs: whole when a graph takes any length, else chunks of the largest fixed length."""
+        if self._free or self._largest is None:
+            return [list(ids)]
+        n = self._largest
+        return [list(ids[i:i + n]) for i in range(0, len(ids), n)]
+
+    def feeds(self, ids: Sequence[int]) -> dict[str, np.ndarray]:
+        """The graph inputs that run ``ids`` after the cached tokens, padded to the smallest length a graph
+        takes that holds them (the cache's arrays, not copies: run them before the next :meth:`step`)."""
+        t = len(ids)
+        if self.length + t > self.capacity:
+            raise InputError(f"the static KV cache holds {self.capacity} tokens; {self.length} are used and "
+                             f"{t} more do not fit")
+        width = t if self._free else next((n for n in self._fixed if n >= t), None)
+        if width is None:
+            raise InputError(f"no graph of this bundle takes {t} tokens (its graphs take {self._fixed})")
+        padded = list(ids) + [0] * (width - t)
+        positions = [min(self.length + i, self.capacity - 1) for i in range(width)]
+        return {"input_ids": np.array([padded], np.int64), POSITIONS: np.array([positions], np.int64),
+                PAST_BIAS: self._bias.copy()} | self._cache
+
+    def step(self, run, ids: Sequence[int]) -> np.ndarray:  # noqa: ANN001  (Runtime.run)
+        """Run ``ids`` after the cached tokens; write their keys and values into the next slots; return their
+        logits (len(ids), vocab)."""
+        t = len(ids)
+        out = run(self.feeds(ids))
+        for n, slots in self._cache.items():
+            slots[:, :, self.length:self.length + t] = out[n.replace("past_", "present_")][:, :, :t]
+        self._bias[..., self.length:self.length + t] = 0.0
+        self.length += t
+        return out["logits"][0, :t]
+
+
+def make_cache(inputs: Mapping[str, Sequence[object]], lengths: Sequence[int | None]) -> GrowingCache | StaticCache:
+    """The cache for a graph with these inputs (name -> shape; ``lengths``: ``input_ids``' T per graph)."""
+    return StaticCache(inputs, lengths) if PAST_BIAS in inputs else GrowingCache(inputs)
+
+
+def _with_len(shape: Sequence[object], n: int) -> tuple[int, ...]:
+    """A KV input's shape (1, KV, len, hd) with its length set to ``n``."""
+    return tuple(n if i == 2 else int(d) for i, d in enumerate(shape))  # type: ignore[arg-type]
+
+
+def next_step(feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The feeds of the one-token step after a static-cache run of ``feeds`` that gave ``outputs``: its keys and
+    values written into the next slots, its greedy token at the next position."""
+    ids = np.asarray(feeds["input_ids"])
+    t = ids.shape[1]
+    bias = np.array(feeds[PAST_BIAS], np.float32)
+    filled = int(np.count_nonzero(bias[0, 0, 0] == 0.0))
+    if filled + t + 1 > bias.shape[-1]:
+        raise InputError(f"the static KV cache holds {bias.shape[-1]} tokens: no room for a step after {filled + t}")
+    step = {"input_ids": np.array([[int(np.argmax(outputs["logits"][0, -1]))]], np.int64),
+            POSITIONS: np.asarray(feeds[POSITIONS])[:, -1:] + 1}
+    for name in _kv_names(list(feeds)):
+        cache = np.array(feeds[name], np.float32)
+        cache[:, :, filled:filled + t] = outputs[name.replace("past_", "present_")][:, :, :t]
+        step[name] = cache
+    bias[..., filled:filled + t] = 0.0
+    return step | {PAST_BIAS: bias}
