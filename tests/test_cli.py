@@ -57,6 +57,9 @@ BAD_COMPILES = [
     (["--use-case", "x=summarize:nan"], "not finite"),
     (["--use-case", "a=summarize", "--use-case", "a=tone"], "given twice"),
     (["--use-case", "../evil=summarize"], "invalid use-case name"),
+    (["--decode-shape", "sequence=1"], "--decode-shape changes dims of a static-shape graph: give --static-shape"),
+    (["--static-shape", "sequence=8", "--decode-shape", "batch=1"], "--decode-shape batch=...: not a --static-shape"),
+    (["--static-shape", "sequence=8", "--decode-shape", "sequence=0"], "--decode-shape 'sequence=0': expected DIM=N"),
 ]
 
 
@@ -133,3 +136,9 @@ def test_merge_and_export_commands(tiny, tmp_path, capsys):
     assert (tmp_path / "t.onnx_adapter").stat().st_size > 0
     assert main(["merge", str(out), "--use-case", "nope", "-o", str(tmp_path / "n.onnx")]) == 2
     assert "unknown use-case 'nope'" in capsys.readouterr().err and not (tmp_path / "n.onnx").exists()
+
+
+def test_import_model_refuses_a_static_cache_without_slots(tmp_path, capsys):
+    assert main(["import-model", "-o", str(tmp_path / "m"), "--static-cache", "0"]) == 2
+    assert "--static-cache 0: between 1 and --max-seq (2048) slots" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

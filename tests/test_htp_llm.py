@@ -90,3 +90,17 @@ def test_prefill_and_decode_on_the_htp_agree_with_the_cpu_through_switches(bundl
             assert sqnr_db(a, b) > 30.0, (use_case, step, sqnr_db(a, b))
     with pytest.raises(InputError, match=r"\(prefill graph\).*\(decode graph\)"):
         on_htp.run({"input_ids": np.zeros((1, 3), np.int64)})
+
+
+def test_bench_device_htp_reports_the_rows_as_ratios(tmp_path):
+    from lora_runtime.bench.htp import run_bench_htp
+
+    report = run_bench_htp("tiny", tmp_path, quick=True)
+    rows = {r["name"] for r in report["results"]}
+    assert {"run_htp_v1", "run_htp_v2", "run_htp_v3", "run_cpu_v3", "hot_switch_htp", "cold_switch_htp_v1",
+            "cold_switch_htp_v2", "open_htp_context", "open_htp_jit"} <= rows
+    assert {"hot_switch_htp / run_htp_v3", "open_htp_context / open_htp_jit"} <= set(report["ratios"])
+    for gen in ("v1", "v2", "v3"):  # accuracy, not speed: every use-case within a few 16-bit steps of the CPU
+        sqnr = report["accuracy"][f"{gen}: HTP vs the same bundle on the CPU, logit SQNR dB"]
+        assert sqnr and min(sqnr.values()) > 40.0
+        assert report["accuracy_text"]["placement"][gen].endswith("nodes on QNNExecutionProvider")

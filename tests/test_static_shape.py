@@ -41,6 +41,11 @@ def test_static_graph_computes_what_the_export_did(family, exporter, htp):
     if htp:  # the masks' -inf-like constants are floored, and nothing QNN mishandles is left
         assert result.floored
         assert not any(n.op_type in ("Reciprocal", "GatherND") for n in model.graph.node)
+    if htp and family == "llama":  # every RMSNorm (one ReduceMean each in the export) is one fused op
+        means = sum(n.op_type == "ReduceMean" for n in original.graph.node)
+        fused = [n for n in model.graph.node if n.op_type == "SimplifiedLayerNormalization"]
+        assert means == 5 and len(fused) == means  # 2 layers x 2 norms + the final norm
+        assert not any(n.op_type in ("ReduceMean", "Sqrt", "Pow") for n in model.graph.node)
     feeds = _feeds(model, 7)
     want = _run(original, feeds)
     np.testing.assert_allclose(_run(model, feeds), want, atol=1e-5, rtol=0)
@@ -74,6 +79,46 @@ FORMS = {
     "gather_nd": ([helper.make_node("GatherND", ["x", "idx"], ["y"])], [numpy_helper.from_array(
         np.array([[[0, 2], [1, 0]], [[0, 0], [1, 2]]], np.int64), "idx")], "Gather"),
 }
+
+
+def _c(name: str, value) -> onnx.TensorProto:  # noqa: ANN001
+    return numpy_helper.from_array(np.asarray(value, np.float32), name)
+
+
+RMS_NORMS = {  # the ways exporters spell x / sqrt(mean(x^2) + eps) [* gamma]
+    "pow, div, gamma (lora_runtime's builder)": [
+        helper.make_node("Pow", ["x", "two"], ["sq"]), helper.make_node("ReduceMean", ["sq"], ["ms"], axes=[-1]),
+        helper.make_node("Add", ["ms", "eps"], ["mse"]), helper.make_node("Sqrt", ["mse"], ["rms"]),
+        helper.make_node("Div", ["x", "rms"], ["n"]), helper.make_node("Mul", ["n", "gamma"], ["y"])],
+    "mul, reciprocal, gamma first (dynamo)": [
+        helper.make_node("Mul", ["x", "x"], ["sq"]), helper.make_node("ReduceMean", ["sq"], ["ms"], axes=[-1]),
+        helper.make_node("Add", ["eps", "ms"], ["mse"]), helper.make_node("Sqrt", ["mse"], ["rms"]),
+        helper.make_node("Reciprocal", ["rms"], ["r"]), helper.make_node("Mul", ["x", "r"], ["n"]),
+        helper.make_node("Mul", ["gamma", "n"], ["y"])],
+    "div(1, s), no gamma": [
+        helper.make_node("Pow", ["x", "two"], ["sq"]), helper.make_node("ReduceMean", ["sq"], ["ms"], axes=[-1]),
+        helper.make_node("Add", ["ms", "eps"], ["mse"]), helper.make_node("Sqrt", ["mse"], ["rms"]),
+        helper.make_node("Div", ["one", "rms"], ["r"]), helper.make_node("Mul", ["r", "x"], ["y"])],
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(RMS_NORMS))
+def test_rms_norm_becomes_one_op(spelling, tmp_path):
+    inits = [_c("two", 2.0), _c("eps", 1e-5), _c("one", 1.0), _c("gamma", [0.5, 2.0, -1.0, 1.5])]
+    model = _one_op(RMS_NORMS[spelling], inits, [3, 4])
+    x = (np.random.default_rng(2).standard_normal((3, 4)) * [[1.0], [30.0], [3000.0]]).astype(np.float32)
+    gamma = [0.5, 2.0, -1.0, 1.5] if "gamma" in spelling and "no gamma" not in spelling else 1.0
+    want = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * gamma  # numpy reference
+    make_static(model, StaticShapeOptions({"n": 3}, tmp_path, htp_forms=True))
+    assert [n.op_type for n in model.graph.node] == ["SimplifiedLayerNormalization"]
+    np.testing.assert_allclose(_run(model, {"x": x}), want, rtol=1e-5, atol=1e-6)
+
+
+def test_rms_norm_with_a_second_reader_stays_unfused(tmp_path):
+    nodes = [*RMS_NORMS["pow, div, gamma (lora_runtime's builder)"][:-1], helper.make_node("Mul", ["n", "ms"], ["y"])]
+    model = _one_op(nodes, [_c("two", 2.0), _c("eps", 1e-5)], [3, 4])
+    make_static(model, StaticShapeOptions({"n": 3}, tmp_path, htp_forms=True))
+    assert "SimplifiedLayerNormalization" not in [n.op_type for n in model.graph.node]  # ms is read twice
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))

@@ -14,8 +14,9 @@ open_htp_context         ``Runtime.open`` on the HTP from the bundle's EPContext
 =======================  ==============================================================================
 
 ``--model smollm2``: SmolLM2 with a static KV cache (a 16-token prefill graph, a 1-token decode graph, one
-adapter, w8a16): a decode step and a prefill chunk on the HTP and on the CPU, a hot switch on the HTP, and the
-greedy tokens of held-out prompts on the HTP against the CPU execution of the same bundle.
+adapter, w8a16 with GPTQ weight rounding, 32 calibration prompts): a decode step and a prefill chunk on the HTP
+and on the CPU, a hot switch on the HTP, and the greedy tokens of held-out prompts on the HTP against the CPU
+execution of the same bundle.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from lora_runtime.bundle import Bundle
 from lora_runtime.compiler.compile import compile_bundle
 from lora_runtime.compiler.options import CompileOptions, HtpOptions, QuantOptions
 from lora_runtime.demo import demo_use_cases
+from lora_runtime.demo_llm import shipped_adapters
 from lora_runtime.errors import TargetError
+from lora_runtime.llm import GREEDY_PROMPTS, Chat, calibration_data, find_smollm2, import_gguf
 from lora_runtime.llm.cache import StaticCache
 from lora_runtime.models.default import build_default
 from lora_runtime.progress import Progress
@@ -110,21 +113,18 @@ def run_bench_htp(size: str = "tiny", work: Path | None = None, quick: bool = Fa
 def run_bench_htp_smollm2(work: Path | None = None, quick: bool = False) -> dict:
     """SmolLM2 with a static KV cache on the HTP simulator (module docstring)."""
     _require_htp()
-    from lora_runtime.demo_llm import shipped_adapters
-    from lora_runtime.llm import GREEDY_PROMPTS, Chat, calibration_data, find_smollm2, import_gguf
-
     work = Path(work or "graphs/built/bench-htp-smollm2")
     rows: list[Row] = []
     with Progress("bench", total=5, delay_s=0.0) as bar:
         model_dir = work / f"model-static{SLOTS}"
         if not (model_dir / "base.onnx").is_file():
             import_gguf(find_smollm2(), model_dir, static_cache=SLOTS)
-        calib = calibration_data(model_dir, work / "calibration.npz", samples=16, seq_len=PREFILL)
+        calib = calibration_data(model_dir, work / "calibration.npz", samples=16 if quick else 32, seq_len=PREFILL)
         bar.step("model")
         b = compile_bundle(model_dir / "base.onnx", {"caps": shipped_adapters()["caps"]}, work / "b-v3", CompileOptions(
             "v3", target="htp", static_shapes={"sequence": PREFILL}, decode_shapes={"sequence": 1},
             htp=HtpOptions(context=True), quant=QuantOptions("non-updatable", calib, preset="w8a16",
-                                                             ort_reference=False)),
+                                                             weight_rounding="gptq", ort_reference=False)),
             use_cases=["caps=caps", "base="], force=True)
         bar.step("compiled (prefill + decode graphs, on the HTP)")
         chat = Chat.load(b.path)

@@ -192,10 +192,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_import_gguf(args: argparse.Namespace) -> int:
     from lora_runtime.llm import find_smollm2, import_model
 
+    if args.static_cache is not None and not 1 <= args.static_cache <= args.max_seq:
+        raise InputError(f"--static-cache {args.static_cache}: between 1 and --max-seq ({args.max_seq}) slots")
     src = Path(args.gguf) if args.gguf else find_smollm2()
     t0 = time.perf_counter()
-    if args.static_cache is not None and args.static_cache < 1:
-        raise InputError(f"--static-cache {args.static_cache}: the cache needs at least one slot")
     path = import_model(src, args.out, max_seq=args.max_seq, static_cache=args.static_cache)
     print(f"wrote {path} (+ base.onnx.data, tokenizer.json, chat.json) from {src.name} in "
           f"{time.perf_counter() - t0:.1f}s")

@@ -101,7 +101,8 @@ GREEDY_PROMPTS = (
 def greedy_runs(bundle: Bundle, chat: Chat, use_cases: Sequence[str], *, prompts: Sequence[str] = GREEDY_PROMPTS,
                 tokens: int = 16) -> dict[str, list[list[int]]]:
     """The first ``tokens`` greedy tokens of each prompt (a ChatML user turn) under each use-case."""
-    rt = Runtime(bundle, make_session(bundle))
+    decode = make_session(bundle, graph="decode") if bundle.manifest.target.decode is not None else None
+    rt = Runtime(bundle, make_session(bundle), decode=decode)
     out = {}
     for u in use_cases:
         rt.switch(u)

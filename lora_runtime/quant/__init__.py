@@ -1,1 +1,3 @@
-"""Quantization: the AIMET/QAIRT encodings format (``encodings.py``) and, later, calibration and QDQ rewriting."""
+"""Quantization numbers: the AIMET/QAIRT encodings format, AIMET's rules, presets, calibration ranges, which
+tensors each encodings mode updates, mixed precision and GPTQ. The graph rewriting is the compiler's
+(``lora_runtime.compiler.passes.qdq``)."""

@@ -92,6 +92,11 @@ def fuse_rms_norms(g: onnx.GraphProto, base_dir: Path, shapes: dict[str, tuple[i
             edit.remove(i)
         g.value_info.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, list(shapes[x])))
         count += 1
+    if count:
+        edit.apply()
+        used = {x for n in g.node for x in n.input} | outputs
+        edit = GraphEdit(g)  # the chains' constants (2, eps, 1) nobody reads any more
+        edit.drop_initializers(t for t in inits if t not in used)
     edit.apply()
     return count
 
