@@ -173,10 +173,10 @@ def apply_qdq(model: onnx.ModelProto, options: QdqOptions) -> QdqResult:
 def _requantize(edit: GraphEdit, narrower: Mapping[str, Encoding], opset: int, consts: Constants) -> None:
     """MatMuls whose second operand is in ``narrower`` read it through one more Q/DQ pair at that encoding."""
     made: set[str] = set()
+    reads = {dequantized(t): t for t in narrower}  # what a MatMul reads after the rewire: <t>/dq
     for i, node in edit.nodes():
-        t = node.input[1][: -len("/dq")] if node.op_type == "MatMul" and len(node.input) > 1 and \
-            node.input[1].endswith("/dq") else None
-        if t is None or t not in narrower:
+        t = reads.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if t is None:
             continue
         narrow = f"{t}/{narrower[t].bw}bit"
         pair = [] if narrow in made else _qdq(narrow, narrower[t], False, opset, consts, dequantized(t))

@@ -57,13 +57,7 @@ def quantize_linear(node: onnx.NodeProto, c: Candidate, inits: Mapping[str, Tens
     if enc.enc_type == "PER_BLOCK":
         nodes = [_matmul_nbits(c, x, w, enc, plan.gram.get(c.x), writer, consts, name, mm_out, say)]
     else:
-        scale, zp, _ = to_qdq(enc, axis=1)
-        info = np.iinfo(zp.dtype)
-        if c.x in plan.gram:
-            say(f"GPTQ rounding {c.weight}")
-            codes = gptq_codes(w, plan.gram[c.x], scale, zp, info.min, info.max)
-        else:
-            codes = np.clip(np.rint(w / scale) + zp.astype(np.float64), info.min, info.max)
+        scale, zp, codes = _codes(c, w, enc, plan, say)
         q_name = integer_weight(c.weight, enc.bw)
         consts.tensors.append(writer.tensor(q_name, codes.astype(zp.dtype), onnx_type(zp.dtype), list(w.shape)))
         s_name = consts.add(scale_of(c.weight), scale)
@@ -86,6 +80,18 @@ def quantize_linear(node: onnx.NodeProto, c: Candidate, inits: Mapping[str, Tens
     return nodes, enc
 
 
+def _codes(c: Candidate, w: np.ndarray, enc: Encoding, plan: QdqPlan, say: Callable[[str], None]
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A per-channel weight's scale, zero point and integer codes: GPTQ's when the plan has the layer's input
+    statistics, else the nearest."""
+    scale, zp, _ = to_qdq(enc, axis=1)
+    info = np.iinfo(zp.dtype)
+    if c.x in plan.gram:
+        say(f"GPTQ rounding {c.weight}")
+        return scale, zp, gptq_codes(w, plan.gram[c.x], scale, zp, info.min, info.max)
+    return scale, zp, np.clip(np.rint(w / scale) + zp.astype(np.float64), info.min, info.max)
+
+
 def _gemm(node: onnx.NodeProto, c: Candidate, w: np.ndarray, b: np.ndarray | None, enc: Encoding, plan: QdqPlan,
           writer: DataWriter, consts: Constants, say: Callable[[str], None]) -> list[onnx.NodeProto]:
     """Full QDQ groups keep a Gemm a Gemm (QNN's FullyConnected with its bias), its weight int8 per output channel
@@ -93,13 +99,7 @@ def _gemm(node: onnx.NodeProto, c: Candidate, w: np.ndarray, b: np.ndarray | Non
 
         x.dq ──► Gemm(transB) ◄── DQ(W int8, axis = 0 if transB else 1), DQ(bias int32, s_x * s_W, axis=0)
     """
-    scale, zp, _ = to_qdq(enc, axis=1)
-    info = np.iinfo(zp.dtype)
-    if c.x in plan.gram:
-        say(f"GPTQ rounding {c.weight}")
-        codes = gptq_codes(w, plan.gram[c.x], scale, zp, info.min, info.max)
-    else:
-        codes = np.clip(np.rint(w / scale) + zp.astype(np.float64), info.min, info.max)
+    scale, zp, codes = _codes(c, w, enc, plan, say)
     codes = (codes.T if c.transposed else codes).astype(zp.dtype)  # back to the weight's own layout
     axis = 0 if c.transposed else 1
     q_name = integer_weight(c.weight, enc.bw)
