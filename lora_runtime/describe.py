@@ -55,7 +55,7 @@ def describe(bundle: Bundle) -> str:
     if m.quantization:
         lines += ["", *("  " + line for line in encodings_report(m))]
     if m.target.name != "cpu":
-        lines += ["", *("  " + line for line in target_report(m))]
+        lines += ["", *("  " + line for line in target_report(m, every_op=True))]
     twin = m.accuracy_of("float32_bundle")
     lora_dtype = next((sl.dtype for sl in m.slots if sl.kind == "lora_A"), "float32")
     lines += ["", f"  use-cases (LoRA slots {lora_dtype}, base weights {base_dtype(m)}"
@@ -100,9 +100,10 @@ def encodings_report(m: Manifest) -> list[str]:
     return lines
 
 
-def target_report(m: Manifest) -> list[str]:
+def target_report(m: Manifest, every_op: bool = False) -> list[str]:
     """Where the bundle runs (``--target htp``): static shapes, placement and QNN kernels the compiler saw,
-    and how the HTP's outputs compare with the CPU's and the FP32 graph's."""
+    and how the HTP's outputs compare with the CPU's and the FP32 graph's. ``every_op``: every QNN op type
+    with its dtypes and count, not only the linear kernels."""
     t = m.target
     shapes = ", ".join(f"{k}={v}" for k, v in t.static_shapes.items()) or "none"
     lines = [f"target {t.name.upper()} (QNN soc_model {t.soc_model}{f', htp_arch {t.htp_arch}' if t.htp_arch else ''});"
@@ -115,6 +116,8 @@ def target_report(m: Manifest) -> list[str]:
         kernels = [f"{n} {op}" for op, n in t.qnn_ops.items() if op.startswith(("FullyConnected", "MatMul"))]
         floats = sum(n for op, n in t.qnn_ops.items() if "float" in op.split("->")[-1] and "Dequantize" not in op)
         lines.append(f"  QNN kernels: {'; '.join(kernels)}; {floats} ops with float outputs")
+        if every_op:
+            lines += ["  QNN ops (inputs -> output dtypes):", *(f"    {n:5d} {op}" for op, n in t.qnn_ops.items())]
     cpu, fp32 = m.accuracy_of("htp_vs_cpu"), m.accuracy_of("htp_vs_fp32")
     if cpu:
         lines.append(f"  HTP vs {cpu.reference} on {cpu.inputs}" + (" | vs FP32" if fp32 else "") + " (logit SQNR):")
