@@ -41,6 +41,7 @@ class Bundle:
     path: Path
     manifest: Manifest
     headers: Mapping[str, TensorFile] = field(default_factory=dict, compare=False)  # patches open_bundle checked
+    stamp: tuple[int, int, int] | None = field(default=None, compare=False)  # its manifest's, when opened
 
     def file(self, rel: str) -> Path:
         return inside(self.path, rel)
@@ -93,6 +94,16 @@ def sha256_cached(path: str | os.PathLike[str]) -> str:
     return digest
 
 
+def manifest_stamp(root: str | os.PathLike[str]) -> tuple[int, int, int] | None:
+    """(device, inode, mtime) of a bundle's manifest, or None: a bundle replaced by ``compile --force`` (a new
+    directory swapped in) has a new one."""
+    try:
+        st = os.stat(Path(root) / MANIFEST)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
 def inside(root: Path, rel: str) -> Path:
     """``root / rel``, refusing absolute paths, '..' and symlinks that leave the bundle."""
     if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
@@ -113,6 +124,7 @@ def open_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True, ver
     """
     root = Path(path)
     mpath = root / MANIFEST
+    stamp = manifest_stamp(root)
     if root.name.startswith(".") and root.name.endswith(STAGING_SUFFIX):
         raise BundleError(f"{root}: an unfinished compile's staging directory, not a bundle")
     if not mpath.is_file():
@@ -134,6 +146,10 @@ def open_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True, ver
         if not p.is_file():
             raise BundleError(f"{root}: file {rel!r} named in the manifest is missing")
         size = p.stat().st_size
+        if size != info.nbytes and rel in manifest.base.data_files:
+            raise BundleError(f"{p}: {size} bytes, the manifest says {info.nbytes}: the base model's data, hard-linked "
+                              "from its folder, was rewritten in place after this bundle was compiled; recompile the "
+                              "bundle from the current base model (compile ... --force)")
         if size != info.nbytes:
             raise BundleError(f"{p}: {size} bytes, the manifest says {info.nbytes} (truncated or replaced)")
         if verify_hashes and (verify_base or rel not in manifest.base.data_files) and sha256_file(p) != info.sha256:
@@ -152,7 +168,7 @@ def open_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True, ver
         if rel not in manifest.files:
             raise BundleError(f"{root}: patch {rel!r} is not listed in the manifest's files")
         headers[rel] = check_patch(bundle, rel, slots)
-    return Bundle(root, manifest, headers)
+    return Bundle(root, manifest, headers, stamp)
 
 
 def _patch_files(m: Manifest) -> list[tuple[str, list[Slot]]]:

@@ -42,3 +42,7 @@ class TensorFileError(LoraRuntimeError):
 class TargetError(LoraRuntimeError):
     """A bundle cannot be built or run for the requested target (a free dimension, an op or option the HTP
     cannot take, a missing execution provider)."""
+
+
+class BaseMismatchWarning(UserWarning):
+    """An adapter's ``base_model_name_or_path`` does not look like the base model it is compiled onto."""

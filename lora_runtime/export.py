@@ -14,6 +14,7 @@ the compiler, so the compiler can measure what it builds against them.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from lora_runtime.external_data import inline
 from lora_runtime.graph import GraphEdit
 from lora_runtime.manifest import Manifest
 from lora_runtime.names import GAIN_NODE, SCALING, BranchNames, lora_a, lora_b
+from lora_runtime.staging import check_new_file, new_file, publish_file
 from lora_runtime.tensorfile import read_header
 
 
@@ -86,8 +88,9 @@ def strip_branches(model: onnx.ModelProto, manifest: Manifest) -> onnx.ModelProt
 
 
 def merge_use_case(bundle: Bundle, out: str | os.PathLike[str], use_case: str | None = None,
-                   strengths: Mapping[str, float] | None = None) -> Path:
-    """Write a plain ONNX model with the use-case baked into the base weights (external data if the base had it)."""
+                   strengths: Mapping[str, float] | None = None, force: bool = False) -> Path:
+    """Write a plain ONNX model with the use-case baked into the base weights (external data, ``<out>.data``,
+    if the base had it). Existing files are replaced only with ``force``; never inside a bundle."""
     m = bundle.manifest
     quantized = m.weight_only.dtype if m.weight_only else ("QDQ" if m.quantization else None)
     if quantized:
@@ -110,18 +113,22 @@ def merge_use_case(bundle: Bundle, out: str | os.PathLike[str], use_case: str | 
         w = numpy_helper.to_array(t)
         d = deltas[p.module] if p.weight_transposed else deltas[p.module].T
         t.CopyFrom(numpy_helper.from_array((w + d).astype(w.dtype), t.name))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if m.base.data_files:
-        data = out.name + ".data"
-        (out.parent / data).unlink(missing_ok=True)
-        onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
-    else:
-        onnx.save(model, str(out))
+    out = check_new_file(out, force=force)
+    data = out.name + ".data" if m.base.data_files else None
+    if data is not None:
+        check_new_file(out.parent / data, force=force)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        if data is not None:
+            onnx.save(model, str(Path(tmp) / out.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=data)
+            publish_file(Path(tmp) / data, out.parent / data, force=force)
+        else:
+            onnx.save(model, str(Path(tmp) / out.name))
+        publish_file(Path(tmp) / out.name, out, force=force)
     return out
 
 
-def export_ort_adapter(bundle: Bundle, adapter: str, out: str | os.PathLike[str]) -> Path:
+def export_ort_adapter(bundle: Bundle, adapter: str, out: str | os.PathLike[str], force: bool = False) -> Path:
     """One v2 adapter as an ONNX Runtime ``.onnx_adapter``: its patch's slot values as parameters.
 
     Only v2: ORT adapters override initializers, and onnxruntime's Python ``run`` rejects a feed that
@@ -137,5 +144,6 @@ def export_ort_adapter(bundle: Bundle, adapter: str, out: str | os.PathLike[str]
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)
     fmt.set_parameters(params)
-    fmt.export_adapter(str(out))
-    return Path(out)
+    with new_file(out, force=force) as tmp:
+        fmt.export_adapter(str(tmp))
+    return Path(out).absolute()

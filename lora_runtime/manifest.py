@@ -250,6 +250,12 @@ class Manifest:
             self.adapter(name)
             if not isinstance(s, (int, float, np.floating)) or isinstance(s, bool) or not math.isfinite(s):
                 raise InputError(f"strength of adapter {name!r} must be a finite number, got {s!r}")
+            scaling = max((abs(c.scaling) for p in self.points for c in p.columns if c.adapter == name), default=1.0)
+            with np.errstate(over="ignore"):
+                scaled = float(np.float32(s) * np.float32(max(scaling, 1.0)))
+            if not math.isfinite(scaled):
+                raise InputError(f"strength {s!r} of adapter {name!r} overflows float32 once scaled by the adapter's "
+                                 f"PEFT scaling ({scaling:g}): the outputs would be inf/NaN")
         r = self.target.strength_range
         outside = next((n for n, s in strengths.items() if r is not None and not r[0] <= s <= r[1]), None)
         if outside is not None:

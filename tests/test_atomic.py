@@ -3,8 +3,8 @@
 The compiles that get killed run in a child process (``sys.executable -c``) and die by SIGKILL:
 at random moments of a loop of compiles, and at chosen points, through two public seams: the
 ``report`` callback of :func:`compile_bundle` (called at each step) and a CPython audit hook
-(``sys.addaudithook``), which sees ``os.rename`` and ``shutil.rmtree`` just before they act. Nothing
-of lora_runtime is patched.
+(``sys.addaudithook``), which sees ``os.rename``, ``shutil.rmtree`` and ``lora_runtime.publish`` (the
+staging directory taking its name) just before they act. Nothing of lora_runtime is patched.
 
 After every kill: the output path holds nothing, or a bundle :func:`open_bundle` accepts whose
 manifest equals the one of a complete compile of the same inputs; leftovers are only
@@ -39,7 +39,8 @@ KILLS = 6  # random kills per test; each costs one child start (~0.3 s)
 DEADLINE = 12.0  # seconds per random-kill test, whatever the count
 
 # The child: compile one bundle per spec in ``jobs`` (in a loop when ``loop``), dying by SIGKILL at the
-# ``kill_at`` = [event, n]-th event ("report", "os.rename" or "shutil.rmtree" under ``work``).
+# ``kill_at`` = [event, n]-th event ("report", "os.rename", "shutil.rmtree" or "lora_runtime.publish", the
+# directory's appearance, under ``work``).
 CHILD = r"""
 import json, os, signal, sys
 args = json.loads(sys.argv[1])
@@ -53,7 +54,8 @@ def hit(name, path=None):
         if seen["n"] == nth:
             os.kill(os.getpid(), signal.SIGKILL)
 
-sys.addaudithook(lambda name, a: hit(name, a[0]) if name in ("os.rename", "shutil.rmtree") else None)
+sys.addaudithook(lambda name, a: hit(name, a[0]) if name in ("os.rename", "shutil.rmtree", "lora_runtime.publish")
+                 else None)
 print("ready", flush=True)
 i = 0
 while True:
@@ -225,7 +227,8 @@ def test_compile_killed_at_each_step(tiny, refs, staged, tmp_path, step):
 
 def test_compile_killed_at_the_final_rename_leaves_no_loadable_partial(tiny, refs, tmp_path):
     out = tmp_path / "b"
-    proc = child(tiny, tmp_path, [{"out": str(out), "generation": "v3", "force": False}], kill_at=("os.rename", 1))
+    proc = child(tiny, tmp_path, [{"out": str(out), "generation": "v3", "force": False}],
+                 kill_at=("lora_runtime.publish", 1))
     run_to_death(proc)
     assert not out.exists()
     (partial,) = check_leftovers(tmp_path, "b", [refs["inline", "v3"]])
@@ -363,10 +366,13 @@ def test_force_refuses_to_replace_what_is_not_a_bundle(tiny, tmp_path, kind):
     assert [p.name for p in tmp_path.iterdir()] == ["target"]
 
 
-def test_force_replaces_an_empty_directory_and_refuses_without_force(tiny, refs, tmp_path):
-    """Positive control: the refusal above is about content, not about the path existing."""
+def test_an_empty_directory_is_taken_and_a_bundle_needs_force(tiny, refs, tmp_path):
+    """Positive control: the refusal above is about content. An empty folder made beforehand holds nothing to
+    lose and is taken; a bundle there is replaced only with force."""
     out = tmp_path / "target"
     out.mkdir()
+    compile_bundle(tiny.base, tiny.adapters, out, generation="v3")
+    assert complete(out) == refs["inline", "v3"]
     with pytest.raises(BundleError, match="already exists"):
         compile_bundle(tiny.base, tiny.adapters, out, generation="v3")
     compile_bundle(tiny.base, tiny.adapters, out, generation="v3", force=True)

@@ -148,7 +148,8 @@ def _prepare(size: str, work: Path, bar: Progress, quick: bool = False) -> _Setu
                                                   CompileOptions(gen, weight_only=WeightOnlyOptions.of(kind)),
                                                   use_cases=specs[gen][1], sample_inputs=model.inputs(), force=True)
         bar.step(f"compiled {gen}_{kind}")
-    merged = merge_use_case(bundles["v2"], work / "merged" / "summarize.onnx", use_case="summarize")
+    (work / "merged").mkdir(parents=True, exist_ok=True)
+    merged = merge_use_case(bundles["v2"], work / "merged" / "summarize.onnx", use_case="summarize", force=True)
     return _Setup(work, model.base, model.inputs(), bundles, merged)
 
 
@@ -246,8 +247,8 @@ def run_bench(size: str = "bench", work: Path | None = None, quick: bool = False
 def _ort_adapter_rows(bundle: Bundle, feeds: dict[str, np.ndarray], work: Path, runs: int) -> list[Row]:
     sess = make_session(bundle)
     names = ["summarize", "translate", "tone"]
-    (work / "ort_adapters").mkdir(exist_ok=True)
-    paths = [export_ort_adapter(bundle, n, work / "ort_adapters" / f"{n}.onnx_adapter") for n in names]
+    (work / "ort_adapters").mkdir(parents=True, exist_ok=True)
+    paths = [export_ort_adapter(bundle, n, work / "ort_adapters" / f"{n}.onnx_adapter", force=True) for n in names]
     load = measure("ort_adapter_load", lambda: ort.LoraAdapter().Load(str(paths[0])), runs)
     options = []
     for p in paths:

@@ -119,7 +119,8 @@ def run_bench_htp_smollm2(work: Path | None = None, quick: bool = False) -> dict
         model_dir = work / f"model-static{SLOTS}"
         if not (model_dir / "base.onnx").is_file():
             import_gguf(find_smollm2(), model_dir, static_cache=SLOTS)
-        calib = calibration_data(model_dir, work / "calibration.npz", samples=16 if quick else 32, seq_len=PREFILL)
+        calib = calibration_data(model_dir, work / "calibration.npz", samples=16 if quick else 32, seq_len=PREFILL,
+                                 force=True)
         bar.step("model")
         b = compile_bundle(model_dir / "base.onnx", {"caps": shipped_adapters()["caps"]}, work / "b-v3", CompileOptions(
             "v3", target="htp", static_shapes={"sequence": PREFILL}, decode_shapes={"sequence": 1},

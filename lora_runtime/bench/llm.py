@@ -106,7 +106,8 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
                                                         measure_accuracy=False),
                                          use_cases=["both=caps,listify", "caps=caps", "base="], force=True),
         }
-        calib = calibration_data(model_dir, work / "calibration.npz", samples=8 if quick else 32, seq_len=48)
+        calib = calibration_data(model_dir, work / "calibration.npz", samples=8 if quick else 32, seq_len=48,
+                                 force=True)
         bar.step("bundles")
         for preset, sens, rounding in PRESETS:
             key = f"qdq_{preset}" + (f"_s{int(sens)}" if sens else "") + ("_gptq" if rounding == "gptq" else "")
@@ -116,7 +117,8 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
                                           CompileOptions("v3", quant=quant),
                                           use_cases=["both=caps,listify", "caps=caps", "base="], force=True)
             bar.step(key)
-        merged = merge_use_case(bundles["v2"], work / "merged" / "caps.onnx", use_case="caps")
+        (work / "merged").mkdir(parents=True, exist_ok=True)
+        merged = merge_use_case(bundles["v2"], work / "merged" / "caps.onnx", use_case="caps", force=True)
         bar.step("merged")
         chat = Chat.load(model_dir)
         ids = np.array([chat.encode(chat.prompt(PROMPT))], np.int64)

@@ -114,7 +114,7 @@ def plot(report: dict, path: Path) -> None:
     a1.set_title("switch latency vs physical limits (gray) and peers (red)")
     a1.invert_yaxis()
     if "run_merged" not in by or not runs:
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, format="png")
         return
     merged = by["run_merged"]["p50_us"]
     a2.barh(runs, [by[n]["p50_us"] / merged for n in runs], color="tab:purple")
@@ -125,4 +125,4 @@ def plot(report: dict, path: Path) -> None:
     fig.suptitle(f"lora-runtime bench: {report['model']['recipe']} model, {report['machine']['cpus']} cpus, "
                  f"onnxruntime {report['versions']['onnxruntime']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_runtime.errors import InputError, LoraRuntimeError
+from lora_runtime.errors import BundleError, InputError, LoraRuntimeError
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -26,9 +26,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
     weight_only = quant = None
     if args.base_weights != "float32":
         weight_only = WeightOnlyOptions.of(args.base_weights, args.block_size, args.base_encodings)
-    if args.encodings != "none":
-        quant = QuantOptions(args.encodings, args.calibration, args.preset, args.calibration_method,
-                             args.weight_rounding, args.encodings_file, args.sensitive_db, not args.no_ort_reference)
+    quant_flags = {"--calibration": args.calibration, "--preset": args.preset,
+                   "--calibration-method": args.calibration_method, "--weight-rounding": args.weight_rounding,
+                   "--encodings-file": args.encodings_file, "--sensitive-db": args.sensitive_db,
+                   "--no-ort-reference": args.no_ort_reference or None}
+    if args.encodings == "none":
+        given = [flag for flag, value in quant_flags.items() if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} go with --encodings non-updatable|adapter-only|full; without it the "
+                             "bundle would be float and the option ignored")
+    else:
+        quant = QuantOptions(args.encodings, args.calibration, args.preset or "w8a8",
+                             args.calibration_method or "minmax", args.weight_rounding or "nearest",
+                             args.encodings_file, args.sensitive_db, not args.no_ort_reference)
     htp = HtpOptions(args.soc_model or "60", args.htp_arch, args.htp_context)
     if args.target != "htp" and (args.soc_model or args.htp_arch or args.htp_context):
         raise InputError("--soc-model, --htp-arch and --htp-context go with --target htp")
@@ -66,12 +76,19 @@ def parse_dims(items: list[str], flag: str = "--static-shape") -> dict[str, int]
     return dims
 
 
+def save_npz(path: str, arrays: dict[str, np.ndarray], *, force: bool = False) -> Path:
+    """An .npz at exactly ``path`` (numpy would append ".npz"), never over a file without ``force``."""
+    from lora_runtime.staging import new_file
+
+    with new_file(path, force=force) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    return Path(path).absolute()
+
+
 def load_npz(path: str) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read as .npz ({e})") from e
+    from lora_runtime.arrays import read_npz
+
+    return read_npz(path, "the graph's inputs")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -79,6 +96,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if bool(args.use_case) == bool(args.strength):
         raise InputError("give --use-case NAME (repeatable) or --strength ADAPTER=S (repeatable), not both")
+    from lora_runtime.staging import check_new_file
+
+    check_new_file(args.outputs, force=args.force)  # refused before anything runs
     feeds = load_npz(args.inputs)
     rt = Runtime.open(args.bundle, base=args.base, device=args.device)
     results: dict[str, np.ndarray] = {}
@@ -101,8 +121,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             prefix = f"{name}/" if len(args.use_case) > 1 else ""
             results.update({prefix + k: v for k, v in out.items()})
-    np.savez(args.outputs, **results)
-    print(f"wrote {', '.join(f'{k} {v.shape}' for k, v in results.items())} to {args.outputs}")
+    path = save_npz(args.outputs, results, force=args.force)
+    print(f"wrote {', '.join(f'{k} {v.shape}' for k, v in results.items())} to {path}")
     return 0
 
 
@@ -126,7 +146,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from lora_runtime.bundle import open_bundle
     from lora_runtime.export import merge_use_case
 
-    path = merge_use_case(open_bundle(args.bundle), args.out, use_case=args.use_case)
+    path = merge_use_case(open_bundle(args.bundle), args.out, use_case=args.use_case, force=args.force)
     print(f"wrote {path} ({args.use_case} merged into the base weights)")
     return 0
 
@@ -135,15 +155,19 @@ def cmd_export_ort_adapter(args: argparse.Namespace) -> int:
     from lora_runtime.bundle import open_bundle
     from lora_runtime.export import export_ort_adapter
 
-    path = export_ort_adapter(open_bundle(args.bundle), args.adapter, args.out)
+    path = export_ort_adapter(open_bundle(args.bundle), args.adapter, args.out, force=args.force)
     print(f"wrote {path} (load with onnxruntime.LoraAdapter, activate with RunOptions.add_active_adapter)")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from lora_runtime.bench.report import format_table, plot
+    from lora_runtime.staging import check_new_file, new_file
 
     work = Path(args.work) if args.work else None
+    for path in (args.json, args.plot):  # refused now, not after minutes of measuring
+        if path:
+            check_new_file(path, force=args.force)
     if args.device == "htp":
         from lora_runtime.bench.htp import run_bench_htp, run_bench_htp_smollm2
 
@@ -169,10 +193,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = run_bench(args.size or "bench", work, args.quick)
     print(format_table(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        with new_file(args.json, force=args.force) as tmp:
+            tmp.write_text(json.dumps(report, indent=1) + "\n")
         print(f"\nwrote {args.json}", file=sys.stderr)
     if args.plot:
-        plot(report, Path(args.plot))
+        with new_file(args.plot, force=args.force) as tmp:
+            plot(report, tmp)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
@@ -196,7 +222,7 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
         raise InputError(f"--static-cache {args.static_cache}: between 1 and --max-seq ({args.max_seq}) slots")
     src = Path(args.gguf) if args.gguf else find_smollm2()
     t0 = time.perf_counter()
-    path = import_model(src, args.out, max_seq=args.max_seq, static_cache=args.static_cache)
+    path = import_model(src, args.out, max_seq=args.max_seq, static_cache=args.static_cache, force=args.force)
     print(f"wrote {path} (+ base.onnx.data, tokenizer.json, chat.json) from {src.name} in "
           f"{time.perf_counter() - t0:.1f}s")
     return 0
@@ -205,17 +231,34 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
 def cmd_calibration_data(args: argparse.Namespace) -> int:
     from lora_runtime.llm import calibration_data
 
-    path = calibration_data(args.model, args.out, samples=args.samples, seq_len=args.seq_len)
+    path = calibration_data(args.model, args.out, samples=args.samples, seq_len=args.seq_len, force=args.force)
     print(f"wrote {path}: {args.samples} chat prompts of {args.seq_len} tokens with empty KV caches")
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from lora_runtime.llm import Chat, generate
-    from lora_runtime.runtime.switcher import Runtime
+def open_llm(path: str, device: str):  # noqa: ANN201  (Runtime, Chat)
+    """The runtime and the tokenizer of one and the same bundle, also while a compile --force replaces it."""
+    from lora_runtime.bundle import manifest_stamp
+    from lora_runtime.llm import Chat
+    from lora_runtime.runtime.switcher import OPEN_ATTEMPTS, Runtime
 
-    rt = Runtime.open(args.bundle, device=args.device)
-    chat = Chat.load(args.bundle)
+    for _ in range(OPEN_ATTEMPTS):
+        rt = Runtime.open(path, device=device)
+        try:
+            chat = Chat.load(path)
+        except LoraRuntimeError:
+            if manifest_stamp(path) == rt.bundle.stamp:
+                raise
+            continue
+        if manifest_stamp(path) == rt.bundle.stamp:
+            return rt, chat
+    raise BundleError(f"{path}: replaced while it was being opened, {OPEN_ATTEMPTS} times in a row; open it again")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lora_runtime.llm import generate
+
+    rt, chat = open_llm(args.bundle, args.device)
     if args.use_case:
         rt.switch(args.use_case)
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
@@ -228,36 +271,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from lora_runtime.llm import Chat, generate
-    from lora_runtime.runtime.switcher import Runtime
+    from lora_runtime.cli.chat import run_chat
 
-    rt = Runtime.open(args.bundle)
-    chat = Chat.load(args.bundle)
-    print(f"use-cases: {', '.join(rt.use_cases)} (current: {rt.current}); /use NAME switches, /quit ends",
-          file=sys.stderr)
-    history: list[dict[str, str]] = []
-    while True:
-        try:
-            line = input(f"[{rt.current}]> ").strip()
-        except EOFError:
-            return 0
-        if line in ("/quit", "/exit"):
-            return 0
-        if line.startswith("/use "):
-            try:
-                r = rt.switch(line[5:].strip())
-            except LoraRuntimeError as e:
-                print(f"error: {e}", file=sys.stderr)
-                continue
-            history = []  # keys and values computed under another adapter are stale
-            print(f"switched to {r.use_case}: {r.kind}, {r.seconds * 1e6:.0f} us, {r.bytes_moved} bytes moved",
-                  file=sys.stderr)
-            continue
-        if not line:
-            continue
-        history.append({"role": "user", "content": line})
-        g = generate(rt, chat, history, max_new_tokens=args.max_new_tokens,
-                     on_text=lambda t: print(t, end="", flush=True))
-        print()
-        history.append({"role": "assistant", "content": g.text})
+    rt, chat = open_llm(args.bundle, "cpu")
+    return run_chat(rt, chat, max_new_tokens=args.max_new_tokens)
 

@@ -35,14 +35,14 @@ def parser() -> argparse.ArgumentParser:
                    help="INT8 (QDQ) with encodings of this flexibility (v1: non-updatable; v2: full; v3: any)")
     c.add_argument("--calibration", metavar="DATA.npz",
                    help="calibration samples: keys are graph inputs, arrays have a leading sample axis")
-    c.add_argument("--preset", default="w8a8", help="encodings preset: w8a8, w8a16, w4a16 or lora_a16w16")
-    c.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile"])
+    c.add_argument("--preset", default=None, help="encodings preset: w8a8 (default), w8a16, w4a16 or lora_a16w16")
+    c.add_argument("--calibration-method", default=None, choices=["minmax", "percentile"], help="default minmax")
     c.add_argument("--encodings-file", metavar="F.encodings",
                    help="your own AIMET/QAIRT encodings: entries named in it override the calibrated ones")
     c.add_argument("--sensitive-db", type=float, default=None, metavar="DB",
                    help="mixed precision: activations whose per-token SQNR at the preset's bitwidth is below DB get "
                         "16 bits (float16 if 16 bits are still below DB)")
-    c.add_argument("--weight-rounding", choices=("nearest", "gptq"), default="nearest",
+    c.add_argument("--weight-rounding", choices=("nearest", "gptq"), default=None,
                    help="how base weights pick their integer codes: nearest, or GPTQ (uses the calibration data; "
                         "slower to compile, far more accurate on real LLMs)")
     c.add_argument("--no-ort-reference", action="store_true",
@@ -70,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--strength", action="append", default=[], metavar="ADAPTER=S",
                    help="an ad-hoc mix instead of a use-case (v3: several adapters; v1/v2: one)")
     r.add_argument("--inputs", required=True, help=".npz whose keys are the graph's input names")
-    r.add_argument("--outputs", required=True, help=".npz to write, keyed by output name")
+    r.add_argument("--outputs", required=True, help=".npz to write (exactly this path), keyed by output name")
+    r.add_argument("--force", action="store_true", help="replace --outputs if it exists")
     r.add_argument("--base", help="refuse the bundle unless it was compiled from this base model .onnx")
     r.add_argument("--device", default="cpu", choices=["cpu", "htp"],
                    help="htp: run on Qualcomm's HTP through QNN (a bundle compiled with --target htp)")
@@ -85,12 +86,14 @@ def parser() -> argparse.ArgumentParser:
     mg.add_argument("bundle")
     mg.add_argument("--use-case", required=True)
     mg.add_argument("-o", "--out", required=True, help="model .onnx to write (external data if the base had it)")
+    mg.add_argument("--force", action="store_true", help="replace the model (and its .data) if they exist")
     mg.set_defaults(func=commands.cmd_merge)
 
     ex = sub.add_parser("export-ort-adapter", help="one adapter of a v2 bundle as ONNX Runtime's .onnx_adapter")
     ex.add_argument("bundle")
     ex.add_argument("--adapter", required=True)
     ex.add_argument("-o", "--out", required=True)
+    ex.add_argument("--force", action="store_true", help="replace the file if it exists")
     ex.set_defaults(func=commands.cmd_export_ort_adapter)
 
     bn = sub.add_parser("bench", help="switch latency and run cost vs physical limits and peers, in one run")
@@ -99,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--size", default=None, help="default-model preset: bench (default), tiny for a smoke run "
                                                  "(the default with --device htp), 1b")
     bn.add_argument("--json", help="write the report as JSON")
+    bn.add_argument("--force", action="store_true", help="replace --json / --plot files that exist")
     bn.add_argument("--plot", help="write a PNG (needs the [plot] extra: matplotlib)")
     bn.add_argument("--quick", action="store_true", help="fewer repetitions: well under a minute")
     bn.add_argument("--work", help="where models and bundles are built (default graphs/built/bench-<size>)")
@@ -113,6 +117,8 @@ def parser() -> argparse.ArgumentParser:
                     help="a .gguf file or a folder with config.json + *.safetensors (default: SmolLM2's GGUF)")
     ig.add_argument("-o", "--out", required=True, help="directory for base.onnx, tokenizer.json, chat.json")
     ig.add_argument("--max-seq", type=int, default=2048, help="longest prompt + generation (rotary table)")
+    ig.add_argument("--force", action="store_true",
+                    help="replace an existing model folder (by a new one: bundles hard-linking its data keep it)")
     ig.add_argument("--static-cache", type=int, default=None, metavar="C",
                     help="a fixed KV cache of C slots (what an accelerator deploys: compile it with --static-shape "
                          "sequence=N --decode-shape sequence=1); C is then the longest prompt + generation")
@@ -123,6 +129,7 @@ def parser() -> argparse.ArgumentParser:
     cd.add_argument("-o", "--out", required=True, help=".npz to write (for compile --calibration)")
     cd.add_argument("--samples", type=int, default=16)
     cd.add_argument("--seq-len", type=int, default=64)
+    cd.add_argument("--force", action="store_true", help="replace the .npz if it exists")
     cd.set_defaults(func=commands.cmd_calibration_data)
 
     gn = sub.add_parser("generate", help="generate text from a bundle of an imported LLM")
@@ -133,7 +140,7 @@ def parser() -> argparse.ArgumentParser:
     gn.add_argument("--max-new-tokens", type=int, default=64)
     gn.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gn.add_argument("--top-p", type=float, default=1.0)
-    gn.add_argument("--seed", type=int, default=None)
+    gn.add_argument("--seed", type=int, default=None, help="sampling seed; -1 (or none): random, as llama.cpp")
     gn.add_argument("--device", default="cpu", choices=["cpu", "htp"],
                     help="htp: generate on Qualcomm's HTP through QNN (a bundle compiled with --target htp)")
     gn.set_defaults(func=commands.cmd_generate)

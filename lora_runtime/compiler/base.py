@@ -8,15 +8,21 @@ need only the initializers' shapes), external data files are hard-linked into th
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
 from onnx import TensorProto
 
-from lora_runtime.errors import BaseModelError
+from lora_runtime.compiler.adapter import Adapter
+from lora_runtime.errors import BaseMismatchWarning, BaseModelError
 from lora_runtime.external_data import location
+from lora_runtime.names import MANIFEST
 
 ORT_DEFAULT_DOMAIN_OPS = {"SimplifiedLayerNormalization"}
 
@@ -25,6 +31,9 @@ def load_base(path: Path) -> tuple[onnx.ModelProto, list[str]]:
     """The graph (weights left where they are) and its external data files, relative to its folder."""
     if not path.is_file():
         raise BaseModelError(f"{path}: base model not found")
+    if (path.parent / MANIFEST).is_file():
+        raise BaseModelError(f"{path}: a file of the bundle {path.parent}, not a base model: compile from the base "
+                             "model the bundle was compiled from (inspect shows its name)")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError and friends; all mean the same to the user
@@ -80,3 +89,32 @@ def link_data(src: Path, dst: Path, copy: bool) -> None:
                                  f"another filesystem?); pass --copy-base-data to copy "
                                  f"{src.stat().st_size / 1e9:.2f} GB") from e
         shutil.copyfile(src, dst)
+
+
+_GENERIC = {"main", "graph", "torch", "jit", "model", "onnx", "base"}
+
+
+def check_adapter_bases(model: onnx.ModelProto, base: Path, adapters: Sequence[Adapter]) -> None:
+    """Warn (:class:`BaseMismatchWarning`) when an adapter names a base model (``base_model_name_or_path``) that
+    shares no word with the base's own name (its graph's name, its file, an import's source), where the base has
+    one: an adapter trained on another model compiles and runs, silently wrong."""
+    identity = _words(model.graph.name) | _words(base.stem) | _words(base.parent.name)
+    chat = base.parent / "chat.json"
+    if chat.is_file():
+        try:
+            identity |= _words(str(json.loads(chat.read_text()).get("source", "")))
+        except (OSError, ValueError):
+            pass
+    identity -= _GENERIC
+    if not identity:
+        return  # an export's generic graph name ("main_graph", "torch_jit"): nothing to compare with
+    for a in adapters:
+        named = a.config.extra.get("base_model_name_or_path")
+        if isinstance(named, str) and named and not (_words(named) - _GENERIC) & identity:
+            warnings.warn(f"adapter {a.name!r} was trained on {named!r} (its base_model_name_or_path), which does "
+                          f"not look like the base model {base.name} ({model.graph.name!r}): check it is the same "
+                          "model", BaseMismatchWarning, stacklevel=2)
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.split(r"[^a-z0-9]+", text.lower()) if len(w) >= 3 or any(c.isdigit() for c in w)}

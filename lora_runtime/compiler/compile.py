@@ -24,7 +24,7 @@ import onnx
 
 from lora_runtime.bundle import Bundle, file_table, open_bundle, sha256_file, write_manifest
 from lora_runtime.compiler.adapter import Adapter
-from lora_runtime.compiler.base import check_structure, link_data, load_base
+from lora_runtime.compiler.base import check_adapter_bases, check_structure, link_data, load_base
 from lora_runtime.compiler.htp import htp_stage
 from lora_runtime.compiler.options import CompileOptions, WeightOnlyOptions
 from lora_runtime.compiler.passes.branch import BranchOptions, add_branches
@@ -99,6 +99,7 @@ def compile_bundle(base: str | os.PathLike[str],
     say("reading the base model")
     base = Path(base)
     model, data_files = load_base(base)
+    check_adapter_bases(model, base, loaded)
     say("resolving attachment points")
     gen = options.generation
     branches = plan_branches(attach(model.graph, loaded, base), loaded, gen)
@@ -122,6 +123,8 @@ def compile_bundle(base: str | os.PathLike[str],
                                        adapter_patch(a.name) if gen != "v3" else None) for a in loaded),
             use_cases=tuple(UseCase(s.name, dict(s.strengths)) for s in specs), files={}, versions=versions(),
             group_patch=GROUP_PATCH if gen == "v3" else None, default_adapter=default, target=target)
+        for u in manifest.use_cases:  # strengths that overflow float32 once scaled are refused here, not as NaNs
+            manifest.strength_value(u.strengths)
         own: list[str] = [*patches]
         if options.weight_only is not None:
             say(f"quantizing base weights to {options.weight_only.dtype}")

@@ -12,6 +12,8 @@ from lora_runtime.errors import InputError
 from lora_runtime.llm.cache import PAST_BIAS, POSITIONS
 from lora_runtime.llm.chat import Chat
 from lora_runtime.models.llama import MASK
+from lora_runtime.names import GRAPH
+from lora_runtime.staging import check_new_file, new_file
 
 # A small built-in prompt list for calibration: varied chat requests (facts, advice, lists, code, prose).
 # Each calibration sample starts with its own prompt, so at most len(CALIBRATION_PROMPTS) distinct samples.
@@ -36,7 +38,7 @@ CALIBRATION_PROMPTS = (
 
 
 def calibration_data(folder: str | os.PathLike[str], out: str | os.PathLike[str], *, samples: int = 16,
-                     seq_len: int = 64, seed: int = 0) -> Path:
+                     seq_len: int = 64, seed: int = 0, force: bool = False) -> Path:
     """Calibration samples for an imported LLM: chat prompts of the built-in list, tokenized and cut to
     ``seq_len`` tokens (shorter ones are padded with the next prompts), with empty KV caches. Each sample
     starts with a prompt of its own (no two samples repeat, so held-out samples are not calibration ones).
@@ -47,7 +49,11 @@ def calibration_data(folder: str | os.PathLike[str], out: str | os.PathLike[str]
                          f"list, not {samples}; for more, write your own .npz (keys: the graph's inputs)")
     if seq_len < 1:
         raise InputError(f"seq_len must be at least 1, got {seq_len}")
+    check_new_file(out, force=force)  # refused before any work
     chat = Chat.load(folder)
+    if seq_len > chat.max_seq:
+        raise InputError(f"seq_len {seq_len} exceeds the model's context of {chat.max_seq} positions")
+    graph = _graph(Path(folder))
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(CALIBRATION_PROMPTS))
     rows = []
@@ -58,7 +64,6 @@ def calibration_data(folder: str | os.PathLike[str], out: str | os.PathLike[str]
             ids += chat.encode(chat.prompt([{"role": "user", "content": CALIBRATION_PROMPTS[order[k % len(order)]]}]))
             k += 1
         rows.append(ids[:seq_len])
-    graph = onnx.load(str(Path(folder) / "base.onnx"), load_external_data=False).graph
     names = [i.name for i in graph.input]
     arrays = {"input_ids": np.array(rows, np.int64)[:, None, :]}
     slots = 0
@@ -71,5 +76,17 @@ def calibration_data(folder: str | os.PathLike[str], out: str | os.PathLike[str]
         arrays[PAST_BIAS] = np.full((samples, 1, 1, 1, slots), MASK, np.float32)
     empty = np.zeros((samples, 1, chat.kv_heads, slots, chat.head_dim), np.float32)
     arrays |= {n: empty for n in names if n.startswith(("past_key.", "past_value."))}
-    np.savez(out, **arrays)
-    return Path(out)
+    with new_file(out, force=force) as tmp, open(tmp, "wb") as f:  # exactly ``out`` (numpy appends ".npz")
+        np.savez(f, **arrays)
+    return Path(out).absolute()
+
+
+def _graph(folder: Path) -> onnx.GraphProto:
+    """The graph of an imported model folder (``base.onnx``) or of a bundle compiled from one."""
+    for name in ("base.onnx", GRAPH):
+        if (folder / name).is_file():
+            try:
+                return onnx.load(str(folder / name), load_external_data=False).graph
+            except Exception as e:  # noqa: BLE001  (onnx's DecodeError and friends)
+                raise InputError(f"{folder / name}: not a readable ONNX model ({type(e).__name__})") from e
+    raise InputError(f"{folder}: neither an imported model folder (base.onnx) nor a bundle ({GRAPH})")

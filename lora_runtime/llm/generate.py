@@ -8,6 +8,7 @@ computed under another adapter would be stale).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,20 +39,21 @@ def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]] | list[
 
     ``prompt``: raw text, chat messages (rendered with ChatML), or token ids.
     """
-    if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 0:
-        raise InputError("need temperature >= 0, 0 < top_p <= 1 and max_new_tokens >= 0")
+    if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1 or max_new_tokens < 0:
+        raise InputError(f"need a finite temperature >= 0 (got {temperature}), 0 < top_p <= 1 (got {top_p}) and "
+                         f"max_new_tokens >= 0 (got {max_new_tokens})")
     if isinstance(prompt, str):
         ids = chat.encode(prompt)
     elif prompt and all(isinstance(t, int) for t in prompt):
         ids = list(prompt)
     else:
-        ids = chat.encode(chat.prompt(prompt))
+        ids = chat.prompt_ids(prompt)
     if not ids:
         raise InputError("the prompt encodes to no tokens")
     if len(ids) + max_new_tokens > chat.max_seq:
         raise InputError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
                          f"{chat.max_seq} positions")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(None if seed is None or seed < 0 else seed)  # -1: random, as llama.cpp's
     shapes = rt.input_shapes
     lengths = [s["input_ids"][1] if isinstance(s["input_ids"][1], int) else None for s in shapes]
     cache = make_cache(shapes[0], lengths)

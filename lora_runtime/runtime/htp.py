@@ -78,7 +78,7 @@ def session(path: Path, soc_model: str | None, htp_arch: str | None = None, *,
     """A session with every node on the HTP (or a TargetError naming the nodes that would not be)."""
     devices = _devices()
     so = session_options or ort.SessionOptions()
-    so.log_severity_level = max(so.log_severity_level, 3)
+    so.log_severity_level = max(so.log_severity_level, 4)
     so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     for key, value in (config or {}).items():
         so.add_session_config_entry(key, value)

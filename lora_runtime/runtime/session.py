@@ -9,6 +9,7 @@ outputs without moving weights on every run.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def make_session(bundle: Bundle, *, device: str = "cpu", providers: list[str] | 
         raise InputError(f"{bundle.path}: no decode graph (compile with --static-shape and --decode-shape)")
     path, context = (decode.graph, decode.context) if graph == "decode" and decode else (m.graph, m.target.context)
     so = session_options or ort.SessionOptions()
-    so.log_severity_level = max(so.log_severity_level, 3)  # one warning per initializer-input otherwise
+    # fatal only: a warning per initializer-input otherwise, and a run's error is raised (one line) anyway
+    so.log_severity_level = max(so.log_severity_level, 4)
     if device == "htp":
         if m.target.name != "htp":
             raise TargetError(f"{bundle.path}: compiled for the {m.target.name.upper()}, not the HTP: compile with "
@@ -126,4 +128,17 @@ def run_use_case(bundle: str | os.PathLike[str] | Bundle, use_case: str | None, 
     reserved = {s.name for s in m.slots}
     inputs = check_feeds(input_specs(session, reserved), feeds) | slot_feeds(bundle, strengths, use_case)
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, inputs)))
+    try:
+        return dict(zip(names, session.run(names, inputs)))
+    except Exception as e:  # ONNX Runtime's: an index out of range, a shape the graph cannot take, ...
+        raise InputError(f"ONNX Runtime rejected the inputs: {ort_message(e)}") from e
+
+
+def ort_message(e: Exception) -> str:
+    """ONNX Runtime's error in one line, without its status-code preamble, naming the node when it says which."""
+    text = " ".join(str(e).split())
+    node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
+    for marker in ("Status Message: ", "] : "):
+        if marker in text:
+            text = text.split(marker)[-1]
+    return (f"{node.group(1)} node {node.group(2)!r}: " if node else "") + text[:400]

@@ -50,25 +50,47 @@ class Layout:
 
 
 class PatchSource:
-    """A patch file ("ROM") whose header matches the layout, and the stamp of the file it was checked on."""
+    """A patch file ("ROM") whose header matches the layout, held open: the runtime reads the file it validated
+    even after a ``compile --force`` replaced the bundle (the old inode lives as long as the descriptor)."""
 
     def __init__(self, header: TensorFile, layout: Layout) -> None:
         """``header``: the patch's header as :func:`lora_runtime.bundle.open_bundle` validated it."""
         layout.check(header)
         self.path = header.path
         self.data_start, self.stamp = header.data_start, header.stamp
-
-    def revalidate(self, fd: int, layout: Layout) -> None:
-        """Parse and check the header again only if the file is not the one checked last time."""
+        self.fd: int | None = None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise BundleError(f"{self.path}: cannot open the patch ({e.strerror or e}); was the bundle replaced "
+                              "or removed? open it again") from e
         st = os.fstat(fd)
+        if header.stamp != (-1, -1, -1) and (st.st_ino, st.st_size, st.st_mtime_ns) != header.stamp:
+            os.close(fd)
+            raise BundleError(f"{self.path}: changed after the bundle was validated (replaced by a compile --force?); "
+                              "open the bundle again")
+        self.fd = fd
+
+    def __del__(self) -> None:
+        fd, self.fd = getattr(self, "fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def revalidate(self, layout: Layout) -> None:
+        """Parse and check the header again only if the file was changed in place since it was checked."""
+        st = os.fstat(self.fd)
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         if stamp == self.stamp:
             return
+        pinned = f"/proc/self/fd/{self.fd}"  # the file this descriptor holds, whatever the path names now
         try:
-            tf = read_header(self.path)
+            tf = read_header(pinned if os.path.isdir("/proc/self/fd") else self.path)
         except TensorFileError as e:
-            raise BundleError(str(e)) from e
-        layout.check(tf)
+            raise BundleError(str(e).replace(pinned, str(self.path))) from e
+        try:
+            layout.check(tf)
+        except BundleError as e:
+            raise BundleError(str(e).replace(pinned, str(self.path))) from None
         self.data_start, self.stamp = tf.data_start, stamp
 
 
@@ -105,23 +127,19 @@ class SlotSet:
         or mtime differ), it is validated again before a byte is copied.
         """
         hook = hook or (lambda _step: None)
-        path = source.path
+        path, fd = source.path, source.fd
         try:
             hook("open")
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                hook("read_header")
-                source.revalidate(fd, self.layout)
-                hook("read")
-                view = memoryview(self.arena)
-                done = 0
-                while done < self.nbytes:
-                    n = os.preadv(fd, [view[done:]], source.data_start + done)
-                    if not n:
-                        raise BundleError(f"{path}: ended after {done} of {self.nbytes} patch bytes")
-                    done += n
-            finally:
-                os.close(fd)
+            hook("read_header")
+            source.revalidate(self.layout)
+            hook("read")
+            view = memoryview(self.arena)
+            done = 0
+            while done < self.nbytes:
+                n = os.preadv(fd, [view[done:]], source.data_start + done)
+                if not n:
+                    raise BundleError(f"{path}: ended after {done} of {self.nbytes} patch bytes")
+                done += n
         except TensorFileError as e:
             raise BundleError(str(e)) from e
         except OSError as e:

@@ -27,12 +27,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lora_runtime.bundle import Bundle, open_bundle
-from lora_runtime.errors import InputError
-from lora_runtime.runtime.session import check_feeds, input_specs, make_session
+from lora_runtime.bundle import Bundle, manifest_stamp, open_bundle
+from lora_runtime.errors import BundleError, InputError, LoraRuntimeError
+from lora_runtime.runtime.session import check_feeds, input_specs, make_session, ort_message
 from lora_runtime.runtime.slots import Layout, PatchSource, SlotSet
+from lora_runtime.staging import path_lock
 
 GROUP = "group"
+OPEN_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -130,14 +132,35 @@ class Runtime:
         A bundle with a decode graph (``--decode-shape``) gets a session for each graph; :meth:`run` takes the
         one whose input shapes the feeds have, and both read the same resident slots.
         ``verify_base``: also hash the base model's external data (else its size is checked).
+        The runtime is pinned to the bundle it validated: it holds the patch files open, so a ``compile --force``
+        that replaces the bundle later changes nothing for it (open again to use the new one); a replacement
+        while it opens is noticed (the manifest's inode) and the open starts over.
         ``base``: refuse the bundle unless it was compiled from this base model file.
         """
-        bundle = open_bundle(Path(bundle_dir), verify_base=verify_base, base=base)
-        session = make_session(bundle, device=device, providers=providers, session_options=session_options)
-        decode = make_session(bundle, device=device, providers=providers, session_options=session_options,
-                              graph="decode") if bundle.manifest.target.decode is not None else None
-        names = bundle.manifest.use_case_names if preload == "all" else list(preload)
-        return cls(bundle, session, names, decode)
+        root = Path(bundle_dir)
+        for _ in range(OPEN_ATTEMPTS):  # a compile --force may swap the bundle while it is being opened
+            with path_lock(root, exclusive=False):  # a compile --force publishing here waits for this
+                stamp = manifest_stamp(root)
+                try:
+                    bundle = open_bundle(root, verify_base=verify_base, base=base)
+                    session = make_session(bundle, device=device, providers=providers,
+                                           session_options=session_options)
+                    decode = make_session(bundle, device=device, providers=providers, session_options=session_options,
+                                          graph="decode") if bundle.manifest.target.decode is not None else None
+                    names = bundle.manifest.use_case_names if preload == "all" else list(preload)
+                    rt = cls(bundle, session, names, decode)
+                except LoraRuntimeError:
+                    if manifest_stamp(root) == stamp:
+                        raise
+                    continue
+                except Exception as e:  # ONNX Runtime's own exceptions: a file went away under it, or a broken graph
+                    if manifest_stamp(root) == stamp:
+                        raise BundleError(f"{root}: ONNX Runtime cannot load the bundle: {str(e).splitlines()[0]}") \
+                            from e
+                    continue
+                if manifest_stamp(root) == stamp:  # nothing was swapped in while it opened: one bundle throughout
+                    return rt
+        raise BundleError(f"{root}: replaced while it was being opened, {OPEN_ATTEMPTS} times in a row; open it again")
 
     # ---- what is where -------------------------------------------------------------------------------
 
@@ -272,7 +295,10 @@ class Runtime:
             binding.clear_binding_outputs()
             for name in graph.outputs:
                 binding.bind_output(name, "cpu")
-            graph.session.run_with_iobinding(binding)
+            try:
+                graph.session.run_with_iobinding(binding)
+            except Exception as e:  # ONNX Runtime's: an index out of range, a shape the graph cannot take, ...
+                raise InputError(f"ONNX Runtime rejected the inputs: {ort_message(e)}") from e
             outputs = binding.copy_outputs_to_cpu()
         finally:
             with self._lock:
