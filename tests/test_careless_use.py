@@ -109,3 +109,14 @@ def test_system_errors_are_one_line_with_the_path(tmp_path):
     text = _one_line(full)
     assert text.startswith(f"{tmp_path / 'b' / 'base.qdq.data'}: No space left on device (")
     assert "bytes free there" in text and "\n" not in text
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["demo", "--size", "huge"], "unknown model preset 'huge'; choose from tiny, bench, 1b"),
+    (["bench", "--size", "huge", "--quick"], "unknown model preset 'huge'"),
+    (["import-model", "--max-seq", "0", "-o", "{tmp}/m"], "--max-seq 0: the model needs at least one position"),
+])
+def test_bad_sizes_are_one_line(tmp_path, capsys, argv, message):
+    _fails(capsys, [a.format(tmp=tmp_path) for a in argv] + (["--out", str(tmp_path / "d")] if argv[0] == "demo"
+                                                              else []), message)
+    assert list(tmp_path.iterdir()) == []

@@ -218,6 +218,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_import_gguf(args: argparse.Namespace) -> int:
     from lora_runtime.llm import find_smollm2, import_model
 
+    if args.max_seq < 1:
+        raise InputError(f"--max-seq {args.max_seq}: the model needs at least one position")
     if args.static_cache is not None and not 1 <= args.static_cache <= args.max_seq:
         raise InputError(f"--static-cache {args.static_cache}: between 1 and --max-seq ({args.max_seq}) slots")
     src = Path(args.gguf) if args.gguf else find_smollm2()

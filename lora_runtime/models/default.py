@@ -21,6 +21,7 @@ from typing import BinaryIO
 import numpy as np
 import onnx
 
+from lora_runtime.errors import InputError
 from lora_runtime.lora_config import LoraConfig, rank_and_scaling
 from lora_runtime.models.llama import DATA_FILE, LlamaShape, build_llama, linear_shapes
 from lora_runtime.tensorfile import save_tensors
@@ -95,7 +96,7 @@ PRESETS: dict[str, ModelRecipe] = {
 
 def recipe(preset: str) -> ModelRecipe:
     if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose from {', '.join(PRESETS)}")
+        raise InputError(f"unknown model preset {preset!r}; choose from {', '.join(PRESETS)}")
     return PRESETS[preset]
 
 

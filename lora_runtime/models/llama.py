@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from lora_runtime.errors import BaseModelError, InputError
 from lora_runtime.external_data import DataWriter
 from lora_runtime.names import CACHE_SLOTS, KV_PAIRS
 
@@ -57,9 +58,12 @@ class LlamaShape:
         return self.d_model // self.n_heads
 
     def check(self) -> None:
-        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads or self.head_dim % 2:
-            raise ValueError(f"d_model {self.d_model}, n_heads {self.n_heads} and n_kv_heads {self.n_kv_heads} "
-                             "do not divide evenly")
+        if min(self.d_model, self.n_heads, self.n_kv_heads, self.n_layers, self.vocab, self.d_ff) < 1 or \
+                self.d_model % self.n_heads or self.n_heads % self.n_kv_heads or self.head_dim % 2:
+            raise BaseModelError(f"d_model {self.d_model}, n_heads {self.n_heads} and n_kv_heads {self.n_kv_heads} "
+                                 "must be positive and divide evenly (and every other size positive)")
+        if self.max_seq < 1:
+            raise InputError(f"max_seq {self.max_seq}: the model needs at least one position")
 
 
 def linear_shapes(s: LlamaShape) -> dict[str, tuple[int, int]]:
@@ -93,7 +97,7 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
     """
     s.check()
     if static_cache is not None and not 1 <= static_cache <= s.max_seq:
-        raise ValueError(f"static_cache {static_cache}: between 1 and the model's {s.max_seq} positions")
+        raise InputError(f"static_cache {static_cache}: between 1 and the model's {s.max_seq} positions")
     g = _Graph(weights, data)
     d, hd = s.d_model, s.head_dim
     rep = s.n_heads // s.n_kv_heads
@@ -240,7 +244,7 @@ class _Graph:
     def weight(self, name: str, shape: tuple[int, ...]) -> str:
         w = np.asarray(self.weights(name, shape), np.float32)
         if w.shape != shape:
-            raise ValueError(f"weight {name!r}: got shape {w.shape}, the graph needs {shape}")
+            raise BaseModelError(f"weight {name!r}: got shape {w.shape}, the graph needs {shape}")
         return self.const(name, w)
 
     def node(self, op: str, inputs: list[str], outputs: list[str], name: str | None = None, **attrs: object) -> str:
