@@ -36,7 +36,7 @@ def run_smollm2_demo(work: Path, max_new_tokens: int = 40) -> None:
     if not (stamp.is_file() and json.loads(stamp.read_text()).get("source") == gguf.name
             and (model_dir / "base.onnx").is_file()):
         print(f"importing {gguf.name} (dequantizing to float32 ONNX, once) into {model_dir}", file=sys.stderr)
-        import_gguf(gguf, model_dir)
+        import_gguf(gguf, model_dir, force=True)  # the demo's own folder: a stale import is replaced
     adapters = shipped_adapters()
     names = list(adapters)
     use_cases = ["base="] + [f"{a}={a}" for a in names]
