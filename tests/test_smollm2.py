@@ -231,3 +231,12 @@ def test_chat_keeps_the_conversation(model_dir, tmp_path):
     assert "error: unknown use-case 'nope'" in text
     assert "oldest exchange(s) no longer fit the 256-token context: dropped" in text
     assert "[stopped]" in text and answers[:3] == ["done"] * 3
+
+
+def test_the_ggufs_own_chat_template_renders_as_transformers(model_dir):
+    chat = Chat.load(model_dir)
+    assert chat.template and "{% for message in messages %}" in chat.template  # the file's, kept as written
+    for p in [p for p in REF["prompts"] if p["kind"] == "chat"]:
+        messages = [{"role": "user", "content": p["question"]}]
+        assert chat.prompt(messages) == p["prompt_text"]  # transformers' apply_chat_template
+        assert chat.prompt_ids(messages) == p["input_ids"]

@@ -1,7 +1,7 @@
 """The tokenizer and chat settings that travel with an imported model and its bundles.
 
 ``import-model`` writes ``tokenizer.json`` (the ``tokenizers`` serialization of the model's BPE) and
-``chat.json`` (ChatML's default system message, the end token, the KV-cache shape) next to ``base.onnx``;
+``chat.json`` (the model's own chat template, the end token, the KV-cache shape) next to ``base.onnx``;
 ``compile`` copies both into the bundle, so a bundle generates on its own.
 """
 
@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from lora_runtime.errors import BaseModelError
+from lora_runtime.llm.template import CHATML, TemplateError, render
 from lora_runtime.names import SIDECARS
 
 
@@ -27,6 +29,9 @@ class Chat:
     head_dim: int
     max_seq: int
     plain: object = None  # the same tokenizer reading special tokens' text as text (users' words)
+    template: str | None = None  # the model's own Jinja chat template (None: ChatML)
+    bos_token: str = ""
+    eos_token: str = ""
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> Chat:
@@ -43,8 +48,11 @@ class Chat:
             tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
             plain = Tokenizer.from_file(str(folder / "tokenizer.json"))
             plain.encode_special_tokens = True
+            bos = c.get("bos_id")
             return cls(tok, c.get("default_system"), int(c["eos_id"]), int(c["kv_heads"]), int(c["head_dim"]),
-                       int(c["max_seq"]), plain)
+                       int(c["max_seq"]), plain, c.get("chat_template") or None,
+                       tok.id_to_token(int(bos)) or "" if bos is not None else "",
+                       tok.id_to_token(int(c["eos_id"])) or "")
         except (OSError, ValueError, KeyError, TypeError, Exception) as e:  # tokenizers raises plain Exception
             raise BaseModelError(f"{folder}: unreadable tokenizer.json / chat.json ({type(e).__name__}: {e})") from e
 
@@ -55,27 +63,26 @@ class Chat:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """The ChatML prompt as token ids, the users' words never read as special tokens: a message saying
-        ``<|im_start|>system`` is text, not a new system turn."""
+        """The rendered prompt as token ids, the users' words never read as special tokens: a message saying
+        ``<|im_start|>system`` is text, not a new system turn. Without such text, exactly the tokens of the
+        rendered template (as transformers tokenizes it)."""
         specials = [t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special]
         if not any(sp in m["content"] for m in messages for sp in specials):
-            return self.encode(self.prompt(messages))  # as transformers tokenizes the rendered template
-        ids: list[int] = []
-        turns = list(messages)
-        if turns and turns[0]["role"] != "system" and self.default_system:
-            turns.insert(0, {"role": "system", "content": self.default_system})
-        for m in turns:  # a special token's text in someone's words: the words apart, read as plain text
-            ids += self.encode(f"<|im_start|>{m['role']}\n")
-            ids += self.plain.encode(m["content"], add_special_tokens=False).ids if self.plain else \
-                self.encode(m["content"])
-            ids += self.encode("<|im_end|>\n")
-        return ids + self.encode("<|im_start|>assistant\n")
+            return self.encode(self.prompt(messages))
+        marks = [f"\x01lora_runtime:{i}\x02" for i in range(len(messages))]
+        text = self.prompt([m | {"content": mark} for m, mark in zip(messages, marks)])
+        pieces = re.split("\x01lora_runtime:(\\d+)\x02", text)
+        if sorted(int(i) for i in pieces[1::2]) != list(range(len(messages))):
+            raise TemplateError("the chat template rewrites message text, so special-token text in a message "
+                                "cannot be kept apart: remove it from the message")
+        ids = self.encode(pieces[0])
+        for index, after in zip(pieces[1::2], pieces[2::2]):  # each message's words as plain text, then the template
+            ids += self.plain.encode(messages[int(index)]["content"], add_special_tokens=False).ids
+            ids += self.encode(after)
+        return ids
 
     def prompt(self, messages: list[dict[str, str]]) -> str:
-        """ChatML, as the GGUF's template renders it (a default system message when none is given)."""
-        text = ""
-        if messages and messages[0]["role"] != "system" and self.default_system:
-            text += f"<|im_start|>system\n{self.default_system}<|im_end|>\n"
-        for m in messages:
-            text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
-        return text + "<|im_start|>assistant\n"
+        """The conversation rendered by the model's own chat template (ChatML without one), ready for the
+        assistant's turn."""
+        return render(self.template or CHATML, messages, bos_token=self.bos_token, eos_token=self.eos_token,
+                      default_system=self.default_system)

@@ -54,7 +54,7 @@ def _gguf_into(gguf_path: Path, out: Path, *, max_seq: int, static_cache: int | 
     (out / "chat.json").write_text(json.dumps({
         "template": "chatml", "default_system": tok.default_system, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
         "kv_heads": model.shape.n_kv_heads, "head_dim": model.shape.head_dim, "max_seq": model.shape.max_seq,
-        "static_cache": static_cache, "source": gguf_path.name}, indent=1) + "\n")
+        "static_cache": static_cache, "chat_template": tok.chat_template, "source": gguf_path.name}, indent=1) + "\n")
     _read_only(path.parent / DATA_FILE)
 
 
@@ -78,7 +78,7 @@ def _hf_into(folder: Path, out: Path, *, max_seq: int, static_cache: int | None)
         "template": "chatml", "default_system": found.group(1) if found else None,
         "eos_id": eos[0] if isinstance(eos, list) else eos, "bos_id": cfg.get("bos_token_id"),
         "kv_heads": shape.n_kv_heads, "head_dim": shape.head_dim, "max_seq": shape.max_seq,
-        "static_cache": static_cache, "source": folder.name}, indent=1) + "\n")
+        "static_cache": static_cache, "chat_template": _hf_template(tok_cfg), "source": folder.name}, indent=1) + "\n")
     _read_only(path.parent / DATA_FILE)
 
 
@@ -98,3 +98,11 @@ def _read_only(path: Path) -> None:
     """Bundles hard-link the base data: nothing should rewrite it in place (a new import writes a new file)."""
     if path.is_file():
         path.chmod(0o444)
+
+
+def _hf_template(tok_cfg: dict) -> str | None:
+    """``tokenizer_config.json``'s chat template: a string, or a list of named ones (the "default")."""
+    t = tok_cfg.get("chat_template")
+    if isinstance(t, list):
+        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+    return t if isinstance(t, str) and t else None

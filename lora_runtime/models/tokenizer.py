@@ -3,8 +3,8 @@
 GPT-2-style byte-level BPE (``tokenizer.ggml.model == "gpt2"``): the ``tokenizers`` library builds it from
 the GGUF's vocabulary and merges; tokens of type CONTROL (3) are special tokens. The ``smollm``
 pre-tokenizer splits digits one by one before the byte-level split, as SmolLM's ``tokenizer.json`` does.
-The chat template is ChatML (``<|im_start|>role\\ncontent<|im_end|>\\n``), rendered here without Jinja: the
-GGUF's template only adds a default system message when the conversation has none, which is read from it.
+The GGUF's chat template (``tokenizer.chat_template``) is kept as written, for ``lora_runtime.llm`` to render
+with Jinja; its default system message is read out too (the ChatML fallback uses it).
 Needs ``pip install 'lora_runtime[llm]'`` (``tokenizers``, ``gguf``).
 """
 
@@ -28,6 +28,7 @@ class GgufTokenizer:
     bos_id: int | None
     eos_id: int
     default_system: str | None  # ChatML's system message when a conversation has none
+    chat_template: str | None = None  # the GGUF's own Jinja template (tokenizer.chat_template)
 
 
 def tokenizer_from_gguf(model: GgufModel) -> GgufTokenizer:
@@ -58,4 +59,4 @@ def tokenizer_from_gguf(model: GgufModel) -> GgufTokenizer:
     bos = model.metadata.get("tokenizer.ggml.bos_token_id")
     return GgufTokenizer(tok, int(bos) if bos is not None else None,
                          int(model.metadata.get("tokenizer.ggml.eos_token_id", 2)),
-                         found.group(1) if found else None)
+                         found.group(1) if found else None, template or None)
