@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_runtime.errors import BundleError, InputError, LoraRuntimeError
+from lora_runtime.errors import InputError
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -238,27 +238,8 @@ def cmd_calibration_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_llm(path: str, device: str):  # noqa: ANN201  (Runtime, Chat)
-    """The runtime and the tokenizer of one and the same bundle, also while a compile --force replaces it."""
-    from lora_runtime.bundle import manifest_stamp
-    from lora_runtime.llm import Chat
-    from lora_runtime.runtime.switcher import OPEN_ATTEMPTS, Runtime
-
-    for _ in range(OPEN_ATTEMPTS):
-        rt = Runtime.open(path, device=device)
-        try:
-            chat = Chat.load(path)
-        except LoraRuntimeError:
-            if manifest_stamp(path) == rt.bundle.stamp:
-                raise
-            continue
-        if manifest_stamp(path) == rt.bundle.stamp:
-            return rt, chat
-    raise BundleError(f"{path}: replaced while it was being opened, {OPEN_ATTEMPTS} times in a row; open it again")
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lora_runtime.llm import generate
+    from lora_runtime.llm import generate, open_llm
 
     rt, chat = open_llm(args.bundle, args.device)
     if args.use_case:
@@ -274,7 +255,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from lora_runtime.cli.chat import run_chat
+    from lora_runtime.llm import open_llm
 
     rt, chat = open_llm(args.bundle, "cpu")
     return run_chat(rt, chat, max_new_tokens=args.max_new_tokens)
 
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lora_runtime.serve import serve
+
+    print(f"serving {args.bundle} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
+    serve(args.bundle, host=args.host, port=args.port, device=args.device, api_key=args.api_key,
+          max_tokens=args.max_tokens)
+    return 0

@@ -150,6 +150,16 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-new-tokens", type=int, default=128)
     ch.set_defaults(func=commands.cmd_chat)
 
+    sv = sub.add_parser("serve", help="an OpenAI-compatible local server: /v1/chat/completions, /v1/completions, "
+                                      "/v1/models (the use-cases), /lora-adapters, /health")
+    sv.add_argument("bundle")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8080, help="default 8080")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (needed beyond localhost)")
+    sv.add_argument("--device", default="cpu", choices=["cpu", "htp"])
+    sv.add_argument("--max-tokens", type=int, default=256, help="answer length when a request gives none (256)")
+    sv.set_defaults(func=commands.cmd_serve)
+
     d = sub.add_parser("demo", help="build the default model and adapters, compile v1/v2/v3, run every use-case")
     d.add_argument("--size", default="tiny", help="model preset: tiny (default), bench or 1b")
     d.add_argument("--model", default=None, choices=["smollm2"],

@@ -9,18 +9,19 @@ computed under another adapter would be stale).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from lora_runtime.bundle import Bundle
-from lora_runtime.errors import InputError
+from lora_runtime.bundle import Bundle, manifest_stamp
+from lora_runtime.errors import BundleError, InputError, LoraRuntimeError
 from lora_runtime.llm.cache import make_cache
 from lora_runtime.llm.chat import Chat
 from lora_runtime.runtime.session import make_session
-from lora_runtime.runtime.switcher import Runtime
+from lora_runtime.runtime.switcher import OPEN_ATTEMPTS, Runtime
 
 
 @dataclass(frozen=True)
@@ -30,14 +31,18 @@ class Generation:
     prompt_tokens: int
     prefill_ms: float
     decode_ms_per_token: float
+    finish: str = "stop"  # "stop": the end token or a stop string; "length": max_new_tokens reached
 
 
 def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]] | list[int], *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             on_text: Callable[[str], None] | None = None) -> Generation:
+             on_text: Callable[[str], None] | None = None, stop: Sequence[str] = (),
+             run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None) -> Generation:
     """Greedy (temperature 0) or sampled decoding of the current use-case, streaming text to ``on_text``.
 
-    ``prompt``: raw text, chat messages (rendered with ChatML), or token ids.
+    ``prompt``: raw text, chat messages (rendered with the model's chat template), or token ids. ``stop``:
+    strings that end the answer (not included). ``run``: what runs the graph (default ``rt.run``; a server
+    passes one that runs each step under its request's use-case).
     """
     if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1 or max_new_tokens < 0:
         raise InputError(f"need a finite temperature >= 0 (got {temperature}), 0 < top_p <= 1 (got {top_p}) and "
@@ -57,28 +62,50 @@ def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]] | list[
     shapes = rt.input_shapes
     lengths = [s["input_ids"][1] if isinstance(s["input_ids"][1], int) else None for s in shapes]
     cache = make_cache(shapes[0], lengths)
+    run = run or rt.run
     out_ids: list[int] = []
     shown = ""
+    finish, text = "length", ""
     t0 = time.perf_counter()
     for chunk in cache.chunks(ids):
-        logits = cache.step(rt.run, chunk)
+        logits = cache.step(run, chunk)
     t_decode = time.perf_counter()
     for step in range(max_new_tokens):
         if step:
-            logits = cache.step(rt.run, [out_ids[-1]])
+            logits = cache.step(run, [out_ids[-1]])
         nxt = _pick(logits[-1], temperature, top_p, rng)
         if nxt == chat.eos_id:
+            finish = "stop"
             break
         out_ids.append(nxt)
-        if on_text is not None:
-            full = chat.decode(out_ids)
-            if not full.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                on_text(full[len(shown):])
-                shown = full
-    end = time.perf_counter()
+        text = chat.decode(out_ids)
+        hit = min((text.find(x) for x in stop if x and x in text), default=-1)
+        if hit >= 0:
+            text, finish = text[:hit], "stop"
+        if on_text is not None and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            end = len(text) if hit >= 0 else _safe_end(text, stop)  # hold back what may begin a stop string
+            if end > len(shown):
+                on_text(text[len(shown):end])
+                shown = text[:end]
+        if hit >= 0:
+            break
+    if on_text is not None and len(text) > len(shown) and not text.endswith("\ufffd"):
+        on_text(text[len(shown):])  # what was held back as a possible stop string's beginning
+    end_t = time.perf_counter()
     decoded = max(len(out_ids) - 1, 0)
-    return Generation(chat.decode(out_ids), out_ids, len(ids), (t_decode - t0) * 1e3,
-                      (end - t_decode) * 1e3 / decoded if decoded else 0.0)
+    return Generation(text, out_ids, len(ids), (t_decode - t0) * 1e3,
+                      (end_t - t_decode) * 1e3 / decoded if decoded else 0.0, finish)
+
+
+def _safe_end(text: str, stop: Sequence[str]) -> int:
+    """How much of ``text`` can be shown: all but a tail that is the beginning of a stop string."""
+    keep = 0
+    for x in stop:
+        for k in range(min(len(x) - 1, len(text)), 0, -1):
+            if text.endswith(x[:k]):
+                keep = max(keep, k)
+                break
+    return len(text) - keep
 
 
 def _pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
@@ -110,3 +137,18 @@ def greedy_runs(bundle: Bundle, chat: Chat, use_cases: Sequence[str], *, prompts
         rt.switch(u)
         out[u] = [generate(rt, chat, [{"role": "user", "content": p}], max_new_tokens=tokens).ids for p in prompts]
     return out
+
+
+def open_llm(path: str | os.PathLike[str], device: str = "cpu") -> tuple[Runtime, Chat]:
+    """The runtime and the tokenizer of one and the same bundle, also while a compile --force replaces it."""
+    for _ in range(OPEN_ATTEMPTS):
+        rt = Runtime.open(path, device=device)
+        try:
+            chat = Chat.load(path)
+        except LoraRuntimeError:
+            if manifest_stamp(path) == rt.bundle.stamp:
+                raise
+            continue
+        if manifest_stamp(path) == rt.bundle.stamp:
+            return rt, chat
+    raise BundleError(f"{path}: replaced while it was being opened, {OPEN_ATTEMPTS} times in a row; open it again")

