@@ -142,3 +142,27 @@ def test_import_model_refuses_a_static_cache_without_slots(tmp_path, capsys):
     assert main(["import-model", "-o", str(tmp_path / "m"), "--static-cache", "0"]) == 2
     assert "--static-cache 0: between 1 and --max-seq (2048) slots" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_every_option_is_documented_and_help_shows_defaults():
+    from lora_runtime.cli.parser import parser
+
+    p = parser()
+    subparsers = next(a for a in p._actions if a.__class__.__name__ == "_SubParsersAction")
+    undocumented = [f"{name} {'/'.join(a.option_strings) or a.dest}"
+                    for name, sp in subparsers.choices.items() for a in sp._actions
+                    if a.dest != "help" and not (a.help or "").strip()]
+    assert undocumented == []
+    assert "(default: 64)" in subparsers.choices["generate"].format_help()
+
+
+def test_llama_cpp_habits_parse():
+    from lora_runtime.cli.parser import parser
+
+    a = parser().parse_args(["generate", "-m", "b", "-p", "hi", "-n", "5", "--temp", "0.7", "--top-k", "40",
+                             "--repeat-penalty", "1.1", "--stop", "END", "--stop", "\n\n", "--system", "Be brief.",
+                             "--seed", "-1", "--debug"])
+    assert (a.model, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.repeat_penalty, a.stop, a.system,
+            a.seed, a.debug) == ("b", "hi", 5, 0.7, 40, 1.1, ["END", "\n\n"], "Be brief.", -1, True)
+    assert parser().parse_args(["--debug", "inspect", "x"]).debug
+    assert not parser().parse_args(["inspect", "x"]).debug

@@ -181,7 +181,7 @@ def test_careless_generation_options_are_one_line_errors(model_dir, tmp_path):
     name, folder = next(iter(shipped_adapters().items()))
     b = compile_bundle(model_dir / "base.onnx", {name: folder}, tmp_path / "b", generation="v3", use_cases=["base="])
     rt, chat = Runtime.open(b.path), Chat.load(b.path)
-    with pytest.raises(InputError, match="need a finite temperature >= 0 \\(got nan\\)"):
+    with pytest.raises(InputError, match="temperature nan: need a finite temperature >= 0"):
         generate(rt, chat, "Hi", temperature=float("nan"))
     assert len(generate(rt, chat, "Hi", temperature=0.8, seed=-1, max_new_tokens=3).ids) <= 3  # -1: random
     path = calibration_data(b.path, tmp_path / "calib", samples=2, seq_len=8)  # from a bundle, exactly that path
@@ -225,7 +225,7 @@ def test_chat_keeps_the_conversation(model_dir, tmp_path):
         if text == "\n":
             answers.append("done")
 
-    assert run_chat(rt, chat, max_new_tokens=8, read=read, out=out, note=notes.append) == 0
+    assert run_chat(rt, chat, options={"max_new_tokens": 8}, read=read, out=out, note=notes.append) == 0
     text = "\n".join(notes)
     assert "/use NAME" in text and "unknown command /bogus" in text and "use-cases: base" in text
     assert "error: unknown use-case 'nope'" in text
@@ -240,3 +240,16 @@ def test_the_ggufs_own_chat_template_renders_as_transformers(model_dir):
         messages = [{"role": "user", "content": p["question"]}]
         assert chat.prompt(messages) == p["prompt_text"]  # transformers' apply_chat_template
         assert chat.prompt_ids(messages) == p["input_ids"]
+
+
+def test_stop_strings_end_the_answer_as_streamed(model_dir, tmp_path):
+    from lora_runtime.demo_llm import shipped_adapters
+
+    name, folder = next(iter(shipped_adapters().items()))
+    b = compile_bundle(model_dir / "base.onnx", {name: folder}, tmp_path / "b", generation="v3", use_cases=["base="])
+    rt, chat = Runtime.open(b.path), Chat.load(b.path)
+    free = generate(rt, chat, "The capital of France is", max_new_tokens=8)
+    assert free.text.startswith(" Paris.") and free.finish == "length"  # the fixture's greedy tokens
+    pieces: list[str] = []
+    g = generate(rt, chat, "The capital of France is", max_new_tokens=8, stop=["."], on_text=pieces.append)
+    assert g.text == " Paris" and g.finish == "stop" and "".join(pieces) == " Paris"

@@ -24,15 +24,20 @@ HELP = """commands:
   //text      send "/text" as a message"""
 
 
-def run_chat(rt: Runtime, chat: Chat, *, max_new_tokens: int, read: Callable[[str], str] = input,
-             out: Callable[[str], None] = lambda t: print(t, end="", flush=True),
+def run_chat(rt: Runtime, chat: Chat, *, options: dict | None = None, system: str | None = None,
+             read: Callable[[str], str] = input, out: Callable[[str], None] = lambda t: print(t, end="", flush=True),
              note: Callable[[str], None] = lambda t: print(t, file=sys.stderr)) -> int:
+    """The conversation loop; ``options``: :func:`lora_runtime.llm.generate`'s (sampling, ``max_new_tokens``);
+    ``system``: a system message for every conversation (else the model's default)."""
+    options = dict(options or {})
+    max_new_tokens = options.setdefault("max_new_tokens", 128)
+    start = [{"role": "system", "content": system}] if system else []
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
     note(f"use-cases: {', '.join(rt.use_cases)} (current: {rt.current}); /help lists the commands")
-    history: list[dict[str, str]] = []
+    history: list[dict[str, str]] = list(start)
     while True:
         try:
             line = read(f"[{rt.current}]> ").strip()
@@ -48,7 +53,7 @@ def run_chat(rt: Runtime, chat: Chat, *, max_new_tokens: int, read: Callable[[st
             if word == "/help":
                 note(HELP)
             elif word == "/reset":
-                history = []
+                history = list(start)
                 note("new conversation")
             elif word == "/use" and not rest.strip():
                 note(f"use-cases: {', '.join(rt.use_cases)} (current: {rt.current})")
@@ -58,7 +63,7 @@ def run_chat(rt: Runtime, chat: Chat, *, max_new_tokens: int, read: Callable[[st
                 except LoraRuntimeError as e:
                     note(f"error: {e}")
                     continue
-                history = []  # keys and values computed under another adapter are stale
+                history = list(start)  # keys and values computed under another adapter are stale
                 note(f"switched to {r.use_case}: {r.kind}, {r.seconds * 1e6:.0f} us, {r.bytes_moved} bytes moved")
             else:
                 note(f"unknown command {word}; /help lists them (//text sends /text as a message)")
@@ -66,12 +71,12 @@ def run_chat(rt: Runtime, chat: Chat, *, max_new_tokens: int, read: Callable[[st
         if not line:
             continue
         history.append({"role": "user", "content": line[1:] if line.startswith("//") else line})
-        if not _fit(chat, history, max_new_tokens, note):
+        if not _fit(chat, history, max_new_tokens, note, len(start)):
             continue
         written: list[str] = []
         try:
-            g = generate(rt, chat, history, max_new_tokens=max_new_tokens,
-                         on_text=lambda text, written=written: (written.append(text), out(text)))
+            g = generate(rt, chat, history, on_text=lambda text, written=written: (written.append(text), out(text)),
+                         **options)
             answer = g.text
         except KeyboardInterrupt:
             answer = "".join(written)
@@ -84,18 +89,19 @@ def run_chat(rt: Runtime, chat: Chat, *, max_new_tokens: int, read: Callable[[st
         history.append({"role": "assistant", "content": answer})
 
 
-def _fit(chat: Chat, history: list[dict[str, str]], max_new_tokens: int, note: Callable[[str], None]) -> bool:
-    """Drop the oldest exchanges until the prompt and an answer fit the context; False if the last message alone
-    does not (it is dropped)."""
+def _fit(chat: Chat, history: list[dict[str, str]], max_new_tokens: int, note: Callable[[str], None],
+         keep: int = 0) -> bool:
+    """Drop the oldest exchanges (after the first ``keep`` messages: the system prompt) until the prompt and an
+    answer fit the context; False if the last message alone does not (it is dropped)."""
     dropped = 0
-    while len(chat.prompt_ids(history)) + max_new_tokens > chat.max_seq and len(history) > 1:
-        del history[: 2 if len(history) > 2 else 1]
+    while len(chat.prompt_ids(history)) + max_new_tokens > chat.max_seq and len(history) > keep + 1:
+        del history[keep: keep + (2 if len(history) > keep + 2 else 1)]
         dropped += 1
     if dropped:
         note(f"[the {dropped} oldest exchange(s) no longer fit the {chat.max_seq}-token context: dropped]")
     if len(chat.prompt_ids(history)) + max_new_tokens > chat.max_seq:
         note(f"error: this message and an answer of {max_new_tokens} tokens exceed the {chat.max_seq}-token context; "
              "write less (or lower --max-new-tokens)")
-        history.clear()
+        del history[keep:]
         return False
     return True

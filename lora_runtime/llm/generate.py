@@ -37,16 +37,25 @@ class Generation:
 def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]] | list[int], *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              on_text: Callable[[str], None] | None = None, stop: Sequence[str] = (),
-             run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None) -> Generation:
+             run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None, top_k: int = 0,
+             repeat_penalty: float = 1.0, repeat_last_n: int = 64) -> Generation:
     """Greedy (temperature 0) or sampled decoding of the current use-case, streaming text to ``on_text``.
 
     ``prompt``: raw text, chat messages (rendered with the model's chat template), or token ids. ``stop``:
     strings that end the answer (not included). ``run``: what runs the graph (default ``rt.run``; a server
-    passes one that runs each step under its request's use-case).
+    passes one that runs each step under its request's use-case). Sampling as llama.cpp's: ``repeat_penalty``
+    divides positive (multiplies negative) logits of the last ``repeat_last_n`` tokens, then ``top_k`` (0: all),
+    ``top_p`` and ``temperature``.
     """
-    if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1 or max_new_tokens < 0:
-        raise InputError(f"need a finite temperature >= 0 (got {temperature}), 0 < top_p <= 1 (got {top_p}) and "
-                         f"max_new_tokens >= 0 (got {max_new_tokens})")
+    bad = [f"{name} {value}" for name, value, ok in (
+        ("temperature", temperature, math.isfinite(temperature) and temperature >= 0),
+        ("top_p", top_p, 0 < top_p <= 1), ("max_new_tokens", max_new_tokens, max_new_tokens >= 0),
+        ("top_k", top_k, top_k >= 0), ("repeat_penalty", repeat_penalty,
+                                       math.isfinite(repeat_penalty) and repeat_penalty > 0),
+        ("repeat_last_n", repeat_last_n, repeat_last_n >= 0)) if not ok]
+    if bad:
+        raise InputError(f"{', '.join(bad)}: need a finite temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 0, "
+                         "top_k >= 0, a finite repeat_penalty > 0 and repeat_last_n >= 0")
     if isinstance(prompt, str):
         ids = chat.encode(prompt)
     elif prompt and all(isinstance(t, int) for t in prompt):
@@ -73,7 +82,8 @@ def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]] | list[
     for step in range(max_new_tokens):
         if step:
             logits = cache.step(run, [out_ids[-1]])
-        nxt = _pick(logits[-1], temperature, top_p, rng)
+        recent = (ids + out_ids)[-repeat_last_n:] if repeat_penalty != 1.0 and repeat_last_n else []
+        nxt = _pick(logits[-1], temperature, top_p, rng, top_k, repeat_penalty, recent)
         if nxt == chat.eos_id:
             finish = "stop"
             break
@@ -108,9 +118,17 @@ def _safe_end(text: str, stop: Sequence[str]) -> int:
     return len(text) - keep
 
 
-def _pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+def _pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator, top_k: int = 0,
+          penalty: float = 1.0, recent: Sequence[int] = ()) -> int:
+    if penalty != 1.0 and len(recent):
+        logits = logits.astype(np.float64)  # a copy
+        seen = np.unique(np.asarray(recent, np.int64))
+        logits[seen] = np.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
     if temperature == 0:
         return int(np.argmax(logits))
+    if 0 < top_k < logits.size:
+        cut = np.partition(logits, -top_k)[-top_k]
+        logits = np.where(logits >= cut, logits, -np.inf)
     z = logits.astype(np.float64) / temperature
     p = np.exp(z - z.max())
     p /= p.sum()
