@@ -12,6 +12,7 @@ from conftest import FIXTURES
 from reference import merged_outputs
 
 from lora_runtime.cli import main
+from lora_runtime.errors import UseCaseError
 
 
 def _compile_args(tiny, out, *extra):
@@ -166,3 +167,13 @@ def test_llama_cpp_habits_parse():
             a.seed, a.debug) == ("b", "hi", 5, 0.7, 40, 1.1, ["END", "\n\n"], "Be brief.", -1, True)
     assert parser().parse_args(["--debug", "inspect", "x"]).debug
     assert not parser().parse_args(["inspect", "x"]).debug
+
+
+def test_shipped_adapters_have_a_short_name():
+    from lora_runtime.compiler.use_cases import SHIPPED, parse_adapter_arg
+
+    assert parse_adapter_arg("caps=@smollm2/caps") == ("caps", str(SHIPPED / "smollm2" / "caps"))
+    assert parse_adapter_arg("@smollm2/listify") == ("listify", str(SHIPPED / "smollm2" / "listify"))
+    with pytest.raises(UseCaseError, match="@smollm2/nope: no adapter of that name ships with lora_runtime; "
+                                           "shipped: @smollm2/caps, @smollm2/listify, @smollm2/signoff"):
+        parse_adapter_arg("x=@smollm2/nope")

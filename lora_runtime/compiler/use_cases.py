@@ -37,12 +37,25 @@ def parse_use_case(text: str) -> UseCaseSpec:
     return UseCaseSpec(name, tuple(strengths))
 
 
+SHIPPED = Path(__file__).resolve().parents[1] / "data" / "adapters"  # package data: the trained SmolLM2 adapters
+
+
 def parse_adapter_arg(text: str) -> tuple[str, str]:
-    """``NAME=PEFT_DIR`` (or just ``PEFT_DIR``: the folder name is the adapter name)."""
+    """``NAME=PEFT_DIR`` (or just ``PEFT_DIR``: the folder name is the adapter name); ``@smollm2/caps`` names an
+    adapter shipped with lora_runtime."""
     name, sep, path = text.partition("=")
     if not sep:
-        return Path(text).name, text
-    return name, path
+        name, path = Path(text).name, text
+    return name, str(shipped_adapter(path[1:])) if path.startswith("@") else path
+
+
+def shipped_adapter(ref: str) -> Path:
+    """A shipped adapter by its short name, ``<model>/<adapter>`` (e.g. ``smollm2/caps``)."""
+    folder = SHIPPED / ref
+    if ".." in Path(ref).parts or not (folder / "adapter_config.json").is_file():
+        known = sorted(f"@{p.parent.parent.name}/{p.parent.name}" for p in SHIPPED.glob("*/*/adapter_config.json"))
+        raise UseCaseError(f"@{ref}: no adapter of that name ships with lora_runtime; shipped: {', '.join(known)}")
+    return folder
 
 
 def load_adapters(adapters: Mapping[str, str | os.PathLike[str] | Adapter] | Sequence[Adapter]) -> list[Adapter]:
