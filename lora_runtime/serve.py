@@ -13,16 +13,23 @@ request's own ``"lora": [{"id", "scale"}]`` (llama-server's field) is an ad-hoc 
 Concurrent requests share the runtime one decode step at a time: each step runs under its own request's
 use-case (a hot switch in v3, a slot copy in v1/v2), so each gets exactly the tokens it would get alone. Every
 response carries ``usage`` and ``timings`` (time to first token, tokens/s, the switch it caused).
+
+Sampling: a request's ``max_tokens`` (``max_completion_tokens``), ``temperature``, ``top_p``, ``seed``, ``stop``
+and llama-server's ``top_k``, ``repeat_penalty``, ``repeat_last_n``; what a request leaves out comes from the
+server's defaults (``serve``'s flags, as ``generate``'s). OpenAI fields this server does not implement (``n`` > 1,
+``logprobs``, frequency/presence penalties, tools) are refused by name, never ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,17 @@ from lora_runtime.llm import Chat, generate, open_llm
 from lora_runtime.runtime.switcher import Runtime
 
 DEFAULT = "default"
+# generate()'s sampling options, the server's defaults unless told otherwise (``serve``'s flags)
+SAMPLING = {"max_new_tokens": 256, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repeat_penalty": 1.0,
+            "repeat_last_n": 64, "seed": -1, "stop": ()}
+# request field -> (option, type)
+FIELDS = {"max_completion_tokens": ("max_new_tokens", int), "max_tokens": ("max_new_tokens", int),
+          "temperature": ("temperature", float), "top_p": ("top_p", float), "top_k": ("top_k", int),
+          "repeat_penalty": ("repeat_penalty", float), "repeat_last_n": ("repeat_last_n", int), "seed": ("seed", int)}
+# OpenAI fields not implemented, with the values that mean "not used"
+UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False, None), "top_logprobs": (None, 0), "echo": (False,),
+               "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "tools": ([],),
+               "response_format": ({"type": "text"},), "suffix": (None, "")}
 
 
 class _Engine:
@@ -82,8 +100,10 @@ class _Engine:
             return self.rt.run(feeds)
 
 
-def make_app(bundle: str | Path, *, device: str = "cpu", api_key: str | None = None, max_tokens: int = 256) -> Any:
-    """The ASGI app serving ``bundle`` (a Starlette application)."""
+def make_app(bundle: str | Path, *, device: str = "cpu", api_key: str | None = None,
+             defaults: Mapping[str, Any] | None = None, system: str | None = None) -> Any:
+    """The ASGI app serving ``bundle`` (a Starlette application). ``defaults``: sampling options for what a request
+    leaves out (keys of :data:`SAMPLING`); ``system``: a system message for chat requests that have none."""
     try:
         from starlette.applications import Starlette
         from starlette.requests import Request
@@ -91,6 +111,10 @@ def make_app(bundle: str | Path, *, device: str = "cpu", api_key: str | None = N
         from starlette.routing import Route
     except ImportError:
         raise InputError("serve needs Starlette and uvicorn: pip install 'lora_runtime[serve]'") from None
+    unknown = sorted(set(defaults or {}) - set(SAMPLING))
+    if unknown:
+        raise InputError(f"unknown sampling option(s) {unknown}; known: {sorted(SAMPLING)}")
+    defaults = SAMPLING | dict(defaults or {})
     rt, chat = open_llm(str(bundle), device)
     engine = _Engine(rt)
     m = rt.manifest
@@ -128,7 +152,7 @@ def make_app(bundle: str | Path, *, device: str = "cpu", api_key: str | None = N
         chat_api = request.url.path.endswith("/chat/completions")
         try:
             body = await request.json()
-            job = _job(body, chat_api, engine, chat, max_tokens)
+            job = _job(body, chat_api, engine, chat, defaults, system)
         except UseCaseError as e:
             return error(404, str(e), "model_not_found")
         except (LoraRuntimeError, ValueError, TypeError, KeyError) as e:
@@ -190,7 +214,8 @@ class _Job:
                 "switches": len(self.switches)}
 
 
-def _job(body: Mapping[str, Any], chat_api: bool, engine: _Engine, chat: Chat, max_tokens: int) -> _Job:
+def _job(body: Mapping[str, Any], chat_api: bool, engine: _Engine, chat: Chat, defaults: Mapping[str, Any],
+         system: str | None) -> _Job:
     if not isinstance(body, Mapping):
         raise InputError("the request body must be a JSON object")
     model = body.get("model")
@@ -202,16 +227,37 @@ def _job(body: Mapping[str, Any], chat_api: bool, engine: _Engine, chat: Chat, m
                 for x in messages):
             raise InputError('"messages" must be a non-empty list of {"role": str, "content": str}')
         prompt: Any = [{"role": x["role"], "content": x["content"]} for x in messages]
+        if system is not None and not any(x["role"] == "system" for x in prompt):
+            prompt.insert(0, {"role": "system", "content": system})
     else:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise InputError('"prompt" must be a non-empty string')
-    stop = body.get("stop") or ()
-    stop = [stop] if isinstance(stop, str) else list(stop)
-    n = body.get("max_completion_tokens", body.get("max_tokens")) or max_tokens
-    options = {"max_new_tokens": int(n), "temperature": float(body.get("temperature", 0.0) or 0.0),
-               "top_p": float(body.get("top_p", 1.0) or 1.0), "seed": body.get("seed"), "stop": stop}
-    return _Job(engine, chat, prompt, key, model or DEFAULT, options)
+    return _Job(engine, chat, prompt, key, model or DEFAULT, _options(body, defaults))
+
+
+def _options(body: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """generate()'s options from a request: its fields over the server's defaults; a field of the wrong type or
+    one this server does not implement is an error naming it."""
+    for field, unused in UNSUPPORTED.items():
+        if field in body and body[field] not in unused:
+            raise InputError(f'"{field}" is not supported by this server (leave it out or at {unused[0]!r})')
+    options = dict(defaults)
+    for field in ("max_tokens", "max_completion_tokens", *[f for f in FIELDS if not f.startswith("max_")]):
+        value = body.get(field)
+        if value is None:
+            continue
+        option, kind = FIELDS[field]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise InputError(f'"{field}" must be {"an integer" if kind is int else "a number"}, not {value!r}')
+        options[option] = kind(value)
+    stop = body.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
+            raise InputError('"stop" must be a string or a list of strings')
+        options["stop"] = stop
+    return options
 
 
 def _response(job: _Job, g: Any, chat_api: bool) -> dict[str, Any]:
@@ -284,13 +330,36 @@ async def _events(queue: asyncio.Queue, chunk: Any, job: _Job, chat_api: bool, b
 
 
 def serve(bundle: str | Path, *, host: str = "127.0.0.1", port: int = 8080, device: str = "cpu",
-          api_key: str | None = None, max_tokens: int = 256) -> None:
-    """Run the server until interrupted (uvicorn)."""
+          api_key: str | None = None, defaults: Mapping[str, Any] | None = None, system: str | None = None) -> None:
+    """Run the server until interrupted (uvicorn); ``defaults``, ``system``: as :func:`make_app`'s."""
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         raise InputError(f"--host {host} exposes the model beyond this machine: pass --api-key KEY too")
     try:
         import uvicorn
     except ImportError:
         raise InputError("serve needs Starlette and uvicorn: pip install 'lora_runtime[serve]'") from None
-    app = make_app(bundle, device=device, api_key=api_key, max_tokens=max_tokens)
+    app = make_app(bundle, device=device, api_key=api_key, defaults=defaults, system=system)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@contextmanager
+def in_background(app: Any, *, timeout: float = 30.0) -> Iterator[str]:
+    """``app`` served by uvicorn on a free localhost port in a thread (a bench, a test); yields its base URL."""
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not server.started:
+        raise InputError(f"the server did not start on 127.0.0.1:{port} within {timeout:g} s")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

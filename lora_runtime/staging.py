@@ -14,7 +14,10 @@ the path named, never inside a bundle, never over an existing file without ``for
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import functools
 import glob
 import hashlib
 import json
@@ -172,7 +175,7 @@ def _rename_noreplace(src: Path, dst: Path, who: str) -> None:
         at_fdcwd, rename_noreplace = -100, 1
         if libc.renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
             return
-        err = ctypes_errno()
+        err = ctypes.get_errno()
         if err in (errno.EEXIST, errno.ENOTEMPTY):
             raise BundleError(f"{dst}: appeared while {who} ran (another compile's, or written by hand); nothing "
                               "was replaced: pass --force to replace it")
@@ -181,12 +184,6 @@ def _rename_noreplace(src: Path, dst: Path, who: str) -> None:
     if dst.exists() or dst.is_symlink():
         raise BundleError(f"{dst}: appeared while {who} ran; nothing was replaced: pass --force to replace it")
     os.rename(src, dst)
-
-
-def ctypes_errno() -> int:
-    import ctypes
-
-    return ctypes.get_errno()
 
 
 def _is_bundle_dir(path: Path) -> bool:
@@ -228,11 +225,9 @@ def _exchange(a: Path, b: Path) -> None:
     os.rename(aside, a)
 
 
-def _libc():  # noqa: ANN202  (a ctypes.CDLL with renameat2, or None)
+@functools.cache
+def _libc():  # noqa: ANN202  (a ctypes.CDLL with renameat2, or None; looked up once: find_library runs ldconfig)
     try:
-        import ctypes
-        import ctypes.util
-
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.renameat2  # noqa: B018  (present in glibc >= 2.28)
         return libc

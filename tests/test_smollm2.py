@@ -17,7 +17,7 @@ pytest.importorskip("tokenizers")
 from lora_runtime import Runtime, compile_bundle  # noqa: E402
 from lora_runtime.compiler.options import CompileOptions, QuantOptions
 from lora_runtime.errors import BaseModelError, InputError  # noqa: E402
-from lora_runtime.llm import Chat, find_smollm2, generate, import_gguf  # noqa: E402
+from lora_runtime.llm import Chat, PromptCache, find_smollm2, generate, import_gguf  # noqa: E402
 
 REF = json.loads((FIXTURES / "smollm2" / "reference.json").read_text())
 NPZ = np.load(FIXTURES / "smollm2" / "reference.npz")
@@ -172,6 +172,28 @@ def test_static_cache_prefill_and_decode_graphs_generate_as_transformers(tmp_pat
         assert g.ids == want[: len(g.ids)] and len(g.ids) >= min(len(want), 8), p["name"]
     with pytest.raises(InputError, match="exceed the model's 80 positions"):
         generate(rt, chat, REF["prompts"][1]["input_ids"], max_new_tokens=40)
+    _two_turns_as_fresh(rt, chat, 6)  # the static cache cut back and refilled in chunks
+
+
+def _lcp(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _two_turns_as_fresh(rt, chat, tokens: int) -> None:
+    """A second chat turn through a PromptCache: the tokens of a fresh generation, and only the prompt tokens
+    after the longest prefix that turn one ran are run again."""
+    cache = PromptCache()
+    talk = [{"role": "user", "content": "What is the capital of France?"}]
+    one = generate(rt, chat, talk, max_new_tokens=tokens, cache=cache)
+    assert one.cached_tokens == 0
+    talk += [{"role": "assistant", "content": one.text}, {"role": "user", "content": "And of Italy?"}]
+    two = generate(rt, chat, talk, max_new_tokens=tokens, cache=cache)
+    assert two.ids == generate(rt, chat, talk, max_new_tokens=tokens).ids
+    # the token picked last is never run: the end token ("stop", no stop strings here), else the last answer token
+    ran = chat.prompt_ids(talk[:1]) + (one.ids if one.finish == "stop" else one.ids[:-1])
+    assert two.cached_tokens == _lcp(ran, chat.prompt_ids(talk)) > len(chat.prompt_ids(talk[:1]))
+    again = generate(rt, chat, talk, max_new_tokens=tokens, cache=cache)  # the same prompt: all but its last token
+    assert again.ids == two.ids and again.cached_tokens == len(chat.prompt_ids(talk)) - 1
 
 
 def test_careless_generation_options_are_one_line_errors(model_dir, tmp_path):
@@ -189,6 +211,24 @@ def test_careless_generation_options_are_one_line_errors(model_dir, tmp_path):
     with pytest.raises(InputError, match="seq_len 300 exceeds the model's context of 256 positions"):
         calibration_data(b.path, tmp_path / "c2", samples=2, seq_len=300)
     assert not (tmp_path / "c2").exists()
+
+
+def test_prompt_cache_reuses_a_conversations_tokens_under_its_use_case_only(model_dir, tmp_path):
+    from lora_runtime.demo_llm import shipped_adapters
+
+    name, folder = next(iter(shipped_adapters().items()))
+    b = compile_bundle(model_dir / "base.onnx", {name: folder}, tmp_path / "b", generation="v3",
+                       use_cases=["base=", f"{name}={name}"])
+    rt, chat = Runtime.open(b.path), Chat.load(b.path)
+    _two_turns_as_fresh(rt, chat, 12)
+    cache = PromptCache()
+    talk = [{"role": "user", "content": "Name a color."}]
+    generate(rt, chat, talk, max_new_tokens=4, cache=cache)
+    rt.switch(name)  # keys and values of the base model are stale under the adapter
+    g = generate(rt, chat, talk, max_new_tokens=8, cache=cache)
+    assert g.cached_tokens == 0 and g.ids == generate(rt, chat, talk, max_new_tokens=8).ids
+    with pytest.raises(InputError, match="PromptCache needs the runtime's own run"):
+        generate(rt, chat, talk, cache=cache, run=rt.run)
 
 
 def test_users_words_are_never_special_tokens(model_dir):

@@ -34,7 +34,7 @@ from lora_runtime.demo import demo_use_cases
 from lora_runtime.demo_llm import shipped_adapters
 from lora_runtime.errors import TargetError
 from lora_runtime.llm import GREEDY_PROMPTS, Chat, calibration_data, find_smollm2, import_gguf
-from lora_runtime.llm.cache import StaticCache
+from lora_runtime.llm.cache import make_cache
 from lora_runtime.models.default import build_default
 from lora_runtime.progress import Progress
 from lora_runtime.runtime import htp
@@ -139,10 +139,10 @@ def run_bench_htp_smollm2(work: Path | None = None, quick: bool = False) -> dict
         bar.step("greedy tokens")
         ids = chat.encode(chat.prompt([{"role": "user", "content": GREEDY_PROMPTS[0]}]))
         for dev, rt in on.items():  # one decode step at the prompt's context; one prefill chunk from empty
-            cache = _cache(rt)
+            cache = make_cache(rt.input_shapes)
             for chunk in cache.chunks(ids):
                 cache.step(rt.run, chunk)
-            decode, prefill = cache.feeds([ids[-1]]), _cache(rt).feeds(ids[:PREFILL])
+            decode, prefill = cache.feeds([ids[-1]]), make_cache(rt.input_shapes).feeds(ids[:PREFILL])
             rows.append(measure(f"decode_{dev}", lambda rt=rt, f=decode: rt.run(f), 3 if dev == "htp" else 10,
                                 warmup=1))
             rows.append(measure(f"prefill_chunk_{dev}", lambda rt=rt, f=prefill: rt.run(f),
@@ -165,12 +165,8 @@ def run_bench_htp_smollm2(work: Path | None = None, quick: bool = False) -> dict
     return report
 
 
-def _cache(rt: Runtime) -> StaticCache:
-    return StaticCache(rt.input_shapes[0], [s["input_ids"][1] for s in rt.input_shapes])
-
-
 def _greedy(rt: Runtime, ids: list[int], tokens: int) -> list[int]:
-    cache = _cache(rt)
+    cache = make_cache(rt.input_shapes)
     for chunk in cache.chunks(ids):
         logits = cache.step(rt.run, chunk)
     out = []

@@ -4,6 +4,7 @@ Line editing and history come from ``readline`` where Python has it. Ctrl-C stop
 (what was written stays in the conversation) and, at the prompt, clears the line; Ctrl-D or ``/quit`` ends.
 When the conversation no longer fits the model's context with room for an answer, the oldest exchanges are
 dropped (the system prompt stays). What users type is text: ``<|im_start|>`` in a message is not a token.
+The KV cache stays between turns (:class:`lora_runtime.llm.PromptCache`): a turn runs only its new tokens.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 from lora_runtime.errors import LoraRuntimeError
-from lora_runtime.llm import Chat, generate
+from lora_runtime.llm import Chat, PromptCache, generate
 from lora_runtime.runtime.switcher import Runtime
 
 HELP = """commands:
@@ -38,6 +39,7 @@ def run_chat(rt: Runtime, chat: Chat, *, options: dict | None = None, system: st
         pass
     note(f"use-cases: {', '.join(rt.use_cases)} (current: {rt.current}); /help lists the commands")
     history: list[dict[str, str]] = list(start)
+    cache = PromptCache()
     while True:
         try:
             line = read(f"[{rt.current}]> ").strip()
@@ -76,7 +78,7 @@ def run_chat(rt: Runtime, chat: Chat, *, options: dict | None = None, system: st
         written: list[str] = []
         try:
             g = generate(rt, chat, history, on_text=lambda text, written=written: (written.append(text), out(text)),
-                         **options)
+                         cache=cache, **options)
             answer = g.text
         except KeyboardInterrupt:
             answer = "".join(written)

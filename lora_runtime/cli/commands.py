@@ -225,8 +225,10 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
     src = Path(args.gguf) if args.gguf else find_smollm2()
     t0 = time.perf_counter()
     path = import_model(src, args.out, max_seq=args.max_seq, static_cache=args.static_cache, force=args.force)
-    print(f"wrote {path} (+ base.onnx.data, tokenizer.json, chat.json) from {src.name} in "
-          f"{time.perf_counter() - t0:.1f}s")
+    beside = [f for f in ("base.onnx.data", "tokenizer.json", "chat.json") if (path.parent / f).is_file()]
+    note = "" if (path.parent / "tokenizer.json").is_file() else \
+        "; no tokenizer.json in the source: bundles of it run, but cannot generate text"
+    print(f"wrote {path} (+ {', '.join(beside)}) from {src.name} in {time.perf_counter() - t0:.1f}s{note}")
     return 0
 
 
@@ -283,5 +285,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     print(f"serving {args.bundle} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
     serve(args.bundle, host=args.host, port=args.port, device=args.device, api_key=args.api_key,
-          max_tokens=args.max_tokens)
+          defaults=sampling(args), system=args.system)
     return 0

@@ -23,9 +23,11 @@ class _Sub:
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
 
 
-def _sampling(p: argparse.ArgumentParser, tokens: int) -> None:
+def _sampling(p: argparse.ArgumentParser, tokens: int, *aliases: str) -> None:
     """llama.cpp's sampling flags (same names and short forms)."""
-    p.add_argument("-n", "--max-new-tokens", type=int, default=tokens, help="tokens to generate at most")
+    p.add_argument("-n", "--max-new-tokens", "--n-predict", *aliases, dest="max_new_tokens", type=int, default=tokens,
+                   metavar="N",
+                   help="tokens to generate at most")
     p.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens whose "
@@ -189,7 +191,7 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8080, help="port to listen on")
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (needed beyond localhost)")
     sv.add_argument("--device", default="cpu", choices=["cpu", "htp"], help="htp: a bundle compiled with --target htp")
-    sv.add_argument("--max-tokens", type=int, default=256, help="answer length when a request gives none")
+    _sampling(sv, 256, "--max-tokens")  # the defaults of requests that leave them out
     sv.set_defaults(func=commands.cmd_serve)
 
     d = sub("demo", "build the default model and adapters, compile v1/v2/v3, run every use-case")

@@ -13,6 +13,9 @@ A graph compiled with static shapes takes a fixed T: a prefill graph (T = N) and
 static cache feeds a prompt in chunks of the largest T a graph takes (the last one padded: padding comes
 after the real tokens, which attend causally, so it changes nothing they compute, and its keys are not
 kept), then one token per run with the smallest.
+
+Both remember the tokens they hold (``ids``) and can be cut back to a prefix (``truncate``): the next chat
+turn's prompt begins with the tokens of the last one, so only its new tokens need a run.
 """
 
 from __future__ import annotations
@@ -36,8 +39,17 @@ class GrowingCache:
 
     def __init__(self, inputs: Mapping[str, Sequence[object]]) -> None:
         self._past = {n: np.zeros(_with_len(inputs[n], 0), np.float32) for n in _kv_names(list(inputs))}
-        self.length = 0
+        self.ids: list[int] = []
         self.capacity: int | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` tokens' keys and values only."""
+        self._past = {k: v[:, :, :n] for k, v in self._past.items()}
+        del self.ids[n:]
 
     def chunks(self, ids: Sequence[int]) -> list[list[int]]:
         return [list(ids)]
@@ -46,7 +58,7 @@ class GrowingCache:
         """Run ``ids`` after the cached tokens; keep their keys and values; return their logits (T, vocab)."""
         out = run({"input_ids": np.array([ids], np.int64)} | self._past)
         self._past = {n: out[n.replace("past_", "present_")] for n in self._past}
-        self.length += len(ids)
+        self.ids.extend(ids)
         return out["logits"][0]
 
 
@@ -62,7 +74,16 @@ class StaticCache:
         self._free = None in lengths
         self._largest = fixed[-1] if fixed else None
         self._fixed = fixed
-        self.length = 0
+        self.ids: list[int] = []
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` tokens only: later slots are masked (and written again by later steps)."""
+        self._bias[..., n:] = MASK
+        del self.ids[n:]
 
     def chunks(self, ids: Sequence[int]) -> list[list[int]]:
         """The prompt in runs: whole when a graph takes any length, else chunks of the largest fixed length."""
@@ -94,13 +115,15 @@ class StaticCache:
         for n, slots in self._cache.items():
             slots[:, :, self.length:self.length + t] = out[n.replace("past_", "present_")][:, :, :t]
         self._bias[..., self.length:self.length + t] = 0.0
-        self.length += t
+        self.ids.extend(ids)
         return out["logits"][0, :t]
 
 
-def make_cache(inputs: Mapping[str, Sequence[object]], lengths: Sequence[int | None]) -> GrowingCache | StaticCache:
-    """The cache for a graph with these inputs (name -> shape; ``lengths``: ``input_ids``' T per graph)."""
-    return StaticCache(inputs, lengths) if PAST_BIAS in inputs else GrowingCache(inputs)
+def make_cache(graphs: Sequence[Mapping[str, Sequence[object]]]) -> GrowingCache | StaticCache:
+    """The cache for a runtime's graphs (``Runtime.input_shapes``: per graph, input name -> shape, the main graph
+    first); each graph's ``input_ids`` length is the T it takes (None where it is free)."""
+    lengths = [t if isinstance(t := g["input_ids"][1], int) else None for g in graphs]
+    return StaticCache(graphs[0], lengths) if PAST_BIAS in graphs[0] else GrowingCache(graphs[0])
 
 
 def _with_len(shape: Sequence[object], n: int) -> tuple[int, ...]:

@@ -53,7 +53,7 @@ class Chat:
                        int(c["max_seq"]), plain, c.get("chat_template") or None,
                        tok.id_to_token(int(bos)) or "" if bos is not None else "",
                        tok.id_to_token(int(c["eos_id"])) or "")
-        except (OSError, ValueError, KeyError, TypeError, Exception) as e:  # tokenizers raises plain Exception
+        except Exception as e:  # noqa: BLE001  (OSError, JSON, a missing key, or tokenizers' plain Exception)
             raise BaseModelError(f"{folder}: unreadable tokenizer.json / chat.json ({type(e).__name__}: {e})") from e
 
     def encode(self, text: str) -> list[int]:

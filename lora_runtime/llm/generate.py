@@ -1,9 +1,10 @@
 """Text generation from a bundle of an imported LLM: prefill, then one token per run with the KV cache
 (``lora_runtime.llm.cache``: a growing cache, or the static one of a static-cache import).
 
-Generation runs the bundle's graph through :class:`lora_runtime.Runtime`. The cache belongs to one
-request: a use-case switch between requests starts the next one from an empty cache (keys and values
-computed under another adapter would be stale).
+Generation runs the bundle's graph through :class:`lora_runtime.Runtime`. A :class:`PromptCache` keeps
+the KV cache of one generation for the next (the turns of a chat): the next prompt's tokens that it
+already holds are not run again, as long as the use-case and strengths are the same (keys and values
+computed under another adapter would be stale: then the cache starts empty).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from lora_runtime.bundle import Bundle, manifest_stamp
 from lora_runtime.errors import BundleError, InputError, LoraRuntimeError
-from lora_runtime.llm.cache import make_cache
+from lora_runtime.llm.cache import GrowingCache, StaticCache, make_cache
 from lora_runtime.llm.chat import Chat
 from lora_runtime.runtime.session import make_session
 from lora_runtime.runtime.switcher import OPEN_ATTEMPTS, Runtime
@@ -32,20 +33,47 @@ class Generation:
     prefill_ms: float
     decode_ms_per_token: float
     finish: str = "stop"  # "stop": the end token or a stop string; "length": max_new_tokens reached
+    cached_tokens: int = 0  # prompt tokens whose keys and values a PromptCache already held (not run again)
+
+
+class PromptCache:
+    """The KV cache of the last generation, for the next one: pass the same object to each turn's
+    :func:`generate`. It is used only under the use-case and strengths it was computed with, and only for the
+    longest common prefix of the token ids (so an edited or trimmed conversation is handled too)."""
+
+    def __init__(self) -> None:
+        self.cache: GrowingCache | StaticCache | None = None
+        self.key: tuple | None = None
+
+    def take(self, rt: Runtime, ids: Sequence[int]) -> tuple[GrowingCache | StaticCache, int]:
+        """A cache for ``ids`` and how many of their first tokens it holds (at most all but the last: the
+        last token's run gives the logits of the answer's first)."""
+        key = (id(rt), rt.current, tuple(sorted(rt.strengths.items())))
+        if self.cache is None or key != self.key:
+            self.cache, self.key = make_cache(rt.input_shapes), key
+        held = self.cache.ids
+        n = next((i for i, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
+        n = min(n, len(ids) - 1)
+        self.cache.truncate(n)
+        return self.cache, n
+
+    def clear(self) -> None:
+        self.cache = self.key = None
 
 
 def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]] | list[int], *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              on_text: Callable[[str], None] | None = None, stop: Sequence[str] = (),
              run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None, top_k: int = 0,
-             repeat_penalty: float = 1.0, repeat_last_n: int = 64) -> Generation:
+             repeat_penalty: float = 1.0, repeat_last_n: int = 64, cache: PromptCache | None = None) -> Generation:
     """Greedy (temperature 0) or sampled decoding of the current use-case, streaming text to ``on_text``.
 
     ``prompt``: raw text, chat messages (rendered with the model's chat template), or token ids. ``stop``:
     strings that end the answer (not included). ``run``: what runs the graph (default ``rt.run``; a server
     passes one that runs each step under its request's use-case). Sampling as llama.cpp's: ``repeat_penalty``
     divides positive (multiplies negative) logits of the last ``repeat_last_n`` tokens, then ``top_k`` (0: all),
-    ``top_p`` and ``temperature``.
+    ``top_p`` and ``temperature``. ``cache``: a :class:`PromptCache` kept between the turns of a conversation
+    (only with the default ``run``: the runtime's current use-case is the one the cache is checked against).
     """
     bad = [f"{name} {value}" for name, value, ok in (
         ("temperature", temperature, math.isfinite(temperature) and temperature >= 0),
@@ -67,23 +95,38 @@ def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]] | list[
     if len(ids) + max_new_tokens > chat.max_seq:
         raise InputError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
                          f"{chat.max_seq} positions")
+    if cache is not None and run is not None:
+        raise InputError("a PromptCache needs the runtime's own run (the cache is checked against its use-case)")
     rng = np.random.default_rng(None if seed is None or seed < 0 else seed)  # -1: random, as llama.cpp's
-    shapes = rt.input_shapes
-    lengths = [s["input_ids"][1] if isinstance(s["input_ids"][1], int) else None for s in shapes]
-    cache = make_cache(shapes[0], lengths)
-    run = run or rt.run
+
+    def pick(logits: np.ndarray, seen: list[int]) -> int:
+        recent = seen[-repeat_last_n:] if repeat_penalty != 1.0 and repeat_last_n else []
+        return _pick(logits, temperature, top_p, rng, top_k, repeat_penalty, recent)
+
+    kv, held = cache.take(rt, ids) if cache is not None else (make_cache(rt.input_shapes), 0)
+    try:
+        return _decode(kv, run or rt.run, chat, ids, held, max_new_tokens, pick, on_text, stop)
+    except BaseException:
+        if cache is not None:
+            cache.clear()  # stopped half-way (Ctrl-C, a failed run): which tokens it holds is not known
+        raise
+
+
+def _decode(kv: GrowingCache | StaticCache, run: Callable, chat: Chat, ids: list[int], held: int,
+            max_new_tokens: int, pick: Callable[[np.ndarray, list[int]], int],
+            on_text: Callable[[str], None] | None, stop: Sequence[str]) -> Generation:
+    """Prefill ``ids`` after the ``held`` tokens already in ``kv``, then decode."""
     out_ids: list[int] = []
     shown = ""
     finish, text = "length", ""
     t0 = time.perf_counter()
-    for chunk in cache.chunks(ids):
-        logits = cache.step(run, chunk)
+    for chunk in kv.chunks(ids[held:]):
+        logits = kv.step(run, chunk)
     t_decode = time.perf_counter()
     for step in range(max_new_tokens):
         if step:
-            logits = cache.step(run, [out_ids[-1]])
-        recent = (ids + out_ids)[-repeat_last_n:] if repeat_penalty != 1.0 and repeat_last_n else []
-        nxt = _pick(logits[-1], temperature, top_p, rng, top_k, repeat_penalty, recent)
+            logits = kv.step(run, [out_ids[-1]])
+        nxt = pick(logits[-1], ids + out_ids)
         if nxt == chat.eos_id:
             finish = "stop"
             break
@@ -104,7 +147,7 @@ def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]] | list[
     end_t = time.perf_counter()
     decoded = max(len(out_ids) - 1, 0)
     return Generation(text, out_ids, len(ids), (t_decode - t0) * 1e3,
-                      (end_t - t_decode) * 1e3 / decoded if decoded else 0.0, finish)
+                      (end_t - t_decode) * 1e3 / decoded if decoded else 0.0, finish, held)
 
 
 def _safe_end(text: str, stop: Sequence[str]) -> int:
