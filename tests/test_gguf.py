@@ -187,3 +187,21 @@ def test_calibration_data_refuses_more_samples_than_prompts(tmp_path):
     assert not (tmp_path / "c.npz").exists()
     assert len(set(CALIBRATION_PROMPTS)) == len(CALIBRATION_PROMPTS)
     assert not set(GREEDY_PROMPTS) & set(CALIBRATION_PROMPTS)  # the greedy-token report uses held-out prompts
+
+
+def test_a_gguf_tensor_the_graph_has_no_place_for_is_refused(tmp_path):
+    """Llama 3's rope_freqs.weight (scaled rotary) or attention biases change the math: refused, never dropped."""
+    w = gguf.GGUFWriter(str(tmp_path / "extra.gguf"), "llama")
+    s = SHAPE
+    for add, value in ((w.add_block_count, s.n_layers), (w.add_embedding_length, s.d_model),
+                       (w.add_feed_forward_length, s.d_ff), (w.add_head_count, s.n_heads)):
+        add(value)
+    w.add_tensor("token_embd.weight", np.zeros((s.vocab, s.d_model), np.float32))
+    w.add_tensor("rope_freqs.weight", np.ones(s.d_model // s.n_heads // 2, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(BaseModelError, match=r"extra.gguf: 1 tensor\(s\) the Llama builder has no place for, "
+                                             r"e.g. rope_freqs.weight"):
+        open_gguf(tmp_path / "extra.gguf")

@@ -98,6 +98,16 @@ def open_gguf(path: str | os.PathLike[str], max_seq: int = 2048) -> GgufModel:
                        max_seq=min(max_seq, int(meta.get("llama.context_length", max_seq))),
                        rms_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
                        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)))
+    for key in ("rope.scaling.type", "expert_count"):
+        if meta.get(f"llama.{key}") not in (None, "none", 0, 1):
+            raise BaseModelError(f"{path}: llama.{key} = {meta[f'llama.{key}']!r} is not supported (refused rather "
+                                 "than built wrong)")
+    known = {"token_embd.weight", "output_norm.weight", "output.weight"} | {
+        f"blk.{i}.{name}.weight" for i in range(shape.n_layers) for name in _LAYER}
+    unused = sorted(set(tensors) - known)
+    if unused:  # e.g. rope_freqs.weight (Llama 3's scaled rotary), attention biases, expert weights
+        raise BaseModelError(f"{path}: {len(unused)} tensor(s) the Llama builder has no place for, e.g. "
+                             f"{', '.join(unused[:3])}: the model computes something the graph would not (refused)")
     return GgufModel(path, shape, meta, tensors, tied="output.weight" not in tensors)
 
 

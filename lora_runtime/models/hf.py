@@ -17,10 +17,19 @@ from pathlib import Path
 import onnx
 
 from lora_runtime.errors import BaseModelError, TensorFileError
-from lora_runtime.models.llama import DATA_FILE, LlamaShape, build_llama
+from lora_runtime.models.llama import DATA_FILE, LlamaShape, build_llama, tensor_names
 from lora_runtime.tensorfile import TensorFile, read_header
 
 _ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# config fields that change the math, with the values this builder computes (anything else is refused by name)
+_NEUTRAL: dict[str, tuple] = {
+    "hidden_act": ("silu",), "attention_bias": (False, None), "mlp_bias": (False, None),
+    "partial_rotary_factor": (None, 1, 1.0), "attn_logit_softcapping": (None,), "final_logit_softcapping": (None,),
+    "query_pre_attn_scalar": (None,), "use_qk_norm": (False, None), "qk_layernorm": (False, None),
+    "embedding_multiplier": (None, 1, 1.0), "residual_multiplier": (None, 1, 1.0),
+    "attention_multiplier": (None,), "logits_scaling": (None, 1, 1.0), "num_local_experts": (None, 0, 1),
+    "num_experts": (None, 0, 1), "rope_interleaved": (None, False),
+}
 
 
 def _config(folder: Path) -> dict:
@@ -34,12 +43,24 @@ def _config(folder: Path) -> dict:
     archs = cfg.get("architectures") or []
     if not any(a in _ARCHS for a in archs) and cfg.get("model_type") != "llama":
         raise BaseModelError(f"{path}: architectures {archs}; only Llama-family models are supported")
-    scaling = cfg.get("rope_scaling") or {}
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     if scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        raise BaseModelError(f"{path}: rope_scaling {cfg['rope_scaling']!r} is not supported")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise BaseModelError(f"{path}: attention/MLP biases are not supported")
+        raise BaseModelError(f"{path}: rope_scaling {scaling!r} is not supported (only plain rotary positions)")
+    for field, neutral in _NEUTRAL.items():
+        if field in cfg and cfg[field] not in neutral:
+            raise BaseModelError(f"{path}: {field} = {cfg[field]!r} is not supported (the builder computes "
+                                 f"{neutral[0]!r}); refused rather than built wrong")
     return cfg
+
+
+def _check_window(cfg: dict, max_seq: int, path: Path) -> None:
+    """Sliding-window attention equals full attention while every sequence fits the window: refuse only beyond."""
+    window = cfg.get("sliding_window")
+    sliding = "sliding_attention" in (cfg.get("layer_types") or []) or \
+        (cfg.get("use_sliding_window", True) and window is not None)
+    if sliding and window is not None and max_seq > int(window):
+        raise BaseModelError(f"{path}: sliding_window = {window} is not supported beyond the window: import with "
+                             f"--max-seq {window} or less (asked for {max_seq})")
 
 
 def shape_from_config(cfg: dict, max_seq: int = 2048) -> LlamaShape:
@@ -48,10 +69,11 @@ def shape_from_config(cfg: dict, max_seq: int = 2048) -> LlamaShape:
     if int(cfg.get("head_dim") or d // heads) != d // heads:
         raise BaseModelError("config.json: head_dim other than hidden_size / num_attention_heads is not supported")
     rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    qwen2 = "Qwen2ForCausalLM" in (cfg.get("architectures") or []) or cfg.get("model_type") == "qwen2"
     return LlamaShape(vocab=int(cfg["vocab_size"]), d_model=d, n_layers=int(cfg["num_hidden_layers"]), n_heads=heads,
                       n_kv_heads=int(cfg.get("num_key_value_heads") or heads), d_ff=int(cfg["intermediate_size"]),
                       max_seq=min(max_seq, int(cfg.get("max_position_embeddings", max_seq))),
-                      rms_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(rope))
+                      rms_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(rope), qkv_bias=qwen2)
 
 
 def _index(folder: Path) -> dict[str, TensorFile]:
@@ -75,8 +97,13 @@ def build_from_hf(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str
     folder = Path(folder)
     cfg = _config(folder)
     shape = shape_from_config(cfg, max_seq)
+    _check_window(cfg, shape.max_seq, folder / "config.json")
     where = _index(folder)
     tied = bool(cfg.get("tie_word_embeddings")) or "lm_head.weight" not in where
+    unused = sorted(n for n in set(where) - tensor_names(shape) if not n.endswith("rotary_emb.inv_freq"))
+    if unused:  # a tensor the graph has no place for computes something the graph would not: never build it wrong
+        raise BaseModelError(f"{folder}: {len(unused)} tensor(s) the Llama builder has no place for, e.g. "
+                             f"{', '.join(unused[:3])}: the model computes something the graph would not (refused)")
 
     def weights(name: str, graph_shape: tuple[int, ...]):  # noqa: ANN202
         src = "model.embed_tokens.weight" if name == "lm_head.weight" and tied else name

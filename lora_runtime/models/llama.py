@@ -5,6 +5,7 @@ safetensors). Per layer, pre-norm, as Hugging Face's ``LlamaForCausalLM`` comput
 
     h = Gather(embed_tokens, input_ids)                                          # (1, T, d)
     h = h + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))       n = RMSNorm(h)
+                                                   (q/k/v with biases: Qwen2)
     h = h + down_proj(silu(gate_proj(n)) * up_proj(n))                           n = RMSNorm(h)
     logits = lm_head(RMSNorm(h))                                                 # (1, T, vocab)
 
@@ -52,6 +53,7 @@ class LlamaShape:
     rms_eps: float = 1e-5
     rope_theta: float = 10000.0
     opset: int = 17
+    qkv_bias: bool = False  # q/k/v projections with biases (Qwen2)
 
     @property
     def head_dim(self) -> int:
@@ -78,6 +80,16 @@ def linear_shapes(s: LlamaShape) -> dict[str, tuple[int, int]]:
                        f"{p}.mlp.down_proj": (s.d_ff, s.d_model)})
     shapes["lm_head"] = (s.d_model, s.vocab)
     return shapes
+
+
+def tensor_names(s: LlamaShape) -> set[str]:
+    """Every weight the builder asks for, by its Hugging Face name (``lm_head.weight`` included)."""
+    names = {f"{m}.weight" for m in linear_shapes(s)} | {"model.embed_tokens.weight", "model.norm.weight"}
+    for i in range(s.n_layers):
+        names |= {f"model.layers.{i}.input_layernorm.weight", f"model.layers.{i}.post_attention_layernorm.weight"}
+        if s.qkv_bias:
+            names |= {f"model.layers.{i}.self_attn.{x}_proj.bias" for x in "qkv"}
+    return names
 
 
 def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None, kv_cache: bool = False,
@@ -129,9 +141,10 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
     for i in range(s.n_layers):
         p = f"model.layers.{i}"
         n = g.rms_norm(f"{p}.input_layernorm", h, d)
-        q = g.heads(g.linear(f"{p}.self_attn.q_proj", n, d, d), "c.heads")  # (1, H, T, hd)
-        k = g.heads(g.linear(f"{p}.self_attn.k_proj", n, d, s.n_kv_heads * hd), "c.kv")  # (1, KV, T, hd)
-        v = g.heads(g.linear(f"{p}.self_attn.v_proj", n, d, s.n_kv_heads * hd), "c.kv")
+        b = s.qkv_bias
+        q = g.heads(g.linear(f"{p}.self_attn.q_proj", n, d, d, bias=b), "c.heads")  # (1, H, T, hd)
+        k = g.heads(g.linear(f"{p}.self_attn.k_proj", n, d, s.n_kv_heads * hd, bias=b), "c.kv")  # (1, KV, T, hd)
+        v = g.heads(g.linear(f"{p}.self_attn.v_proj", n, d, s.n_kv_heads * hd, bias=b), "c.kv")
         q, k = g.rope(q), g.rope(k)
         if static_cache:  # the new tokens' own keys and values out; attention over the cache and them
             k = g.node("Identity", [k], [f"present_key.{i}"])  # (1, KV, T, hd)
@@ -251,9 +264,12 @@ class _Graph:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name or outputs[0], **attrs))
         return outputs[0]
 
-    def linear(self, module: str, x: str, d_in: int, d_out: int, out: str | None = None) -> str:
+    def linear(self, module: str, x: str, d_in: int, d_out: int, out: str | None = None, bias: bool = False) -> str:
         w = self.weight(f"{module}.weight", (d_in, d_out))  # (in, out): MatMul layout
-        return self.node("MatMul", [x, w], [out or f"{module}.out"], name=f"{module}.MatMul")
+        if not bias:
+            return self.node("MatMul", [x, w], [out or f"{module}.out"], name=f"{module}.MatMul")
+        y = self.node("MatMul", [x, w], [f"{module}.matmul"], name=f"{module}.MatMul")
+        return self.node("Add", [y, self.weight(f"{module}.bias", (d_out,))], [out or f"{module}.out"])
 
     def rms_norm(self, module: str, x: str, d: int) -> str:
         w = self.weight(f"{module}.weight", (d,))
