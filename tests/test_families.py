@@ -20,7 +20,7 @@ from lora_runtime.tensorfile import read_header, save_tensors
 FAMILIES = FIXTURES / "families"
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"])
 def test_family_matches_transformers_and_peft(family, tmp_path):
     folder = FAMILIES / family
     want = np.load(folder / "expected.npz")
@@ -45,8 +45,9 @@ def _variant(tmp_path, family: str, **config) -> object:
 
 
 @pytest.mark.parametrize(("change", "match"), [
-    ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}, r"architectures \['Qwen3ForCausalLM'\]"),
-    ({"hidden_act": "gelu_pytorch_tanh"}, "hidden_act = 'gelu_pytorch_tanh' is not supported"),
+    ({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"}, r"architectures \[.Gemma2ForCausalLM.\]"),
+    ({"hidden_act": "relu"}, "hidden_act = 'relu' is not supported"),
+    ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}, "partial_rotary_factor = 0.5"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling .*llama3.* is not supported"),
     ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping = 50.0 is not supported"),
     ({"sliding_window": 16}, "sliding_window = 16 is not supported beyond the window: import with --max-seq 16"),
@@ -80,3 +81,19 @@ def test_a_tensor_the_graph_has_no_place_for_is_refused(tmp_path):
     qwen = _variant(tmp_path / "q", "qwen2", architectures=["LlamaForCausalLM"], model_type="llama")
     with pytest.raises(BaseModelError, match=r"6 tensor\(s\) .*q_proj.bias"):
         build_from_hf(qwen, tmp_path / "onnx2", kv_cache=False, max_seq=64)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma", "phi3"])
+def test_kv_cache_graph_decodes_as_transformers(family, tmp_path):
+    """The import's KV-cache graph: six tokens, then the seventh with their keys and values, as transformers."""
+    want = np.load(FAMILIES / family / "expected.npz")
+    ids = want["input_ids"]
+    path, shape = build_from_hf(FAMILIES / family, tmp_path / "onnx", kv_cache=True, max_seq=64)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    empty = {i.name: np.zeros((1, shape.n_kv_heads, 0, shape.head_dim), np.float32)
+             for i in sess.get_inputs() if i.name.startswith("past_")}
+    names = [o.name for o in sess.get_outputs()]
+    first = dict(zip(names, sess.run(None, {"input_ids": ids[:, :6]} | empty)))
+    past = {n: first[n.replace("past_", "present_")] for n in empty}
+    last = sess.run(["logits"], {"input_ids": ids[:, 6:]} | past)[0]
+    np.testing.assert_allclose(last[0, -1], want["base"][0, 6], atol=2e-5, rtol=1e-4)

@@ -4,10 +4,13 @@ with the logits transformers computes for them, with and without a real PEFT ada
 
     /work/fxvenv/bin/python tools/make_family_fixtures.py [--out tests/fixtures/families]
 
-Per family (`llama`, `mistral`, `qwen2`): `config.json` and `model.safetensors` (`save_pretrained`),
-`adapter/` (PEFT LoRA r4 alpha8 on q_proj and v_proj, B initialised non-zero), `expected.npz` with
-`input_ids` (1, 7), `base` and `adapter` logits (1, 7, vocab), float32, eager attention. Qwen2's q/k/v
-projections carry biases (its config never says so: they are part of the architecture). Deterministic:
+Per family (`llama`, `mistral`, `qwen2`, `qwen3`, `gemma`, `phi3`): `config.json` and `model.safetensors`
+(`save_pretrained`), `adapter/` (PEFT LoRA r4 alpha8, B initialised non-zero, on q_proj and v_proj; Gemma
+also down_proj; Phi-3 its fused qkv_proj and gate_up_proj), `expected.npz` with `input_ids` (1, 7), `base`
+and `adapter` logits (1, 7, vocab), float32, eager attention. What each family adds to Llama: Qwen2's q/k/v
+biases (its config never says so: they are part of the architecture), Qwen3's q/k norms and a head_dim other
+than hidden_size / heads, Gemma's norm offset (x * (1 + w)), gelu-tanh MLP, embedding scale, tied lm_head and
+single KV head, Phi-3's fused projections. Deterministic:
 seeded, and the checks below stop the script if a family is not what the test expects of it.
 """
 
@@ -29,23 +32,23 @@ SIZE = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_laye
 
 
 def families():
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+    import transformers as t
 
     return {
-        "llama": (LlamaForCausalLM, LlamaConfig(**SIZE)),
-        "mistral": (MistralForCausalLM, MistralConfig(**SIZE, sliding_window=4096)),
-        "qwen2": (Qwen2ForCausalLM, Qwen2Config(**SIZE)),
+        "llama": (t.LlamaForCausalLM, t.LlamaConfig(**SIZE), ["q_proj", "v_proj"]),
+        "mistral": (t.MistralForCausalLM, t.MistralConfig(**SIZE, sliding_window=4096), ["q_proj", "v_proj"]),
+        "qwen2": (t.Qwen2ForCausalLM, t.Qwen2Config(**SIZE), ["q_proj", "v_proj"]),
+        # q/k norms, and a head_dim that is not hidden_size / heads
+        "qwen3": (t.Qwen3ForCausalLM, t.Qwen3Config(**SIZE, head_dim=16), ["q_proj", "v_proj"]),
+        # norm offset, gelu-tanh MLP, embedding scale, tied lm_head, one KV head, head_dim 16
+        "gemma": (t.GemmaForCausalLM, t.GemmaConfig(**(SIZE | {"tie_word_embeddings": True, "num_key_value_heads": 1}),
+                                                    head_dim=16), ["q_proj", "v_proj", "down_proj"]),
+        # fused qkv_proj and gate_up_proj: PEFT attaches to the fused modules
+        "phi3": (t.Phi3ForCausalLM, t.Phi3Config(**SIZE, pad_token_id=0), ["qkv_proj", "gate_up_proj"]),
     }
 
 
-def make(name: str, cls, config, out: Path) -> None:
+def make(name: str, cls, config, targets: list[str], out: Path) -> None:
     torch.manual_seed(sum(map(ord, name)))
     config._attn_implementation = "eager"
     model = cls(config).eval()
@@ -63,7 +66,7 @@ def make(name: str, cls, config, out: Path) -> None:
     ids = torch.randint(0, config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         base = model(input_ids=ids).logits.float().numpy()
-    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                             init_lora_weights=False))
     with torch.no_grad():
         adapted = lora(input_ids=ids).logits.float().numpy()
@@ -82,8 +85,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     import transformers
 
-    for name, (cls, config) in families().items():
-        make(name, cls, config, args.out)
+    for name, (cls, config, targets) in families().items():
+        make(name, cls, config, targets, args.out)
     (args.out / "versions.json").write_text(json.dumps({"torch": torch.__version__,
                                                         "transformers": transformers.__version__}, indent=1) + "\n")
 

@@ -144,7 +144,8 @@ def parser() -> argparse.ArgumentParser:
                     help="htp: w8a16 bundles on the QNN HTP simulator next to the CPU (simulated: read the ratios)")
     bn.set_defaults(func=commands.cmd_bench)
 
-    ig = sub("import-model", "a llama-family GGUF file or Hugging Face folder -> base.onnx with KV cache + tokenizer",
+    ig = sub("import-model", "a llama GGUF file or a Hugging Face folder (Llama, Mistral, Qwen2, Qwen3, Gemma, "
+             "Phi-3) -> base.onnx with KV cache + tokenizer",
              aliases=["import-gguf"])
     ig.add_argument("gguf", nargs="?", metavar="SOURCE",
                     help="a .gguf file or a folder with config.json + *.safetensors (default: SmolLM2's GGUF)")

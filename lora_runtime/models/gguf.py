@@ -31,7 +31,7 @@ import onnx
 from lora_runtime.errors import BaseModelError
 from lora_runtime.models.llama import DATA_FILE, LlamaShape, build_llama
 
-_LAYER = {
+LAYER_MODULES = {  # GGUF block tensor -> PEFT module path under model.layers.N (adapters map with it too)
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -103,7 +103,7 @@ def open_gguf(path: str | os.PathLike[str], max_seq: int = 2048) -> GgufModel:
             raise BaseModelError(f"{path}: llama.{key} = {meta[f'llama.{key}']!r} is not supported (refused rather "
                                  "than built wrong)")
     known = {"token_embd.weight", "output_norm.weight", "output.weight"} | {
-        f"blk.{i}.{name}.weight" for i in range(shape.n_layers) for name in _LAYER}
+        f"blk.{i}.{name}.weight" for i in range(shape.n_layers) for name in LAYER_MODULES}
     unused = sorted(set(tensors) - known)
     if unused:  # e.g. rope_freqs.weight (Llama 3's scaled rotary), attention biases, expert weights
         raise BaseModelError(f"{path}: {len(unused)} tensor(s) the Llama builder has no place for, e.g. "
@@ -143,7 +143,7 @@ def weights_for(model: GgufModel):  # noqa: ANN201  (a lora_runtime.models.llama
         if name == "lm_head.weight":
             return dequantized(model, "token_embd.weight" if model.tied else "output.weight").T
         m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
-        gguf_name = next((g for g, hf in _LAYER.items() if m and hf == m.group(2)), None)
+        gguf_name = next((g for g, hf in LAYER_MODULES.items() if m and hf == m.group(2)), None)
         if m is None or gguf_name is None:
             raise BaseModelError(f"{model.path}: no GGUF tensor for {name!r}")
         w = dequantized(model, f"blk.{m.group(1)}.{gguf_name}.weight")

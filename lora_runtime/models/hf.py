@@ -14,16 +14,23 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from lora_runtime.errors import BaseModelError, TensorFileError
 from lora_runtime.models.llama import DATA_FILE, LlamaShape, build_llama, tensor_names
 from lora_runtime.tensorfile import TensorFile, read_header
 
-_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# architecture -> family, and what each family adds to Llama's decoder (LlamaShape's fields; Gemma's norm weights
+# are stored as w with the norm computing x * (1 + w): folded into the weight at import)
+_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+          "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Phi3ForCausalLM": "phi3"}
+_FAMILY = {"llama": {}, "mistral": {}, "qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True},
+           "gemma": {"embed_scale": True, "norm_offset": True}, "phi3": {"fused": True}}
+_ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
 # config fields that change the math, with the values this builder computes (anything else is refused by name)
 _NEUTRAL: dict[str, tuple] = {
-    "hidden_act": ("silu",), "attention_bias": (False, None), "mlp_bias": (False, None),
+    "attention_bias": (False, None), "mlp_bias": (False, None),
     "partial_rotary_factor": (None, 1, 1.0), "attn_logit_softcapping": (None,), "final_logit_softcapping": (None,),
     "query_pre_attn_scalar": (None,), "use_qk_norm": (False, None), "qk_layernorm": (False, None),
     "embedding_multiplier": (None, 1, 1.0), "residual_multiplier": (None, 1, 1.0),
@@ -41,11 +48,19 @@ def _config(folder: Path) -> dict:
     except (OSError, ValueError) as e:
         raise BaseModelError(f"{path}: not valid JSON ({e})") from e
     archs = cfg.get("architectures") or []
-    if not any(a in _ARCHS for a in archs) and cfg.get("model_type") != "llama":
-        raise BaseModelError(f"{path}: architectures {archs}; only Llama-family models are supported")
+    family = next((_ARCHS[a] for a in archs if a in _ARCHS), None if archs else cfg.get("model_type"))
+    if family not in _FAMILY:
+        raise BaseModelError(f"{path}: architectures {archs}; supported: {', '.join(_ARCHS)}")
+    cfg["_family"] = family
     scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     if scaling.get("rope_type", scaling.get("type", "default")) != "default":
         raise BaseModelError(f"{path}: rope_scaling {scaling!r} is not supported (only plain rotary positions)")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise BaseModelError(f"{path}: partial_rotary_factor = {scaling['partial_rotary_factor']!r} is not supported "
+                             "(the builder rotates whole heads)")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")
+    if act not in _ACTS:
+        raise BaseModelError(f"{path}: hidden_act = {act!r} is not supported (supported: {', '.join(_ACTS)})")
     for field, neutral in _NEUTRAL.items():
         if field in cfg and cfg[field] not in neutral:
             raise BaseModelError(f"{path}: {field} = {cfg[field]!r} is not supported (the builder computes "
@@ -66,14 +81,19 @@ def _check_window(cfg: dict, max_seq: int, path: Path) -> None:
 def shape_from_config(cfg: dict, max_seq: int = 2048) -> LlamaShape:
     heads = int(cfg["num_attention_heads"])
     d = int(cfg["hidden_size"])
-    if int(cfg.get("head_dim") or d // heads) != d // heads:
-        raise BaseModelError("config.json: head_dim other than hidden_size / num_attention_heads is not supported")
+    family = cfg.get("_family") or _ARCHS.get(next(iter(cfg.get("architectures") or []), ""), "llama")
+    adds = _FAMILY[family]
+    head = int(cfg.get("head_dim") or d // heads)
     rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
-    qwen2 = "Qwen2ForCausalLM" in (cfg.get("architectures") or []) or cfg.get("model_type") == "qwen2"
+    act = _ACTS[cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")]
     return LlamaShape(vocab=int(cfg["vocab_size"]), d_model=d, n_layers=int(cfg["num_hidden_layers"]), n_heads=heads,
                       n_kv_heads=int(cfg.get("num_key_value_heads") or heads), d_ff=int(cfg["intermediate_size"]),
                       max_seq=min(max_seq, int(cfg.get("max_position_embeddings", max_seq))),
-                      rms_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(rope), qkv_bias=qwen2)
+                      rms_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(rope),
+                      qkv_bias=adds.get("qkv_bias", False), head_size=None if head * heads == d else head,
+                      qk_norm=adds.get("qk_norm", False), act="gelu_tanh" if family == "gemma" else act,
+                      embed_scale=float(np.float32(d ** 0.5)) if adds.get("embed_scale") else None,
+                      fused=adds.get("fused", False))
 
 
 def _index(folder: Path) -> dict[str, TensorFile]:
@@ -100,6 +120,7 @@ def build_from_hf(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str
     _check_window(cfg, shape.max_seq, folder / "config.json")
     where = _index(folder)
     tied = bool(cfg.get("tie_word_embeddings")) or "lm_head.weight" not in where
+    offset = _FAMILY[cfg["_family"]].get("norm_offset", False)
     unused = sorted(n for n in set(where) - tensor_names(shape) if not n.endswith("rotary_emb.inv_freq"))
     if unused:  # a tensor the graph has no place for computes something the graph would not: never build it wrong
         raise BaseModelError(f"{folder}: {len(unused)} tensor(s) the Llama builder has no place for, e.g. "
@@ -113,6 +134,8 @@ def build_from_hf(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str
         w = tf.read(src, float32=True)
         if re.search(r"(_proj|lm_head)\.weight$", name):
             w = w.T  # (out, in) -> (in, out)
+        elif offset and re.search(r"(layernorm|model\.norm)\.weight$", name):
+            w = 1.0 + w  # Gemma's norm computes x * (1 + w)
         return w
 
     out = Path(out_dir)

@@ -54,14 +54,20 @@ class LlamaShape:
     rope_theta: float = 10000.0
     opset: int = 17
     qkv_bias: bool = False  # q/k/v projections with biases (Qwen2)
+    head_size: int | None = None  # head_dim when it is not d_model / n_heads (Qwen3, Gemma)
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys before the rotary (Qwen3)
+    act: str = "silu"  # the gated MLP's activation: silu, gelu_tanh (Gemma's gelu_pytorch_tanh) or gelu (erf)
+    embed_scale: float | None = None  # the embeddings multiplied by this (Gemma: sqrt(d_model))
+    fused: bool = False  # q/k/v as one qkv_proj and gate/up as one gate_up_proj (Phi-3), split after
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_size or self.d_model // self.n_heads
 
     def check(self) -> None:
         if min(self.d_model, self.n_heads, self.n_kv_heads, self.n_layers, self.vocab, self.d_ff) < 1 or \
-                self.d_model % self.n_heads or self.n_heads % self.n_kv_heads or self.head_dim % 2:
+                (self.head_size is None and self.d_model % self.n_heads) or self.n_heads % self.n_kv_heads or \
+                self.head_dim % 2:
             raise BaseModelError(f"d_model {self.d_model}, n_heads {self.n_heads} and n_kv_heads {self.n_kv_heads} "
                                  "must be positive and divide evenly (and every other size positive)")
         if self.max_seq < 1:
@@ -70,15 +76,18 @@ class LlamaShape:
 
 def linear_shapes(s: LlamaShape) -> dict[str, tuple[int, int]]:
     """(in, out) of every linear module, by PEFT module path."""
-    kv = s.n_kv_heads * s.head_dim
+    d, q, kv = s.d_model, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
     shapes = {}
     for i in range(s.n_layers):
         p = f"model.layers.{i}"
-        shapes.update({f"{p}.self_attn.q_proj": (s.d_model, s.d_model), f"{p}.self_attn.k_proj": (s.d_model, kv),
-                       f"{p}.self_attn.v_proj": (s.d_model, kv), f"{p}.self_attn.o_proj": (s.d_model, s.d_model),
-                       f"{p}.mlp.gate_proj": (s.d_model, s.d_ff), f"{p}.mlp.up_proj": (s.d_model, s.d_ff),
-                       f"{p}.mlp.down_proj": (s.d_ff, s.d_model)})
-    shapes["lm_head"] = (s.d_model, s.vocab)
+        if s.fused:
+            shapes.update({f"{p}.self_attn.qkv_proj": (d, q + 2 * kv), f"{p}.mlp.gate_up_proj": (d, 2 * s.d_ff)})
+        else:
+            shapes.update({f"{p}.self_attn.q_proj": (d, q), f"{p}.self_attn.k_proj": (d, kv),
+                           f"{p}.self_attn.v_proj": (d, kv), f"{p}.mlp.gate_proj": (d, s.d_ff),
+                           f"{p}.mlp.up_proj": (d, s.d_ff)})
+        shapes.update({f"{p}.self_attn.o_proj": (q, d), f"{p}.mlp.down_proj": (s.d_ff, d)})
+    shapes["lm_head"] = (d, s.vocab)
     return shapes
 
 
@@ -89,6 +98,8 @@ def tensor_names(s: LlamaShape) -> set[str]:
         names |= {f"model.layers.{i}.input_layernorm.weight", f"model.layers.{i}.post_attention_layernorm.weight"}
         if s.qkv_bias:
             names |= {f"model.layers.{i}.self_attn.{x}_proj.bias" for x in "qkv"}
+        if s.qk_norm:
+            names |= {f"model.layers.{i}.self_attn.{x}_norm.weight" for x in "qk"}
     return names
 
 
@@ -117,10 +128,11 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
     ang = np.outer(np.arange(s.max_seq, dtype=np.float64), inv)
     g.const("rope.cos", np.concatenate([np.cos(ang)] * 2, axis=1).astype(np.float32))  # (S, hd)
     g.const("rope.sin", np.concatenate([np.sin(ang)] * 2, axis=1).astype(np.float32))
+    qw, kvw = s.n_heads * hd, s.n_kv_heads * hd
     for cname, value in {"c.zero": 0, "c.one": 1, "c.axes1": [1],
                          "c.heads": [0, 0, s.n_heads, hd], "c.kv": [0, 0, s.n_kv_heads, hd],
                          "c.rep": [1, 1, rep, 1, 1], "c.merge": [1, s.n_heads, -1, hd],
-                         "c.model": [0, 0, d], "c.half": [hd // 2, hd // 2]}.items():
+                         "c.model": [0, 0, qw], "c.half": [hd // 2, hd // 2]}.items():
         g.const(cname, np.array(value, np.int64))
     g.const("c.eps", np.array(s.rms_eps, np.float32))
     g.const("c.two_f", np.array(2.0, np.float32))
@@ -137,14 +149,24 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
 
     g.weight("model.embed_tokens.weight", (s.vocab, d))
     h = g.node("Gather", ["model.embed_tokens.weight", "input_ids"], ["h.embed"], axis=0)  # (1, T, d)
+    if s.embed_scale is not None:
+        h = g.node("Mul", [h, g.const("c.embed_scale", np.array(s.embed_scale, np.float32))], ["h.scaled"])
     kv_io: list[tuple[str, str]] = []
     for i in range(s.n_layers):
         p = f"model.layers.{i}"
         n = g.rms_norm(f"{p}.input_layernorm", h, d)
-        b = s.qkv_bias
-        q = g.heads(g.linear(f"{p}.self_attn.q_proj", n, d, d, bias=b), "c.heads")  # (1, H, T, hd)
-        k = g.heads(g.linear(f"{p}.self_attn.k_proj", n, d, s.n_kv_heads * hd, bias=b), "c.kv")  # (1, KV, T, hd)
-        v = g.heads(g.linear(f"{p}.self_attn.v_proj", n, d, s.n_kv_heads * hd, bias=b), "c.kv")
+        if s.fused:
+            q, k, v = g.fresh("q"), g.fresh("k"), g.fresh("v")
+            sizes = g.shared("c.qkv", np.array([qw, kvw, kvw], np.int64))
+            g.node("Split", [g.linear(f"{p}.self_attn.qkv_proj", n, d, qw + 2 * kvw), sizes], [q, k, v], axis=-1)
+        else:
+            b = s.qkv_bias
+            q = g.linear(f"{p}.self_attn.q_proj", n, d, qw, bias=b)
+            k = g.linear(f"{p}.self_attn.k_proj", n, d, kvw, bias=b)
+            v = g.linear(f"{p}.self_attn.v_proj", n, d, kvw, bias=b)
+        q, k, v = g.heads(q, "c.heads"), g.heads(k, "c.kv"), g.heads(v, "c.kv")  # (1, H or KV, T, hd)
+        if s.qk_norm:
+            q, k = g.rms_norm(f"{p}.self_attn.q_norm", q, hd), g.rms_norm(f"{p}.self_attn.k_norm", k, hd)
         q, k = g.rope(q), g.rope(k)
         if static_cache:  # the new tokens' own keys and values out; attention over the cache and them
             k = g.node("Identity", [k], [f"present_key.{i}"])  # (1, KV, T, hd)
@@ -166,12 +188,15 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
         o = g.node("MatMul", [a, v], [g.fresh("attn")])  # (1, H, T, hd)
         o = g.node("Transpose", [o], [g.fresh("attn_t")], perm=[0, 2, 1, 3])
         o = g.node("Reshape", [o, "c.model"], [g.fresh("attn_m")])  # (1, T, d)
-        h = g.node("Add", [h, g.linear(f"{p}.self_attn.o_proj", o, d, d)], [g.fresh("h")])
+        h = g.node("Add", [h, g.linear(f"{p}.self_attn.o_proj", o, qw, d)], [g.fresh("h")])
         n = g.rms_norm(f"{p}.post_attention_layernorm", h, d)
-        gate = g.linear(f"{p}.mlp.gate_proj", n, d, s.d_ff)
-        silu = g.node("Mul", [gate, g.node("Sigmoid", [gate], [g.fresh("sig")])], [g.fresh("silu")])
-        up = g.linear(f"{p}.mlp.up_proj", n, d, s.d_ff)
-        act = g.node("Mul", [silu, up], [g.fresh("act")])
+        if s.fused:
+            gate, up = g.fresh("gate"), g.fresh("up")
+            sizes = g.shared("c.gate_up", np.array([s.d_ff, s.d_ff], np.int64))
+            g.node("Split", [g.linear(f"{p}.mlp.gate_up_proj", n, d, 2 * s.d_ff), sizes], [gate, up], axis=-1)
+        else:
+            gate, up = g.linear(f"{p}.mlp.gate_proj", n, d, s.d_ff), g.linear(f"{p}.mlp.up_proj", n, d, s.d_ff)
+        act = g.node("Mul", [g.activation(gate, s.act), up], [g.fresh("act")])
         h = g.node("Add", [h, g.linear(f"{p}.mlp.down_proj", act, s.d_ff, d)], [g.fresh("h")])
     n = g.rms_norm("model.norm", h, d)
     g.linear("lm_head", n, d, s.vocab, out="logits")
@@ -241,6 +266,7 @@ class _Graph:
         self.data = DataWriter(data, DATA_FILE) if data is not None else None
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
+        self.made: set[str] = set()
         self.count = 0
 
     def fresh(self, stem: str) -> str:
@@ -252,6 +278,12 @@ class _Graph:
             self.inits.append(numpy_helper.from_array(value, name))
         else:
             self.inits.append(self.data.array(name, value))
+        return name
+
+    def shared(self, name: str, value: np.ndarray) -> str:
+        """A constant made once, however many layers use it."""
+        if name not in self.made:
+            self.made.add(self.const(name, value))
         return name
 
     def weight(self, name: str, shape: tuple[int, ...]) -> str:
@@ -278,6 +310,23 @@ class _Graph:
         rs = self.node("Sqrt", [self.node("Add", [ms, "c.eps"], [self.fresh("mse")])], [self.fresh("rms")])
         normed = self.node("Div", [x, rs], [self.fresh("normed")])
         return self.node("Mul", [normed, w], [f"{module}.out"])
+
+    def activation(self, x: str, kind: str) -> str:
+        """silu; gelu_tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); gelu: 0.5 x (1 + erf(x / sqrt(2)))."""
+        if kind == "silu":
+            return self.node("Mul", [x, self.node("Sigmoid", [x], [self.fresh("sig")])], [self.fresh("silu")])
+        c = {name: self.shared(f"c.gelu.{name}", np.array(v, np.float32)) for name, v in (
+            ("half", 0.5), ("one", 1.0), ("k", 0.044715), ("s", np.sqrt(2.0 / np.pi)), ("r2", 1.0 / np.sqrt(2.0)))}
+        if kind == "gelu_tanh":
+            cube = self.node("Mul", [self.node("Mul", [x, x], [self.fresh("x2")]), x], [self.fresh("x3")])
+            inner = self.node("Add", [x, self.node("Mul", [cube, c["k"]], [self.fresh("kx3")])], [self.fresh("in")])
+            t = self.node("Tanh", [self.node("Mul", [inner, c["s"]], [self.fresh("sin")])], [self.fresh("tanh")])
+        elif kind == "gelu":
+            t = self.node("Erf", [self.node("Mul", [x, c["r2"]], [self.fresh("xr2")])], [self.fresh("erf")])
+        else:
+            raise BaseModelError(f"activation {kind!r} is not supported (silu, gelu_tanh, gelu)")
+        half = self.node("Mul", [x, c["half"]], [self.fresh("hx")])
+        return self.node("Mul", [half, self.node("Add", [t, c["one"]], [self.fresh("t1")])], [self.fresh("gelu")])
 
     def heads(self, x: str, shape: str) -> str:
         r = self.node("Reshape", [x, shape], [self.fresh("split")])  # (1, T, H, hd)
