@@ -25,18 +25,19 @@ def summary(bundle: Bundle) -> dict[str, Any]:
 
 
 def base_dtype(m: Manifest) -> str:
-    """The base weights as the bundle holds them."""
+    """The base weights as the bundle holds them (float32, float16 or both, the base's own)."""
     if m.weight_only is not None:
-        return m.weight_only.dtype
+        return m.weight_only.dtype + ("" if m.base.dtype == "float32" else f" ({m.base.dtype} activations)")
     if m.quantization is not None:
         return f"int{m.quantization.preset[1]} QDQ ({m.quantization.preset})"
-    return "float32"
+    return m.base.dtype
 
 
 def describe(bundle: Bundle) -> str:
     m = bundle.manifest
     s = summary(bundle)
-    lines = [f"bundle {bundle.path}", f"  generation {m.generation}; base {m.base.name} (sha256 {m.base.sha256[:12]}…)",
+    lines = [f"bundle {bundle.path}",
+             f"  generation {m.generation}; base {m.base.name} ({m.base.dtype}, sha256 {m.base.sha256[:12]}…)",
              f"  {len(m.points)} attachment points, {len(m.slots)} slots, {s['slot_bytes'] / 1e6:.3f} MB of slots, "
              f"{s['file_bytes'] / 1e6:.3f} MB on disk", "", "  adapters"]
     for a, info in zip(m.adapters, s["adapters"]):

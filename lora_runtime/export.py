@@ -28,7 +28,7 @@ from lora_runtime.errors import UseCaseError
 from lora_runtime.external_data import inline
 from lora_runtime.graph import GraphEdit
 from lora_runtime.manifest import Manifest
-from lora_runtime.names import GAIN_NODE, SCALING, BranchNames, lora_a, lora_b
+from lora_runtime.names import GAIN_NODE, SCALING, BranchNames, base_output, lora_a, lora_b
 from lora_runtime.staging import check_new_file, new_file, publish_file
 from lora_runtime.tensorfile import read_header
 
@@ -69,8 +69,12 @@ def strip_branches(model: onnx.ModelProto, manifest: Manifest) -> onnx.ModelProt
     """
     g = model.graph
     branch_nodes = {GAIN_NODE}.union(*(BranchNames(p.module).nodes for p in manifest.points))
-    adds = {BranchNames(p.module).node("Add") for p in manifest.points}
-    restore = {n.input[0]: n.output[0] for n in g.node if n.name in adds}  # y.base -> y
+    by_name = {n.name: n for n in g.node}
+    restore = {}  # y.base -> y: y is the output of the branch's last node (its Add, or the CastOut of a float16 op)
+    for p in manifest.points:
+        last = by_name.get(BranchNames(p.module).node("CastOut")) or by_name.get(BranchNames(p.module).node("Add"))
+        if last is not None:
+            restore[base_output(last.output[0])] = last.output[0]
     edit = GraphEdit(g)
     for i, n in edit.nodes():
         if n.name in branch_nodes:

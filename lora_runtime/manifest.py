@@ -97,6 +97,7 @@ class BaseInfo:
     sha256: str  # of the base .onnx file
     nbytes: int
     data_files: tuple[str, ...]  # external data files, linked into the bundle under the same names
+    dtype: str = "float32"  # what its linear layers compute in: float32, float16, or both ("float32+float16")
 
 
 @dataclass(frozen=True)

@@ -85,11 +85,13 @@ class BranchNames:
 
     @property
     def nodes(self) -> tuple[str, ...]:
-        """Every node a branch may have (v1/v2 have no ``Gain``; only float16 slots have the Casts)."""
+        """Every node a branch may have (v1/v2 have no ``Gain``; only float16 slots have CastA/CastB, only points on
+        float16 base ops CastX/CastBase/CastOut)."""
         return tuple(self.node(w) for w in BRANCH_NODES)
 
 
-BRANCH_NODES = ("Gather", "Gain", "CastA", "CastB", "TransposeA", "MatMulA", "Scale", "TransposeB", "MatMulB", "Add")
+BRANCH_NODES = ("Gather", "Gain", "CastA", "CastB", "CastX", "TransposeA", "MatMulA", "Scale", "TransposeB", "MatMulB",
+                "CastBase", "Add", "CastOut")
 
 
 # --- quantization ------------------------------------------------------------------------------------------------

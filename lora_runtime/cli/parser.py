@@ -47,8 +47,9 @@ def parser() -> argparse.ArgumentParser:
 
     c = sub("compile", "base ONNX + PEFT adapters -> a v1/v2/v3 bundle")
     c.add_argument("--base", required=True, help="base model .onnx (any exporter; external data allowed)")
-    c.add_argument("--adapter", action="append", default=[], metavar="NAME=PEFT_DIR", required=True,
-                   help="a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors); repeat")
+    c.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", required=True,
+                   help="a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors), a llama.cpp LoRA "
+                        "GGUF file, or @smollm2/NAME (a shipped adapter); repeat")
     c.add_argument("--generation", required=True, choices=["v1", "v2", "v3"],
                    help="v1: LoRA weights as graph inputs; v2: patchable parameters holding a default adapter; "
                         "v3: every adapter rank-concatenated, mixed by a strength vector (see the README)")

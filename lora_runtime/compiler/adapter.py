@@ -1,4 +1,5 @@
-"""Load a Hugging Face PEFT LoRA folder: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""Load a Hugging Face PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``) or a llama.cpp
+LoRA adapter GGUF (``lora_runtime.models.gguf_adapter``).
 
 Keys are ``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r).
 Weights come back as float32 (F16 widens exactly, BF16 by bit shift); everything that is not a
@@ -17,6 +18,7 @@ import numpy as np
 from lora_runtime.bundle import sha256_file
 from lora_runtime.errors import AdapterError, TensorFileError
 from lora_runtime.lora_config import LoraConfig, check_name, rank_and_scaling
+from lora_runtime.models.gguf_adapter import is_gguf, read_gguf_lora
 from lora_runtime.tensorfile import read_header
 
 CONFIG_FILE = "adapter_config.json"
@@ -34,7 +36,7 @@ class LoraPair:
     a: np.ndarray  # (r, in) float32
     b: np.ndarray  # (out, r) float32
     scaling: float
-    dtype: str  # as stored in the file: "F32", "F16" or "BF16"
+    dtype: str  # as stored in the file: "F32", "F16" or "BF16" (a GGUF adapter's also "Q8_0")
 
     @property
     def rank(self) -> int:
@@ -57,7 +59,7 @@ class Adapter:
     source: str
     config: LoraConfig
     pairs: tuple[LoraPair, ...]
-    sha256: str  # of adapter_model.safetensors
+    sha256: str  # of adapter_model.safetensors (or of the GGUF file)
 
     def pair(self, module: str) -> LoraPair | None:
         return next((p for p in self.pairs if p.module == module), None)
@@ -67,13 +69,23 @@ class Adapter:
         return sum(p.a.nbytes + p.b.nbytes for p in self.pairs)
 
 
-def load_adapter(path: str | os.PathLike[str], name: str | None = None) -> Adapter:
-    """Load and validate a PEFT LoRA folder. ``name`` defaults to the folder name."""
+def load_adapter(path: str | os.PathLike[str], name: str | None = None, *,
+                 base: str | os.PathLike[str] | None = None, head_dim: int | None = None) -> Adapter:
+    """Load and validate a PEFT LoRA folder or a llama.cpp GGUF LoRA file. ``name`` defaults to the folder name
+    (the file's stem). A GGUF adapter's q/k rows are un-permuted per head of ``head_dim`` rows, read from ``base``
+    (the ONNX base it will be compiled against: its KV-cache inputs) unless given."""
     folder = Path(path)
+    is_file = folder.is_file()
     try:
-        name = check_name("adapter", name if name is not None else folder.name)
+        name = check_name("adapter", name if name is not None else folder.stem if is_file else folder.name)
     except ValueError as e:
         raise AdapterError(f"{folder}: {e}") from e
+    if is_file:
+        if not is_gguf(folder):
+            raise AdapterError(f"{folder}: a file, neither a PEFT adapter folder nor a GGUF LoRA adapter")
+        lora = read_gguf_lora(folder, base=base, head_dim=head_dim)
+        pairs = tuple(LoraPair(m, a, b, rank_and_scaling(lora.config, m)[1], dtype) for m, a, b, dtype in lora.pairs)
+        return Adapter(name, str(folder), lora.config, pairs, sha256_file(folder))
     if not folder.is_dir():
         raise AdapterError(f"{folder}: adapter folder not found (expected {CONFIG_FILE} + {WEIGHTS_FILE})")
     config = _read_config(folder / CONFIG_FILE)

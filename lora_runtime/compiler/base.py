@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,11 +21,13 @@ import onnx
 from onnx import TensorProto
 
 from lora_runtime.compiler.adapter import Adapter
+from lora_runtime.compiler.points import find_candidates
 from lora_runtime.errors import BaseMismatchWarning, BaseModelError
 from lora_runtime.external_data import location
 from lora_runtime.names import MANIFEST
 
 ORT_DEFAULT_DOMAIN_OPS = {"SimplifiedLayerNormalization"}
+FLOAT_TYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}  # what a base's linear layers may be
 
 
 def load_base(path: Path) -> tuple[onnx.ModelProto, list[str]]:
@@ -52,6 +55,31 @@ def load_base(path: Path) -> tuple[onnx.ModelProto, list[str]]:
         if rel not in data_files:
             data_files.append(rel)
     return model, data_files
+
+
+def base_float_type(model: onnx.ModelProto, path: Path) -> str:
+    """The float type the base's linear layers compute in, from their weights: ``float32``, ``float16``, or both
+    (``float32+float16``: a float32 graph with float16 linear layers, the more common first).
+
+    bfloat16 anywhere is refused: ONNX Runtime's CPU provider has no bfloat16 MatMul, Gemm, Add or Mul, so neither
+    the base nor a bundle of it runs. Linear weights of other types (float64) are refused too."""
+    g = model.graph
+    bf16 = [f"initializer {t.name!r}" for t in g.initializer if t.data_type == TensorProto.BFLOAT16]
+    bf16 += [f"Cast {n.output[0]!r}" for n in g.node if n.op_type == "Cast"
+             and any(a.name == "to" and a.i == TensorProto.BFLOAT16 for a in n.attribute)]
+    bf16 += [f"graph input/output {v.name!r}" for v in [*g.input, *g.output]
+             if v.type.tensor_type.elem_type == TensorProto.BFLOAT16]
+    if bf16:
+        raise BaseModelError(f"{path}: base is bfloat16 ({bf16[0]}): ONNX Runtime's CPU provider cannot run it (no "
+                             "bfloat16 MatMul, Add or Mul kernels); convert the base to float16 or float32")
+    counts: Counter[int] = Counter()
+    for c in find_candidates(g):
+        if c.elem_type not in FLOAT_TYPES:
+            raise BaseModelError(f"{path}: linear weight {c.weight!r} of {c.node!r} is "
+                                 f"{TensorProto.DataType.Name(c.elem_type).lower()}: lora_runtime compiles float32 "
+                                 "and float16 bases; convert the base to one of them")
+        counts[c.elem_type] += 1
+    return "+".join(FLOAT_TYPES[t] for t, _ in counts.most_common()) or "float32"
 
 
 def check_structure(model: onnx.ModelProto, base: Path) -> None:

@@ -24,7 +24,7 @@ import onnx
 
 from lora_runtime.bundle import Bundle, file_table, open_bundle, sha256_file, write_manifest
 from lora_runtime.compiler.adapter import Adapter
-from lora_runtime.compiler.base import check_adapter_bases, check_structure, link_data, load_base
+from lora_runtime.compiler.base import base_float_type, check_adapter_bases, check_structure, link_data, load_base
 from lora_runtime.compiler.htp import htp_stage
 from lora_runtime.compiler.options import CompileOptions, WeightOnlyOptions
 from lora_runtime.compiler.passes.branch import BranchOptions, add_branches
@@ -35,7 +35,7 @@ from lora_runtime.compiler.points import attach
 from lora_runtime.compiler.qairt import write_qairt_artefacts
 from lora_runtime.compiler.quantize import FloatStage, quantize_bundle
 from lora_runtime.compiler.use_cases import UseCaseSpec, check_use_cases, default_adapter, load_adapters
-from lora_runtime.errors import UseCaseError
+from lora_runtime.errors import BaseModelError, UseCaseError
 from lora_runtime.eval.accuracy import compare_bundles
 from lora_runtime.manifest import (
     Accuracy,
@@ -94,11 +94,13 @@ def compile_bundle(base: str | os.PathLike[str],
         samples = load_calibration(q.calibration)
         overrides = read_encodings(q.encodings_file) if q.encodings_file is not None else None
     say("loading adapters")
-    loaded = load_adapters(adapters)
+    loaded = load_adapters(adapters, base=base)
     specs = check_use_cases(use_cases, loaded, options.generation)
     say("reading the base model")
     base = Path(base)
     model, data_files = load_base(base)
+    base_type = base_float_type(model, base)
+    _check_base_type(base, base_type, options)
     check_adapter_bases(model, base, loaded)
     say("resolving attachment points")
     gen = options.generation
@@ -117,7 +119,7 @@ def compile_bundle(base: str | os.PathLike[str],
         if decode is not None:
             target = dataclasses.replace(target, decode=_static_decode(decode, base.parent, options, say))
         manifest = Manifest(
-            generation=gen, base=BaseInfo(base.name, sha256_file(base), base.stat().st_size, ()),
+            generation=gen, base=BaseInfo(base.name, sha256_file(base), base.stat().st_size, (), base_type),
             points=tuple(point_record(b, loaded, gen) for b in branches), slots=layout.slots,
             adapters=tuple(AdapterInfo(a.name, a.source, a.sha256, a.config.to_json(), a.nbytes,
                                        adapter_patch(a.name) if gen != "v3" else None) for a in loaded),
@@ -195,6 +197,17 @@ def _static_decode(model: onnx.ModelProto, base_dir: Path, options: CompileOptio
     htp = options.target == "htp"
     make_static(model, StaticShapeOptions(dims, base_dir, htp_forms=htp, mask_floor=MASK_FLOOR if htp else None))
     return DecodeGraph(DECODE_GRAPH, dims)
+
+
+def _check_base_type(base: Path, base_type: str, options: CompileOptions) -> None:
+    """What a float16 base (or a float32 one with float16 linear layers) cannot take: refused before anything is
+    written, never a bundle that cannot run."""
+    if base_type == "float32":
+        return
+    if options.quant is not None:
+        raise BaseModelError(f"{base}: base is {base_type}: --encodings builds its QDQ graph for float32 bases "
+                             "(float32 scales, Q/DQ and int8 kernels around float32 activations); export the base in "
+                             "float32, which the encodings then quantize")
 
 
 def _options(options: CompileOptions | None, generation: str | None) -> CompileOptions:

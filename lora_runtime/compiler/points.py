@@ -51,6 +51,7 @@ class Candidate:
     out_features: int
     aliases: tuple[str, ...]
     transposed: bool = False  # the weight is stored (out, in) (Gemm transB=1, MatMul via Transpose)
+    elem_type: int = onnx.TensorProto.FLOAT  # the weight's ONNX element type: what the op computes in
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def find_candidates(graph: onnx.GraphProto) -> list[Candidate]:
         dims = tuple(inits[weight].dims)
         d_in, d_out = (dims[1], dims[0]) if transposed else dims
         out.append(Candidate(name, node.op_type, node.input[0], node.output[0], weight, int(d_in), int(d_out),
-                             _aliases(node, weight), transposed))
+                             _aliases(node, weight), transposed, inits[weight].data_type))
     return out
 
 

@@ -41,11 +41,11 @@ SHIPPED = Path(__file__).resolve().parents[1] / "data" / "adapters"  # package d
 
 
 def parse_adapter_arg(text: str) -> tuple[str, str]:
-    """``NAME=PEFT_DIR`` (or just ``PEFT_DIR``: the folder name is the adapter name); ``@smollm2/caps`` names an
-    adapter shipped with lora_runtime."""
+    """``NAME=PEFT_DIR`` or ``NAME=FILE.gguf`` (or just the path: the folder name or file stem is the adapter name);
+    ``@smollm2/caps`` names an adapter shipped with lora_runtime."""
     name, sep, path = text.partition("=")
     if not sep:
-        name, path = Path(text).name, text
+        name, path = Path(text).stem if Path(text).suffix.lower() == ".gguf" else Path(text).name, text
     return name, str(shipped_adapter(path[1:])) if path.startswith("@") else path
 
 
@@ -58,13 +58,15 @@ def shipped_adapter(ref: str) -> Path:
     return folder
 
 
-def load_adapters(adapters: Mapping[str, str | os.PathLike[str] | Adapter] | Sequence[Adapter]) -> list[Adapter]:
-    """Folders (or already loaded adapters) by name, each loaded and validated; names must be unique."""
+def load_adapters(adapters: Mapping[str, str | os.PathLike[str] | Adapter] | Sequence[Adapter],
+                  base: str | os.PathLike[str] | None = None) -> list[Adapter]:
+    """Folders or GGUF files (or already loaded adapters) by name, each loaded and validated; names must be unique.
+    ``base``: the base model they are compiled against (a GGUF adapter's q/k rows need its head size)."""
     items = adapters.items() if isinstance(adapters, Mapping) else [(a.name, a) for a in adapters]
     loaded: list[Adapter] = []
     for name, a in items:
         if not isinstance(a, Adapter):
-            a = load_adapter(a, name)
+            a = load_adapter(a, name, base=base)
         elif a.name != name:
             raise UseCaseError(f"adapter {a.name!r} given under the name {name!r}")
         if any(b.name == a.name for b in loaded):

@@ -22,6 +22,16 @@ axis, where it costs R multiplies per token:
   concatenated rank, and the constant scaling holds each column's PEFT scaling. This is PEFT's
   ``cat`` combination: ``y = W0 x + B_cat ((A_cat x) * s_expanded * scaling_expanded)``.
 
+A base op that computes in float16 (a ``model.half()`` export, or a float16 island of a float32 graph) gets
+the branch as PEFT computes it on a half model (its LoRA weights autocast to float32): the branch reads ``x``
+through a Cast to float32, runs in float32, adds into the base output cast up to float32, and the sum is cast
+back to the op's dtype once (PEFT's ``result.to(torch_result_dtype)``)::
+
+    x ──► Op(W0 float16) ──► y.base ──► Cast(f32) ──► Add ──► <m>.lora/sum ──► Cast(f16) ──► y
+    └──► Cast(f32) ──► MatMulA ─► … ─► MatMulB (float32) ──────────┘
+
+Float32 ops get no Cast: their graph is exactly the one above.
+
 Every name comes from :class:`lora_runtime.names.BranchNames`; the pass returns, per point, the tensors and
 nodes it made (:class:`BranchTensors`), which the QDQ pass quantizes without looking at a name.
 """
@@ -75,7 +85,7 @@ class BranchTensors:
     """The names one branch created, for the passes after it."""
 
     module: str
-    x: str  # the base op's activation input, which the branch reads too
+    x: str  # the base op's activation input, which the branch reads too (through a Cast if not float32)
     a_slot: str  # <module>.lora_A.weight
     b_slot: str
     transpose_a: str  # node names: the Transposes read a_slot / b_slot (or their float32 Casts)
@@ -83,8 +93,9 @@ class BranchTensors:
     matmul_a: str  # reads x
     matmul_b: str  # reads scaled
     scaled: str  # the rank-R intermediate after the gain, input of matmul_b
-    base_out: str  # the base op's output, now an input of the Add
-    out: str  # the Add's output: the name the base op wrote before
+    base_out: str  # the base op's output, now read by the Add (through a Cast if not float32)
+    out: str  # the name the base op wrote before: the Add's output (float32 ops) or the Cast's after it
+    base_type: int = TensorProto.FLOAT  # the base op's element type; the branch itself computes in float32
 
 
 @dataclass(frozen=True)
@@ -131,16 +142,24 @@ def add_branches(model: onnx.ModelProto, options: BranchOptions) -> BranchResult
             a_read, b_read = n.tensor("A_f32"), n.tensor("B_f32")
             widen = [helper.make_node("Cast", [a_name], [a_read], name=n.node("CastA"), to=TensorProto.FLOAT),
                      helper.make_node("Cast", [b_name], [b_read], name=n.node("CastB"), to=TensorProto.FLOAT)]
-        edit.insert_after(i, gain + widen + [
+        x_read, enter, add = c.x, [], [helper.make_node("Add", [base_output(c.y), n.delta], [c.y], name=n.node("Add"))]
+        if c.elem_type != TensorProto.FLOAT:  # PEFT on a half model: float32 branch, one rounding of the sum
+            x_read = n.tensor("x_f32")
+            enter = [helper.make_node("Cast", [c.x], [x_read], name=n.node("CastX"), to=TensorProto.FLOAT)]
+            add = [helper.make_node("Cast", [base_output(c.y)], [n.tensor("base_f32")], name=n.node("CastBase"),
+                                    to=TensorProto.FLOAT),
+                   helper.make_node("Add", [n.tensor("base_f32"), n.delta], [n.tensor("sum")], name=n.node("Add")),
+                   helper.make_node("Cast", [n.tensor("sum")], [c.y], name=n.node("CastOut"), to=c.elem_type)]
+        edit.insert_after(i, gain + widen + enter + [
             helper.make_node("Transpose", [a_read], [n.tensor("A_t")], name=n.node("TransposeA"), perm=[1, 0]),
-            helper.make_node("MatMul", [c.x, n.tensor("A_t")], [n.u], name=n.node("MatMulA")),
+            helper.make_node("MatMul", [x_read, n.tensor("A_t")], [n.u], name=n.node("MatMulA")),
             helper.make_node("Mul", [n.u, n.gain], [n.scaled], name=n.node("Scale")),
             helper.make_node("Transpose", [b_read], [n.tensor("B_t")], name=n.node("TransposeB"), perm=[1, 0]),
             helper.make_node("MatMul", [n.scaled, n.tensor("B_t")], [n.delta], name=n.node("MatMulB")),
-            helper.make_node("Add", [base_output(c.y), n.delta], [c.y], name=n.node("Add")),
+            *add,
         ])
         made[m] = BranchTensors(m, c.x, a_name, b_name, n.node("TransposeA"), n.node("TransposeB"),
-                                n.node("MatMulA"), n.node("MatMulB"), n.scaled, base_output(c.y), c.y)
+                                n.node("MatMulA"), n.node("MatMulB"), n.scaled, base_output(c.y), c.y, c.elem_type)
     missing = set(by_node) - {b.candidate.node for b in options.branches if b.module in made}
     if missing:
         raise ValueError(f"attachment points not found in the graph: {sorted(missing)}")

@@ -57,15 +57,17 @@ class WeightOnlyResult(PassResult):
     weights: tuple[QuantizedWeight, ...]
 
 
-def quantize_block(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """W (K, N) float -> (unsigned codes uint8 (N, blocks, block_size), scales (N, blocks), dequantized (K, N))."""
+def quantize_block(w: np.ndarray, bits: int, block_size: int, scale_dtype: type = np.float32
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W (K, N) float -> (unsigned codes uint8 (N, blocks, block_size), scales (N, blocks), dequantized (K, N)).
+    ``scale_dtype`` float16: the scales are the float16 values the graph will hold, the codes chosen for those."""
     k, n = w.shape
     blocks = -(-k // block_size)
     wt = np.zeros((n, blocks * block_size), np.float32)
     wt[:, :k] = w.T
     grouped = wt.reshape(n, blocks, block_size)
     qmax = 2 ** (bits - 1) - 1
-    scales = np.abs(grouped).max(axis=-1) / qmax
+    scales = (np.abs(grouped).max(axis=-1) / qmax).astype(scale_dtype).astype(np.float32)
     scales[scales == 0] = 1.0
     codes = (np.clip(np.rint(grouped / scales[..., None]), -qmax - 1, qmax) + 2 ** (bits - 1)).astype(np.uint8)
     deq = ((codes.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]).reshape(n, -1)[:, :k].T
@@ -100,11 +102,11 @@ def quantize_weights(model: onnx.ModelProto, options: WeightOnlyPassOptions) -> 
             w = read_tensor(inits[c.weight], o.base_dir).astype(np.float32)
             w = w.T if c.transposed else w  # (in, out)
             bs = o.block_size or default_block_size(o.bits, c.in_features)
-            codes, scales, deq = quantize_block(w, o.bits, bs)
+            codes, scales, deq = quantize_block(w, o.bits, bs, helper.tensor_dtype_to_np_dtype(c.elem_type))
             err = float(np.sum((w.astype(np.float64) - deq) ** 2))
             sqnr = float("inf") if err == 0 else 10 * np.log10(float(np.sum(w.astype(np.float64) ** 2)) / err)
             q_node, q_inits = matmul_nbits(writer, c.weight, c.x, list(node.output), node.name or c.node, codes,
-                                           scales, c.in_features, o.bits, o.accuracy_level, bias)
+                                           scales, c.in_features, o.bits, o.accuracy_level, bias, c.elem_type)
             edit.replace(i, [q_node])
             edit.add_initializers(q_inits)
             done.append(QuantizedWeight(bs, sqnr, _encoding(c.weight, o.bits, bs, scales, c.in_features)))
