@@ -6,6 +6,7 @@ A bundle is a directory::
     model.onnx                    the base graph with LoRA branches (base weights inline or linked)
     patches/<adapter>.safetensors v1/v2: one adapter's slot values, padded to the slot shapes ("ROM")
     patches/group.safetensors     v3: the rank-concatenated A/B of every adapter
+    patches/saved/<adapter>.safetensors  modules_to_save: an adapter's saved modules (_base: the base's values)
     <base data files>             external data of the base model, hard-linked, never rewritten
 
 It is written into a staging sibling and renamed into place (``lora_runtime.staging``), so a failed or
@@ -174,7 +175,9 @@ def open_bundle(path: str | os.PathLike[str], *, verify_hashes: bool = True, ver
 def _patch_files(m: Manifest) -> list[tuple[str, list[Slot]]]:
     weights = [a.patch for a in m.adapters if a.patch] + ([m.group_patch] if m.group_patch else [])
     encodings = [u.encodings for u in m.use_cases if u.encodings] + ([m.union_encodings] if m.union_encodings else [])
-    return [(w, m.patched_slots) for w in weights] + [(e, m.encoding_slots) for e in encodings]
+    saved = [a.saved_patch for a in m.adapters if a.saved_patch] + ([m.saved_patch] if m.saved_patch else [])
+    return ([(w, m.patched_slots) for w in weights] + [(e, m.encoding_slots) for e in encodings]
+            + [(s, m.saved_slots) for s in saved])
 
 
 def check_patch(bundle: Bundle, rel: str, slots: list[Slot] | None = None) -> TensorFile:

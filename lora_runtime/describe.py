@@ -17,11 +17,19 @@ def summary(bundle: Bundle) -> dict[str, Any]:
         adapters.append({"name": a.name, "own_bytes": a.nbytes,
                          "patch_bytes": patch_bytes if m.generation != "v3" else None,
                          "padding_bytes": patch_bytes - a.nbytes if m.generation != "v3" else 0,
-                         "points": sum(1 for p in m.points for c in p.columns if c.adapter == a.name)})
+                         "points": sum(1 for p in m.points for c in p.columns if c.adapter == a.name),
+                         "saved_modules": list(a.saved)})
     return {"path": str(bundle.path), "generation": m.generation,
             "slot_bytes": sum(s.nbytes for s in m.slots), "patch_bytes": patch_bytes,
+            "saved_bytes": sum(s.nbytes for s in m.saved_slots), "saved_by_use_case": saved_by_use_case(m),
             "file_bytes": sum(f.nbytes for f in m.files.values()),
             "adapters": adapters, "manifest": m.to_json()}
+
+
+def saved_by_use_case(m: Manifest) -> dict[str, dict[str, str]]:
+    """Per use-case, where each saved module (``modules_to_save``) comes from: an adapter's name, or "base"."""
+    return {u.name: {s.module: src or "base" for s, src in zip(m.saved_modules, m.saved_sources(u.strengths))}
+            for u in m.use_cases} if m.saved_modules else {}
 
 
 def base_dtype(m: Manifest) -> str:
@@ -46,7 +54,8 @@ def describe(bundle: Bundle) -> str:
                f"({100 * info['padding_bytes'] / max(info['patch_bytes'], 1):.0f}%)" if m.generation != "v3" else
                "in the group patch")
         lines.append(f"    {a.name:<16} r={cfg.get('r')} alpha={cfg.get('lora_alpha')} rslora={cfg.get('use_rslora')} "
-                     f"{info['points']} points, {a.nbytes / 1e6:.3f} MB own; {pad}")
+                     f"{info['points']} points, {a.nbytes / 1e6:.3f} MB own; {pad}"
+                     + (f"; saves {', '.join(a.saved)}" if a.saved else ""))
     q = m.weight_only
     if q:
         lines += ["", f"  base weights {q.dtype} ({q.op}): {q.weights} linear weights, block size "
@@ -61,14 +70,21 @@ def describe(bundle: Bundle) -> str:
     lora_dtype = next((sl.dtype for sl in m.slots if sl.kind == "lora_A"), "float32")
     lines += ["", f"  use-cases (LoRA slots {lora_dtype}, base weights {base_dtype(m)}"
               + (f"; output SQNR vs {twin.reference} on {twin.inputs} inputs)" if twin else ")")]
+    saved = saved_by_use_case(m)
     for u in m.use_cases:
         mix = ", ".join(f"{k}:{v:g}" for k, v in u.strengths.items()) or "(base model)"
         acc = f"  {twin.sqnr_db[u.name]:.1f} dB" if twin and u.name in twin.sqnr_db else ""
-        lines.append(f"    {u.name:<16} {mix:<40}{acc}")
+        heads = "  saved: " + ", ".join(f"{k}<-{v}" for k, v in saved[u.name].items()) if saved else ""
+        lines.append(f"    {u.name:<16} {mix:<40}{acc}{heads}")
     lines += ["", "  attachment points (module: op, in x out, slot rank, adapters[columns])"]
     for p in m.points:
         cols = " ".join(f"{c.adapter}[{c.start}:{c.stop}]" for c in p.columns)
         lines.append(f"    {p.module}: {p.op_type} {p.in_features}x{p.out_features} r={p.rank} {cols}")
+    if m.saved_modules:
+        lines += ["", f"  saved modules (modules_to_save: swapped whole per use-case; {s['saved_bytes'] / 1e6:.3f} MB "
+                  "of slots per set)"]
+        lines += [f"    {x.module}: {x.op_type} {x.in_features}x{x.out_features}{' + bias' if x.bias_slot else ''}, "
+                  f"saved by {', '.join(x.adapters)}" for x in m.saved_modules]
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@ ONNX Runtime's own adapters.
 
 ``merge_use_case`` undoes the branch rewrite and bakes ``W0 + sum_i s_i * scaling_i * B_i A_i`` into
 each attachment point's weight: the zero-overhead ideal a switching runtime is measured against, and
-what a naive user (or AIMET's ``load_adapter``) rebuilds a session from on every switch.
+what a naive user (or AIMET's ``load_adapter``) rebuilds a session from on every switch. Saved modules
+(``modules_to_save``) become constants holding the use-case's copies.
 ``export_ort_adapter`` writes one v2 adapter as ONNX Runtime's own ``.onnx_adapter`` (its
 parameters are the bundle's v2 slots), for ``LoraAdapter`` + ``RunOptions.add_active_adapter``.
 
@@ -29,6 +30,7 @@ from lora_runtime.external_data import inline
 from lora_runtime.graph import GraphEdit
 from lora_runtime.manifest import Manifest
 from lora_runtime.names import GAIN_NODE, SCALING, BranchNames, base_output, lora_a, lora_b
+from lora_runtime.runtime.session import saved_feeds
 from lora_runtime.staging import check_new_file, new_file, publish_file
 from lora_runtime.tensorfile import read_header
 
@@ -117,6 +119,8 @@ def merge_use_case(bundle: Bundle, out: str | os.PathLike[str], use_case: str | 
         w = numpy_helper.to_array(t)
         d = deltas[p.module] if p.weight_transposed else deltas[p.module].T
         t.CopyFrom(numpy_helper.from_array((w + d).astype(w.dtype), t.name))
+    saved = saved_feeds(bundle, strengths)  # modules_to_save: the use-case's copies, as constants
+    model.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in saved.items())
     out = check_new_file(out, force=force)
     data = out.name + ".data" if m.base.data_files else None
     if data is not None:
@@ -144,6 +148,7 @@ def export_ort_adapter(bundle: Bundle, adapter: str, out: str | os.PathLike[str]
         raise UseCaseError(f"ONNX Runtime adapters override initializers; export from a v2 bundle, not {m.generation}")
     tf = read_header(bundle.file(m.adapter(adapter).patch or ""))
     params = {s.name: ort.OrtValue.ortvalue_from_numpy(tf.read(s.name)) for s in m.patched_slots}
+    params |= {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in saved_feeds(bundle, [adapter]).items()}
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)

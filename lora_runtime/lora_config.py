@@ -54,6 +54,16 @@ class LoraConfig:
             return False
         return _matches(self.target_modules, module)
 
+    @property
+    def modules_to_save(self) -> tuple[str, ...]:
+        """Modules the adapter saves whole (PEFT's ``modules_to_save``; kept in ``extra``, validated)."""
+        names = self.extra.get("modules_to_save")
+        return tuple(names) if isinstance(names, list) else ()
+
+    def saves(self, module: str) -> bool:
+        """Whether ``modules_to_save`` selects ``module``: PEFT's ``_set_trainable`` rule, a plain suffix match."""
+        return any(module.endswith(name) for name in self.modules_to_save)
+
     def to_json(self) -> dict[str, Any]:
         out = dict(self.extra)
         out.update(peft_type="LORA", r=self.r, lora_alpha=self.lora_alpha, use_rslora=self.use_rslora,
@@ -84,6 +94,9 @@ class LoraConfig:
             if data.get(key):
                 raise AdapterError(f"{source}: {key} is set; this LoRA variant changes the forward pass and is "
                                    "not supported (plain LoRA only)")
+        saved = data.get("modules_to_save")
+        if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)):
+            raise AdapterError(f"{source}: modules_to_save must be a list of module names, got {saved!r}")
         r = data.get("r")
         alpha = data.get("lora_alpha", 8)  # PEFT LoraConfig default (not r): what PEFT loads for a missing key
         if not _is_int(r) or r <= 0:

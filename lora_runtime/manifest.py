@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -21,7 +21,7 @@ from lora_runtime.names import GRAPH
 FORMAT = "lora_runtime.bundle"
 FORMAT_VERSION = 2
 INTEGRITY = "manifest_sha256"
-SLOT_KINDS = ("lora_A", "lora_B", "lora_scaling", "strength", "encoding")
+SLOT_KINDS = ("lora_A", "lora_B", "lora_scaling", "strength", "encoding", "saved")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2}
 
 
@@ -76,6 +76,24 @@ class AdapterInfo:
     config: dict[str, Any]
     nbytes: int  # its own LoRA weights, unpadded, in float32
     patch: str | None  # v1/v2: its patch file; v3: None (the group patch holds it)
+    saved: tuple[str, ...] = ()  # the modules it saves whole (modules_to_save)
+    saved_patch: str | None = None  # their values (the base's for the other saved modules); None: it saves none
+
+
+@dataclass(frozen=True)
+class SavedModuleInfo:
+    """A module adapters save whole (``modules_to_save``): the base op whose weight and bias its slots replace."""
+
+    module: str
+    node: str
+    op_type: str
+    weight: str  # the base weight initializer the slot replaced
+    bias: str | None  # the base bias initializer, or None (the op had none: the base's bias slot holds zeros)
+    in_features: int
+    out_features: int
+    weight_slot: str  # (out, in)
+    bias_slot: str | None  # (out,), or None for a Linear without bias
+    adapters: tuple[str, ...]  # the adapters that save it
 
 
 @dataclass(frozen=True)
@@ -209,6 +227,8 @@ class Manifest:
     quantization: Quantization | None = None
     accuracy: tuple[Accuracy, ...] = ()
     target: Target = field(default_factory=Target)
+    saved_modules: tuple[SavedModuleInfo, ...] = ()  # modules_to_save: swapped whole with each use-case
+    saved_patch: str | None = None  # the base's values of the saved modules
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -238,7 +258,33 @@ class Manifest:
     @property
     def patched_slots(self) -> list[Slot]:
         """The slots a weight patch carries: LoRA A/B (and v1/v2's lora_scaling)."""
-        return [s for s in self.slots if s.kind not in ("strength", "encoding")]
+        return [s for s in self.slots if s.kind not in ("strength", "encoding", "saved")]
+
+    @property
+    def saved_slots(self) -> list[Slot]:
+        """The slots a saved-module patch carries: each saved module's weight (out, in) and bias (out,)."""
+        return [s for s in self.slots if s.kind == "saved"]
+
+    def saved_sources(self, adapters: Iterable[str]) -> tuple[str | None, ...]:
+        """Per saved module, the adapter (of those active) whose copy is in force, None for the base's: PEFT's rule
+        (``ModulesToSaveWrapper``), at most one active adapter may hold a given module."""
+        active = list(adapters)
+        out = []
+        for s in self.saved_modules:
+            holders = [a for a in active if a in s.adapters]
+            if len(holders) > 1:
+                raise UseCaseError(f"adapters {holders[0]!r} and {holders[1]!r} both save module {s.module!r} "
+                                   "(modules_to_save): PEFT takes a saved module from one active adapter only; "
+                                   "mix them without one of the two")
+            out.append(holders[0] if holders else None)
+        return tuple(out)
+
+    def saved_patch_of(self, source: str | None) -> str:
+        """The patch holding ``source``'s values of the saved modules (None: the base's)."""
+        rel = self.saved_patch if source is None else self.adapter(source).saved_patch
+        if rel is None:
+            raise BundleError(f"no saved-module patch for {source or 'the base'!r} in the manifest")
+        return rel
 
     @property
     def encoding_slots(self) -> list[Slot]:
@@ -291,7 +337,7 @@ class Manifest:
                 base=BaseInfo(**{**d["base"], "data_files": tuple(d["base"]["data_files"])}),
                 points=tuple(Point(**{**p, "columns": tuple(Column(**c) for c in p["columns"])}) for p in d["points"]),
                 slots=tuple(Slot(**{**s, "shape": tuple(s["shape"])}) for s in d["slots"]),
-                adapters=tuple(AdapterInfo(**a) for a in d["adapters"]),
+                adapters=tuple(AdapterInfo(**{**a, "saved": tuple(a.get("saved", ()))}) for a in d["adapters"]),
                 use_cases=tuple(UseCase(**u) for u in d["use_cases"]),
                 files={k: FileInfo(**v) for k, v in d["files"].items()},
                 versions=dict(d["versions"]), graph=d["graph"], group_patch=d.get("group_patch"),
@@ -300,7 +346,9 @@ class Manifest:
                 quantization=None if q is None else _typed(Quantization, {
                     **q, "mixed_precision": _mixed_precision(q.get("mixed_precision"))}),
                 accuracy=tuple(_typed(Accuracy, a) for a in d.get("accuracy", ())),
-                target=_target(d.get("target", {})))
+                target=_target(d.get("target", {})),
+                saved_modules=tuple(_typed(SavedModuleInfo, s) for s in d.get("saved_modules", ())),
+                saved_patch=d.get("saved_patch"))
         except (KeyError, TypeError, AttributeError) as e:
             raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
 

@@ -29,6 +29,24 @@ def lora_b(module: str) -> str:
     return f"{module}.lora_B.weight"
 
 
+def saved_weight(module: str) -> str:
+    """The slot holding the weight of a module an adapter saves whole (PEFT's ``modules_to_save``), stored (out, in)
+    as PEFT stores it. PEFT keeps its copy as ``<module>.modules_to_save.<adapter>``; the base's own initializer keeps
+    its name, so the two never collide."""
+    return f"{module}.modules_to_save.weight"
+
+
+def saved_bias(module: str) -> str:
+    """The slot holding a saved module's bias (out,)."""
+    return f"{module}.modules_to_save.bias"
+
+
+def saved_name(module: str, what: str) -> str:
+    """A node or tensor the saved-module pass adds at ``module``: the ``Transpose`` node and its output ``weight_t``
+    (a MatMul reads the weight (in, out)), the ``Add`` node (the bias of an op that had none)."""
+    return f"{module}.modules_to_save/{what}"
+
+
 def base_output(y: str) -> str:
     """The base op's own output once a branch is added to it (the Add writes ``y``)."""
     return f"{y}.base"
@@ -137,6 +155,8 @@ GRAPH = "model.onnx"
 DECODE_GRAPH = "model_decode.onnx"  # --decode-shape: the same graph at other static shapes (an LLM's decode step)
 PATCHES = "patches"
 GROUP_PATCH = "patches/group.safetensors"  # v3: the rank-concatenated A/B of every adapter
+# the base's own values of every saved module (modules_to_save); "_" never starts an adapter name (saved_patch)
+SAVED_PATCH = "patches/saved/_base.safetensors"
 UNION_ENCODINGS = "patches/encodings.union.safetensors"  # ad-hoc strengths: calibrated over every use-case
 ENCODINGS_DIR = "encodings"
 ALL_ENCODINGS = "encodings/all.encodings"  # non-updatable
@@ -159,6 +179,12 @@ CACHE_SLOTS = "lora_runtime.cache_slots"  # a static KV cache's length C
 def adapter_patch(adapter: str) -> str:
     """v1/v2: one adapter's slot values."""
     return f"patches/{adapter}.safetensors"
+
+
+def saved_patch(adapter: str) -> str:
+    """An adapter's copies of the modules it saves (``modules_to_save``), the base's values for the other saved
+    modules: every saved-module patch has one layout."""
+    return f"patches/saved/{adapter}.safetensors"
 
 
 def encodings_patch(use_case: str) -> str:

@@ -2,8 +2,11 @@
 LoRA adapter GGUF (``lora_runtime.models.gguf_adapter``).
 
 Keys are ``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r).
-Weights come back as float32 (F16 widens exactly, BF16 by bit shift); everything that is not a
-plain linear LoRA pair is rejected with the offending key named. Pickle files are never opened.
+A module the config's ``modules_to_save`` selects is saved whole under the module's own keys,
+``base_model.model.<module>.weight`` (out, in) and ``...bias`` (out,) (PEFT strips its
+``modules_to_save.<adapter>.`` infix when saving): only Linear modules (a classifier head, a pooler)
+are taken, as :class:`SavedModule`. Weights come back as float32 (F16 widens exactly, BF16 by bit
+shift); everything else is rejected with the offending key named. Pickle files are never opened.
 """
 
 from __future__ import annotations
@@ -52,6 +55,28 @@ class LoraPair:
 
 
 @dataclass(frozen=True)
+class SavedModule:
+    """A Linear module the adapter saved whole (``modules_to_save``): its weight (out, in) and bias (out,)."""
+
+    module: str
+    weight: np.ndarray  # (out, in) float32
+    bias: np.ndarray | None  # (out,) float32, or None for a Linear without bias
+    dtype: str  # as stored in the file
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + (self.bias.nbytes if self.bias is not None else 0)
+
+
+@dataclass(frozen=True)
 class Adapter:
     """One trained LoRA: its name, where it came from, its config and its pairs sorted by module."""
 
@@ -60,9 +85,13 @@ class Adapter:
     config: LoraConfig
     pairs: tuple[LoraPair, ...]
     sha256: str  # of adapter_model.safetensors (or of the GGUF file)
+    saved: tuple[SavedModule, ...] = ()  # modules_to_save, sorted by module
 
     def pair(self, module: str) -> LoraPair | None:
         return next((p for p in self.pairs if p.module == module), None)
+
+    def saved_module(self, module: str) -> SavedModule | None:
+        return next((s for s in self.saved if s.module == module), None)
 
     @property
     def nbytes(self) -> int:
@@ -97,10 +126,10 @@ def load_adapter(path: str | os.PathLike[str], name: str | None = None, *,
         raise AdapterError(f"{weights}: missing{hint}")
     try:
         tf = read_header(weights)
-        pairs = _read_pairs(tf, config)
+        pairs, saved = _read_pairs(tf, config)
     except TensorFileError as e:
         raise AdapterError(str(e)) from e
-    return Adapter(name, str(folder), config, pairs, sha256_file(weights))
+    return Adapter(name, str(folder), config, pairs, sha256_file(weights), saved)
 
 
 def _read_config(path: Path) -> LoraConfig:
@@ -113,22 +142,66 @@ def _read_config(path: Path) -> LoraConfig:
     return LoraConfig.from_json(data, source=str(path))
 
 
-def _read_pairs(tf, config: LoraConfig) -> tuple[LoraPair, ...]:
+def _read_pairs(tf, config: LoraConfig) -> tuple[tuple[LoraPair, ...], tuple[SavedModule, ...]]:
     path = tf.path
     modules: dict[str, dict[str, str]] = {}
+    saved: dict[str, dict[str, str]] = {}  # module -> tensor ("weight", "bias", ...) -> key
     for key in tf.entries:
         if "lora_embedding_" in key:
             raise AdapterError(f"{path}: tensor {key!r} is an embedding LoRA; only Linear/Conv1D LoRA is supported")
         if "lora_magnitude_vector" in key:
             raise AdapterError(f"{path}: tensor {key!r} is a DoRA magnitude; DoRA adapters are not supported")
+        if key.startswith(_PREFIX) and not key.endswith((_A, _B)) and "." in key[len(_PREFIX):]:
+            module, _, tensor = key[len(_PREFIX):].rpartition(".")
+            if ".lora_" not in key and config.saves(module):
+                saved.setdefault(module, {})[tensor] = key
+                continue
         if not key.startswith(_PREFIX) or not key.endswith((_A, _B)):
-            why = ("modules_to_save weights are not LoRA" if config.extra.get("modules_to_save")
+            why = (f"not selected by modules_to_save {list(config.modules_to_save)}" if config.modules_to_save
                    else f"expected keys '{_PREFIX}<module>{_A}' / '{_B}'")
             raise AdapterError(f"{path}: tensor {key!r} is not a LoRA A/B weight ({why})")
         module, kind = key[len(_PREFIX):-len(_A)], key[-len(_A):]
         modules.setdefault(module, {})[kind] = key
     if not modules:
         raise AdapterError(f"{path}: holds no LoRA tensors")
+    both = sorted(set(modules) & set(saved))
+    if both:
+        raise AdapterError(f"{path}: module {both[0]!r} has LoRA tensors and is saved whole (modules_to_save); "
+                           "PEFT does one or the other")
+    return _lora_pairs(tf, config, modules), tuple(_saved_module(tf, m, saved[m]) for m in sorted(saved))
+
+
+def _saved_module(tf, module: str, keys: dict[str, str]) -> SavedModule:
+    """A module saved whole: only a Linear (2-D weight (out, in), optional bias (out,)) can be swapped."""
+    path = tf.path
+    other = sorted(set(keys) - {"weight", "bias"})
+    if other or "weight" not in keys:
+        what = f"tensor {keys[other[0]]!r}" if other else "no weight tensor"
+        raise AdapterError(f"{path}: module {module!r} in modules_to_save has {what}; only a Linear's weight and bias "
+                           "can be saved modules")
+    tensors = {}
+    for t, key in keys.items():
+        e = tf.entries[key]
+        if e.dtype not in _FLOAT_DTYPES:
+            raise AdapterError(f"{path}: tensor {key!r} has dtype {e.dtype}; saved modules must be F32, F16 or BF16")
+        value = tf.read(key, float32=True).astype(np.float32, copy=False)
+        if not np.isfinite(value).all():
+            raise AdapterError(f"{path}: tensor {key!r} holds NaN or infinite values")
+        tensors[t] = value
+    w, b = tensors["weight"], tensors.get("bias")
+    if w.ndim != 2:
+        kind = {1: "a norm layer's", 4: "a convolution's"}.get(w.ndim, f"a {w.ndim}-D")
+        raise AdapterError(f"{path}: tensor {keys['weight']!r} has shape {w.shape}, {kind} weight: module {module!r} "
+                           "in modules_to_save is not a Linear; only Linear modules (classifier heads) can be saved "
+                           "modules")
+    if b is not None and b.shape != (w.shape[0],):
+        raise AdapterError(f"{path}: tensor {keys['bias']!r} has shape {b.shape}; the bias of a Linear with weight "
+                           f"{w.shape} is ({w.shape[0]},)")
+    return SavedModule(module, w, b, tf.entries[keys["weight"]].dtype)
+
+
+def _lora_pairs(tf, config: LoraConfig, modules: dict[str, dict[str, str]]) -> tuple[LoraPair, ...]:
+    path = tf.path
     pairs = []
     for module in sorted(modules):
         keys = modules[module]

@@ -2,8 +2,8 @@
 
 Data flows one way::
 
-    adapters ─► attachment points ─► branch plan ─► patch layout ─► patches ─► branch pass ─► [weight-only or
-    QDQ pass] ─► QAIRT artefacts ─► manifest
+    adapters ─► attachment points ─► branch plan ─► patch layout ─► patches ─► branch pass ─► [saved-module
+    pass] ─► [weight-only or QDQ pass] ─► QAIRT artefacts ─► manifest
 
 Everything the user gave is validated before the first byte is written, and the bundle appears only when
 complete (``lora_runtime.staging``).
@@ -28,14 +28,21 @@ from lora_runtime.compiler.base import base_float_type, check_adapter_bases, che
 from lora_runtime.compiler.htp import htp_stage
 from lora_runtime.compiler.options import CompileOptions, WeightOnlyOptions
 from lora_runtime.compiler.passes.branch import BranchOptions, add_branches
+from lora_runtime.compiler.passes.saved import SavedOptions, swap_saved
 from lora_runtime.compiler.passes.static_shape import StaticShapeOptions, make_static
 from lora_runtime.compiler.passes.weight_only import WeightOnlyPassOptions, quantize_weights
-from lora_runtime.compiler.patches import PatchLayout, external_parameters, plan_branches, point_record
-from lora_runtime.compiler.points import attach
+from lora_runtime.compiler.patches import (
+    PatchLayout,
+    SavedLayout,
+    external_parameters,
+    plan_branches,
+    point_record,
+)
+from lora_runtime.compiler.points import attach, attach_saved
 from lora_runtime.compiler.qairt import write_qairt_artefacts
 from lora_runtime.compiler.quantize import FloatStage, quantize_bundle
 from lora_runtime.compiler.use_cases import UseCaseSpec, check_use_cases, default_adapter, load_adapters
-from lora_runtime.errors import BaseModelError, UseCaseError
+from lora_runtime.errors import AdapterError, BaseModelError, UseCaseError
 from lora_runtime.eval.accuracy import compare_bundles
 from lora_runtime.manifest import (
     Accuracy,
@@ -52,8 +59,10 @@ from lora_runtime.names import (
     DECODE_GRAPH,
     GRAPH,
     GROUP_PATCH,
+    SAVED_PATCH,
     SIDECARS,
     adapter_patch,
+    saved_patch,
     weight_only_data,
 )
 from lora_runtime.quant.calibrate import load_calibration
@@ -95,6 +104,7 @@ def compile_bundle(base: str | os.PathLike[str],
         overrides = read_encodings(q.encodings_file) if q.encodings_file is not None else None
     say("loading adapters")
     loaded = load_adapters(adapters, base=base)
+    _check_saved(loaded, options)
     specs = check_use_cases(use_cases, loaded, options.generation)
     say("reading the base model")
     base = Path(base)
@@ -104,30 +114,40 @@ def compile_bundle(base: str | os.PathLike[str],
     check_adapter_bases(model, base, loaded)
     say("resolving attachment points")
     gen = options.generation
-    branches = plan_branches(attach(model.graph, loaded, base), loaded, gen)
+    points = attach(model.graph, loaded, base)
+    branches = plan_branches(points, loaded, gen)
     layout = PatchLayout.of(branches, gen, len(loaded), options.lora_dtype)
+    saved = SavedLayout.of(attach_saved(model.graph, loaded, base, points), model.graph, base.parent)
     with staging(out, force=force) as tmp:
         say("writing patches")
         patches = layout.write(tmp, loaded)
+        saved_files = saved.write(tmp, loaded)
         default = default_adapter(specs, loaded) if gen == "v2" else None
         parameter_patch = GROUP_PATCH if gen == "v3" else (adapter_patch(default) if default else None)
         parameters = external_parameters(patches[parameter_patch], parameter_patch) if parameter_patch else {}
         say(f"rewriting the graph ({len(branches)} points, {gen})")
         made = add_branches(model, BranchOptions(tuple(branches), gen, len(loaded), parameters, options.lora_dtype))
+        if saved.points:  # modules_to_save: v1 graph inputs, v2/v3 parameters holding the base's values
+            types = {sl.name: onnx.helper.np_dtype_to_tensor_dtype(sl.numpy_dtype) for sl in saved.slots}
+            defaults = external_parameters(saved_files[SAVED_PATCH], SAVED_PATCH) if gen != "v1" else {}
+            swap_saved(model, SavedOptions(saved.points, types, defaults))
         decode = copy.deepcopy(model) if options.decode_shapes else None
         target = _static(model, base.parent, options, say)
         if decode is not None:
             target = dataclasses.replace(target, decode=_static_decode(decode, base.parent, options, say))
         manifest = Manifest(
             generation=gen, base=BaseInfo(base.name, sha256_file(base), base.stat().st_size, (), base_type),
-            points=tuple(point_record(b, loaded, gen) for b in branches), slots=layout.slots,
+            points=tuple(point_record(b, loaded, gen) for b in branches), slots=(*layout.slots, *saved.slots),
             adapters=tuple(AdapterInfo(a.name, a.source, a.sha256, a.config.to_json(), a.nbytes,
-                                       adapter_patch(a.name) if gen != "v3" else None) for a in loaded),
+                                       adapter_patch(a.name) if gen != "v3" else None,
+                                       tuple(s.module for s in a.saved), saved_patch(a.name) if a.saved else None)
+                           for a in loaded),
             use_cases=tuple(UseCase(s.name, dict(s.strengths)) for s in specs), files={}, versions=versions(),
-            group_patch=GROUP_PATCH if gen == "v3" else None, default_adapter=default, target=target)
+            group_patch=GROUP_PATCH if gen == "v3" else None, default_adapter=default, target=target,
+            saved_modules=saved.records(), saved_patch=SAVED_PATCH if saved.points else None)
         for u in manifest.use_cases:  # strengths that overflow float32 once scaled are refused here, not as NaNs
             manifest.strength_value(u.strengths)
-        own: list[str] = [*patches]
+        own: list[str] = [*patches, *saved_files]
         if options.weight_only is not None:
             say(f"quantizing base weights to {options.weight_only.dtype}")
             summary, files = _quantize_weights(model, base.parent, tmp, options.weight_only,
@@ -208,6 +228,19 @@ def _check_base_type(base: Path, base_type: str, options: CompileOptions) -> Non
         raise BaseModelError(f"{base}: base is {base_type}: --encodings builds its QDQ graph for float32 bases "
                              "(float32 scales, Q/DQ and int8 kernels around float32 activations); export the base in "
                              "float32, which the encodings then quantize")
+
+
+def _check_saved(adapters: Sequence[Adapter], options: CompileOptions) -> None:
+    """What saved modules (``modules_to_save``) do not go with yet: refused before the base is read."""
+    saving = next((a for a in adapters if a.saved), None)
+    if saving is None:
+        return
+    what = ("--encodings" if options.quant is not None else "--target htp" if options.target == "htp"
+            else "--base-weights" if options.weight_only is not None else None)
+    if what is not None:
+        raise AdapterError(f"adapter {saving.name!r} saves {saving.saved[0].module!r} whole (modules_to_save): "
+                           f"saved modules are float slots of the base op, which {what} does not take yet; compile "
+                           "without it")
 
 
 def _options(options: CompileOptions | None, generation: str | None) -> CompileOptions:

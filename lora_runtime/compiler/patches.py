@@ -11,6 +11,11 @@ each with the function that fills it from adapters::
 
 The slot table the manifest records and every patch written iterate over that same list. The runtime lays
 its arenas out exactly as a patch's data section, so a cold switch is one positioned read.
+
+Saved modules (``modules_to_save``) have a layout of their own, :class:`SavedLayout`, in every generation::
+
+    <m_0>.modules_to_save.weight (out, in) | <m_0>.modules_to_save.bias (out,) | <m_1>... one patch for the base's
+                                                                                   values, one per saving adapter
 """
 
 from __future__ import annotations
@@ -21,14 +26,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnx import TensorProto
 
 from lora_runtime.compiler.adapter import Adapter
 from lora_runtime.compiler.passes.branch import Branch
-from lora_runtime.compiler.points import AttachmentPoint
+from lora_runtime.compiler.points import AttachmentPoint, SavedPoint
 from lora_runtime.errors import AdapterError
-from lora_runtime.manifest import Column, Point, Slot
-from lora_runtime.names import GROUP_PATCH, SCALING, STRENGTH, adapter_patch, lora_a, lora_b
+from lora_runtime.external_data import read_tensor
+from lora_runtime.manifest import Column, Point, SavedModuleInfo, Slot
+from lora_runtime.names import (
+    GROUP_PATCH,
+    SAVED_PATCH,
+    SCALING,
+    STRENGTH,
+    adapter_patch,
+    lora_a,
+    lora_b,
+    saved_bias,
+    saved_patch,
+    saved_weight,
+)
 from lora_runtime.quant.encodings import Encoding
 from lora_runtime.tensorfile import TensorFile, save_tensors
 
@@ -179,3 +197,56 @@ def point_record(b: Branch, adapters: Sequence[Adapter], generation: str) -> Poi
     c = b.candidate
     return Point(b.module, c.node, c.op_type, c.weight, c.transposed, c.in_features, c.out_features, b.rank,
                  tuple(cols))
+
+
+@dataclass(frozen=True)
+class SavedLayout:
+    """The saved modules' slots in patch order, with the base's own values (see the module docstring)."""
+
+    points: tuple[SavedPoint, ...]
+    slots: tuple[Slot, ...]
+    base: Mapping[str, np.ndarray]  # slot -> the base's value, in the slot's dtype and shape
+
+    @classmethod
+    def of(cls, points: Sequence[SavedPoint], graph: onnx.GraphProto, base_dir: Path) -> SavedLayout:
+        """Slots typed as the base op computes; the base's weight read (out, in), its bias (out,) or zeros."""
+        inits = {t.name: t for t in graph.initializer}
+        slots, base = [], {}
+        for p in points:
+            c = p.candidate
+            w = read_tensor(inits[c.weight], base_dir)
+            base[saved_weight(p.module)] = np.ascontiguousarray(w if c.transposed else w.T)
+            slots.append(Slot(saved_weight(p.module), (c.out_features, c.in_features), str(w.dtype), "saved"))
+            if p.has_bias:
+                b = (read_tensor(inits[p.bias], base_dir).reshape(-1) if p.bias is not None
+                     else np.zeros(c.out_features, w.dtype))
+                base[saved_bias(p.module)] = b
+                slots.append(Slot(saved_bias(p.module), (c.out_features,), str(b.dtype), "saved"))
+        return cls(tuple(points), tuple(slots), base)
+
+    def values(self, adapter: Adapter | None) -> dict[str, np.ndarray]:
+        """One patch: ``adapter``'s copies of the modules it saves, the base's values for the rest."""
+        out = dict(self.base)
+        for p in self.points:
+            s = adapter.saved_module(p.module) if adapter is not None else None
+            if s is not None:
+                out[saved_weight(p.module)] = s.weight
+                if s.bias is not None:
+                    out[saved_bias(p.module)] = s.bias
+        return {slot.name: out[slot.name].astype(slot.numpy_dtype) for slot in self.slots}
+
+    def write(self, root: Path, adapters: Sequence[Adapter]) -> dict[str, TensorFile]:
+        """The base's patch and one per adapter that saves a module: bundle-relative path -> its header."""
+        if not self.points:
+            return {}
+        (root / saved_patch("x")).parent.mkdir(parents=True, exist_ok=True)
+        out = {SAVED_PATCH: save_tensors(root / SAVED_PATCH, self.values(None))}
+        for a in adapters:
+            if a.saved:
+                out[saved_patch(a.name)] = save_tensors(root / saved_patch(a.name), self.values(a))
+        return out
+
+    def records(self) -> tuple[SavedModuleInfo, ...]:
+        return tuple(SavedModuleInfo(p.module, p.candidate.node, p.candidate.op_type, p.candidate.weight, p.bias,
+                                     p.candidate.in_features, p.candidate.out_features, saved_weight(p.module),
+                                     saved_bias(p.module) if p.has_bias else None, p.adapters) for p in self.points)

@@ -16,6 +16,9 @@ Every candidate gets module-path aliases from the three ways exporters keep them
 
 A PEFT module matches a candidate when an alias equals it or one is a whole dotted suffix of the
 other (a wrapper module may prefix ``m.``). Exact matches win; otherwise the match must be unique.
+
+A module an adapter saves whole (``modules_to_save``) resolves the same way (:func:`attach_saved`); its bias is
+the Gemm's ``C`` or, after a MatMul, the constant (out,) operand of the one ``Add`` reading its output.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import onnx
 
 from lora_runtime.compiler.adapter import Adapter
 from lora_runtime.errors import AttachmentError, BaseModelError
-from lora_runtime.graph import node_keys
+from lora_runtime.graph import consumers, node_keys
 from lora_runtime.names import lora_a, lora_b
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,18 @@ class AttachmentPoint:
 
     module: str
     candidate: Candidate
+
+
+@dataclass(frozen=True)
+class SavedPoint:
+    """A module some adapters save whole, resolved to its op: the weight and bias its slots replace."""
+
+    module: str
+    candidate: Candidate
+    bias: str | None  # the base's bias initializer (Gemm C, or the Add's constant after a MatMul); None: none
+    bias_node: str | None  # node key of that Add (None for a Gemm's C, or no bias)
+    adapters: tuple[str, ...]  # the adapters that save it, in the order given
+    has_bias: bool  # the saved module has a bias (a slot; holding zeros for the base when the op had none)
 
 
 def find_candidates(graph: onnx.GraphProto) -> list[Candidate]:
@@ -112,6 +127,87 @@ def attach(graph: onnx.GraphProto, adapters: Sequence[Adapter], base: Path) -> l
             by_module.setdefault(module, point)
     order = {c.node: i for i, c in enumerate(candidates)}
     return sorted(by_module.values(), key=lambda p: order[p.candidate.node])
+
+
+def attach_saved(graph: onnx.GraphProto, adapters: Sequence[Adapter], base: Path,
+                 points: Sequence[AttachmentPoint]) -> list[SavedPoint]:
+    """Every module an adapter saves whole (``modules_to_save``), resolved to its MatMul/Gemm, in graph order.
+
+    Only a Linear can be swapped: the module must resolve to one op with a constant weight used by nothing else
+    (a tied embedding table is not a head of its own), fit each adapter's weight (out, in) and bias, and carry no
+    LoRA branch of any adapter."""
+    saving: dict[str, list[Adapter]] = {}
+    for a in adapters:
+        for s in a.saved:
+            saving.setdefault(s.module, []).append(a)
+    if not saving:
+        return []
+    candidates = find_candidates(graph)
+    inits = {t.name: t for t in graph.initializer}
+    readers = consumers(graph)
+    keys = dict(zip(node_keys(graph), graph.node))
+    lora = {p.candidate.node: p for p in points}
+    out = []
+    for module, owners in saving.items():
+        source = f"adapter {owners[0].name!r} on {base.name} (modules_to_save)"
+        try:
+            c = resolve(candidates, [module], source)[module].candidate
+        except AttachmentError as e:
+            raise AttachmentError(f"{e}; a saved module must be a Linear: embeddings, norms and convolutions in "
+                                  "modules_to_save cannot be swapped") from None
+        if c.node in lora:
+            raise AttachmentError(f"{source}: module {module!r} is saved whole, and adapter(s) put LoRA on the same op "
+                                  f"{c.node!r} as {lora[c.node].module!r}; PEFT does one or the other")
+        node = keys[c.node]
+        users = [n for n in readers.get(c.weight, []) if n is not node and n.output[0] not in node.input]
+        if users:
+            raise AttachmentError(f"{source}: module {module!r}: its weight {c.weight!r} is also read by "
+                                  f"{users[0].op_type} {users[0].name!r} (tied weights); only a Linear of its own "
+                                  "can be saved whole")
+        bias, bias_node = _bias_of(node, c, inits, readers, keys, module, source)
+        has_bias = {a.saved_module(module).bias is not None for a in owners}
+        for a in owners:
+            s = a.saved_module(module)
+            if (s.out_features, s.in_features) != (c.out_features, c.in_features):
+                raise AttachmentError(f"adapter {a.name!r}: saved module {module!r} has weight {s.weight.shape}, which "
+                                      f"does not fit {c.op_type} {c.node!r} (out={c.out_features}, "
+                                      f"in={c.in_features}; a Linear weight is (out, in))")
+            if s.bias is None and bias is not None:
+                raise AttachmentError(f"adapter {a.name!r}: saved module {module!r} has no bias, but the base op "
+                                      f"{c.node!r} adds {bias!r}")
+        if len(has_bias) > 1:
+            raise AttachmentError(f"adapters {', '.join(repr(a.name) for a in owners)} save module {module!r} with "
+                                  "and without a bias; one module has one shape")
+        out.append(SavedPoint(module, c, bias, bias_node, tuple(a.name for a in owners), has_bias.pop()))
+    order = {c.node: i for i, c in enumerate(candidates)}
+    return sorted(out, key=lambda p: order[p.candidate.node])
+
+
+def _bias_of(node: onnx.NodeProto, c: Candidate, inits: dict[str, onnx.TensorProto],
+             readers: dict[str, list[onnx.NodeProto]], keys: dict[str, onnx.NodeProto], module: str,
+             source: str) -> tuple[str | None, str | None]:
+    """The base op's bias initializer and, after a MatMul, the key of the Add that adds it."""
+    def is_bias(name: str) -> bool:
+        t = inits.get(name)
+        return t is not None and list(t.dims) in ([c.out_features], [1, c.out_features])
+
+    if c.op_type == "Gemm":
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            raise AttachmentError(f"{source}: module {module!r}: Gemm {c.node!r} has alpha {attrs.get('alpha', 1.0)} "
+                                  f"and beta {attrs.get('beta', 1.0)}; a saved Linear needs alpha = beta = 1")
+        if len(node.input) > 2 and node.input[2]:
+            if not is_bias(node.input[2]):
+                raise AttachmentError(f"{source}: module {module!r}: the bias {node.input[2]!r} of Gemm {c.node!r} is "
+                                      f"not a constant ({c.out_features},)")
+            return node.input[2], None
+        return None, None
+    after = readers.get(c.y, [])
+    if len(after) == 1 and after[0].op_type == "Add":
+        other = [i for i in after[0].input if i != c.y]
+        if len(other) == 1 and is_bias(other[0]):
+            return other[0], next(k for k, n in keys.items() if n is after[0])
+    return None, None
 
 
 def resolve(candidates: list[Candidate], modules: list[str], source: str) -> dict[str, AttachmentPoint]:

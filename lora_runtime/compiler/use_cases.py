@@ -106,7 +106,20 @@ def check_use_cases(use_cases: Sequence[UseCaseSpec | str] | None, adapters: Seq
         if generation != "v3" and len(names) > 1:
             raise UseCaseError(f"use-case {s.name!r} enables {len(names)} adapters; {generation} holds one adapter "
                                "per use-case: compile with --generation v3 for multi-adapter use-cases")
+        _check_saved_mix(s, [a for a in adapters if a.name in names])
     return specs
+
+
+def _check_saved_mix(spec: UseCaseSpec, adapters: Sequence[Adapter]) -> None:
+    """PEFT's rule for saved modules (``modules_to_save``): at most one adapter of a mix may hold a given module."""
+    holder: dict[str, str] = {}
+    for a in adapters:
+        for s in a.saved:
+            if s.module in holder:
+                raise UseCaseError(f"use-case {spec.name!r}: adapters {holder[s.module]!r} and {a.name!r} both save "
+                                   f"module {s.module!r} (modules_to_save); PEFT takes a saved module from one active "
+                                   "adapter only: drop one of them from the use-case")
+            holder[s.module] = a.name
 
 
 def default_adapter(specs: Sequence[UseCaseSpec], adapters: Sequence[Adapter]) -> str:

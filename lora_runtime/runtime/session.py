@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from lora_runtime.bundle import Bundle, open_bundle
 from lora_runtime.errors import InputError, TargetError, UseCaseError
 from lora_runtime.names import STRENGTH
 from lora_runtime.runtime import htp
-from lora_runtime.tensorfile import read_header
+from lora_runtime.tensorfile import TensorFile, read_header
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
@@ -68,10 +68,10 @@ def make_session(bundle: Bundle, *, device: str = "cpu", providers: list[str] | 
 
 
 def slot_feeds(bundle: Bundle, strengths: Mapping[str, float], use_case: str | None = None) -> dict[str, np.ndarray]:
-    """Every slot value for ``strengths``: the adapter's patch (v1/v2), ``lora_alpha``, and updatable
-    encodings (the use-case's, or for ad-hoc strengths the union set)."""
+    """Every slot value for ``strengths``: the adapter's patch (v1/v2), ``lora_alpha``, updatable encodings (the
+    use-case's, or for ad-hoc strengths the union set), and the saved modules of the adapters named."""
     m = bundle.manifest
-    feeds: dict[str, np.ndarray] = {STRENGTH: m.strength_value(strengths)}
+    feeds: dict[str, np.ndarray] = {STRENGTH: m.strength_value(strengths)} | saved_feeds(bundle, strengths)
     if any(s.kind == "encoding" for s in m.slots):
         rel = m.use_case(use_case).encodings if use_case is not None else m.union_encodings
         tf = read_header(bundle.file(rel or ""))
@@ -85,6 +85,19 @@ def slot_feeds(bundle: Bundle, strengths: Mapping[str, float], use_case: str | N
         return feeds | {s.name: np.zeros(s.shape, s.numpy_dtype) for s in m.patched_slots}
     tf = read_header(bundle.file(m.adapter(adapter).patch or ""))
     return feeds | {name: tf.read(name) for name in tf.entries}
+
+
+def saved_feeds(bundle: Bundle, adapters: Iterable[str]) -> dict[str, np.ndarray]:
+    """The saved modules' slot values (``modules_to_save``) with these adapters active: each module from the one
+    adapter that saves it, or the base's."""
+    m = bundle.manifest
+    headers: dict[str, TensorFile] = {}
+    out = {}
+    for s, source in zip(m.saved_modules, m.saved_sources(adapters)):
+        rel = m.saved_patch_of(source)
+        tf = headers.get(rel) or headers.setdefault(rel, read_header(bundle.file(rel)))
+        out |= {name: tf.read(name) for name in (s.weight_slot, s.bias_slot) if name is not None}
+    return out
 
 
 def input_specs(session: ort.InferenceSession, reserved: set[str]) -> dict[str, ort.NodeArg]:

@@ -97,7 +97,7 @@ class PatchSource:
 class SlotSet:
     """One arena of slot values and the OrtValues bound to the session."""
 
-    def __init__(self, layout: Layout, holds: str | None = None) -> None:
+    def __init__(self, layout: Layout, holds: str | tuple[str | None, ...] | None = None) -> None:
         self.layout = layout
         self.arena = np.empty(layout.nbytes, np.uint8)
         self.views: dict[str, np.ndarray] = {}
@@ -106,11 +106,13 @@ class SlotSet:
             view = self.arena[o:o + s.nbytes].view(s.numpy_dtype).reshape(s.shape)
             self.views[s.name] = view
             self.values[s.name] = ort.OrtValue.ortvalue_from_numpy(view)
-        self.holds = holds  # the adapter (v1/v2) or "group" (v3) whose values the arena holds; None: unknown
+        # the adapter (v1/v2) or "group" (v3) whose values the arena holds (saved modules: the source of each, a
+        # tuple); None: unknown
+        self.holds = holds
         self.readers = 0  # runs in flight on this set (guarded by the runtime's lock)
 
     @classmethod
-    def filled(cls, layout: Layout, patch: TensorFile, holds: str | None = None) -> SlotSet:
+    def filled(cls, layout: Layout, patch: TensorFile, holds: str | tuple[str | None, ...] | None = None) -> SlotSet:
         """A new set holding the values of the patch whose validated header is ``patch``."""
         s = cls(layout, holds)
         s.fill_from(PatchSource(patch, layout))
@@ -120,29 +122,32 @@ class SlotSet:
     def nbytes(self) -> int:
         return self.layout.nbytes
 
-    def fill_from(self, source: PatchSource, hook: Callable[[str], None] | None = None) -> int:
-        """Copy a patch file's data section into the arena with one positioned read.
+    def fill_from(self, source: PatchSource, hook: Callable[[str], None] | None = None, start: int = 0,
+                  stop: int | None = None) -> int:
+        """Copy a patch file's data section (or its bytes [start, stop), the same bytes of the arena) into the arena
+        with one positioned read.
 
         The header was validated when the source was opened; if the file changed since (inode, size
         or mtime differ), it is validated again before a byte is copied.
         """
         hook = hook or (lambda _step: None)
         path, fd = source.path, source.fd
+        stop = self.nbytes if stop is None else stop
         try:
             hook("open")
             hook("read_header")
             source.revalidate(self.layout)
             hook("read")
             view = memoryview(self.arena)
-            done = 0
-            while done < self.nbytes:
-                n = os.preadv(fd, [view[done:]], source.data_start + done)
+            done = start
+            while done < stop:
+                n = os.preadv(fd, [view[done:stop]], source.data_start + done)
                 if not n:
-                    raise BundleError(f"{path}: ended after {done} of {self.nbytes} patch bytes")
+                    raise BundleError(f"{path}: ended after {done} of {stop} patch bytes")
                 done += n
         except TensorFileError as e:
             raise BundleError(str(e)) from e
         except OSError as e:
             raise BundleError(f"{path}: I/O error while copying the patch ({e.strerror or e})") from e
         hook("filled")
-        return done
+        return done - start

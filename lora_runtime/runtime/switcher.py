@@ -10,6 +10,9 @@ State model (one mechanism for v1, v2 and v3)::
                        that still holds it): publish (that set, new strength). No weight byte moves.
     cold switch      = copy the patch from the bundle ("ROM") into a scratch set no state uses, once
                        its last reader is done, then publish. Runs go on with the old state meanwhile.
+    saved modules    = (modules_to_save) a second set in the state, chosen the same way (``runtime.saved``):
+                       a switch that changes a saved module's source copies that module only (cold for that
+                       part), published with the LoRA set and the strength as one state.
 
 A switch validates everything first (use-case, strengths, patch header against the slot table), and
 a failure at any step leaves the published state as it was: the scratch set written is not in use.
@@ -29,6 +32,7 @@ import onnxruntime as ort
 
 from lora_runtime.bundle import Bundle, manifest_stamp, open_bundle
 from lora_runtime.errors import BundleError, InputError, LoraRuntimeError
+from lora_runtime.runtime.saved import SavedSets, Sources
 from lora_runtime.runtime.session import check_feeds, input_specs, make_session, ort_message
 from lora_runtime.runtime.slots import Layout, PatchSource, SlotSet
 from lora_runtime.staging import path_lock
@@ -64,6 +68,7 @@ class _State:
     strengths: dict[str, float]
     use_case: str | None
     encodings: SlotSet | None = None  # updatable encodings of the use-case (resident, never written)
+    saved: SlotSet | None = None  # the saved modules (modules_to_save) of the use-case's adapters
 
 
 class Runtime:
@@ -103,8 +108,10 @@ class Runtime:
                 self._encodings[u.name] = SlotSet.filled(enc_layout, bundle.header(u.encodings or ""), u.name)
             self._union_encodings = SlotSet.filled(enc_layout, bundle.header(m.union_encodings or ""), "union")
         # Each use-case's adapter (v3: the group) and strength value, built once: a hot switch allocates nothing.
+        self._saved = SavedSets(bundle, self._lock) if m.saved_modules else None
         self._targets = {u.name: (GROUP if m.generation == "v3" else next(iter(u.strengths), None),
-                                  self._strength_value(u.strengths), self._encodings.get(u.name))
+                                  self._strength_value(u.strengths), self._encodings.get(u.name),
+                                  m.saved_sources(u.strengths))
                          for u in m.use_cases}
         first_adapter = GROUP if m.generation == "v3" else (m.default_adapter or m.adapters[0].name)
         first = SlotSet(self.layout, first_adapter)
@@ -113,7 +120,8 @@ class Runtime:
             self._resident[GROUP] = first
         else:
             self._scratch = [first, SlotSet(self.layout)]
-        self._state = _State(0, first, *self._strength_value({}), None, self._union_encodings)
+        self._state = _State(0, first, *self._strength_value({}), None, self._union_encodings,
+                             self._saved.initial() if self._saved is not None else None)
         self.preload(preload)
         if m.use_cases:
             self.switch(m.use_cases[0].name)
@@ -193,18 +201,22 @@ class Runtime:
             preloaded = {k: s.nbytes for k, s in self._resident.items()}
             scratch = sum(s.nbytes for s in self._scratch)
         encodings = sum(s.nbytes for s in [*self._encodings.values(), self._union_encodings] if s is not None)
+        saved = self._saved.nbytes if self._saved is not None else 0  # saved modules: scratch and preloaded sets
         return {"patch_bytes": self.layout.nbytes, "scratch_bytes": scratch, "preloaded_bytes": preloaded,
-                "encodings_bytes": encodings, "resident_bytes": scratch + sum(preloaded.values()) + encodings}
+                "encodings_bytes": encodings, "saved_bytes": saved,
+                "resident_bytes": scratch + sum(preloaded.values()) + encodings + saved}
 
     # ---- residency -----------------------------------------------------------------------------------
 
     def preload(self, use_cases: Iterable[str]) -> None:
-        """Keep the adapters of these use-cases resident, so switching to them moves no weight bytes."""
-        if self.manifest.generation == "v3":
-            for name in use_cases:
-                self.manifest.use_case(name)  # the group is always resident; still reject unknown names
-            return
+        """Keep the adapters (and saved modules) of these use-cases resident, so switching to them moves no weight
+        bytes."""
         for name in use_cases:
+            self.manifest.use_case(name)  # v3's group is always resident; still reject unknown names
+            if self._saved is not None:
+                self._saved.preload(self._targets[name][3])
+            if self.manifest.generation == "v3":
+                continue
             for adapter in self.manifest.use_case(name).strengths:
                 if adapter in self._resident:
                     continue
@@ -215,9 +227,12 @@ class Runtime:
 
     def evict(self, use_cases: Iterable[str]) -> None:
         """Drop resident copies; a set in use stays alive until its last run ends."""
-        if self.manifest.generation == "v3":
-            return
         for name in use_cases:
+            self.manifest.use_case(name)
+            if self._saved is not None:
+                self._saved.evict(self._targets[name][3])
+            if self.manifest.generation == "v3":
+                continue
             for adapter in self.manifest.use_case(name).strengths:
                 with self._lock:
                     self._resident.pop(adapter, None)
@@ -230,8 +245,8 @@ class Runtime:
         target = self._targets.get(use_case)
         if target is None:
             self.manifest.use_case(use_case)  # raises UseCaseError naming the known use-cases
-        adapter, strength, encodings = target
-        return self._publish(adapter, strength, use_case, t0, encodings)
+        adapter, strength, encodings, saved = target
+        return self._publish(adapter, strength, use_case, t0, encodings, saved)
 
     def set_strengths(self, strengths: Mapping[str, float]) -> SwitchReport:
         """An ad-hoc mix: v3 any adapters, v1/v2 one adapter (or none: the base model)."""
@@ -239,19 +254,25 @@ class Runtime:
         strengths = dict(strengths)
         value = self._strength_value(strengths)  # validates names, values, and v1/v2's one adapter
         adapter = GROUP if self.manifest.generation == "v3" else next(iter(strengths), None)
+        saved = self.manifest.saved_sources(strengths)  # the adapters named (at any strength) bring their modules
         # an ad-hoc mix has no calibration of its own: updatable encodings use the union of all use-cases
-        return self._publish(adapter, value, None, t0, self._union_encodings)
+        return self._publish(adapter, value, None, t0, self._union_encodings, saved)
 
     def _strength_value(self, strengths: Mapping[str, float]) -> tuple[ort.OrtValue, np.ndarray, dict[str, float]]:
         arr = self.manifest.strength_value(strengths)
         return ort.OrtValue.ortvalue_from_numpy(arr), arr, dict(strengths)
 
     def _publish(self, adapter: str | None, strength: tuple[ort.OrtValue, np.ndarray, dict[str, float]],
-                 label: str | None, t0: float, encodings: SlotSet | None = None) -> SwitchReport:
+                 label: str | None, t0: float, encodings: SlotSet | None = None, sources: Sources = ()) -> SwitchReport:
         with self._switch_lock:
             target, kind, moved, source = self._find_or_fill(adapter)
+            saved = self._state.saved
+            if self._saved is not None and saved is not None:  # modules_to_save: cold for the modules that change
+                saved, copied = self._saved.find_or_fill(sources, saved, self.fault_hook)
+                if copied:
+                    kind, moved, source = "cold", moved + copied, "rom"
             with self._lock:
-                self._state = _State(self._state.version + 1, target, *strength, label, encodings)
+                self._state = _State(self._state.version + 1, target, *strength, label, encodings, saved)
             report = SwitchReport(label, kind, moved, time.perf_counter() - t0, source)
             self.last_switch = report
             return report
@@ -286,6 +307,8 @@ class Runtime:
         with self._lock:
             state = self._state
             state.slots.readers += 1
+            if state.saved is not None:
+                state.saved.readers += 1
         try:
             binding = self._binding(state, index)
             for name, value in inputs.items():
@@ -303,6 +326,8 @@ class Runtime:
         finally:
             with self._lock:
                 state.slots.readers -= 1
+                if state.saved is not None:
+                    state.saved.readers -= 1
                 self._lock.notify_all()
         return dict(zip(graph.outputs, outputs))
 
@@ -325,7 +350,7 @@ class Runtime:
         bound = local.graphs[index]
         b = bound.binding
         if bound.version != state.version:
-            for have, want in (("slots", state.slots), ("encodings", state.encodings)):
+            for have, want in (("slots", state.slots), ("encodings", state.encodings), ("saved", state.saved)):
                 if want is not None and getattr(bound, have) is not want:
                     for name, value in want.values.items():
                         b.bind_ortvalue_input(name, value)
@@ -343,3 +368,4 @@ class _Bound:
         self.version: int | None = None
         self.slots: SlotSet | None = None
         self.encodings: SlotSet | None = None
+        self.saved: SlotSet | None = None

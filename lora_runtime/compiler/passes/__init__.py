@@ -7,6 +7,7 @@ names; no pass finds a node by parsing a name.
 
 =================  ==========================================================================================
 ``branch``         the LoRA branch at every attachment point (v1 / v2 / v3); creates ``BranchTensors``
+``saved``          whole-module slots for PEFT's ``modules_to_save`` (classifier heads); creates their slot names
 ``weight_only``    base linear weights to ``MatMulNBits`` (``--base-weights``); creates ``QuantizedWeight``
 ``qdq``            QDQ with encodings (``--encodings``): base weights int8, activations Q/DQ, LoRA weights
 =================  ==========================================================================================
