@@ -15,7 +15,11 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB; +inf when identical."""
     ref = np.asarray(reference, np.float64)
     noise = float(np.sum((ref - np.asarray(test, np.float64)) ** 2))
-    signal = float(np.sum(ref ** 2))
+    return sqnr_from(float(np.sum(ref ** 2)), noise)
+
+
+def sqnr_from(signal: float, noise: float) -> float:
+    """SQNR in dB from the sums of squares of the reference and of the difference (accumulated over parts)."""
     if noise == 0.0:
         return math.inf
     return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf

@@ -118,7 +118,6 @@ BAD_FILES = [
     ("version_0.6.1", _top(version="0.6.1"), r"version '0\.6\.1'"),
     ("no_version", _top(drop=("version",)), "missing key 'version'"),
     ("no_param_encodings", _top(drop=("param_encodings",)), r"missing key\(s\) \['param_encodings'\]"),
-    ("unknown_top_key", _top(extra=1), "unknown top-level"),
     ("encodings_not_list", _top(param_encodings={}), "param_encodings is a dict"),
     ("missing_scale", _param(drop=("scale",)), r"'w'.*missing key\(s\) \['scale'\]"),
     ("missing_is_sym", _param(drop=("is_sym",)), r"'w'.*is_sym"),

@@ -125,7 +125,7 @@ def test_block_weights_run_as_matmulnbits_exactly():
 
     buf = io.BytesIO()
     consts = Constants()
-    node = _matmul_nbits(c, "x", w, enc, None, DataWriter(buf, "d"), consts, "mm", "y", lambda _m: None)
+    node = _matmul_nbits(c, "x", w, enc, None, DataWriter(buf, "d"), consts, "mm", "y")
     inits = consts.tensors
     for t in inits:  # back to inline data for a one-file model
         info = {e.key: e.value for e in t.external_data}

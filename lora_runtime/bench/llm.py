@@ -6,7 +6,7 @@ Rows (same report format as the main bench; every decode row is one token at a c
 prefill_base             the chat prompt (about 40 tokens) through the base graph
 decode_base              one token through the base graph (ONNX Runtime session, no runtime)
 decode_merged            one token with ``caps`` merged into the weights (the zero-overhead ideal)
-decode_v1 / decode_v2    one token through the runtime, ``caps`` active (r=16 on 48 points)
+decode_v1 / decode_v2    one token through the runtime, ``caps`` active (r=16 on o/gate/up/down, 120 points)
 decode_v2_qv8            v2, ``listify`` active: r=8 on q/v of every layer (llama.cpp's first peer adapter)
 decode_v2_peer16         v2, a seeded F32 adapter shaped like llama.cpp's second one: r=16 on o/gate/up/down
                          of all 30 layers, 14.4 MB
@@ -21,6 +21,8 @@ turn_kept / turn_fresh   a chat's third turn to its first token (v3 ``caps``), t
                          two kept (``chat``'s ``PromptCache``) / from an empty cache
 cold_switch_cache        v2: between three adapters' patches (page cache warm)
 cold_switch_peer16       v2: between three 14.4 MB adapters shaped like llama.cpp's (page cache warm)
+compile_int8_*           the README's INT8 compile (w8a16, GPTQ, --sensitive-db 30, two use-cases), a child process:
+                         its wall time and peak RSS (``bench.compile_cost``; ``--quick``: on 8 calibration prompts)
 =======================  ==============================================================================
 
 The peer (llama.cpp through llama-cpp-python 0.3.36, the same GGUF, 2 threads) was measured on this machine
@@ -37,6 +39,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from lora_runtime.bench.compile_cost import compile_cost_ratios, compile_cost_rows
 from lora_runtime.bench.default import GOALS
 from lora_runtime.bench.report import machine, versions, with_ratios
 from lora_runtime.bench.serve import serve_rows, turn_rows
@@ -87,7 +90,7 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
     work = Path(work or "graphs/built/bench-smollm2")
     reps = 10 if quick else 40
     rows: list[Row] = []
-    with Progress("bench", total=9 + len(PRESETS), delay_s=0.0) as bar:
+    with Progress("bench", total=10 + len(PRESETS), delay_s=0.0) as bar:
         model_dir = work / "model"
         if not (model_dir / "base.onnx").is_file():
             import_gguf(find_smollm2(), model_dir, max_seq=512)
@@ -113,6 +116,10 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
         calib = calibration_data(model_dir, work / "calibration.npz", samples=8 if quick else 32, seq_len=48,
                                  force=True)
         bar.step("bundles")
+        readme_calib = calibration_data(model_dir, work / "calibration-readme.npz", samples=8 if quick else 32,
+                                        force=True)  # calibration-data's defaults, as the README's compile
+        rows += compile_cost_rows(model_dir, readme_calib, work / "b-compile-cost")
+        bar.step("compile cost")
         for preset, sens, rounding in PRESETS:
             key = f"qdq_{preset}" + (f"_s{int(sens)}" if sens else "") + ("_gptq" if rounding == "gptq" else "")
             quant = QuantOptions("full", calib, preset=preset, weight_rounding=rounding, sensitive_db=sens,
@@ -206,6 +213,7 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
                                                                         "met": cold <= 0.25}
     report["ratios"]["hot_switch (us)"] = {"value": by["hot_switch"].p50_us, "goal": "<= 10",
                                            "met": by["hot_switch"].p50_us <= 10}
+    report["ratios"] |= compile_cost_ratios(by)
     report["peer"] = {"llama.cpp": LLAMA_CPP}
     if served:  # one answer of 32 tokens through the server vs generate: HTTP, JSON and the use-case lock
         ratio = by["answer_serve"].p50_us / by["answer_generate"].p50_us

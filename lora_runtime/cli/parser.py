@@ -71,8 +71,10 @@ def parser() -> argparse.ArgumentParser:
                    help="calibration samples: keys are graph inputs, arrays have a leading sample axis")
     c.add_argument("--preset", default=None, help="encodings preset: w8a8 (default), w8a16, w4a16 or lora_a16w16")
     c.add_argument("--calibration-method", default=None, choices=["minmax", "percentile"], help="default minmax")
-    c.add_argument("--encodings-file", metavar="F.encodings",
-                   help="your own AIMET/QAIRT encodings: entries named in it override the calibrated ones")
+    c.add_argument("--encodings-file", action="append", default=None, metavar="[USE_CASE=]F.encodings",
+                   help="AIMET/QAIRT encodings (1.0.0, 2.0.0, aimet_onnx per-adapter): entries for tensors the bundle "
+                        "encodes override the calibrated ones; USE_CASE=F: that use-case's own (adapter-only, full); "
+                        "repeat")
     c.add_argument("--sensitive-db", type=float, default=None, metavar="DB",
                    help="mixed precision: activations whose per-token SQNR at the preset's bitwidth is below DB get "
                         "16 bits (float16 if 16 bits are still below DB)")

@@ -72,7 +72,6 @@ from lora_runtime.staging import staging
 from lora_runtime.version import versions
 
 Report = Callable[[str], None]
-COMPILE_STEPS = 6  # how many times compile_bundle calls ``report`` (more with encodings or quantization)
 MASK_FLOOR = -50.0  # the HTP: attention-mask constants at or below -1e4 are raised to this (see passes.static_shape)
 MAX_AUTO_ENCODINGS = 1 << 20  # scale entries written to base_weights.encodings without being asked
 

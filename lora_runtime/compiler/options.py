@@ -80,6 +80,9 @@ class QuantOptions:
     encodings_file: str | os.PathLike[str] | None = None  # the user's entries override the calibrated ones
     sensitive_db: float | None = None  # mixed precision: activations below this per-token SQNR get 16 bits
     ort_reference: bool = True  # measure ONNX Runtime's quantize_static of each merged use-case too
+    # --encodings-file USE_CASE=F: that use-case's own entries (adapter-only and full: the tensors that change per
+    # use-case), e.g. aimet_onnx's per-adapter LoRA encodings
+    encodings_per_use_case: Mapping[str, str | os.PathLike[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _one_of("encodings", self.mode, MODES)
@@ -87,6 +90,11 @@ class QuantOptions:
             raise UseCaseError(f"encodings {self.mode} need calibration data: pass --calibration DATA.npz")
         _one_of("calibration method", self.method, CALIBRATION_METHODS)
         _one_of("weight rounding", self.weight_rounding, WEIGHT_ROUNDING)
+        if self.encodings_per_use_case and self.mode == "non-updatable":
+            raise UseCaseError("--encodings-file USE_CASE=F gives one use-case its own encodings: non-updatable has "
+                               "one set for every use-case; use --encodings adapter-only or full, or a file for all")
+        if any(not isinstance(u, str) or not u for u in self.encodings_per_use_case):
+            raise UseCaseError("--encodings-file USE_CASE=F needs a use-case name before '='")
         if self.sensitive_db is not None and not math.isfinite(self.sensitive_db):
             raise UseCaseError(f"sensitive_db must be a finite number of dB, got {self.sensitive_db!r}")
 

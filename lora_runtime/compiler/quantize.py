@@ -14,6 +14,7 @@ graph); for the HTP, every op gets a full QDQ group and the LoRA slots hold inte
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from lora_runtime.arrays import Spill, give_back_memory
 from lora_runtime.bundle import Bundle
 from lora_runtime.compiler.adapter import Adapter
 from lora_runtime.compiler.encodings_out import (
@@ -48,10 +50,11 @@ from lora_runtime.compiler.passes.qdq_weights import int32_biases, linear_weight
 from lora_runtime.compiler.patches import PatchLayout, external_parameters
 from lora_runtime.compiler.points import Candidate
 from lora_runtime.errors import BaseModelError, TargetError
-from lora_runtime.eval.accuracy import logits_agreement, logits_sqnr, run_all
-from lora_runtime.eval.greedy import described, greedy_agreement, reference_tokens
+from lora_runtime.eval.accuracy import measuring_options, park_first_outputs, score_against
+from lora_runtime.eval.greedy import described, greedy_agreement, greedy_count, reference_tokens
 from lora_runtime.eval.ort_reference import quantize_static_sqnr
-from lora_runtime.external_data import share_data
+from lora_runtime.eval.twin import folded_session
+from lora_runtime.external_data import read_tensor, share_data
 from lora_runtime.llm.chat import Chat
 from lora_runtime.manifest import Accuracy, Manifest, MixedPrecision, Quantization
 from lora_runtime.names import (
@@ -64,12 +67,17 @@ from lora_runtime.names import (
     UNION_ENCODINGS,
     adapter_patch,
 )
+from lora_runtime.progress import Stage
 from lora_runtime.quant.calibrate import TensorRange, collect_ranges, split_held_out, union
-from lora_runtime.quant.encodings import Encoding, EncodingsFile, check_fits
+from lora_runtime.quant.encodings import Encoding, EncodingsFile
+from lora_runtime.quant.gptq import Hessians
 from lora_runtime.quant.modes import activation_encodings as cpu_activation_encodings
-from lora_runtime.quant.modes import lora_weight_encodings, updatable
+from lora_runtime.quant.modes import lora_weight_encodings, updatable, weight_encoding
+from lora_runtime.quant.overrides import Given, Targets, given_files
+from lora_runtime.quant.overrides import apply as apply_files
 from lora_runtime.quant.precision import choose_precision
 from lora_runtime.quant.presets import Preset, load_preset
+from lora_runtime.runtime.session import make_session
 
 Say = Callable[[str], None]
 
@@ -111,6 +119,9 @@ def quantize_bundle(stage: FloatStage, options: QuantOptions, samples: Sequence[
 
     ``options.weight_rounding == "gptq"`` chooses the base weights' codes with GPTQ (lora_runtime.quant.gptq)
     from the calibration inputs of every use-case; the encodings (the grid) are the same as with "nearest".
+    Memory: one ONNX Runtime session at a time, whose float weights are one copy (the FP32 reference, calibration,
+    the QDQ graph through :func:`folded_session`); what grows with the samples (the FP32 logits, the rows of the
+    sensitivity pass) waits in scratch files; GPTQ's statistics go layer by layer as their weights are rounded.
     """
     o, p = options, load_preset(options.preset)
     model, manifest = stage.model, stage.manifest
@@ -121,63 +132,82 @@ def quantize_bundle(stage: FloatStage, options: QuantOptions, samples: Sequence[
     branch = [b.scaled for b in stage.branches.values()]
     calib, held = split_held_out(samples)
     names = manifest.use_case_names
-    say(f"calibrating {len(tensors)} tensors on {len(calib)} samples x {len(names)} use-cases")
-    count = iter(range(1, len(calib) * len(names) + 1))
-    kept: dict[str, list[np.ndarray]] | None = {} if o.sensitive_db is not None else None
-    gram = {c.x: np.zeros(()) for c in linear.values()} if o.weight_rounding == "gptq" else None
-    ranges = collect_ranges(float_bundle, tensors, calib, names, method=o.method, keep_values=kept, gram=gram,
-                            step=lambda u: say(f"calibrating {u}: {next(count)}/{len(calib) * len(names)}"))
-    mixed = None
-    if kept is not None and o.sensitive_db is not None:  # outlier-heavy activations at 16 bits, or float16
-        start = {t: (p.lora_activations if t in branch else p.activations).bw for t in tensors}
-        mixed = MixedPrecision(o.sensitive_db, choose_precision(kept, union(ranges), o.sensitive_db, start))
-    fp32 = run_all(float_bundle, names, held)
+    given = given_files(overrides, o.encodings_per_use_case, model.graph, names)  # names checked before calibrating
     chat = _chat(stage.base_dir)
-    if chat is not None:
-        say("greedy decoding of the held-out prompts with FP32")
-        fp32_greedy = reference_tokens(float_bundle, chat, names)
-    ort_sqnr = quantize_static_sqnr(float_bundle, names, calib, held, fp32, say) if o.ort_reference else None
+    with Spill(stage.root / ".fp32-logits") as parked:
+        prompts = greedy_count(names) if chat is not None else 0  # a prompt's 16 tokens: ~3 held-out runs' time
+        runs, work = len(held) * len(names) + prompts, len(held) * len(names) + 3 * prompts
+        count = Stage(say, "FP32 reference (held-out samples, greedy prompts)", runs, "runs", work=work)
+        session = make_session(float_bundle, session_options=measuring_options())
+        fp32 = park_first_outputs(float_bundle, names, held, session, parked, lambda u: count.step(u, work=1))
+        fp32_greedy = reference_tokens(float_bundle, chat, names, session=session,
+                                       step=lambda u: count.step(u, work=3)) if chat is not None else {}
+        del session
+        give_back_memory()
+        gram = {c.x: np.zeros(()) for c in linear.values()} if o.weight_rounding == "gptq" else None
+        count = Stage(say, f"calibration of {len(tensors)} tensors", len(calib) * len(names), "runs")
+        with Spill(stage.root / ".calibration-rows") as kept:
+            ranges = collect_ranges(float_bundle, tensors, calib, names, method=o.method,
+                                    keep_values=kept if o.sensitive_db is not None else None, gram=gram,
+                                    step=count.step)
+            give_back_memory()  # the calibration session's
+            mixed = None
+            if o.sensitive_db is not None:  # outlier-heavy activations at 16 bits, or float16
+                say(f"sensitivity pass: {len(tensors)} activations at the preset's bitwidth")
+                start = {t: (p.lora_activations if t in branch else p.activations).bw for t in tensors}
+                mixed = MixedPrecision(o.sensitive_db, choose_precision(kept, union(ranges), o.sensitive_db, start))
+        ort_sqnr = quantize_static_sqnr(float_bundle, names, calib, held, fp32, say) if o.ort_reference else None
 
-    values = lora_values(float_bundle, lora_slots)
-    if stage.full:
-        enc = _full_plan(stage, p, tensors, ranges, values, gram or {})
-    else:
-        precision = {t: bits for t, (bits, _db) in (mixed.tensors if mixed else {}).items()}
-        enc = _cpu_plan(o.mode, p, tensors, branch, ranges, values, float_bundle, precision, gram or {})
-    if overrides is not None:  # the user's entries win, in every use-case's set
-        enc = _with_overrides(enc, overrides, tensors, linear, by_slot(values))
-    say(f"rewriting to QDQ ({o.mode} encodings, {o.weight_rounding} weight rounding"
-        + (", full QDQ groups)" if stage.full else ")"))
-    done = apply_qdq(model, QdqOptions(enc.plan, stage.branches, stage.base_dir, stage.root, QDQ_DATA, say))
-    weights = {e.name: e for e in done.weight_encodings}
-    (stage.root / manifest.graph).write_bytes(model.SerializeToString())
-    decode_files = _quantize_decode(stage, enc.plan, p, say) if stage.decode is not None else []
+        values = lora_values(float_bundle, lora_slots)
+        graphs = 2 if stage.decode is not None else 1  # the decode graph's weights are rounded again
+        uses = Counter(c.x for c in linear.values())
+        hessians = Hessians(gram, {x: k * graphs for x, k in uses.items()}, say,
+                            work=graphs * sum(c.in_features * c.out_features for c in linear.values())) \
+            if gram is not None else Hessians()
+        del gram
+        if stage.full:
+            enc = _full_plan(stage, p, tensors, ranges, values, hessians)
+        else:
+            precision = {t: bits for t, (bits, _db) in (mixed.tensors if mixed else {}).items()}
+            enc = _cpu_plan(o.mode, p, tensors, branch, ranges, values, float_bundle, precision, hessians)
+        enc = _with_overrides(enc, stage, p, o.mode, given, tensors, linear, by_slot(values))
+        say(f"rewriting to QDQ ({o.mode} encodings, {o.weight_rounding} weight rounding"
+            + (", full QDQ groups)" if stage.full else ")"))
+        done = apply_qdq(model, QdqOptions(enc.plan, stage.branches, stage.base_dir, stage.root, QDQ_DATA, say))
+        give_back_memory()  # GPTQ's statistics
+        weights = {e.name: e for e in done.weight_encodings}
+        (stage.root / manifest.graph).write_bytes(model.SerializeToString())
+        decode_files = _quantize_decode(stage, enc.plan, p, say) if stage.decode is not None else []
 
-    params = [*weights.values(), *enc.plan.constants.values()]
-    files = [QDQ_DATA, *decode_files, *write_encodings_files(stage.root, o.mode, params, enc.union, enc.per_use_case,
-                                                             tensors, branch, lora_slots)]
-    live = enc.plan.updatable
-    slots, patches = encoding_slots(stage.root, live, enc.union, enc.per_use_case, lora_slots)
-    files += [*patches.values(), *([UNION_ENCODINGS] if slots else [])]
-    use_cases = tuple(dataclasses.replace(u, encodings=patches.get(u.name)) for u in manifest.use_cases)
-    patched = enc.layout.slots if enc.layout is not None else manifest.slots
-    manifest = dataclasses.replace(manifest, slots=patched + tuple(slots), use_cases=use_cases,
-                                   union_encodings=UNION_ENCODINGS if slots else None)
-    if stage.full:  # the strength's encoding is a constant of the graph: strengths outside it would clip
-        manifest = dataclasses.replace(manifest, target=dataclasses.replace(
-            manifest.target, strength_range=_covered(enc.union[STRENGTH])))
+        params = [*weights.values(), *enc.plan.constants.values()]
+        files = [QDQ_DATA, *decode_files, *write_encodings_files(stage.root, o.mode, params, enc.union,
+                                                                 enc.per_use_case, tensors, branch, lora_slots)]
+        live = enc.plan.updatable
+        slots, patches = encoding_slots(stage.root, live, enc.union, enc.per_use_case, lora_slots)
+        files += [*patches.values(), *([UNION_ENCODINGS] if slots else [])]
+        use_cases = tuple(dataclasses.replace(u, encodings=patches.get(u.name)) for u in manifest.use_cases)
+        patched = enc.layout.slots if enc.layout is not None else manifest.slots
+        manifest = dataclasses.replace(manifest, slots=patched + tuple(slots), use_cases=use_cases,
+                                       union_encodings=UNION_ENCODINGS if slots else None)
+        if stage.full:  # the strength's encoding is a constant of the graph: strengths outside it would clip
+            manifest = dataclasses.replace(manifest, target=dataclasses.replace(
+                manifest.target, strength_range=_covered(enc.union[STRENGTH])))
 
-    say("measuring INT8 against FP32 on held-out samples")
-    int8 = Bundle(stage.root, manifest)
-    runs = run_all(int8, names, held)
-    accuracy = Accuracy(
-        "fp32", "this bundle (QDQ on ONNX Runtime's CPU provider)", "its FP32 graph",
-        f"{len(held)} held-out calibration samples", {u: logits_sqnr(fp32[u], runs[u]) for u in names},
-        {u: logits_agreement(fp32[u], runs[u]) for u in names})
-    if chat is not None:
-        say("greedy decoding of the held-out prompts quantized")
-        accuracy = dataclasses.replace(accuracy, greedy=described(),
-                                       greedy_agreement=greedy_agreement(fp32_greedy, int8, chat, names))
+        say("measuring INT8 against FP32: its session, weights dequantized ahead (lora_runtime.eval.twin)")
+        count = Stage(say, "INT8 vs FP32 (held-out samples, greedy prompts)", runs, "runs", work=work)
+        int8 = Bundle(stage.root, manifest)
+        with folded_session(int8, measuring_options()) as session:
+            scores = score_against(int8, names, held, session, fp32, lambda u: count.step(u, work=1))
+            greedy = greedy_agreement(fp32_greedy, int8, chat, names, session=session,
+                                      step=lambda u: count.step(u, work=3)) if chat is not None else {}
+            del session
+        give_back_memory()
+        accuracy = Accuracy(
+            "fp32", "this bundle (QDQ on ONNX Runtime's CPU provider)", "its FP32 graph",
+            f"{len(held)} held-out calibration samples", {u: scores[u].sqnr_db for u in names},
+            {u: scores[u].agreement for u in names}, greedy=described() if chat is not None else "",
+            greedy_agreement=greedy)
+        fp32 = {u: fp32[u] for u in names} if stage.full else {}  # the HTP stage compares with them too
     measured = [accuracy]
     if ort_sqnr is not None:
         measured.append(Accuracy("ort_quantize_static", "ONNX Runtime's quantize_static of the merged use-case",
@@ -192,7 +222,7 @@ def quantize_bundle(stage: FloatStage, options: QuantOptions, samples: Sequence[
 
 def _cpu_plan(mode: str, p: Preset, tensors: Sequence[str], branch: Sequence[str],
               ranges: Mapping[str, Mapping[str, TensorRange]], values: Mapping[str, Mapping[str, np.ndarray]],
-              bundle: Bundle, precision: Mapping[str, int | str], gram: Mapping[str, np.ndarray]) -> _Encodings:
+              bundle: Bundle, precision: Mapping[str, int | str], gram: Hessians) -> _Encodings:
     """Quantized inputs of linear layers and of each branch's second MatMul; per mode, updatable ones."""
     def encodings(r: Mapping[str, TensorRange], lora: Mapping[str, Sequence[np.ndarray]]) -> dict[str, Encoding]:
         return cpu_activation_encodings(r, tensors, branch, p, precision) | lora_weight_encodings(lora, p)
@@ -209,7 +239,7 @@ def _cpu_plan(mode: str, p: Preset, tensors: Sequence[str], branch: Sequence[str
 
 
 def _full_plan(stage: FloatStage, p: Preset, tensors: Sequence[str], ranges: Mapping[str, Mapping[str, TensorRange]],
-               values: Mapping[str, Mapping[str, np.ndarray]], gram: Mapping[str, np.ndarray]) -> _Encodings:
+               values: Mapping[str, Mapping[str, np.ndarray]], gram: Hessians) -> _Encodings:
     """Every float tensor and constant quantized, one non-updatable set; LoRA slots as integer patches."""
     if p.weights.enc_type != "PER_CHANNEL" or p.lora_weights.enc_type != "PER_TENSOR" or \
             p.activations.bw != p.lora_activations.bw:
@@ -274,21 +304,32 @@ def _quantize_decode(stage: FloatStage, plan: QdqPlan, p: Preset, say: Say) -> l
     return [QDQ_DECODE_DATA] if left else []
 
 
-def _with_overrides(enc: _Encodings, overrides: EncodingsFile, tensors: Sequence[str],
-                    linear: Mapping[str, Candidate], slot_values: Mapping[str, Mapping[str, np.ndarray]]) -> _Encodings:
-    """The user's encodings replace the calibrated ones they name (checked against the graph first)."""
-    weights_shape = {w: (c.in_features, c.out_features) for w, c in linear.items()}
-    slot_shapes = {s: next(iter(v.values())).shape for s, v in slot_values.items()}
-    check_fits(overrides, {t: None for t in tensors} | slot_shapes | weights_shape,
-               {s: 0 for s in slot_values} | {w: 1 for w in weights_shape})
-    mine = {e.name: e for e in overrides.activation_encodings + overrides.param_encodings}
-    union_enc = enc.union | {k: v for k, v in mine.items() if k in enc.union}
-    per_use_case = {u: e | {k: v for k, v in mine.items() if k in e} for u, e in enc.per_use_case.items()}
+def _with_overrides(enc: _Encodings, stage: FloatStage, p: Preset, mode: str, given: Given | None,
+                    tensors: Sequence[str], linear: Mapping[str, Candidate],
+                    slot_values: Mapping[str, Mapping[str, np.ndarray]]) -> _Encodings:
+    """The base weights' encodings by the preset's symmetric rule (the QDQ pass's own is absmax), then the user's
+    files in force (``lora_runtime.quant.overrides``: which entries are used, carried, ignored or refused)."""
+    inits = {t.name: t for t in stage.model.graph.initializer}
+    weights = {}
+    for w, c in linear.items():  # one weight in memory at a time
+        a = read_tensor(inits[w], stage.base_dir).astype(np.float32)
+        weights[w] = weight_encoding(w, a.T if c.transposed else a, p)
+    union_enc, per_use_case = enc.union, enc.per_use_case
+    if given is not None:
+        # full QDQ groups: the LoRA slots' integer codes are already written with their encodings
+        slot_shapes = {s: next(iter(v.values())).shape for s, v in slot_values.items() if enc.layout is None}
+        shapes = {t: None for t in [*tensors, *enc.plan.constants]} | slot_shapes | \
+            {w: (c.in_features, c.out_features) for w, c in linear.items()}
+        targets = Targets(shapes, {s: 0 for s in slot_shapes} | {w: 1 for w in linear},
+                          {s: 0 for s in slot_shapes} | {w: 0 if c.transposed else 1 for w, c in linear.items()},
+                          enc.plan.updatable, mode, frozenset(slot_values) - set(slot_shapes),
+                          "for LoRA weights whose integer codes the HTP patches hold")
+        union_enc, per_use_case, weights = apply_files(given, targets, union_enc, per_use_case, weights)
     floats = {t for t, e in union_enc.items() if e.dtype == "FLOAT"}  # a float16 activation has no parameters
     plan = dataclasses.replace(
         enc.plan, activations={t: union_enc[t] for t in enc.plan.activations},
         lora_weights={s: union_enc[s] for s in enc.plan.lora_weights}, updatable=enc.plan.updatable - floats,
-        weight_overrides={k: v for k, v in mine.items() if k in weights_shape})
+        constants={t: union_enc[t] for t in enc.plan.constants}, weight_overrides=weights)
     return dataclasses.replace(enc, plan=plan, union=union_enc, per_use_case=per_use_case)
 
 

@@ -18,6 +18,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from lora_runtime.bundle import Bundle
 from lora_runtime.eval.accuracy import logits_sqnr
 from lora_runtime.export import merge_use_case
+from lora_runtime.progress import Stage
 
 
 class _Reader(CalibrationDataReader):
@@ -35,9 +36,10 @@ def quantize_static_sqnr(bundle: Bundle, use_cases: Sequence[str], calib: Sequen
     """Per use-case, the logits SQNR of ONNX Runtime's quantized merged model against ``fp32`` (the float
     bundle's outputs on ``held``), calibrated on ``calib``. ``bundle`` must have float32 base weights."""
     out = {}
+    stage = Stage(say, "ONNX Runtime quantize_static reference", len(use_cases), "use-cases")
     with tempfile.TemporaryDirectory(prefix=".lora_runtime-ort-reference-", dir=bundle.path.parent) as tmp:
         for u in use_cases:
-            say(f"ONNX Runtime quantize_static reference: {u}")
+            say(stage.text(f"merging and quantizing {u}"))
             merged = merge_use_case(bundle, Path(tmp) / f"{u}.onnx", use_case=u)
             q = Path(tmp) / f"{u}.int8.onnx"
             logging.disable(logging.WARNING)  # its "consider pre-processing" advice, on the root logger, per call
@@ -55,4 +57,6 @@ def quantize_static_sqnr(bundle: Bundle, use_cases: Sequence[str], calib: Sequen
             names = [o.name for o in sess.get_outputs()]
             runs = [dict(zip(names, sess.run(names, dict(s)))) for s in held]
             out[u] = logits_sqnr(fp32[u], runs)
+            del sess, runs
+            stage.step(f"{u}: {out[u]:.1f} dB")
     return out

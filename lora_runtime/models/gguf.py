@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,13 +158,14 @@ def weights_for(model: GgufModel):  # noqa: ANN201  (a lora_runtime.models.llama
 
 
 def build_from_gguf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, kv_cache: bool = True,
-                    static_cache: int | None = None, max_seq: int = 2048) -> tuple[Path, GgufModel]:
+                    static_cache: int | None = None, max_seq: int = 2048,
+                    report: Callable[[str], None] | None = None) -> tuple[Path, GgufModel]:
     """Write ``out_dir/base.onnx`` (+ ``base.onnx.data``) from a GGUF; returns the model path and the GGUF."""
     model = open_gguf(path, max_seq=max_seq)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / DATA_FILE, "wb") as data:
         proto = build_llama(model.shape, weights_for(model), data=data, kv_cache=kv_cache, static_cache=static_cache,
-                            name=str(model.metadata.get("general.name", "llama")))
+                            report=report, name=str(model.metadata.get("general.name", "llama")))
     onnx.save(proto, str(out / "base.onnx"))
     return out / "base.onnx", model

@@ -9,12 +9,16 @@ min/max, or to a percentile of each sample's values.
 Why not ONNX Runtime's calibrators: they load the model with ``onnx.load`` (which refuses the
 hard-linked base weights of a bundle), write their own augmented model and cannot feed the LoRA slots
 per use-case; the reduction itself is a few lines of numpy.
+
+Memory: one session of the float graph, the ``X^T X`` statistics GPTQ asks for (float32, ``in^2 * 4`` bytes per
+linear input, added in place), and the rows kept for the sensitivity pass written to a file as they come
+(:class:`lora_runtime.arrays.Spill`): nothing grows with the number of samples.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,13 +26,14 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from lora_runtime.arrays import read_npz
+from lora_runtime.arrays import Spill, blas_threads, read_npz
 from lora_runtime.bundle import Bundle
 from lora_runtime.errors import InputError
 from lora_runtime.runtime.session import check_feeds, input_specs, slot_feeds
 
 METHODS = ("minmax", "percentile")
 KEEP = 16384  # values kept per tensor and run for the sensitivity measurement (whole rows: tokens)
+GRAM_ROWS = 256  # rows of a tensor gathered for one X^T X product (SmolLM2: 100 MB of rows at a time)
 
 
 @dataclass(frozen=True)
@@ -65,15 +70,15 @@ def split_held_out(samples: Sequence[dict[str, np.ndarray]], fraction: float = 0
 def collect_ranges(bundle: Bundle, tensors: Sequence[str], samples: Sequence[dict[str, np.ndarray]],
                    use_cases: Sequence[str], *, method: str = "minmax", percentile: float = 99.99,
                    step: Callable[[str], None] | None = None,
-                   keep_values: dict[str, list[np.ndarray]] | None = None,
+                   keep_values: MutableMapping[str, list[np.ndarray]] | Spill | None = None,
                    gram: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, TensorRange]]:
     """Per use-case, the range of each of ``tensors`` over ``samples`` (float graph, slot values fed).
 
     ``keep_values``: filled with a strided subsample of the rows (the tensor flattened to its last axis: one
     row per token; about ``KEEP`` values per tensor and run) of every tensor, for the sensitivity
-    measurement of mixed precision. ``gram``: for each tensor named by
-    its keys, ``X^T X`` over all use-cases and samples (rows: the tensor flattened to its last axis), for
-    GPTQ rounding of the weights that read it.
+    measurement of mixed precision (a :class:`Spill` keeps them on disk). ``gram``: for each tensor named by
+    its keys, ``X^T X`` (float32) over all use-cases and samples (rows: the tensor flattened to its last axis), for
+    GPTQ rounding of the weights that read it. ``step`` is told the use-case after each run.
     """
     if method not in METHODS:
         raise InputError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -89,12 +94,25 @@ def collect_ranges(bundle: Bundle, tensors: Sequence[str], samples: Sequence[dic
     try:
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        so.enable_mem_pattern = False  # hundreds of outputs: no arena planned for a run's every intermediate
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # numpy works between runs
         sess = ort.InferenceSession(str(augmented), so, providers=["CPUExecutionProvider"])
     finally:
         augmented.unlink(missing_ok=True)
     expected = input_specs(sess, {s.name for s in m.slots})
     feeds = [_checked(expected, sample, i) for i, sample in enumerate(samples)]
+    with blas_threads(1):  # the Gram products between runs (see lora_runtime.arrays.blas_threads)
+        return _calibrate(bundle, sess, tensors, feeds, use_cases, method, percentile, step, keep_values, gram)
+
+
+def _calibrate(bundle: Bundle, sess: ort.InferenceSession, tensors: Sequence[str],
+               feeds: Sequence[dict[str, np.ndarray]], use_cases: Sequence[str], method: str, percentile: float,
+               step: Callable[[str], None] | None,
+               keep_values: MutableMapping[str, list[np.ndarray]] | Spill | None,
+               gram: dict[str, np.ndarray] | None) -> dict[str, dict[str, TensorRange]]:
+    m = bundle.manifest
     out: dict[str, dict[str, TensorRange]] = {}
+    grams = _Grams(gram) if gram is not None else None
     for name in use_cases:
         slots = slot_feeds(bundle, m.use_case(name).strengths, name)
         ranges: dict[str, TensorRange] = {}
@@ -103,16 +121,60 @@ def collect_ranges(bundle: Bundle, tensors: Sequence[str], samples: Sequence[dic
             for t, v in zip(tensors, values):
                 r = _reduce(v, method, percentile)
                 ranges[t] = ranges[t].union(r) if t in ranges else r
-                if gram is not None and t in gram:
-                    x = np.asarray(v, np.float32).reshape(-1, v.shape[-1])
-                    gram[t] = gram[t] + x.T @ x  # float32: in^2 * 4 bytes per tensor
+                if grams is not None and t in grams.gram:
+                    grams.add(t, np.asarray(v, np.float32).reshape(-1, v.shape[-1]))
                 if keep_values is not None:
                     rows = np.asarray(v, np.float32).reshape(-1, v.shape[-1] if v.ndim else 1)
-                    keep_values.setdefault(t, []).append(rows[:: max(1, rows.size // KEEP)])
+                    kept = rows[:: max(1, rows.size // KEEP)]
+                    if isinstance(keep_values, Spill):
+                        keep_values.add(t, kept)
+                    else:  # a copy: a view would hold the whole output
+                        keep_values.setdefault(t, []).append(kept.copy())
             if step:
                 step(name)
         out[name] = ranges
+    if grams is not None:
+        grams.flush()
     return out
+
+
+class _Grams:
+    """``X^T X`` per tensor in float32, added in place into ``gram``, from rows gathered ``GRAM_ROWS`` at a time: a
+    run's 64 tokens make a short product that BLAS computes at a fraction of its speed (SmolLM2: 1.1 s of products
+    per run by runs, a third of that by 256 rows). A value that is not yet a matrix (a placeholder) is replaced."""
+
+    def __init__(self, gram: dict[str, np.ndarray]) -> None:
+        self.gram = gram
+        self.rows: dict[str, tuple[np.ndarray, int]] = {}
+
+    def add(self, t: str, x: np.ndarray) -> None:
+        buf, fill = self.rows.get(t, (None, 0))
+        if buf is None or buf.shape[1] != x.shape[1]:
+            self.flush(t)
+            buf, fill = np.empty((GRAM_ROWS, x.shape[1]), np.float32), 0
+        if fill + len(x) > GRAM_ROWS:
+            self._product(t, buf[:fill])
+            fill = 0
+        if len(x) > GRAM_ROWS:
+            self._product(t, x)
+        else:
+            buf[fill:fill + len(x)] = x
+            fill += len(x)
+        self.rows[t] = (buf, fill)
+
+    def flush(self, t: str | None = None) -> None:
+        for name in [t] if t is not None else list(self.rows):
+            buf, fill = self.rows.pop(name, (None, 0))
+            if buf is not None and fill:
+                self._product(name, buf[:fill])
+
+    def _product(self, t: str, x: np.ndarray) -> None:
+        xtx = x.T @ x
+        g = self.gram.get(t)
+        if isinstance(g, np.ndarray) and g.shape == xtx.shape:
+            g += xtx
+        else:
+            self.gram[t] = xtx
 
 
 def _checked(expected: Mapping[str, ort.NodeArg], sample: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:

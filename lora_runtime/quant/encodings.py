@@ -2,7 +2,7 @@
 
 The file (what AIMET-ONNX ``QuantizationSimModel.export`` writes with ``quantsim.encoding_version = "1.0.0"``)::
 
-    {"version": "1.0.0",
+    {"version": "1.0.0", "producer": {"package": "aimet-onnx", "version": "2.42.0"},   # optional
      "activation_encodings": [{"name", "dtype": "INT", "enc_type": "PER_TENSOR", "bw", "is_sym",
                                "scale": [s], "offset": [o]}, ...],
      "param_encodings":      [{... "enc_type": "PER_CHANNEL", "scale": [s0, s1, ...], "offset": [...]},
@@ -11,7 +11,13 @@ The file (what AIMET-ONNX ``QuantizationSimModel.export`` writes with ``quantsim
      "excluded_layers": [...]}       # optional (aimet_torch writes it)
 
 A ``"dtype": "FLOAT"`` entry carries only ``name``, ``dtype``, ``enc_type`` and ``bw`` (16 or 32).
-AIMET's ``LPBQ`` and ``VECTOR`` entries are recognised and refused: nothing here can execute them.
+AIMET's ``LPBQ`` and ``VECTOR`` entries are recognised and refused: nothing here can execute them. An INT entry
+may carry AIMET's ``zero_point_shift`` (one fraction per scale, the same for all: ``x = (q + offset + shift) *
+scale``); it is read and written back, and refused where a tensor would have to execute it (ONNX zero points are
+integers). Other top-level keys are ignored with one warning line (``EncodingsWarning``).
+
+``read_encodings`` also reads AIMET's version 2.0.0 and aimet_onnx's per-adapter LoRA files, into this form
+(``lora_runtime.quant.aimet_formats``).
 
 Offset convention (AIMET ``trim_functions.cpp``): the integer grid is unsigned, ``q`` in ``[0, 2^bw - 1]``, and
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -47,13 +54,17 @@ _MIN_BW, _MAX_BW = 2, 32
 EPSILON = 1e-5  # AIMET quantization_utils.hpp: max - min is at least this (gateMinMax)
 
 _TOP_KEYS = ("version", "activation_encodings", "param_encodings")
-_OPTIONAL_TOP_KEYS = ("quantizer_args", "excluded_layers")
+_OPTIONAL_TOP_KEYS = ("quantizer_args", "excluded_layers", "producer")
 _INT_KEYS = ("name", "dtype", "enc_type", "bw", "is_sym", "scale", "offset")
 _FLOAT_KEYS = ("name", "dtype", "enc_type", "bw")
 
 
 class EncodingsError(LoraRuntimeError):
     """An encodings file (or an encoding built in memory) is malformed or does not fit the graph."""
+
+
+class EncodingsWarning(UserWarning):
+    """Part of an encodings file was ignored (unknown top-level keys, entries for tensors not quantized here)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,8 @@ class Encoding:
     scale: tuple[float, ...]
     offset: tuple[int, ...]
     block_size: int | None = None  # PER_BLOCK only: elements per block along the block axis
+    zero_point_shift: tuple[float, ...] | None = None  # AIMET's fractional offset part, one per scale
+    axis: int | None = field(default=None, compare=False)  # channel axis in the tensor's layout (2.0.0 files say)
 
     def validate(self, source: str = "<memory>") -> None:
         """Raise EncodingsError naming ``source`` and the tensor unless this entry is well formed."""
@@ -93,7 +106,8 @@ class Encoding:
         if self.dtype == "FLOAT":
             if self.bw not in FLOAT_BWS:
                 raise bad(f"FLOAT bw {self.bw} is not one of {list(FLOAT_BWS)}")
-            if self.enc_type != "PER_TENSOR" or self.scale or self.offset or self.is_sym or self.block_size:
+            if self.enc_type != "PER_TENSOR" or self.scale or self.offset or self.is_sym or self.block_size \
+                    or self.zero_point_shift:
                 raise bad("a FLOAT encoding has enc_type PER_TENSOR and no is_sym, scale, offset or block_size")
             return
         if not _MIN_BW <= self.bw <= _MAX_BW:
@@ -114,6 +128,12 @@ class Encoding:
         for i, s in enumerate(self.scale):
             if isinstance(s, bool) or not isinstance(s, float | int) or not math.isfinite(s) or s <= 0:
                 raise bad(f"scale[{i}] = {s!r} is not a positive finite number")
+        shift = self.zero_point_shift
+        if shift is not None:
+            if len(shift) != len(self.scale) or any(not _is_number(x) or not 0 <= x < 1 for x in shift):
+                raise bad(f"zero_point_shift {list(shift)!r} is not one fraction in [0, 1) per scale")
+            if len(set(shift)) > 1:
+                raise bad("zero_point_shift differs between channels (AIMET loads one shift per tensor)")
         lowest = -(2**self.bw - 1)
         sym_offsets = (-(2 ** (self.bw - 1)), -(2 ** (self.bw - 1) - 1), 0)
         for i, o in enumerate(self.offset):
@@ -132,6 +152,8 @@ class Encoding:
             out["offset"] = [int(o) for o in self.offset]
             if self.block_size is not None:
                 out["block_size"] = self.block_size
+            if self.zero_point_shift is not None:
+                out["zero_point_shift"] = [float(x) for x in self.zero_point_shift]
         return out
 
     @classmethod
@@ -148,7 +170,7 @@ class Encoding:
         missing = [k for k in required if k not in entry]
         if missing:
             raise EncodingsError(f"{label}: missing key(s) {missing}")
-        allowed = set(required) | ({"block_size"} if dtype != "FLOAT" else set())
+        allowed = set(required) | ({"block_size", "zero_point_shift"} if dtype != "FLOAT" else set())
         if entry.get("enc_type") in UNSUPPORTED_ENC_TYPES:
             allowed = set(entry)  # let validate() give the precise message
         unknown = sorted(set(entry) - allowed)
@@ -160,9 +182,13 @@ class Encoding:
             scale, offset = entry["scale"], entry["offset"]
             if not isinstance(scale, list) or not isinstance(offset, list):
                 raise EncodingsError(f"{label}: scale and offset must be lists")
+            shift = entry.get("zero_point_shift")
+            if shift is not None and not isinstance(shift, list):
+                raise EncodingsError(f"{label}: zero_point_shift must be a list")
             enc = cls(name, dtype, entry["enc_type"], entry["bw"], entry["is_sym"],
                       tuple(float(s) if _is_number(s) else s for s in scale),
-                      tuple(_as_int(o) for o in offset), entry.get("block_size"))
+                      tuple(_as_int(o) for o in offset), entry.get("block_size"),
+                      None if shift is None else tuple(shift))
         enc.validate(source)
         return enc
 
@@ -177,6 +203,14 @@ class EncodingsFile:
     quantizer_args: Mapping[str, Any] | None = field(default=None, hash=False)  # opaque, kept for round trip
     excluded_layers: tuple[str, ...] | None = None
     source: str = field(default="<memory>", compare=False, repr=False)
+    producer: Mapping[str, Any] | None = field(default=None, hash=False)  # AIMET's {"package", "version"}, kept
+    read_as: str = field(default=VERSION, compare=False, repr=False)  # the layout read: 1.0.0, 2.0.0, per-adapter
+
+    @property
+    def from_aimet(self) -> bool:
+        """Written by AIMET itself: its ``producer`` says so, or it is aimet_onnx's per-adapter layout."""
+        package = (self.producer or {}).get("package")
+        return self.read_as == "per-adapter" or (isinstance(package, str) and package.startswith("aimet"))
 
     def validate(self) -> None:
         """Raise EncodingsError unless every entry is valid and every tensor is named once."""
@@ -219,6 +253,8 @@ class EncodingsFile:
             out["quantizer_args"] = dict(self.quantizer_args)
         if self.excluded_layers is not None:
             out["excluded_layers"] = list(self.excluded_layers)
+        if self.producer is not None:
+            out["producer"] = dict(self.producer)
         return out
 
     @classmethod
@@ -226,6 +262,10 @@ class EncodingsFile:
         """Parse and validate a decoded JSON document."""
         if not isinstance(data, dict):
             raise EncodingsError(f"{source}: top level is a {type(data).__name__}, expected an object")
+        from lora_runtime.quant import aimet_formats  # its own module: it builds on this one
+
+        if data.get("version") == aimet_formats.V2 or aimet_formats.is_per_adapter(data):
+            return aimet_formats.from_json(data, source)
         if "version" not in data:
             raise EncodingsError(f"{source}: missing key 'version'; expected {VERSION!r} "
                                  f"(re-export from AIMET with quantsim.encoding_version = {VERSION!r})")
@@ -234,9 +274,7 @@ class EncodingsFile:
         missing = [k for k in _TOP_KEYS if k not in data]
         if missing:
             raise EncodingsError(f"{source}: missing key(s) {missing}")
-        unknown = sorted(set(data) - set(_TOP_KEYS) - set(_OPTIONAL_TOP_KEYS))
-        if unknown:
-            raise EncodingsError(f"{source}: unknown top-level key(s) {unknown}")
+        warn_unknown_keys(data, (*_TOP_KEYS, *_OPTIONAL_TOP_KEYS), source)
         lists = {}
         for key in ("activation_encodings", "param_encodings"):
             if not isinstance(data[key], list):
@@ -249,9 +287,24 @@ class EncodingsFile:
         if excluded is not None and (not isinstance(excluded, list) or not all(isinstance(x, str) for x in excluded)):
             raise EncodingsError(f"{source}: excluded_layers must be a list of strings")
         f = cls(data["version"], lists["activation_encodings"], lists["param_encodings"], qargs,
-                None if excluded is None else tuple(excluded), source)
+                None if excluded is None else tuple(excluded), source, producer_of(data, source))
         f.validate()
         return f
+
+
+def producer_of(data: Mapping[str, Any], source: str) -> Mapping[str, Any] | None:
+    """AIMET's ``producer`` object (``{"package": "aimet-onnx", "version": ...}``), or None."""
+    producer = data.get("producer")
+    if producer is not None and not isinstance(producer, dict):
+        raise EncodingsError(f"{source}: producer is a {type(producer).__name__}, expected an object")
+    return producer
+
+
+def warn_unknown_keys(data: Mapping[str, Any], known: Sequence[str], source: str) -> None:
+    """Keys AIMET writes that carry nothing for us are ignored; any other top-level key: one warning line."""
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        warnings.warn(f"{source}: unknown top-level key(s) {unknown} ignored", EncodingsWarning, stacklevel=3)
 
 
 def read_encodings(path: str | os.PathLike[str]) -> EncodingsFile:

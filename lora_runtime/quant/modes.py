@@ -24,7 +24,7 @@ from lora_runtime.errors import UseCaseError
 from lora_runtime.quant.calibrate import TensorRange
 from lora_runtime.quant.encodings import Encoding
 from lora_runtime.quant.presets import Preset
-from lora_runtime.quant.rules import asymmetric_per_tensor, float16, symmetric_per_channel
+from lora_runtime.quant.rules import asymmetric_per_tensor, float16, symmetric_per_block, symmetric_per_channel
 
 MODES = ("none", "non-updatable", "adapter-only", "full")
 ALLOWED = {"v1": ("none", "non-updatable"), "v2": ("none", "full"), "v3": MODES}
@@ -68,8 +68,17 @@ def lora_weight_encodings(values: Mapping[str, Sequence[np.ndarray]], preset: Pr
     for name, arrays in values.items():
         stacked = np.stack([np.asarray(a, np.float32) for a in arrays])  # (adapters, rows, cols)
         if spec.enc_type == "PER_CHANNEL":
-            out[name] = symmetric_per_channel(name, stacked, axis=1, bw=spec.bw)
+            out[name] = symmetric_per_channel(name, stacked, axis=1, bw=spec.bw, rule=preset.symmetric_scale)
         else:
-            whole = symmetric_per_channel(name, stacked.reshape(1, -1), axis=0, bw=spec.bw)
+            whole = symmetric_per_channel(name, stacked.reshape(1, -1), axis=0, bw=spec.bw, rule=preset.symmetric_scale)
             out[name] = Encoding(name, "INT", "PER_TENSOR", spec.bw, True, whole.scale, whole.offset)
     return out
+
+
+def weight_encoding(name: str, weight: np.ndarray, preset: Preset) -> Encoding:
+    """A base linear weight's encoding, ``weight`` laid out (in, out): per output channel, or per block of input
+    features, by the preset's symmetric rule."""
+    spec = preset.weights
+    if spec.enc_type == "PER_BLOCK" and spec.block_size:
+        return symmetric_per_block(name, weight, spec.block_size, spec.bw, rule=preset.symmetric_scale)
+    return symmetric_per_channel(name, weight, axis=1, bw=spec.bw, rule=preset.symmetric_scale)

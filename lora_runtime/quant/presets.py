@@ -2,7 +2,9 @@
 
 ``lora_runtime/data/presets/<name>.json`` is the only copy (the repository's ``encodings/presets`` links to
 it): ``activations`` and ``weights`` of the base, ``lora_activations`` and ``lora_weights`` of the branches,
-each ``{"bw", "is_sym", "enc_type"}`` and ``block_size`` for a ``PER_BLOCK`` role.
+each ``{"bw", "is_sym", "enc_type"}`` and ``block_size`` for a ``PER_BLOCK`` role. An optional top-level
+``"symmetric_scale"`` picks the scale rule of symmetric weights: ``"aimet"`` (the default: AIMET's own rule, so
+encodings computed here equal AIMET's) or ``"absmax"`` (``lora_runtime.quant.rules.symmetric_scales``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_runtime.quant.encodings import ENC_TYPES, EncodingsError
+from lora_runtime.quant.rules import SYMMETRIC_RULES
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "data" / "presets"
 ROLES = ("activations", "weights", "lora_activations", "lora_weights")
@@ -35,6 +38,7 @@ class Preset:
     weights: RoleSpec
     lora_activations: RoleSpec
     lora_weights: RoleSpec
+    symmetric_scale: str = "aimet"  # how symmetric weights get their scale (rules.symmetric_scales)
 
 
 def preset_names() -> list[str]:
@@ -56,4 +60,7 @@ def load_preset(name: str) -> Preset:
         if spec.enc_type not in ENC_TYPES or (spec.block_size is not None) != (spec.enc_type == "PER_BLOCK"):
             raise EncodingsError(f"{path}: role {role!r} has enc_type {spec.enc_type!r} and block_size "
                                  f"{spec.block_size!r}")
-    return Preset(str(raw.get("name", name)), str(raw.get("description", "")), **roles)
+    rule = raw.get("symmetric_scale", "aimet")
+    if rule not in SYMMETRIC_RULES:
+        raise EncodingsError(f"{path}: symmetric_scale {rule!r} is not one of {list(SYMMETRIC_RULES)}")
+    return Preset(str(raw.get("name", name)), str(raw.get("description", "")), **roles, symmetric_scale=rule)

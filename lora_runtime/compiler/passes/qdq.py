@@ -105,8 +105,7 @@ def apply_qdq(model: onnx.ModelProto, options: QdqOptions) -> QdqResult:
         # base linear layers: int8 weights, reading the dequantized activation
         for i, key, node in edit.keyed():
             c = candidates.get(key)
-            done = None if c is None else quantize_linear(node, c, inits, plan, writer, consts, options.base_dir,
-                                                          options.say)
+            done = None if c is None else quantize_linear(node, c, inits, plan, writer, consts, options.base_dir)
             if done is not None:
                 edit.replace(i, done[0])
                 weights.append(done[1])

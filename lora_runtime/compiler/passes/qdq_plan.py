@@ -10,6 +10,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lora_runtime.quant.encodings import Encoding
+from lora_runtime.quant.gptq import Hessians
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class QdqPlan:
     weight_bw: int = 8
     updatable: frozenset[str] = frozenset()
     weight_overrides: Mapping[str, Encoding] = field(default_factory=dict)  # base weight -> user's encoding
-    gram: Mapping[str, np.ndarray] = field(default_factory=dict)  # linear input -> X^T X: GPTQ rounding
+    gram: Hessians = field(default_factory=Hessians)  # linear inputs' X^T X: GPTQ rounding of their weights
     weight_block: int | None = None  # PER_BLOCK base weights (int4): input features per block
     # Full QDQ groups (HTP): every op between DQ and Q. Then ``activations`` holds every float tensor, ``constants``
     # every other float constant (per-tensor), and the LoRA slots hold integer codes (``integer_slots``: the

@@ -16,7 +16,7 @@ exact for any bitwidth and opset, one scale per row (a graph input when the enco
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +30,12 @@ from lora_runtime.external_data import DataWriter, read_tensor
 from lora_runtime.graph import node_keys
 from lora_runtime.names import dequantized, integer_weight, scale_of, zero_point_of
 from lora_runtime.quant.encodings import Encoding, EncodingsError
-from lora_runtime.quant.gptq import gptq_codes
+from lora_runtime.quant.gptq import Hessians
 from lora_runtime.quant.rules import symmetric_per_block, symmetric_per_channel, to_qdq
 
 
 def quantize_linear(node: onnx.NodeProto, c: Candidate, inits: Mapping[str, TensorProto], plan: QdqPlan,
-                    writer: DataWriter, consts: Constants, base_dir: Path, say: Callable[[str], None]
+                    writer: DataWriter, consts: Constants, base_dir: Path
                     ) -> tuple[list[onnx.NodeProto], Encoding] | None:
     """The nodes that replace base linear op ``node`` (see the module docstring) and its weight's encoding;
     None for an op that stays float (a Gemm with transA, or alpha/beta other than 1)."""
@@ -49,15 +49,15 @@ def quantize_linear(node: onnx.NodeProto, c: Candidate, inits: Mapping[str, Tens
     bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
     if plan.full and node.op_type == "Gemm" and enc.enc_type == "PER_CHANNEL":
         b = read_tensor(inits[bias], base_dir).astype(np.float64) if bias else None
-        return _gemm(node, c, w, b, enc, plan, writer, consts, say), enc
+        return _gemm(node, c, w, b, enc, plan, writer, consts), enc
     out = node.output[0]
     mm_out = f"{out}/matmul" if bias else out
     name = node.name or c.node
     x = dequantized(c.x) if c.x in plan.activations else c.x
     if enc.enc_type == "PER_BLOCK":
-        nodes = [_matmul_nbits(c, x, w, enc, plan.gram.get(c.x), writer, consts, name, mm_out, say)]
+        nodes = [_matmul_nbits(c, x, w, enc, plan.gram if c.x in plan.gram else None, writer, consts, name, mm_out)]
     else:
-        scale, zp, codes = _codes(c, w, enc, plan, say)
+        scale, zp, codes = _codes(c, w, enc, plan)
         q_name = integer_weight(c.weight, enc.bw)
         consts.tensors.append(writer.tensor(q_name, codes.astype(zp.dtype), onnx_type(zp.dtype), list(w.shape)))
         s_name = consts.add(scale_of(c.weight), scale)
@@ -80,26 +80,24 @@ def quantize_linear(node: onnx.NodeProto, c: Candidate, inits: Mapping[str, Tens
     return nodes, enc
 
 
-def _codes(c: Candidate, w: np.ndarray, enc: Encoding, plan: QdqPlan, say: Callable[[str], None]
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _codes(c: Candidate, w: np.ndarray, enc: Encoding, plan: QdqPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A per-channel weight's scale, zero point and integer codes: GPTQ's when the plan has the layer's input
     statistics, else the nearest."""
     scale, zp, _ = to_qdq(enc, axis=1)
     info = np.iinfo(zp.dtype)
-    if c.x in plan.gram:
-        say(f"GPTQ rounding {c.weight}")
-        return scale, zp, gptq_codes(w, plan.gram[c.x], scale, zp, info.min, info.max)
+    if c.x in plan.gram:  # (the Hessians report each weight they round)
+        return scale, zp, plan.gram.round(c.x, c.weight, w, scale, zp, info.min, info.max, zp.dtype)
     return scale, zp, np.clip(np.rint(w / scale) + zp.astype(np.float64), info.min, info.max)
 
 
 def _gemm(node: onnx.NodeProto, c: Candidate, w: np.ndarray, b: np.ndarray | None, enc: Encoding, plan: QdqPlan,
-          writer: DataWriter, consts: Constants, say: Callable[[str], None]) -> list[onnx.NodeProto]:
+          writer: DataWriter, consts: Constants) -> list[onnx.NodeProto]:
     """Full QDQ groups keep a Gemm a Gemm (QNN's FullyConnected with its bias), its weight int8 per output channel
     in its own layout and its bias int32 on the grid ``s_x * s_w`` (zero point 0), as QNN expects::
 
         x.dq ──► Gemm(transB) ◄── DQ(W int8, axis = 0 if transB else 1), DQ(bias int32, s_x * s_W, axis=0)
     """
-    scale, zp, codes = _codes(c, w, enc, plan, say)
+    scale, zp, codes = _codes(c, w, enc, plan)
     codes = (codes.T if c.transposed else codes).astype(zp.dtype)  # back to the weight's own layout
     axis = 0 if c.transposed else 1
     q_name = integer_weight(c.weight, enc.bw)
@@ -232,8 +230,8 @@ def _wide(enc: Encoding | None) -> bool:
     return enc is None or enc.dtype == "FLOAT" or enc.bw > 8
 
 
-def _matmul_nbits(c: Candidate, x: str, w: np.ndarray, enc: Encoding, gram: np.ndarray | None, writer: DataWriter,
-                  consts: Constants, name: str, out: str, say: Callable[[str], None]) -> onnx.NodeProto:
+def _matmul_nbits(c: Candidate, x: str, w: np.ndarray, enc: Encoding, gram: Hessians | None, writer: DataWriter,
+                  consts: Constants, name: str, out: str) -> onnx.NodeProto:
     """A PER_BLOCK weight (int4 or int8, symmetric) as ONNX Runtime's ``MatMulNBits``, in float32 compute
     (``accuracy_level`` 1: its int8 compute would requantize the 16-bit activation). Standard ONNX has blocked
     DequantizeLinear only from opset 21, and ONNX Runtime would fuse it into the same kernel."""
@@ -250,8 +248,7 @@ def _matmul_nbits(c: Candidate, x: str, w: np.ndarray, enc: Encoding, gram: np.n
     scales = np.asarray(enc.scale, np.float32).reshape(n, blocks)  # (out, block): the file's order
     grid = np.repeat(scales.T.astype(np.float64), block, axis=0)  # (in, out)
     if gram is not None:
-        say(f"GPTQ rounding {c.weight}")
-        codes = gptq_codes(w, gram, grid, 0.0, -shift, shift - 1)
+        codes = gram.round(c.x, c.weight, w, grid, 0.0, -shift, shift - 1)
     else:
         codes = np.clip(np.rint(w / grid), -shift, shift - 1)
     u = (codes.astype(np.int64) + shift).astype(np.uint8).T.reshape(n, blocks, block)  # MatMulNBits: zero point 2^(b-1)
