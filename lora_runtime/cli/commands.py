@@ -14,7 +14,7 @@ from lora_runtime.errors import InputError
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from lora_runtime.compiler.compile import COMPILE_STEPS, compile_bundle
+    from lora_runtime.compiler.compile import compile_bundle
     from lora_runtime.compiler.options import CompileOptions, HtpOptions, QuantOptions, WeightOnlyOptions
     from lora_runtime.compiler.use_cases import parse_adapter_arg
     from lora_runtime.describe import encodings_report, target_report
@@ -36,9 +36,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
             raise InputError(f"{', '.join(given)} go with --encodings non-updatable|adapter-only|full; without it the "
                              "bundle would be float and the option ignored")
     else:
+        shared, own = parse_encodings_files(args.encodings_file or [])
         quant = QuantOptions(args.encodings, args.calibration, args.preset or "w8a8",
                              args.calibration_method or "minmax", args.weight_rounding or "nearest",
-                             args.encodings_file, args.sensitive_db, not args.no_ort_reference)
+                             shared, args.sensitive_db, not args.no_ort_reference, encodings_per_use_case=own)
     htp = HtpOptions(args.soc_model or "60", args.htp_arch, args.htp_context)
     if args.target != "htp" and (args.soc_model or args.htp_arch or args.htp_context):
         raise InputError("--soc-model, --htp-arch and --htp-context go with --target htp")
@@ -47,7 +48,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
                              static_shapes=parse_dims(args.static_shape),
                              decode_shapes=parse_dims(args.decode_shape, "--decode-shape"))
     t0 = time.perf_counter()
-    with Progress("compile", total=COMPILE_STEPS) as bar:  # silent unless compiling takes over a second
+    # silent unless compiling takes over a second; its long stages count their own work (calibration runs, GPTQ
+    # layers, ...) with a total and an ETA
+    with Progress("compile", total=None) as bar:
         bundle = compile_bundle(args.base, adapters, args.out, options, use_cases=args.use_case, force=args.force,
                                 report=bar.step)
     m = bundle.manifest
@@ -61,6 +64,26 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if m.target.name == "htp":
         print("\n".join(target_report(m)))
     return 0
+
+
+def parse_encodings_files(items: list[str]) -> tuple[str | None, dict[str, str]]:
+    """``--encodings-file F`` (at most one: every use-case) and ``--encodings-file USE_CASE=F`` (one per use-case);
+    an existing file whose name holds '=' is taken whole."""
+    shared, own = None, {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or Path(item).is_file():
+            if shared is not None:
+                raise InputError(f"--encodings-file {item!r}: a file for every use-case is already given ({shared!r}); "
+                                 "give one, or USE_CASE=F per use-case")
+            shared = item
+        elif not name or not path:
+            raise InputError(f"--encodings-file {item!r}: expected F or USE_CASE=F")
+        elif name in own:
+            raise InputError(f"--encodings-file gives use-case {name!r} twice")
+        else:
+            own[name] = path
+    return shared, own
 
 
 def parse_dims(items: list[str], flag: str = "--static-shape") -> dict[str, int]:
@@ -207,7 +230,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.model == "smollm2":
         from lora_runtime.demo_llm import run_smollm2_demo
 
-        run_smollm2_demo(Path(args.out).parent / "smollm2")
+        run_smollm2_demo(Path(args.out) / "smollm2")  # the demo's own folders, apart from the README's commands
         return 0
     from lora_runtime.demo import run_demo
 
@@ -217,6 +240,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_import_gguf(args: argparse.Namespace) -> int:
     from lora_runtime.llm import find_smollm2, import_model
+    from lora_runtime.progress import Progress
 
     if args.max_seq < 1:
         raise InputError(f"--max-seq {args.max_seq}: the model needs at least one position")
@@ -224,7 +248,9 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
         raise InputError(f"--static-cache {args.static_cache}: between 1 and --max-seq ({args.max_seq}) slots")
     src = Path(args.gguf) if args.gguf else find_smollm2()
     t0 = time.perf_counter()
-    path = import_model(src, args.out, max_seq=args.max_seq, static_cache=args.static_cache, force=args.force)
+    with Progress("import", total=None) as bar:  # per tensor, with the count and an ETA
+        path = import_model(src, args.out, max_seq=args.max_seq, static_cache=args.static_cache, force=args.force,
+                            report=bar.step)
     beside = [f for f in ("base.onnx.data", "tokenizer.json", "chat.json") if (path.parent / f).is_file()]
     note = "" if (path.parent / "tokenizer.json").is_file() else \
         "; no tokenizer.json in the source: bundles of it run, but cannot generate text"
