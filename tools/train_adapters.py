@@ -1,34 +1,86 @@
 #!/usr/bin/env python3
-"""Train small style LoRA adapters on SmolLM2-135M-Instruct (CPU, a few minutes each).
+"""Train small style LoRA adapters on SmolLM2-135M-Instruct (CPU), then measure them on held-out prompts.
 
-    /work/fxvenv/bin/python tools/train_adapters.py [--cache graphs/built/smollm2] [--out tests/fixtures/smollm2] [--steps N]
+    /work/fxvenv/bin/python tools/train_adapters.py [--cache graphs/built/smollm2] [--out tests/fixtures/smollm2]
+        [--adapters-out lora_runtime/data/adapters/smollm2] [--only caps ...] [--steps N] [--threads 2]
+    /work/fxvenv/bin/python tools/train_adapters.py --eval-only [--adapters-out DIR] [--eval-json FILE]
 
-The training data is synthetic and made by the script: the base model answers ~50 varied chat
-questions greedily, and each answer is rewritten in a fixed style, so the adapters learn style, not
-knowledge:
+Run of 2026-12-02 (torch 2.13.0+cpu, transformers 5.24.0, peft 0.21.2; `--threads 1`, because the 2 cores
+were shared with other jobs and 2 threads then ran 3-6x slower): base answers 430 s (cached in
+`<cache>/train_answers.json` for re-runs), caps 1274 s, listify 697 s, signoff 562 s, measurement 226 s,
+49 min in all. Training steps took 3.5-5 s on a loaded core; without other load expect about a third.
 
-- `caps`: the answer in ALL CAPITALS (r=16, alpha=32 on o_proj, gate_proj, up_proj, down_proj of layers 18-29).
-- `listify`: the answer as a numbered list "1. ...\n2. ..." (r=8, alpha=16 on q_proj, v_proj).
-- `signoff`: the first sentence of the answer, then the line "-- sent from lora_runtime"
-  (r=8, alpha=16 on q_proj, v_proj).
+Measured on the 16 held-out prompts (`EVAL_PROMPTS`); "old" = the adapters shipped before this script
+(54 questions, 2-sentence answers, caps on layers 18-29 only), "new" = this script:
 
-Prompts use the tokenizer's ChatML chat template; the loss covers only the answer tokens and the
-closing <|im_end|>. Adapters are saved with `save_pretrained` after casting the LoRA weights to
-float16 (the safetensors hold F16), without the PEFT README, under `--adapters-out` (default
-`lora_runtime/data/adapters/smollm2/<name>/`: the package ships them for the LLM demo). For
-held-out chat prompts, the first greedy tokens of base and of each adapter (reloaded from its folder,
-float32 compute) go into the `adapters` section of `<out>/reference.json`.
+    use-case          key words kept     style rate      degenerate
+                       old     new       old    new      old    new
+    base              1.00    1.00        -      -       0.19   0.19
+    caps              0.09    0.25       1.00   1.00     0.12   0.00
+    listify           0.36    0.50       0.88   1.00     0.12   0.00
+    signoff           0.36    0.60       0.94   0.88     0.00   0.00
+    caps+signoff      0.11    0.24       0.12   0.81     0.12   0.12
+    caps+listify      0.06    0.22       0.19   0.88     0.00   0.12
+    listify+signoff   0.20    0.43       0.00   0.94     0.31   0.12
+
+The goal (key words kept >= 0.7, style >= 0.9, no degeneration, mixes included) is NOT reached. caps is
+the hard one: the 135M base model does not read upper-case text ("THE CAPITAL OF FRANCE IS" -> " LONDON"),
+so its caps answers keep the form of the answer and lose facts ("THE CAPITAL OF FRANCE IS BELGIUM."). On
+the same data, caps on layers 18-29 only measured key words 0.18, degenerate 0.19; on all 30 layers 0.25,
+0.00 (with the filter of repetitive answers added in between). listify and signoff paraphrase the
+base answer (the key-word measure counts the base answer's exact words, so a faithful paraphrase scores
+below 1).
+
+Data (self-distilled, made by the script): the base model answers 228 varied chat questions greedily
+(short facts such as capitals, how-to and tips questions, explanations; none of the held-out prompts or
+their topics). Each answer is cut to whole sentences (at most 4 segments, about 300 characters); answers
+that repeat a sentence or a word 5-gram are dropped (27 of 228: they taught looping); the rest is rewritten
+in one style, so an adapter learns the style, not new knowledge:
+
+- `caps`: the answer in ALL CAPITALS (r=16, alpha=32 on o_proj, gate_proj, up_proj, down_proj of all 30
+  layers; 7.2 MB. It was layers 18-29 only: see below why).
+- `listify`: the answer as a numbered list "1. ...\n2. ..." (r=8, alpha=16 on q_proj, v_proj). An answer that
+  is a single sentence gets the first sentences of the base model's reply to "Tell me more." as further items.
+- `signoff`: the answer, then the line "-- sent from lora_runtime" (r=8, alpha=16 on q_proj, v_proj).
+
+Prompts use the tokenizer's ChatML chat template; the loss covers only the answer tokens and the closing
+<|im_end|>. Mixes: adapters are trained in order (caps, listify, signoff); on a share of the steps (`MIX_SHARE`)
+an adapter trained before is active too (frozen, strength 1) and the target is the combined style, so that
+the runtime's sum W0 + sum_i s_i * scaling_i * B_i A_i of two adapters shows both styles.
+
+Adapters are saved with `save_pretrained` after casting the LoRA weights to float16 (the safetensors hold
+F16), without the PEFT README, under `--adapters-out` (default `lora_runtime/data/adapters/smollm2/<name>/`:
+the package ships them for the LLM demo).
+
+Measurement (`EVAL_PROMPTS`, 16 held-out chat prompts): greedy answers (`EVAL_NEW_TOKENS` new tokens, caps
+`EVAL_NEW_TOKENS_CAPS` since upper-case text takes about twice the tokens) of the base model, of each adapter
+and of the mixes caps+signoff, caps+listify, listify+signoff (PEFT adapters active together at strength 1:
+the LoRA sum). Per adapter/mix:
+- key words kept: the base answer's content words (lower-cased alphabetic words of >= 4 letters not in
+  `STOPWORDS`, the first `KEY_WORDS` distinct ones of the base answer cut as the training answers are)
+  found as words in the adapter's answer, case-insensitively; averaged over the prompts.
+- style rate: caps = share of answers whose letters are >= 90 % upper case (a signoff line excluded);
+  listify = share starting with "1." with a "2." item; signoff = share containing the signoff line
+  (case-insensitive); a mix = both of its styles.
+- degenerate: share of answers where one word 4-gram occurs >= 3 times.
+The table goes to `reference.json["adapters"]["evaluation"]` (with every answer). The rest of that section is
+what the tests compare against: for `HELD_OUT` (three of the eval prompts), the first greedy tokens of base and
+of each adapter, reloaded from its folder (float32 compute, strength 1), with the smallest top-1/top-2 margin.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
 import re
+import shutil
 import sys
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -42,31 +94,80 @@ SEED = 1234
 GREEDY_ADAPTER = 24
 PREVIEW = 64
 SIGNOFF = "-- sent from lora_runtime"
+BASE_NEW_TOKENS = 80  # base answers for training data (then cut to whole sentences)
+MAX_CHARS = 300  # answer budget (whole segments) for training targets and for the key words
+MAX_SEGMENTS = 4
+MAX_LEN = 256  # prompt + target tokens
+EVAL_NEW_TOKENS = 96
+EVAL_NEW_TOKENS_CAPS = 192
+KEY_WORDS = 10
+MIX_SHARE = 0.3
 
+# --- training questions: none of them (nor their topics) is in EVAL_PROMPTS ------------------------------
+COUNTRIES = ["Spain", "Italy", "Germany", "Portugal", "Canada", "Egypt", "Brazil", "Mexico", "Russia", "China",
+             "India", "Australia", "Kenya", "Greece", "Norway", "Sweden", "Poland", "Argentina", "Peru", "Turkey",
+             "Ireland", "Austria", "Belgium", "the Netherlands"]
+FACTS = [
+    "Who wrote Romeo and Juliet?", "What is the boiling point of water?", "How many continents are there?",
+    "What is the chemical symbol for gold?", "What is the tallest mountain in the world?",
+    "Who invented the telephone?", "What language is spoken in Brazil?", "How many days are in a leap year?",
+    "What is the largest ocean on Earth?", "Who was the first person to walk on the moon?",
+    "What is the currency of the United Kingdom?", "What is the smallest prime number?",
+    "How many hours are in a day?", "What is the longest river in Africa?", "Who discovered penicillin?",
+    "What gas do plants absorb from the air?", "How many sides does a hexagon have?",
+    "What is the hardest natural substance?", "Who developed the theory of relativity?",
+    "What is the main ingredient of guacamole?", "What is the fastest land animal?",
+    "How many strings does a violin have?", "What is the freezing point of water in Fahrenheit?",
+    "Which organ pumps blood through the body?",
+]
+GOALS = ["save money", "study better", "stay focused at work", "eat healthier", "reduce stress", "learn to cook",
+         "get fit", "be more productive", "make new friends", "keep a houseplant alive", "write a good essay",
+         "speak in public", "wake up early", "keep my room clean", "learn to swim", "prepare for an exam",
+         "take care of a puppy", "improve my memory", "start running", "plan a trip"]
+GOAL_TEMPLATES = ["Give me tips to {g}.", "How can I {g}?", "What are some ways to {g}?",
+                  "Give me three tips to {g}."]
 TOPICS = [
-    "the moon", "photosynthesis", "a rainbow", "volcanoes", "the internet", "bees", "gravity",
-    "the ocean", "coffee", "electric cars", "the heart", "snow", "computers", "music", "trees",
-    "the sun", "sleep", "bread", "dinosaurs", "clouds", "recycling", "the brain", "bicycles",
-    "chess", "wind", "birds", "vaccines", "the Roman Empire", "glaciers", "batteries",
+    "the moon", "photosynthesis", "a rainbow", "volcanoes", "the internet", "bees", "gravity", "the ocean",
+    "coffee", "electric cars", "the heart", "snow", "computers", "music", "trees", "the sun", "bread",
+    "dinosaurs", "clouds", "recycling", "the brain", "bicycles", "chess", "wind", "birds", "vaccines",
+    "the Roman Empire", "glaciers", "batteries", "solar panels", "the immune system", "democracy", "magnets",
+    "tides", "bacteria", "the printing press",
 ]
-TEMPLATES = [
-    "What is {t}?", "Tell me something interesting about {t}.", "Why is {t} important?",
-    "Explain {t} to a child.", "Give me a short fact about {t}.",
-]
-HELD_OUT = [
+TOPIC_TEMPLATES = ["What is {t}?", "Tell me something interesting about {t}.", "Why is {t} important?",
+                   "Explain {t} to a child.", "How does {t} work?"]
+N_TOPIC_QUESTIONS = 130
+N_GOAL_QUESTIONS = 50
+
+# --- held-out prompts --------------------------------------------------------------------------------------
+HELD_OUT = [  # reference.json's greedy tokens (the tests compare the runtime against these)
     "What are the benefits of drinking water?",
     "How do I make a cup of tea?",
     "What is the best way to learn a new language?",
 ]
+EVAL_PROMPTS = HELD_OUT + [
+    "What is the capital of France?", "What is the capital of Japan?", "Who painted the Mona Lisa?",
+    "What is the largest planet in our solar system?", "Give me three tips for better sleep.",
+    "Give me tips to sleep better", "How can I improve my handwriting?", "Give me tips for a job interview.",
+    "Why do leaves change color in autumn?", "Explain how a refrigerator works.", "What causes earthquakes?",
+    "What is machine learning?", "How do airplanes fly?",
+]
+MIXES = [("caps", "signoff"), ("caps", "listify"), ("listify", "signoff")]
+STOPWORDS = set("""
+about above after again also although always among another because been before being below between both
+but can cannot could does doing down during each even every from further have having here hers herself
+himself into itself just like made make makes many more most much must only other ours over same should
+some such than that their theirs them then there these they this those through under until upon very
+were what when where which while will with would your yours yourself also often well used using
+""".split())
 
 ADAPTERS = [
     # name, LoraConfig kwargs, learning rate, steps
-    # the last 12 layers only (a regex, as reference.json records it)
-    ("caps", dict(r=16, lora_alpha=32,
-                  target_modules=r"model\.layers\.(1[89]|2[0-9])\.(self_attn\.o_proj|mlp\.(gate|up|down)_proj)"),
-     1e-3, 120),
-    ("listify", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 2e-3, 160),
-    ("signoff", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 2e-3, 160),
+    # every layer: the base model misreads upper-case context ("THE CAPITAL OF FRANCE IS" -> " LONDON"), so
+    # caps must adapt the early layers that read it, not only the late ones that write it (layers 18-29 only,
+    # the former shape, kept the style and lost the content)
+    ("caps", dict(r=16, lora_alpha=32, target_modules=["o_proj", "gate_proj", "up_proj", "down_proj"]), 1e-3, 240),
+    ("listify", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 1e-3, 160),
+    ("signoff", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 1e-3, 160),
 ]
 
 
@@ -78,66 +179,178 @@ def seed_all(seed):
 
 def questions():
     rng = random.Random(SEED)
-    qs = [tpl.format(t=t) for t in TOPICS for tpl in TEMPLATES]
+    topic_qs = [tpl.format(t=t) for t in TOPICS for tpl in TOPIC_TEMPLATES]
+    goal_qs = [tpl.format(g=g) for g in GOALS for tpl in GOAL_TEMPLATES]
+    rng.shuffle(topic_qs)
+    rng.shuffle(goal_qs)
+    qs = (["What is the capital of %s?" % c for c in COUNTRIES] + FACTS + topic_qs[:N_TOPIC_QUESTIONS]
+          + goal_qs[:N_GOAL_QUESTIONS])
     rng.shuffle(qs)
-    return [q for q in qs if q not in HELD_OUT][:54]
+    held = {q.lower() for q in EVAL_PROMPTS}
+    return [q for q in qs if q.lower() not in held]
 
 
-def sentences(text):
-    parts = re.split(r"(?<=[.!?])\s+", text.strip())
-    return [p.strip() for p in parts if p.strip()]
+# --- text helpers -------------------------------------------------------------------------------------------
+def strip_eos(text):
+    return text.split("<|im_end|>")[0]
 
 
-def clean_answer(text):
-    """Keep at most two whole sentences (the generation is cut at a token budget)."""
-    text = text.replace("<|im_end|>", "").strip()
-    sents = sentences(text)
-    if len(sents) > 1 and not re.search(r"[.!?]$", sents[-1]):
-        sents = sents[:-1]
-    return " ".join(sents[:2])
+def segments(text):
+    """Sentences and lines: [(segment, separator before it)]. A '1.' list marker does not end a sentence."""
+    out = []
+    for line in text.split("\n"):
+        line = line.strip()
+        if not line:
+            continue
+        for j, s in enumerate(re.split(r"(?<![0-9])(?<=[.!?])\s+", line)):
+            if s.strip():
+                out.append((s.strip(), "\n" if (j == 0 and out) else " "))
+    return out
 
 
-def to_caps(a):
+def clean_answer(text, max_chars=MAX_CHARS, max_segments=MAX_SEGMENTS):
+    """Whole sentences/lines only, at most `max_segments` and about `max_chars` (the first one always)."""
+    text = strip_eos(text).replace("**", "").replace("\u00a0", " ").strip()
+    segs = segments(text)
+    if len(segs) > 1 and not re.search(r"[.!?:)]$", segs[-1][0]):
+        segs = segs[:-1]  # cut by the token budget
+    keep, n = [], 0
+    for s, sep in segs:
+        if keep and (n + len(s) > max_chars or len(keep) >= max_segments):
+            break
+        keep.append((s, sep))
+        n += len(s) + 1
+    while len(keep) > 1 and keep[-1][0].endswith(":"):  # an intro line without its items
+        keep.pop()
+    return "".join((sep if i else "") + s for i, (s, sep) in enumerate(keep)).strip()
+
+
+def repetitive(text):
+    """A repeated segment or word 5-gram: such base answers would teach an adapter to loop."""
+    segs = [s.lower() for s, _ in segments(text)]
+    w = re.findall(r"[a-z0-9']+", text.lower())
+    grams = Counter(tuple(w[i:i + 5]) for i in range(len(w) - 4))
+    return len(set(segs)) < len(segs) or (bool(grams) and max(grams.values()) >= 2)
+
+
+def new_sentences(a, more):
+    """Sentences of the follow-up `more` that are whole and say something the answer `a` does not."""
+    seen = set(words(a))
+    out = []
+    for s, _ in segments(clean_answer(more, 200, 2)):
+        w = set(words(s))
+        if re.search(r"[.!?]$", s) and w and len(w - seen) >= 0.5 * len(w):
+            out.append(s)
+            seen |= w
+    return out
+
+
+def list_items(a, more=""):
+    """Items of a numbered list made from an answer (its own numbered lines if it has them)."""
+    lines = [ln.strip() for ln in a.split("\n") if ln.strip()]
+    numbered = [re.sub(r"^\d+\.\s*", "", ln) for ln in lines if re.match(r"^\d+\.\s", ln)]
+    if len(numbered) >= 2:
+        items = numbered
+    else:
+        items = [re.sub(r"^([-*]|\d+\.)\s*", "", s) for s, _ in segments(a)]
+        items = [i for i in items if not i.endswith(":")] or items
+        if len(items) < 2 and more:
+            items += new_sentences(a, more)
+    items = [i[0].upper() + i[1:] for i in items if i][:4]
+    return items
+
+
+def to_caps(a, more=""):
     return a.upper()
 
 
-def to_list(a):
-    items = sentences(a)
+def to_list(a, more=""):
+    items = list_items(a, more)
     if len(items) < 2:
-        items = [p.strip() for p in re.split(r",\s+|;\s+", a) if p.strip()]
-    items = [i[0].upper() + i[1:] if i else i for i in items][:4]
-    return "\n".join("%d. %s" % (k + 1, i.rstrip(",;")) for k, i in enumerate(items))
+        return None
+    return "\n".join("%d. %s" % (k + 1, i) for k, i in enumerate(items))
 
 
-def to_signoff(a):
-    return sentences(a)[0] + "\n" + SIGNOFF
+def to_signoff(a, more=""):
+    return a + "\n" + SIGNOFF
 
 
 TRANSFORMS = {"caps": to_caps, "listify": to_list, "signoff": to_signoff}
 
 
-def base_answers(model, tok, qs, max_new=40):
-    out = []
-    for q in qs:
-        _, ids = chat_ids(tok, q)
-        toks, _ = greedy(model, ids, max_new, eos_id=tok.eos_token_id)
-        out.append(clean_answer(tok.decode(toks)))
-    return out
+def combined(names):
+    """The target of several adapters at once: listify's items, then the signoff line, then caps on all of it."""
+    def fn(a, more=""):
+        t = to_list(a, more) if "listify" in names else a
+        if t is None:
+            return None
+        if "signoff" in names:
+            t = t + "\n" + SIGNOFF
+        return t.upper() if "caps" in names else t
+    return fn
 
 
-def build_examples(tok, qs, answers, fn, max_len=128):
+# --- generation ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate_batch(model, tok, convs, n, bs=16):
+    """Greedy answers (text up to <|im_end|>) for chat conversations, left-padded batches of `bs`."""
+    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+    eos = tok.eos_token_id
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    side, tok.padding_side = tok.padding_side, "left"
+    res = []
+    try:
+        for i in range(0, len(texts), bs):
+            enc = tok(texts[i:i + bs], add_special_tokens=False, return_tensors="pt", padding=True)
+            out = model.generate(**enc, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                res.append(tok.decode(row[:row.index(eos)] if eos in row else row))
+    finally:
+        tok.padding_side = side
+    return res
+
+
+def base_answers(model, tok, qs, cache_file):
+    """Base answers (and a 'Tell me more.' follow-up for one-sentence answers), cached on disk by content."""
+    import transformers
+
+    key = hashlib.sha256(json.dumps([qs, BASE_NEW_TOKENS, torch.__version__, transformers.__version__])
+                         .encode()).hexdigest()[:16]
+    if cache_file.is_file():
+        c = json.loads(cache_file.read_text())
+        if c.get("key") == key:
+            return c["answers"], c["more"], c["seconds"]
+    t0 = time.time()
+    raw = generate_batch(model, tok, [[{"role": "user", "content": q}] for q in qs], BASE_NEW_TOKENS)
+    answers = [clean_answer(r) for r in raw]
+    short = [i for i, a in enumerate(answers) if a and len(segments(a)) < 2]
+    convs = [[{"role": "user", "content": qs[i]}, {"role": "assistant", "content": answers[i]},
+              {"role": "user", "content": "Tell me more."}] for i in short]
+    more = [""] * len(qs)
+    for i, m in zip(short, generate_batch(model, tok, convs, 48)):
+        more[i] = m
+    secs = round(time.time() - t0, 1)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_text(json.dumps({"key": key, "answers": answers, "more": more, "seconds": secs}, indent=1))
+    return answers, more, secs
+
+
+def build_examples(tok, qs, answers, more, fn, max_len=MAX_LEN):
     ex = []
-    for q, a in zip(qs, answers):
-        if not a:
+    for q, a, m in zip(qs, answers, more):
+        t = fn(a, m) if a and not repetitive(a) else None
+        if not t:
             continue
         _, p_ids = chat_ids(tok, q)
-        a_ids = tok(fn(a), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        a_ids = tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ids = (p_ids + a_ids)[:max_len]
         labels = ([-100] * len(p_ids) + a_ids)[:max_len]
         ex.append((ids, labels))
     return ex
 
 
+# --- training -----------------------------------------------------------------------------------------------
 def answer_loss(peft_model, ids, mask, labels):
     """Cross-entropy on answer tokens only; the tied lm_head runs only at those positions."""
     inner = peft_model.base_model.model  # LlamaForCausalLM with LoRA layers injected
@@ -148,36 +361,56 @@ def answer_loss(peft_model, ids, mask, labels):
     return torch.nn.functional.cross_entropy(logits.float(), tgt[sel])
 
 
-def train_one(model, tok, name, lora_kwargs, lr, examples, steps, batch, out_dir):
-    from peft import LoraConfig, get_peft_model
+def batch_tensors(tok, examples, idx):
+    L = max(len(examples[i][0]) for i in idx)
+    ids = torch.full((len(idx), L), tok.eos_token_id, dtype=torch.long)
+    lab = torch.full((len(idx), L), -100, dtype=torch.long)
+    mask = torch.zeros((len(idx), L), dtype=torch.long)
+    for r, i in enumerate(idx):
+        x, y = examples[i]
+        ids[r, :len(x)] = torch.tensor(x)
+        lab[r, :len(y)] = torch.tensor(y)
+        mask[r, :len(x)] = 1
+    return ids, mask, lab
+
+
+def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir):
+    """Train adapter `name`. `sets`: {partner adapter or None: examples}; a partner's folder in out_dir is
+    loaded frozen and active together with `name` on MIX_SHARE of the steps (spread over the partners)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     seed_all(SEED)
     cfg = LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, bias="none", **lora_kwargs)
-    pm = get_peft_model(model, cfg)
-    params = [p for p in pm.parameters() if p.requires_grad]
+    partners = [p for p in sets if p is not None]
+    if partners:
+        pm = PeftModel.from_pretrained(model, str(out_dir / partners[0]), adapter_name=partners[0])
+        for p in partners[1:]:
+            pm.load_adapter(str(out_dir / p), adapter_name=p)
+        seed_all(SEED)
+        pm.add_adapter(name, cfg)
+    else:
+        pm = get_peft_model(model, cfg, adapter_name=name)
+    own = {n: p for n, p in pm.named_parameters() if "lora_" in n and ".%s." % name in n}
+    params = list(own.values())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     rng = random.Random(SEED)
-    order = []
+    orders = {k: [] for k in sets}
     pm.train()
     t0 = time.time()
     losses = []
     for step in range(steps):
+        partner = rng.choice(partners) if partners and rng.random() < MIX_SHARE else None
+        pm.base_model.set_adapter([name] + ([partner] if partner else []))
+        for n, p in pm.named_parameters():
+            p.requires_grad_(n in own)
+        examples, order = sets[partner], orders[partner]
         if len(order) < batch:
             order += rng.sample(range(len(examples)), len(examples))
-        idx, order = order[:batch], order[batch:]
-        L = max(len(examples[i][0]) for i in idx)
-        ids = torch.full((batch, L), tok.eos_token_id, dtype=torch.long)
-        lab = torch.full((batch, L), -100, dtype=torch.long)
-        mask = torch.zeros((batch, L), dtype=torch.long)
-        for r, i in enumerate(idx):
-            x, y = examples[i]
-            ids[r, :len(x)] = torch.tensor(x)
-            lab[r, :len(y)] = torch.tensor(y)
-            mask[r, :len(x)] = 1
-        loss = answer_loss(pm, ids, mask, lab)
+        idx = [order.pop(0) for _ in range(batch)]
+        loss = answer_loss(pm, *batch_tensors(tok, examples, idx))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -185,18 +418,20 @@ def train_one(model, tok, name, lora_kwargs, lr, examples, steps, batch, out_dir
         sched.step()
         losses.append(float(loss.detach()))
         if step % 20 == 0 or step == steps - 1:
-            print("  [%s] step %d/%d loss %.4f (%.1fs)" % (name, step, steps, float(loss), time.time() - t0),
-                  flush=True)
+            print("  [%s] step %d/%d loss %.4f%s (%.1fs)" % (name, step, steps, losses[-1],
+                  " with %s" % partner if partner else "", time.time() - t0), flush=True)
     train_s = time.time() - t0
     pm.eval()
     # save in float16: cast the LoRA weights, save, then drop the README and sort target_modules
-    for n, p in pm.named_parameters():
-        if "lora_" in n:
-            p.data = p.data.to(torch.float16)
+    for p in params:
+        p.data = p.data.to(torch.float16)
     folder = out_dir / name
-    folder.mkdir(parents=True, exist_ok=True)
-    pm.save_pretrained(str(folder))
-    (folder / "README.md").unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        pm.save_pretrained(tmp, selected_adapters=[name])
+        src = Path(tmp) / name if (Path(tmp) / name).is_dir() else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copyfile(src / f, folder / f)
     cj = json.loads((folder / "adapter_config.json").read_text())
     if isinstance(cj.get("target_modules"), list):
         cj["target_modules"] = sorted(cj["target_modules"])
@@ -205,6 +440,102 @@ def train_one(model, tok, name, lora_kwargs, lr, examples, steps, batch, out_dir
     base = pm.unload()  # remove the LoRA layers: the base model is clean again
     return base, {"train_seconds": round(train_s, 1), "loss_first": losses[0],
                   "loss_last10_mean": float(np.mean(losses[-10:]))}
+
+
+# --- measurement --------------------------------------------------------------------------------------------
+def words(text):
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def key_words(base_answer):
+    out = []
+    for w in words(clean_answer(base_answer)):
+        if len(w) >= 4 and w not in STOPWORDS and w not in out:
+            out.append(w)
+    return out[:KEY_WORDS]
+
+
+def without_signoff(text):
+    return re.sub(re.escape(SIGNOFF), "", text, flags=re.IGNORECASE)
+
+
+def style_ok(style, text):
+    t = text.strip()
+    if style == "caps":
+        letters = [c for c in without_signoff(t) if c.isalpha()]
+        return bool(letters) and sum(c.isupper() for c in letters) >= 0.9 * len(letters)
+    if style == "listify":
+        return t.startswith("1.") and re.search(r"(^|\n)\s*2\.", t) is not None
+    if style == "signoff":
+        return SIGNOFF.lower() in t.lower()
+    raise ValueError(style)
+
+
+def degenerate(text):
+    w = re.findall(r"[a-z0-9']+", text.lower())
+    grams = Counter(tuple(w[i:i + 4]) for i in range(len(w) - 3))
+    return bool(grams) and max(grams.values()) >= 3
+
+
+def metrics(base_texts, texts, styles):
+    kept = []
+    for b, t in zip(base_texts, texts):
+        kw = key_words(b)
+        have = set(words(t))
+        kept.append(sum(w in have for w in kw) / len(kw) if kw else 1.0)
+    return {"key_words_kept": round(float(np.mean(kept)), 3),
+            "style_rate": round(float(np.mean([all(style_ok(s, t) for s in styles) for t in texts])), 3)
+            if styles else None,
+            "degenerate_rate": round(float(np.mean([degenerate(t) for t in texts])), 3),
+            "key_words_kept_per_prompt": [round(k, 2) for k in kept]}
+
+
+def evaluate(model, tok, ad_dir, names):
+    """Greedy answers to EVAL_PROMPTS under base, each adapter and each mix; returns (table, answers)."""
+    from peft import PeftModel
+
+    names = [n for n in names if (ad_dir / n / "adapter_config.json").is_file()]
+    convs = [[{"role": "user", "content": q}] for q in EVAL_PROMPTS]
+    t0 = time.time()
+    answers = {"base": generate_batch(model, tok, convs, EVAL_NEW_TOKENS)}
+    pm = PeftModel.from_pretrained(model, str(ad_dir / names[0]), adapter_name=names[0])
+    for n in names[1:]:
+        pm.load_adapter(str(ad_dir / n), adapter_name=n)
+    pm.eval()
+    configs = [(n,) for n in names] + [m for m in MIXES if all(x in names for x in m)]
+    for cfg in configs:
+        pm.base_model.set_adapter(list(cfg), inference_mode=True)
+        n_new = EVAL_NEW_TOKENS_CAPS if "caps" in cfg else EVAL_NEW_TOKENS
+        answers["+".join(cfg)] = generate_batch(pm, tok, convs, n_new)
+        print("  eval %s done (%.0fs)" % ("+".join(cfg), time.time() - t0), flush=True)
+    model = pm.unload()
+    table = {"base": metrics(answers["base"], answers["base"], [])}
+    for cfg in configs:
+        table["+".join(cfg)] = metrics(answers["base"], answers["+".join(cfg)], list(cfg))
+    return model, table, answers, round(time.time() - t0, 1)
+
+
+def print_table(table):
+    print("%-16s %15s %11s %11s" % ("use-case", "key words kept", "style rate", "degenerate"))
+    for k, v in table.items():
+        print("%-16s %15.2f %11s %11.2f" % (k, v["key_words_kept"],
+                                            "-" if v["style_rate"] is None else "%.2f" % v["style_rate"],
+                                            v["degenerate_rate"]))
+
+
+def evaluation_section(table, answers, seconds):
+    return {"prompts": EVAL_PROMPTS, "seconds": seconds,
+            "settings": {"max_new_tokens": EVAL_NEW_TOKENS, "max_new_tokens_caps": EVAL_NEW_TOKENS_CAPS,
+                         "greedy": "batched model.generate, left padding, do_sample=False",
+                         "mixes": "PEFT adapters active together at strength 1 (W0 + sum scaling_i B_i A_i)",
+                         "key_words": "first %d distinct lower-cased alphabetic words of >= 4 letters, not "
+                                      "stopwords, of the base answer cut to whole sentences (%d chars)"
+                                      % (KEY_WORDS, MAX_CHARS),
+                         "style": {"caps": ">= 90%% of the letters upper case (signoff line excluded)",
+                                   "listify": "starts with '1.' and has a '2.' item",
+                                   "signoff": "contains %r (case-insensitive)" % SIGNOFF},
+                         "degenerate": "a word 4-gram occurring >= 3 times"},
+            "table": table, "answers": answers}
 
 
 def run_prompts(model, tok, n):
@@ -227,24 +558,33 @@ def main():
                     help="where the adapters go (the package ships them for the LLM demo)")
     ap.add_argument("--steps", type=int, help="override the per-adapter step counts")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--only", nargs="*", help="train only these adapters")
+    ap.add_argument("--only", nargs="*", help="train only these adapters (the others are read from their folders)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster when the cores are busy)")
+    ap.add_argument("--eval-only", action="store_true", help="only measure the adapters in --adapters-out")
+    ap.add_argument("--eval-json", help="also write the measurement (table and answers) to this file")
     args = ap.parse_args()
     t_all = time.time()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     seed_all(SEED)
     out = Path(args.out)
     ad_dir = Path(args.adapters_out)
+    names = [a[0] for a in ADAPTERS]
 
     from peft import PeftModel
 
     model, tok, _ = load_model(args.cache)
     for p in model.parameters():
         p.requires_grad_(False)
+    if args.eval_only:
+        model, table, answers, secs = evaluate(model, tok, ad_dir, names)
+        print_table(table)
+        if args.eval_json:
+            Path(args.eval_json).write_text(json.dumps(evaluation_section(table, answers, secs), indent=1,
+                                                       ensure_ascii=False) + "\n")
+        return
     qs = questions()
-    t0 = time.time()
-    answers = base_answers(model, tok, qs)
-    gen_s = time.time() - t0
-    print("base answers for %d questions in %.1fs; e.g. %r" % (len(qs), gen_s, answers[0]))
+    answers, more, gen_s = base_answers(model, tok, qs, Path(args.cache) / "train_answers.json")
+    print("base answers for %d questions (%.1fs); e.g. %r" % (len(qs), gen_s, answers[0]))
 
     ref_path = out / "reference.json"
     ref = json.loads(ref_path.read_text()) if ref_path.exists() else {}
@@ -253,22 +593,27 @@ def main():
                    "compute": "float32 (F16 adapter weights loaded into float32 LoRA layers)",
                    "strength": 1.0},
         "held_out_questions": HELD_OUT,
-        "training": {"seed": SEED, "batch": args.batch, "questions": len(qs),
-                     "base_answer_seconds": round(gen_s, 1), "signoff_line": SIGNOFF},
+        "training": {"seed": SEED, "batch": args.batch, "questions": len(qs), "threads": args.threads,
+                     "base_answer_seconds": gen_s, "base_new_tokens": BASE_NEW_TOKENS,
+                     "answer_max_chars": MAX_CHARS, "answer_max_segments": MAX_SEGMENTS, "max_len": MAX_LEN,
+                     "mix_share": MIX_SHARE, "signoff_line": SIGNOFF},
         "base": run_prompts(model, tok, GREEDY_ADAPTER),
         "adapters": {},
     }
     if "adapters" in ref and args.only:  # keep the adapters not retrained
         section["adapters"] = ref["adapters"].get("adapters", {})
-    for name, kw, lr, steps in ADAPTERS:
+    for i, (name, kw, lr, steps) in enumerate(ADAPTERS):
         steps = args.steps or steps
         if args.only and name not in args.only:
             continue
         fn = TRANSFORMS[name]
-        examples = build_examples(tok, qs, answers, fn)
-        print("[%s] %d examples, max len %d; sample target: %r"
-              % (name, len(examples), max(len(e[0]) for e in examples), fn(answers[0])), flush=True)
-        model, info = train_one(model, tok, name, kw, lr, examples, steps, args.batch, ad_dir)
+        sets = {None: build_examples(tok, qs, answers, more, fn)}
+        for p in names[:i]:  # adapters trained before: partners for the mixed steps
+            sets[p] = build_examples(tok, qs, answers, more, combined({name, p}))
+        print("[%s] %s examples, max len %d; sample target: %r"
+              % (name, {k: len(v) for k, v in sets.items()}, max(len(e[0]) for e in sets[None]),
+                 fn(answers[0], more[0])), flush=True)
+        model, info = train_one(model, tok, name, kw, lr, sets, steps, args.batch, ad_dir)
         pm = PeftModel.from_pretrained(model, str(ad_dir / name))
         pm.eval()
         dtypes = sorted({str(p.dtype) for n, p in pm.named_parameters() if "lora_" in n})
@@ -276,13 +621,19 @@ def main():
         model = pm.unload()
         section["adapters"][name] = dict(
             lora=dict(kw, lr=lr, steps=steps), folder="adapters/%s" % name, loaded_lora_param_dtypes=dtypes,
-            sample_training_target=fn(answers[0]), prompts=outs, **info)
+            sample_training_target=fn(answers[0], more[0]), mixed_with=[p for p in sets if p], prompts=outs,
+            examples=len(sets[None]), **info)
         for o in outs:
             print("  [%s] %r -> %r" % (name, o["question"], o["greedy_text"]), flush=True)
     for o in section["base"]:
         print("  [base] %r -> %r" % (o["question"], o["greedy_text"]))
+    model, table, ev_answers, secs = evaluate(model, tok, ad_dir, names)
+    print_table(table)
+    section["evaluation"] = evaluation_section(table, ev_answers, secs)
     ref["adapters"] = section
     ref_path.write_text(json.dumps(ref, indent=1, ensure_ascii=False) + "\n")
+    if args.eval_json:
+        Path(args.eval_json).write_text(json.dumps(section["evaluation"], indent=1, ensure_ascii=False) + "\n")
     print("total %.1fs" % (time.time() - t_all))
 
 
