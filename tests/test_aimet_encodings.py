@@ -23,8 +23,9 @@ from lora_runtime.cli import main
 from lora_runtime.compiler.options import CompileOptions, QuantOptions
 from lora_runtime.compiler.points import find_candidates
 from lora_runtime.quant import presets
-from lora_runtime.quant.encodings import EncodingsError, EncodingsFile, EncodingsWarning, read_encodings
+from lora_runtime.quant.encodings import EncodingsError, EncodingsWarning
 from lora_runtime.quant.overrides import GraphTensors, Targets, match
+from lora_runtime.quant.reader import parse_encodings, read_encodings
 from lora_runtime.quant.rules import symmetric_per_block, symmetric_per_channel
 
 AIMET = FIXTURES / "aimet"
@@ -323,7 +324,7 @@ def test_per_channel_carry_follows_the_transpose():
         [helper.make_tensor_value_info("y2", TensorProto.FLOAT, [8])],
         [numpy_helper.from_array(np.ones((4, 3), np.float32), "w_raw"),
          numpy_helper.from_array(np.array([8], np.int64), "shape")])
-    f = EncodingsFile.from_json({"version": "2.0.0", "producer": {"package": "aimet-onnx"}, "encodings": [
+    f = parse_encodings({"version": "2.0.0", "producer": {"package": "aimet-onnx"}, "encodings": [
         {"name": "w_raw", "output_dtype": "int8", "y_scale": [0.1, 0.2, 0.3, 0.4], "axis": 0},
         {"name": "y", "output_dtype": "uint8", "y_scale": 0.5, "y_zero_point": 7},
         {"name": "x", "output_dtype": "uint8", "y_scale": [0.1, 0.2], "axis": 1}]})

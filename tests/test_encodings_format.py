@@ -21,10 +21,10 @@ from lora_runtime.quant.encodings import (
     EncodingsFile,
     check_fits,
     dumps_encodings,
-    read_encodings,
     write_encodings,
 )
 from lora_runtime.quant.presets import PRESET_DIR, load_preset, preset_names
+from lora_runtime.quant.reader import read_encodings
 from lora_runtime.quant.rules import asymmetric_per_tensor, symmetric_per_channel, to_qdq
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

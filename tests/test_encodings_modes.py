@@ -14,7 +14,8 @@ from conftest import FIXTURES
 from lora_runtime import InputError, Runtime, UseCaseError, compile_bundle, run_use_case
 from lora_runtime.compiler.options import CompileOptions, QuantOptions
 from lora_runtime.metrics import sqnr_db
-from lora_runtime.quant.encodings import EncodingsError, dumps_encodings, read_encodings, write_encodings
+from lora_runtime.quant.encodings import EncodingsError, dumps_encodings, write_encodings
+from lora_runtime.quant.reader import read_encodings
 from lora_runtime.runtime.session import make_session
 
 USE_CASES = ["base=", "summarize=summarize", "translate=translate:0.8", "tone=tone"]

@@ -7,8 +7,8 @@ import pytest
 
 from lora_runtime import UseCaseError, compile_bundle
 from lora_runtime.compiler.options import CompileOptions, QuantOptions
-from lora_runtime.quant.encodings import read_encodings
 from lora_runtime.quant.gptq import gptq_codes
+from lora_runtime.quant.reader import read_encodings
 
 
 def _problem(seed: int = 0, k: int = 96, n: int = 40, samples: int = 512):

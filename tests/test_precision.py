@@ -142,7 +142,7 @@ def test_quantized_base(tiny, tmp_path, bits, block, generation):
     assert q_bytes <= f_bytes * (bits / 32 + 1 / (block or 64)) * 1.1
 
     # the encodings file holds the same scales, computed here independently (absmax / qmax per block)
-    from lora_runtime.quant.encodings import read_encodings
+    from lora_runtime.quant.reader import read_encodings
 
     enc = read_encodings(b.path / "encodings/base_weights.encodings")
     assert sorted(enc.names()) == sorted(linear) and not enc.activation_encodings

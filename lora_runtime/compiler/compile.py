@@ -66,8 +66,9 @@ from lora_runtime.names import (
     weight_only_data,
 )
 from lora_runtime.quant.calibrate import load_calibration
-from lora_runtime.quant.encodings import VERSION, EncodingsFile, read_encodings, write_encodings
+from lora_runtime.quant.encodings import VERSION, EncodingsFile, write_encodings
 from lora_runtime.quant.presets import load_preset
+from lora_runtime.quant.reader import read_encodings
 from lora_runtime.staging import staging
 from lora_runtime.version import versions
 

@@ -16,7 +16,7 @@ may carry AIMET's ``zero_point_shift`` (one fraction per scale, the same for all
 scale``); it is read and written back, and refused where a tensor would have to execute it (ONNX zero points are
 integers). Other top-level keys are ignored with one warning line (``EncodingsWarning``).
 
-``read_encodings`` also reads AIMET's version 2.0.0 and aimet_onnx's per-adapter LoRA files, into this form
+``quant.reader.read_encodings`` also reads AIMET's version 2.0.0 and aimet_onnx's per-adapter LoRA files, into this form
 (``lora_runtime.quant.aimet_formats``).
 
 Offset convention (AIMET ``trim_functions.cpp``): the integer grid is unsigned, ``q`` in ``[0, 2^bw - 1]``, and
@@ -259,13 +259,9 @@ class EncodingsFile:
 
     @classmethod
     def from_json(cls, data: Any, source: str = "<memory>") -> EncodingsFile:
-        """Parse and validate a decoded JSON document."""
+        """Parse and validate a decoded 1.0.0 document (any layout AIMET writes: ``quant.reader``)."""
         if not isinstance(data, dict):
             raise EncodingsError(f"{source}: top level is a {type(data).__name__}, expected an object")
-        from lora_runtime.quant import aimet_formats  # its own module: it builds on this one
-
-        if data.get("version") == aimet_formats.V2 or aimet_formats.is_per_adapter(data):
-            return aimet_formats.from_json(data, source)
         if "version" not in data:
             raise EncodingsError(f"{source}: missing key 'version'; expected {VERSION!r} "
                                  f"(re-export from AIMET with quantsim.encoding_version = {VERSION!r})")
@@ -305,19 +301,6 @@ def warn_unknown_keys(data: Mapping[str, Any], known: Sequence[str], source: str
     unknown = sorted(set(data) - set(known))
     if unknown:
         warnings.warn(f"{source}: unknown top-level key(s) {unknown} ignored", EncodingsWarning, stacklevel=3)
-
-
-def read_encodings(path: str | os.PathLike[str]) -> EncodingsFile:
-    """Read and validate an encodings JSON file; every failure is an EncodingsError naming the file."""
-    source = os.fspath(path)
-    try:
-        with open(source, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise EncodingsError(f"{source}: no such encodings file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EncodingsError(f"{source}: not readable JSON ({exc})") from None
-    return EncodingsFile.from_json(data, source)
 
 
 def dumps_encodings(f: EncodingsFile) -> str:

@@ -38,8 +38,8 @@ from lora_runtime.quant.encodings import (
     EncodingsFile,
     EncodingsWarning,
     check_fits,
-    read_encodings,
 )
+from lora_runtime.quant.reader import read_encodings
 
 MOVES = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")  # values kept, only laid out anew
 _AXIS_MOVES = ("Transpose", "Identity")  # a per-channel encoding crosses these
