@@ -20,7 +20,7 @@ from lora_runtime.tensorfile import read_header, save_tensors
 FAMILIES = FIXTURES / "families"
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"])
 def test_family_matches_transformers_and_peft(family, tmp_path):
     folder = FAMILIES / family
     want = np.load(folder / "expected.npz")
@@ -45,7 +45,7 @@ def _variant(tmp_path, family: str, **config) -> object:
 
 
 @pytest.mark.parametrize(("change", "match"), [
-    ({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"}, r"architectures \[.Gemma2ForCausalLM.\]"),
+    ({"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}, r"architectures \[.Gemma3ForCausalLM.\]"),
     ({"hidden_act": "relu"}, "hidden_act = 'relu' is not supported"),
     ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}, "partial_rotary_factor = 0.5"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling .*llama3.* is not supported"),
@@ -83,7 +83,7 @@ def test_a_tensor_the_graph_has_no_place_for_is_refused(tmp_path):
         build_from_hf(qwen, tmp_path / "onnx2", kv_cache=False, max_seq=64)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma", "phi3"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma", "gemma2", "phi3"])
 def test_kv_cache_graph_decodes_as_transformers(family, tmp_path):
     """The import's KV-cache graph: six tokens, then the seventh with their keys and values, as transformers."""
     want = np.load(FAMILIES / family / "expected.npz")

@@ -4,13 +4,14 @@ with the logits transformers computes for them, with and without a real PEFT ada
 
     /work/fxvenv/bin/python tools/make_family_fixtures.py [--out tests/fixtures/families]
 
-Per family (`llama`, `mistral`, `qwen2`, `qwen3`, `gemma`, `phi3`): `config.json` and `model.safetensors`
+Per family (`llama`, `mistral`, `qwen2`, `qwen3`, `gemma`, `gemma2`, `phi3`): `config.json` and `model.safetensors`
 (`save_pretrained`), `adapter/` (PEFT LoRA r4 alpha8, B initialised non-zero, on q_proj and v_proj; Gemma
 also down_proj; Phi-3 its fused qkv_proj and gate_up_proj), `expected.npz` with `input_ids` (1, 7), `base`
 and `adapter` logits (1, 7, vocab), float32, eager attention. What each family adds to Llama: Qwen2's q/k/v
 biases (its config never says so: they are part of the architecture), Qwen3's q/k norms and a head_dim other
 than hidden_size / heads, Gemma's norm offset (x * (1 + w)), gelu-tanh MLP, embedding scale, tied lm_head and
-single KV head, Phi-3's fused projections. Deterministic:
+single KV head, Gemma 2's norms around the attention and MLP outputs and soft-capped scores and logits
+(small caps here, so the tanh bends), Phi-3's fused projections. Deterministic:
 seeded, and the checks below stop the script if a family is not what the test expects of it.
 """
 
@@ -43,6 +44,11 @@ def families():
         # norm offset, gelu-tanh MLP, embedding scale, tied lm_head, one KV head, head_dim 16
         "gemma": (t.GemmaForCausalLM, t.GemmaConfig(**(SIZE | {"tie_word_embeddings": True, "num_key_value_heads": 1}),
                                                     head_dim=16), ["q_proj", "v_proj", "down_proj"]),
+        # Gemma's, plus norms around attention and MLP outputs, soft-capped scores and logits, its own query scale
+        "gemma2": (t.Gemma2ForCausalLM, t.Gemma2Config(**(SIZE | {"tie_word_embeddings": True}), head_dim=16,
+                                                      query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                                                      final_logit_softcapping=1.5, sliding_window=4096),
+                   ["q_proj", "v_proj", "down_proj"]),
         # fused qkv_proj and gate_up_proj: PEFT attaches to the fused modules
         "phi3": (t.Phi3ForCausalLM, t.Phi3Config(**SIZE, pad_token_id=0), ["qkv_proj", "gate_up_proj"]),
     }
@@ -73,6 +79,10 @@ def make(name: str, cls, config, targets: list[str], out: Path) -> None:
     assert np.abs(adapted - base).max() > 1e-3, f"{name}: the adapter changes nothing"
     lora.save_pretrained(folder / "adapter")
     (folder / "adapter" / "README.md").unlink(missing_ok=True)
+    config_path = folder / "adapter" / "adapter_config.json"  # PEFT writes target_modules in set order: sorted
+    adapter_config = json.loads(config_path.read_text())
+    adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+    config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     np.savez(folder / "expected.npz", input_ids=ids.numpy(), base=base, adapter=adapted)
     cfg = json.loads((folder / "config.json").read_text())
     print(f"{name}: {cfg['architectures']}, {sum(f.stat().st_size for f in folder.rglob('*') if f.is_file())} bytes")

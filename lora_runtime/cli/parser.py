@@ -148,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
     bn.set_defaults(func=commands.cmd_bench)
 
     ig = sub("import-model", "a llama GGUF file or a Hugging Face folder (Llama, Mistral, Qwen2, Qwen3, Gemma, "
-             "Phi-3) -> base.onnx with KV cache + tokenizer",
+             "Gemma 2, Phi-3) -> base.onnx with KV cache + tokenizer",
              aliases=["import-gguf"])
     ig.add_argument("gguf", nargs="?", metavar="SOURCE",
                     help="a .gguf file or a folder with config.json + *.safetensors (default: SmolLM2's GGUF)")

@@ -25,9 +25,12 @@ from lora_runtime.tensorfile import TensorFile, read_header
 # architecture -> family, and what each family adds to Llama's decoder (LlamaShape's fields; Gemma's norm weights
 # are stored as w with the norm computing x * (1 + w): folded into the weight at import)
 _ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-          "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Phi3ForCausalLM": "phi3"}
+          "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
+          "Phi3ForCausalLM": "phi3"}
 _FAMILY = {"llama": {}, "mistral": {}, "qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True},
-           "gemma": {"embed_scale": True, "norm_offset": True}, "phi3": {"fused": True}}
+           "gemma": {"embed_scale": True, "norm_offset": True},
+           "gemma2": {"embed_scale": True, "norm_offset": True, "sandwich": True}, "phi3": {"fused": True}}
+_BUILT = {"gemma2": ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar")}  # not neutral
 _ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
 # config fields that change the math, with the values this builder computes (anything else is refused by name)
 _NEUTRAL: dict[str, tuple] = {
@@ -63,7 +66,7 @@ def _config(folder: Path) -> dict:
     if act not in _ACTS:
         raise BaseModelError(f"{path}: hidden_act = {act!r} is not supported (supported: {', '.join(_ACTS)})")
     for field, neutral in _NEUTRAL.items():
-        if field in cfg and cfg[field] not in neutral:
+        if field in cfg and cfg[field] not in neutral and field not in _BUILT.get(family, ()):
             raise BaseModelError(f"{path}: {field} = {cfg[field]!r} is not supported (the builder computes "
                                  f"{neutral[0]!r}); refused rather than built wrong")
     return cfg
@@ -92,9 +95,12 @@ def shape_from_config(cfg: dict, max_seq: int = 2048) -> LlamaShape:
                       max_seq=min(max_seq, int(cfg.get("max_position_embeddings", max_seq))),
                       rms_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(rope),
                       qkv_bias=adds.get("qkv_bias", False), head_size=None if head * heads == d else head,
-                      qk_norm=adds.get("qk_norm", False), act="gelu_tanh" if family == "gemma" else act,
+                      qk_norm=adds.get("qk_norm", False), act="gelu_tanh" if family.startswith("gemma") else act,
                       embed_scale=float(np.float32(d ** 0.5)) if adds.get("embed_scale") else None,
-                      fused=adds.get("fused", False))
+                      fused=adds.get("fused", False), sandwich=adds.get("sandwich", False),
+                      attn_scale=float(pre) ** -0.5 if (pre := cfg.get("query_pre_attn_scalar")) else None,
+                      attn_softcap=cfg.get("attn_logit_softcapping") if family == "gemma2" else None,
+                      final_softcap=cfg.get("final_logit_softcapping") if family == "gemma2" else None)
 
 
 def _index(folder: Path) -> dict[str, TensorFile]:

@@ -60,6 +60,10 @@ class LlamaShape:
     act: str = "silu"  # the gated MLP's activation: silu, gelu_tanh (Gemma's gelu_pytorch_tanh) or gelu (erf)
     embed_scale: float | None = None  # the embeddings multiplied by this (Gemma: sqrt(d_model))
     fused: bool = False  # q/k/v as one qkv_proj and gate/up as one gate_up_proj (Phi-3), split after
+    sandwich: bool = False  # Gemma 2: the attention and MLP outputs normed too, the MLP input by its own norm
+    attn_scale: float | None = None  # the scores' scale when not 1/sqrt(head_dim) (Gemma 2's query_pre_attn_scalar)
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (Gemma 2)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
 
     @property
     def head_dim(self) -> int:
@@ -101,6 +105,8 @@ def tensor_names(s: LlamaShape) -> set[str]:
             names |= {f"model.layers.{i}.self_attn.{x}_proj.bias" for x in "qkv"}
         if s.qk_norm:
             names |= {f"model.layers.{i}.self_attn.{x}_norm.weight" for x in "qk"}
+        if s.sandwich:
+            names |= {f"model.layers.{i}.{x}_feedforward_layernorm.weight" for x in ("pre", "post")}
     return names
 
 
@@ -142,7 +148,7 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
         g.const(cname, np.array(value, np.int64))
     g.const("c.eps", np.array(s.rms_eps, np.float32))
     g.const("c.two_f", np.array(2.0, np.float32))
-    g.const("c.inv_sqrt_hd", np.array(1.0 / np.sqrt(hd), np.float32))
+    g.const("c.inv_sqrt_hd", np.array(s.attn_scale or 1.0 / np.sqrt(hd), np.float32))
     g.const("c.masked", np.array(-1e9, np.float32))
     g.const("c.open", np.array(0.0, np.float32))
 
@@ -189,13 +195,18 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
         kt = g.node("Transpose", [k], [g.fresh("kt")], perm=[0, 1, 3, 2])
         sc = g.node("MatMul", [q, kt], [g.fresh("scores")])  # (1, H, T, past+T)
         sc = g.node("Mul", [sc, "c.inv_sqrt_hd"], [g.fresh("scaled")])
+        if s.attn_softcap is not None:
+            sc = g.softcap(sc, s.attn_softcap, "attn")
         sc = g.node("Add", [sc, "mask"], [g.fresh("masked")])
         a = g.node("Softmax", [sc], [g.fresh("probs")], axis=-1)
         o = g.node("MatMul", [a, v], [g.fresh("attn")])  # (1, H, T, hd)
         o = g.node("Transpose", [o], [g.fresh("attn_t")], perm=[0, 2, 1, 3])
         o = g.node("Reshape", [o, "c.model"], [g.fresh("attn_m")])  # (1, T, d)
-        h = g.node("Add", [h, g.linear(f"{p}.self_attn.o_proj", o, qw, d)], [g.fresh("h")])
-        n = g.rms_norm(f"{p}.post_attention_layernorm", h, d)
+        o = g.linear(f"{p}.self_attn.o_proj", o, qw, d)
+        if s.sandwich:  # Gemma 2: post_attention_layernorm norms the attention's output; the MLP has its own pair
+            o = g.rms_norm(f"{p}.post_attention_layernorm", o, d)
+        h = g.node("Add", [h, o], [g.fresh("h")])
+        n = g.rms_norm(f"{p}.{'pre_feedforward' if s.sandwich else 'post_attention'}_layernorm", h, d)
         if s.fused:
             gate, up = g.fresh("gate"), g.fresh("up")
             sizes = g.shared("c.gate_up", np.array([s.d_ff, s.d_ff], np.int64))
@@ -203,9 +214,15 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
         else:
             gate, up = g.linear(f"{p}.mlp.gate_proj", n, d, s.d_ff), g.linear(f"{p}.mlp.up_proj", n, d, s.d_ff)
         act = g.node("Mul", [g.activation(gate, s.act), up], [g.fresh("act")])
-        h = g.node("Add", [h, g.linear(f"{p}.mlp.down_proj", act, s.d_ff, d)], [g.fresh("h")])
+        down = g.linear(f"{p}.mlp.down_proj", act, s.d_ff, d)
+        if s.sandwich:
+            down = g.rms_norm(f"{p}.post_feedforward_layernorm", down, d)
+        h = g.node("Add", [h, down], [g.fresh("h")])
     n = g.rms_norm("model.norm", h, d)
-    g.linear("lm_head", n, d, s.vocab, out="logits")
+    if s.final_softcap is None:
+        g.linear("lm_head", n, d, s.vocab, out="logits")
+    else:
+        g.softcap(g.linear("lm_head", n, d, s.vocab), s.final_softcap, "final", out="logits")
 
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence"])]
     if static_cache:
@@ -337,6 +354,12 @@ class _Graph:
             raise BaseModelError(f"activation {kind!r} is not supported (silu, gelu_tanh, gelu)")
         half = self.node("Mul", [x, c["half"]], [self.fresh("hx")])
         return self.node("Mul", [half, self.node("Add", [t, c["one"]], [self.fresh("t1")])], [self.fresh("gelu")])
+
+    def softcap(self, x: str, cap: float, what: str, out: str | None = None) -> str:
+        """cap * tanh(x / cap)."""
+        c = self.shared(f"c.softcap.{what}", np.array(cap, np.float32))
+        t = self.node("Tanh", [self.node("Div", [x, c], [self.fresh("capped")])], [self.fresh("tanh")])
+        return self.node("Mul", [t, c], [out or self.fresh("softcap")])
 
     def heads(self, x: str, shape: str) -> str:
         r = self.node("Reshape", [x, shape], [self.fresh("split")])  # (1, T, H, hd)
