@@ -266,3 +266,19 @@ def test_merge_of_a_float16_bundle_leaves_no_branch_node(tmp_path):
     s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = s.run(["logits"], _inputs([i.name for i in s.get_inputs()]))[0]
     np.testing.assert_allclose(got.astype(np.float32), EXPECTED["ab"], atol=TOL, rtol=0)
+
+
+def test_float16_graph_inputs_are_synthesized_for_the_accuracy_measurement():
+    """A half model's own float16 inputs (a ViT's pixel values) get float16 samples, int32 ids int32 ones."""
+    from lora_runtime.eval.accuracy import synthesize_inputs
+
+    g = helper.make_graph([helper.make_node("Cast", ["px"], ["y"], to=TensorProto.FLOAT),
+                           helper.make_node("Cast", ["ids"], ["z"], to=TensorProto.FLOAT)], "g",
+                          [helper.make_tensor_value_info("px", TensorProto.FLOAT16, [1, 3, "h", "w"]),
+                           helper.make_tensor_value_info("ids", TensorProto.INT32, [1, "seq"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = synthesize_inputs(ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]), set())
+    assert feeds["px"].dtype == np.float16 and feeds["px"].shape == (1, 3, 16, 16)
+    assert feeds["ids"].dtype == np.int32

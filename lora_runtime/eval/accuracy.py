@@ -31,11 +31,13 @@ def synthesize_inputs(session: ort.InferenceSession, reserved: set[str], seed: i
         if i.name in reserved:
             continue
         shape = [d if isinstance(d, int) and d > 0 else (1 if j == 0 else seq_len) for j, d in enumerate(i.shape)]
-        if i.type == "tensor(int64)":
-            feeds[i.name] = (np.ones(shape, np.int64) if "mask" in i.name
-                             else rng.integers(0, 32, size=shape, dtype=np.int64))
-        elif i.type == "tensor(float)":
-            feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+        ints = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+        floats = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+        if i.type in ints:
+            feeds[i.name] = (np.ones(shape, ints[i.type]) if "mask" in i.name
+                             else rng.integers(0, 32, size=shape).astype(ints[i.type]))
+        elif i.type in floats:  # a float16 base's own inputs (pixel values of a half ViT) are float16
+            feeds[i.name] = rng.standard_normal(shape).astype(floats[i.type])
         else:
             raise InputError(f"cannot synthesize input {i.name!r} of type {i.type}; pass sample inputs")
     return feeds
