@@ -48,8 +48,8 @@ class PromptCache:
     def take(self, rt: Runtime, ids: Sequence[int]) -> tuple[GrowingCache | StaticCache, int]:
         """A cache for ``ids`` and how many of their first tokens it holds (at most all but the last: the
         last token's run gives the logits of the answer's first)."""
-        key = (id(rt), rt.current, tuple(sorted(rt.strengths.items())))
-        if self.cache is None or key != self.key:
+        key = (rt, rt.current, tuple(sorted(rt.strengths.items())))  # the runtime itself: an id can be reused
+        if self.cache is None or self.key is None or key[0] is not self.key[0] or key[1:] != self.key[1:]:
             self.cache, self.key = make_cache(rt.input_shapes), key
         held = self.cache.ids
         n = next((i for i, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
