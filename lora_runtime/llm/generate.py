@@ -99,8 +99,8 @@ def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]] | list[
         raise InputError("a PromptCache needs the runtime's own run (the cache is checked against its use-case)")
     rng = np.random.default_rng(None if seed is None or seed < 0 else seed)  # -1: random, as llama.cpp's
 
-    def pick(logits: np.ndarray, seen: list[int]) -> int:
-        recent = seen[-repeat_last_n:] if repeat_penalty != 1.0 and repeat_last_n else []
+    def pick(logits: np.ndarray, answer: list[int]) -> int:
+        recent = (ids + answer)[-repeat_last_n:] if repeat_penalty != 1.0 and repeat_last_n else []
         return _pick(logits, temperature, top_p, rng, top_k, repeat_penalty, recent)
 
     kv, held = cache.take(rt, ids) if cache is not None else (make_cache(rt.input_shapes), 0)
@@ -113,7 +113,7 @@ def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]] | list[
 
 
 def _decode(kv: GrowingCache | StaticCache, run: Callable, chat: Chat, ids: list[int], held: int,
-            max_new_tokens: int, pick: Callable[[np.ndarray, list[int]], int],
+            max_new_tokens: int, pick: Callable[[np.ndarray, list[int]], int],  # (logits, the answer so far)
             on_text: Callable[[str], None] | None, stop: Sequence[str]) -> Generation:
     """Prefill ``ids`` after the ``held`` tokens already in ``kv``, then decode."""
     out_ids: list[int] = []
@@ -126,7 +126,7 @@ def _decode(kv: GrowingCache | StaticCache, run: Callable, chat: Chat, ids: list
     for step in range(max_new_tokens):
         if step:
             logits = kv.step(run, [out_ids[-1]])
-        nxt = pick(logits[-1], ids + out_ids)
+        nxt = pick(logits[-1], out_ids)
         if nxt == chat.eos_id:
             finish = "stop"
             break
