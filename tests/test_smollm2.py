@@ -24,14 +24,8 @@ NPZ = np.load(FIXTURES / "smollm2" / "reference.npz")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    try:
-        gguf = find_smollm2()
-    except BaseModelError as e:
-        pytest.skip(str(e))
-    out = tmp_path_factory.mktemp("smollm2")
-    import_gguf(gguf, out, max_seq=256)
-    return out
+def model_dir(smollm2_model):
+    return smollm2_model
 
 
 def test_tokenizer_matches_transformers(model_dir):
