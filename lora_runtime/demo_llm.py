@@ -34,8 +34,8 @@ def run_smollm2_demo(work: Path, max_new_tokens: int = 40) -> None:
     stamp = model_dir / "chat.json"
     t0 = time.perf_counter()
     if not (stamp.is_file() and json.loads(stamp.read_text()).get("source") == gguf.name
-            and (model_dir / "base.onnx").is_file()):
-        print(f"importing {gguf.name} (dequantizing to float32 ONNX, once) into {model_dir}", file=sys.stderr)
+            and json.loads(stamp.read_text()).get("weights") == "blocks" and (model_dir / "base.onnx").is_file()):
+        print(f"importing {gguf.name} (its Q4_1/Q8_0 blocks kept, once) into {model_dir}", file=sys.stderr)
         import_gguf(gguf, model_dir, force=True)  # the demo's own folder: a stale import is replaced
     adapters = shipped_adapters()
     names = list(adapters)

@@ -38,7 +38,7 @@ def base_dtype(m: Manifest) -> str:
         return m.weight_only.dtype + ("" if m.base.dtype == "float32" else f" ({m.base.dtype} activations)")
     if m.quantization is not None:
         return f"int{m.quantization.preset[1]} QDQ ({m.quantization.preset})"
-    return m.base.dtype
+    return m.base.dtype + (f" with GGUF blocks kept ({m.base.blocks})" if m.base.blocks else "")
 
 
 def describe(bundle: Bundle) -> str:

@@ -102,6 +102,9 @@ def merge_use_case(bundle: Bundle, out: str | os.PathLike[str], use_case: str | 
     if quantized:
         raise UseCaseError(f"{bundle.path}: the base weights are {quantized}; merge needs a bundle compiled with "
                            "float32 base weights")
+    if m.base.blocks:
+        raise UseCaseError(f"{bundle.path}: the base keeps the GGUF's quantized blocks ({m.base.blocks}); merge needs "
+                           "float32 base weights (import the GGUF with --weights float32)")
     if strengths is None:
         if use_case is None:
             raise UseCaseError("give a use-case or strengths to merge")

@@ -116,6 +116,7 @@ class BaseInfo:
     nbytes: int
     data_files: tuple[str, ...]  # external data files, linked into the bundle under the same names
     dtype: str = "float32"  # what its linear layers compute in: float32, float16, or both ("float32+float16")
+    blocks: str = ""  # ops over quantized blocks kept from a GGUF ("210 MatMulNBits 4-bit, ..."); "" for none
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@ quantized blocks), read back by lora_runtime and compared with the numpy forward
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -97,12 +99,27 @@ def unpermute_ref(w: np.ndarray, heads: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize(("qtype", "tied"), [("F32", False), ("Q8_0", True), ("Q4_0", False)])
-def test_gguf_graph_matches_the_weights_it_holds(tmp_path, qtype, tied):
+@pytest.mark.parametrize(("qtype", "tied", "keep"), [
+    ("F32", False, True), ("Q8_0", True, True), ("Q8_0", True, False), ("Q4_0", False, True), ("Q4_0", False, False),
+    ("Q4_1", False, True), ("Q4_1", True, True), ("Q4_1", False, False)])
+def test_gguf_graph_matches_the_weights_it_holds(tmp_path, qtype, tied, keep):
+    """Kept blocks (MatMulNBits, GatherBlockQuantized, Q4_1's block-sum correction) or dequantized to float32:
+    the same weights, the numpy forward of what gguf itself dequantizes."""
     q = getattr(gguf.GGMLQuantizationType, qtype)
     reference, original = _write_gguf(tmp_path / "tiny.gguf", q, tied)
-    path, model = build_from_gguf(tmp_path / "tiny.gguf", tmp_path / "onnx", kv_cache=False, max_seq=SHAPE.max_seq)
+    path, model = build_from_gguf(tmp_path / "tiny.gguf", tmp_path / "onnx", kv_cache=False, max_seq=SHAPE.max_seq,
+                                  keep_blocks=keep)
     assert dataclasses.replace(model.shape, rms_eps=SHAPE.rms_eps) == SHAPE and model.tied == tied
+    ops = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+    kept = keep and qtype != "F32"
+    # 4-bit: every linear layer the file holds as blocks (rows of a multiple of 32 values) and the head; 8-bit
+    # linear layers run float at accuracy level 0 (see blocks.py), the 8-bit embedding table stays blocks
+    linear = [n for n, t in model.tensors.items() if t.tensor_type.name == qtype and n != "token_embd.weight"]
+    assert ops["MatMulNBits"] == (len(linear) + tied if kept and qtype != "Q8_0" else 0)
+    assert ops["GatherBlockQuantized"] == (1 if kept and qtype == "Q8_0" else 0)
+    # Q4_1: block sums once per input (q/k/v share one, gate/up one)
+    shared = sum(f"blk.{i}.{x}.weight" in linear for i in range(SHAPE.n_layers) for x in ("attn_k", "attn_v", "ffn_up"))
+    assert ops["ReduceSum"] == (len(linear) + tied - shared if kept and qtype == "Q4_1" else 0)
     assert model.shape.rms_eps == pytest.approx(SHAPE.rms_eps, rel=1e-6)  # GGUF stores it as float32
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ids = np.random.default_rng(5).integers(0, SHAPE.vocab, (1, 9), dtype=np.int64)
@@ -111,6 +128,24 @@ def test_gguf_graph_matches_the_weights_it_holds(tmp_path, qtype, tied):
     if qtype == "F32":  # lossless: the original Hugging Face weights, un-permuted, give the same logits
         hf = {k: (v.T if v.ndim == 2 and k != "model.embed_tokens.weight" else v) for k, v in original.items()}
         np.testing.assert_allclose(got, _numpy_forward(ids, hf), atol=3e-4, rtol=1e-4)
+
+
+def test_kept_8_bit_blocks_at_accuracy_level_4_run_as_blocks(tmp_path):
+    """Accuracy level 4 (activations to 8-bit blocks, llama.cpp's arithmetic): every Q8_0 weight stays blocks, the
+    tied head reads the embedding's own bytes; close to the exact forward, not equal to it."""
+    reference, _ = _write_gguf(tmp_path / "tiny.gguf", gguf.GGMLQuantizationType.Q8_0, True)
+    path, _ = build_from_gguf(tmp_path / "tiny.gguf", tmp_path / "onnx", kv_cache=False, max_seq=SHAPE.max_seq,
+                              accuracy_level=4)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["MatMulNBits"] >= 5 * SHAPE.n_layers + 1 and ops["GatherBlockQuantized"] == 1
+    head = next(n for n in graph.node if n.name == "lm_head.MatMulNBits")
+    assert head.input[1] == "model.embed_tokens.weight.q8"  # one copy of the tied table
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(5).integers(0, SHAPE.vocab, (1, 9), dtype=np.int64)
+    got, want = sess.run(None, {"input_ids": ids})[0], _numpy_forward(ids, reference)
+    sqnr = 10 * np.log10(np.sum(want.astype(np.float64) ** 2) / np.sum((got - want).astype(np.float64) ** 2))
+    assert 25 < sqnr < 90, sqnr  # int8 activations: near, and not exact
 
 
 def test_unpermute_inverts_llama_cpp_permute():

@@ -147,7 +147,7 @@ def test_static_cache_prefill_and_decode_graphs_generate_as_transformers(tmp_pat
     except BaseModelError as e:
         pytest.skip(str(e))
     model = tmp_path / "static"
-    import_gguf(gguf, model, static_cache=80)
+    import_gguf(gguf, model, static_cache=80, weights="float32")
     from lora_runtime.demo_llm import shipped_adapters
 
     name, folder = next(iter(shipped_adapters().items()))

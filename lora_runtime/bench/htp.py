@@ -118,7 +118,7 @@ def run_bench_htp_smollm2(work: Path | None = None, quick: bool = False) -> dict
     with Progress("bench", total=5, delay_s=0.0) as bar:
         model_dir = work / f"model-static{SLOTS}"
         if not (model_dir / "base.onnx").is_file():
-            import_gguf(find_smollm2(), model_dir, static_cache=SLOTS)
+            import_gguf(find_smollm2(), model_dir, static_cache=SLOTS, weights="float32")
         calib = calibration_data(model_dir, work / "calibration.npz", samples=16 if quick else 32, seq_len=PREFILL,
                                  force=True)
         bar.step("model")

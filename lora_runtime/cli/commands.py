@@ -250,7 +250,7 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with Progress("import", total=None) as bar:  # per tensor, with the count and an ETA
         path = import_model(src, args.out, max_seq=args.max_seq, static_cache=args.static_cache, force=args.force,
-                            report=bar.step)
+                            report=bar.step, weights=args.weights, accuracy_level=args.accuracy_level)
     beside = [f for f in ("base.onnx.data", "tokenizer.json", "chat.json") if (path.parent / f).is_file()]
     note = "" if (path.parent / "tokenizer.json").is_file() else \
         "; no tokenizer.json in the source: bundles of it run, but cannot generate text"

@@ -159,6 +159,15 @@ def parser() -> argparse.ArgumentParser:
     ig.add_argument("--static-cache", type=int, default=None, metavar="C",
                     help="a fixed KV cache of C slots (what an accelerator deploys: compile it with --static-shape "
                          "sequence=N --decode-shape sequence=1); C is then the longest prompt + generation")
+    ig.add_argument("--weights", choices=["blocks", "float32"], default="blocks",
+                    help="GGUF: 'blocks' keeps the file's Q4_0/Q4_1/Q8_0 tensors as they are (ONNX Runtime's "
+                         "MatMulNBits; exact, small, fast); 'float32' dequantizes all of them into a standard-ONNX "
+                         "graph, which --encodings, --target htp, merge and modules_to_save need. Hugging Face "
+                         "folders are always float")
+    ig.add_argument("--accuracy-level", type=int, choices=[0, 4], default=0,
+                    help="kept 4-bit blocks: 0 computes the file's weights exactly in float32; 4 quantizes "
+                         "activations to 8-bit blocks as llama.cpp's own Q4 dot products do (faster, not exact; "
+                         "`bench --model smollm2` measures both)")
     ig.set_defaults(func=commands.cmd_import_gguf)
 
     cd = sub("calibration-data", "calibration samples for an imported LLM from built-in prompts")

@@ -38,7 +38,7 @@ from lora_runtime.compiler.patches import (
     plan_branches,
     point_record,
 )
-from lora_runtime.compiler.points import attach, attach_saved
+from lora_runtime.compiler.points import attach, attach_saved, blocks_summary
 from lora_runtime.compiler.qairt import write_qairt_artefacts
 from lora_runtime.compiler.quantize import FloatStage, quantize_bundle
 from lora_runtime.compiler.use_cases import UseCaseSpec, check_use_cases, default_adapter, load_adapters
@@ -111,6 +111,8 @@ def compile_bundle(base: str | os.PathLike[str],
     model, data_files = load_base(base)
     base_type = base_float_type(model, base)
     _check_base_type(base, base_type, options)
+    blocks = blocks_summary(model.graph)
+    _check_blocks(base, blocks, loaded, options)
     check_adapter_bases(model, base, loaded)
     say("resolving attachment points")
     gen = options.generation
@@ -136,7 +138,7 @@ def compile_bundle(base: str | os.PathLike[str],
         if decode is not None:
             target = dataclasses.replace(target, decode=_static_decode(decode, base.parent, options, say))
         manifest = Manifest(
-            generation=gen, base=BaseInfo(base.name, sha256_file(base), base.stat().st_size, (), base_type),
+            generation=gen, base=BaseInfo(base.name, sha256_file(base), base.stat().st_size, (), base_type, blocks),
             points=tuple(point_record(b, loaded, gen) for b in branches), slots=(*layout.slots, *saved.slots),
             adapters=tuple(AdapterInfo(a.name, a.source, a.sha256, a.config.to_json(), a.nbytes,
                                        adapter_patch(a.name) if gen != "v3" else None,
@@ -228,6 +230,18 @@ def _check_base_type(base: Path, base_type: str, options: CompileOptions) -> Non
         raise BaseModelError(f"{base}: base is {base_type}: --encodings builds its QDQ graph for float32 bases "
                              "(float32 scales, Q/DQ and int8 kernels around float32 activations); export the base in "
                              "float32, which the encodings then quantize")
+
+
+def _check_blocks(base: Path, blocks: str, adapters: Sequence[Adapter], options: CompileOptions) -> None:
+    """What a base that keeps a GGUF's quantized blocks cannot take (they read or rewrite float weights)."""
+    if not blocks:
+        return
+    what = ("--encodings" if options.quant is not None else "--target htp" if options.target == "htp"
+            else "--base-weights int8" if options.weight_only is not None and options.weight_only.bits == 8
+            else "modules_to_save" if any(a.saved for a in adapters) else None)
+    if what is not None:
+        raise BaseModelError(f"{base}: the base keeps the GGUF's quantized blocks ({blocks}), and {what} needs float "
+                             "weights; import the GGUF with --weights float32 for it")
 
 
 def _check_saved(adapters: Sequence[Adapter], options: CompileOptions) -> None:

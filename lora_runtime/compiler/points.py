@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ import onnx
 from lora_runtime.compiler.adapter import Adapter
 from lora_runtime.errors import AttachmentError, BaseModelError
 from lora_runtime.graph import consumers, node_keys
+from lora_runtime.models.blocks import MS_DOMAIN
 from lora_runtime.names import lora_a, lora_b
 
 log = logging.getLogger(__name__)
@@ -77,13 +79,23 @@ class SavedPoint:
     has_bias: bool  # the saved module has a bias (a slot; holding zeros for the base when the op had none)
 
 
-def find_candidates(graph: onnx.GraphProto) -> list[Candidate]:
-    """Every MatMul/Gemm in the top-level graph whose weight is a constant 2-D initializer, in graph order."""
+def find_candidates(graph: onnx.GraphProto, blocks: bool = False) -> list[Candidate]:
+    """Every MatMul/Gemm in the top-level graph whose weight is a constant 2-D initializer, in graph order.
+
+    ``blocks``: also every ``MatMulNBits`` over constant blocks (a base that keeps a GGUF's quantized weights,
+    ``models.blocks``): LoRA attaches to those as to a float op, but passes that read or rewrite float weights
+    (saved modules, QDQ, weight-only quantization, merging) must not see them."""
     inits = {t.name: t for t in graph.initializer}
     producers = {out: n for n in graph.node for out in n.output}
     keys = node_keys(graph)
     out = []
     for i, node in enumerate(graph.node):
+        if blocks and node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN and node.input[1] in inits:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            out.append(Candidate(keys[i], node.op_type, node.input[0], node.output[0], node.input[1],
+                                 int(attrs["K"]), int(attrs["N"]), _block_aliases(node), False,
+                                 inits[node.input[2]].data_type))
+            continue
         if node.op_type not in ("MatMul", "Gemm"):
             continue
         name = keys[i]
@@ -105,7 +117,7 @@ def attach(graph: onnx.GraphProto, adapters: Sequence[Adapter], base: Path) -> l
     ``base`` (the model's path) is named in messages. Each pair's A/B must fit the op's in/out features, and no
     two module paths (of different adapters) may reach one op.
     """
-    candidates = find_candidates(graph)
+    candidates = find_candidates(graph, blocks=True)
     if not candidates:
         raise BaseModelError(f"{base}: no MatMul/Gemm with a constant 2-D weight: nothing to attach LoRA to")
     by_module: dict[str, AttachmentPoint] = {}
@@ -263,6 +275,23 @@ def _weight_of(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
     if len(inits[w].dims) != 2:
         return f"weight {w!r} is {len(inits[w].dims)}-D"
     return w, transposed
+
+
+def _block_aliases(node: onnx.NodeProto) -> tuple[str, ...]:
+    """A kept-blocks op's module path: from its codes ``<module>.weight.q4`` and its name ``<module>.MatMulNBits``."""
+    names = [re.sub(r"\.weight\.q\d+$", "", node.input[1]), node.name.removesuffix(".MatMulNBits")]
+    return tuple(dict.fromkeys(n for n in names if n and n != node.input[1]))
+
+
+def blocks_summary(graph: onnx.GraphProto) -> str:
+    """The base's ops over quantized blocks, e.g. ``"210 MatMulNBits 4-bit, 1 GatherBlockQuantized 8-bit"``; ""
+    for a base without any."""
+    found: dict[str, int] = {}
+    for n in graph.node:
+        if n.domain == MS_DOMAIN and n.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            bits = next((a.i for a in n.attribute if a.name == "bits"), 0)
+            found[f"{n.op_type} {bits}-bit"] = found.get(f"{n.op_type} {bits}-bit", 0) + 1
+    return ", ".join(f"{v} {k}" for k, v in sorted(found.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _aliases(node: onnx.NodeProto, weight: str) -> tuple[str, ...]:

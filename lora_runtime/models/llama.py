@@ -26,18 +26,17 @@ from typing import BinaryIO
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from lora_runtime.errors import BaseModelError, InputError
-from lora_runtime.external_data import DataWriter
+from lora_runtime.models.blocks import MS_DOMAIN, KeptWriter
+from lora_runtime.models.llama_graph import DATA_FILE, GraphWriter, KeptBlocks, Weights
 from lora_runtime.names import CACHE_SLOTS, KV_PAIRS
 from lora_runtime.progress import Stage
 
-DATA_FILE = "base.onnx.data"
 MASK = -50.0  # an empty cache slot's past_bias: far below real scores, and within a quantized encoding's reach
 
-# name, shape in graph layout (linear weights (in, out)) -> float32 values
-Weights = Callable[[str, tuple[int, ...]], np.ndarray]
+__all__ = ["DATA_FILE", "MASK", "KeptBlocks", "LlamaShape", "Weights", "build_llama", "linear_shapes", "tensor_names"]
 
 
 @dataclass(frozen=True)
@@ -111,8 +110,8 @@ def tensor_names(s: LlamaShape) -> set[str]:
 
 
 def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None, kv_cache: bool = False,
-                static_cache: int | None = None, name: str = "llama",
-                report: Callable[[str], None] | None = None) -> onnx.ModelProto:
+                static_cache: int | None = None, name: str = "llama", report: Callable[[str], None] | None = None,
+                blocks: KeptBlocks | None = None, accuracy_level: int = 0) -> onnx.ModelProto:
     """The decoder graph; weights are asked for one at a time, in graph order.
 
     With ``data`` (a file opened for writing, named ``base.onnx.data`` next to the model), every
@@ -127,13 +126,19 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
     ``metadata_props`` pair every ``past_*`` input with its ``present_*`` output (``KV_PAIRS``).
 
     ``report``: told after each weight (``converting 57/273 tensors, 12 s, ETA 31 s: <name>``).
+
+    ``blocks`` (with ``data``): a weight the source holds as quantized blocks it can keep (``models.blocks``)
+    becomes ``MatMulNBits`` (``accuracy_level`` 0: float compute) or ``GatherBlockQuantized`` over those
+    blocks, never dequantized; the others are asked of ``weights``.
     """
     s.check()
     if static_cache is not None and not 1 <= static_cache <= s.max_seq:
         raise InputError(f"static_cache {static_cache}: between 1 and the model's {s.max_seq} positions")
     work = s.vocab * s.d_model + sum(i * o for i, o in linear_shapes(s).values())  # (norms and biases: ~0)
     stage = Stage(report, "converting", len(tensor_names(s)), "tensors", work=work) if report else None
-    g = _Graph(weights, data, stage)
+    g = GraphWriter(weights, data, stage)
+    if blocks is not None and g.data is not None:
+        g.blocks, g.kept = blocks, KeptWriter(g.data, accuracy_level)
     d, hd = s.d_model, s.head_dim
     rep = s.n_heads // s.n_kv_heads
     inv = 1.0 / (s.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
@@ -159,8 +164,7 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
     else:
         _positions(g, kv_cache)
 
-    g.weight("model.embed_tokens.weight", (s.vocab, d))
-    h = g.node("Gather", ["model.embed_tokens.weight", "input_ids"], ["h.embed"], axis=0)  # (1, T, d)
+    h = g.embedding("model.embed_tokens.weight", (s.vocab, d), "h.embed")  # (1, T, d)
     if s.embed_scale is not None:
         h = g.node("Mul", [h, g.const("c.embed_scale", np.array(s.embed_scale, np.float32))], ["h.scaled"])
     kv_io: list[tuple[str, str]] = []
@@ -237,7 +241,8 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
             outputs.append(helper.make_tensor_value_info(f"present_{kind}", TensorProto.FLOAT,
                                                          [1, s.n_kv_heads, present, hd]))
     graph = helper.make_graph(g.nodes, name, inputs, outputs, g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", s.opset)],
+    opsets = [helper.make_opsetid("", s.opset)] + ([helper.make_opsetid(MS_DOMAIN, 1)] if g.kept else [])
+    model = helper.make_model(graph, opset_imports=opsets,
                               producer_name="lora_runtime.models.llama")
     model.ir_version = 8
     if static_cache:
@@ -246,7 +251,7 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
     return model
 
 
-def _positions(g: _Graph, kv_cache: bool) -> None:
+def _positions(g: GraphWriter, kv_cache: bool) -> None:
     """Positions past .. past+T-1 and the causal mask (T, past+T): key j is visible from query i if j <= past+i."""
     if kv_cache:
         g.node("Shape", ["past_key.0"], ["past_shape"])
@@ -263,7 +268,7 @@ def _positions(g: _Graph, kv_cache: bool) -> None:
     g.node("Where", ["visible", "c.open", "c.masked"], ["mask"])
 
 
-def _static_positions(g: _Graph, slots: int) -> None:
+def _static_positions(g: GraphWriter, slots: int) -> None:
     """The caller's positions, and the mask (1, 1, T, C+T): the cache slots by ``past_bias``, the new tokens
     causally among themselves."""
     g.node("Squeeze", ["position_ids", g.const("c.axes0", np.array([0], np.int64))], ["positions"])  # (T,)
@@ -279,101 +284,3 @@ def _static_positions(g: _Graph, slots: int) -> None:
                       g.const("c.slots", np.array([slots], np.int64))], ["past_mask_shape"], axis=0)
     g.node("Expand", ["past_bias", "past_mask_shape"], ["past_mask"])  # (1, 1, T, C)
     g.node("Concat", ["past_mask", "new_mask4"], ["mask"], axis=-1)  # (1, 1, T, C+T)
-
-
-class _Graph:
-    """Tiny builder: nodes, initializers (inline or streamed to external data) and fresh names."""
-
-    def __init__(self, weights: Weights, data: BinaryIO | None = None, stage: Stage | None = None) -> None:
-        self.weights = weights
-        self.stage = stage
-        self.data = DataWriter(data, DATA_FILE) if data is not None else None
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[TensorProto] = []
-        self.made: set[str] = set()
-        self.count = 0
-
-    def fresh(self, stem: str) -> str:
-        self.count += 1
-        return f"{stem}_{self.count}"
-
-    def const(self, name: str, value: np.ndarray) -> str:
-        if self.data is None or value.nbytes < 1024:
-            self.inits.append(numpy_helper.from_array(value, name))
-        else:
-            self.inits.append(self.data.array(name, value))
-        return name
-
-    def shared(self, name: str, value: np.ndarray) -> str:
-        """A constant made once, however many layers use it."""
-        if name not in self.made:
-            self.made.add(self.const(name, value))
-        return name
-
-    def weight(self, name: str, shape: tuple[int, ...]) -> str:
-        w = np.asarray(self.weights(name, shape), np.float32)
-        if w.shape != shape:
-            raise BaseModelError(f"weight {name!r}: got shape {w.shape}, the graph needs {shape}")
-        made = self.const(name, w)
-        if self.stage is not None:
-            self.stage.step(name, work=w.size)
-        return made
-
-    def node(self, op: str, inputs: list[str], outputs: list[str], name: str | None = None, **attrs: object) -> str:
-        self.nodes.append(helper.make_node(op, inputs, outputs, name=name or outputs[0], **attrs))
-        return outputs[0]
-
-    def linear(self, module: str, x: str, d_in: int, d_out: int, out: str | None = None, bias: bool = False) -> str:
-        w = self.weight(f"{module}.weight", (d_in, d_out))  # (in, out): MatMul layout
-        if not bias:
-            return self.node("MatMul", [x, w], [out or f"{module}.out"], name=f"{module}.MatMul")
-        y = self.node("MatMul", [x, w], [f"{module}.matmul"], name=f"{module}.MatMul")
-        return self.node("Add", [y, self.weight(f"{module}.bias", (d_out,))], [out or f"{module}.out"])
-
-    def rms_norm(self, module: str, x: str, d: int) -> str:
-        w = self.weight(f"{module}.weight", (d,))
-        sq = self.node("Pow", [x, "c.two_f"], [self.fresh("sq")])  # Pow, not Mul: ORT fuses this pattern
-        ms = self.node("ReduceMean", [sq], [self.fresh("ms")], axes=[-1], keepdims=1)
-        rs = self.node("Sqrt", [self.node("Add", [ms, "c.eps"], [self.fresh("mse")])], [self.fresh("rms")])
-        normed = self.node("Div", [x, rs], [self.fresh("normed")])
-        return self.node("Mul", [normed, w], [f"{module}.out"])
-
-    def activation(self, x: str, kind: str) -> str:
-        """silu; gelu_tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); gelu: 0.5 x (1 + erf(x / sqrt(2)))."""
-        if kind == "silu":
-            return self.node("Mul", [x, self.node("Sigmoid", [x], [self.fresh("sig")])], [self.fresh("silu")])
-        c = {name: self.shared(f"c.gelu.{name}", np.array(v, np.float32)) for name, v in (
-            ("half", 0.5), ("one", 1.0), ("k", 0.044715), ("s", np.sqrt(2.0 / np.pi)), ("r2", 1.0 / np.sqrt(2.0)))}
-        if kind == "gelu_tanh":
-            cube = self.node("Mul", [self.node("Mul", [x, x], [self.fresh("x2")]), x], [self.fresh("x3")])
-            inner = self.node("Add", [x, self.node("Mul", [cube, c["k"]], [self.fresh("kx3")])], [self.fresh("in")])
-            t = self.node("Tanh", [self.node("Mul", [inner, c["s"]], [self.fresh("sin")])], [self.fresh("tanh")])
-        elif kind == "gelu":
-            t = self.node("Erf", [self.node("Mul", [x, c["r2"]], [self.fresh("xr2")])], [self.fresh("erf")])
-        else:
-            raise BaseModelError(f"activation {kind!r} is not supported (silu, gelu_tanh, gelu)")
-        half = self.node("Mul", [x, c["half"]], [self.fresh("hx")])
-        return self.node("Mul", [half, self.node("Add", [t, c["one"]], [self.fresh("t1")])], [self.fresh("gelu")])
-
-    def softcap(self, x: str, cap: float, what: str, out: str | None = None) -> str:
-        """cap * tanh(x / cap)."""
-        c = self.shared(f"c.softcap.{what}", np.array(cap, np.float32))
-        t = self.node("Tanh", [self.node("Div", [x, c], [self.fresh("capped")])], [self.fresh("tanh")])
-        return self.node("Mul", [t, c], [out or self.fresh("softcap")])
-
-    def heads(self, x: str, shape: str) -> str:
-        r = self.node("Reshape", [x, shape], [self.fresh("split")])  # (1, T, H, hd)
-        return self.node("Transpose", [r], [self.fresh("heads")], perm=[0, 2, 1, 3])  # (1, H, T, hd)
-
-    def rope(self, x: str) -> str:
-        x1, x2 = self.fresh("x1"), self.fresh("x2")
-        self.node("Split", [x, "c.half"], [x1, x2], axis=-1)
-        rot = self.node("Concat", [self.node("Neg", [x2], [self.fresh("neg")]), x1], [self.fresh("rot")], axis=-1)
-        a = self.node("Mul", [x, "cos"], [self.fresh("xcos")])
-        b = self.node("Mul", [rot, "sin"], [self.fresh("xsin")])
-        return self.node("Add", [a, b], [self.fresh("roped")])
-
-    def repeat_kv(self, x: str) -> str:
-        u = self.node("Unsqueeze", [x, self.const(self.fresh("c.ax2"), np.array([2], np.int64))], [self.fresh("u")])
-        e = self.node("Expand", [u, "c.rep"], [self.fresh("rep")])  # (1, KV, rep, T, hd)
-        return self.node("Reshape", [e, "c.merge"], [self.fresh("kv")])  # (1, H, T, hd)

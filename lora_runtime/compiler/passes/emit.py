@@ -12,32 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 from lora_runtime.external_data import DataWriter, in_patch, location, read_tensor
 from lora_runtime.graph import GraphEdit
-from lora_runtime.names import block_scales, packed_weight
+from lora_runtime.models.blocks import MS_DOMAIN, matmul_nbits
 
-MS_DOMAIN = "com.microsoft"
-
-
-def matmul_nbits(writer: DataWriter, weight: str, x: str, outputs: list[str], name: str, codes: np.ndarray,
-                 scales: np.ndarray, k: int, bits: int, accuracy_level: int, bias: str | None = None,
-                 scale_type: int = TensorProto.FLOAT) -> tuple[onnx.NodeProto, list[TensorProto]]:
-    """ONNX Runtime's ``MatMulNBits`` over unsigned ``codes`` (N, blocks, block_size) uint8, dequantized as
-    ``(code - 2^(bits-1)) * scale`` with ``scales`` (N, blocks); 4-bit codes are packed two per byte, low
-    nibble first. ``scale_type`` is the type of ``x`` (float32, or float16 for a float16 layer). Returns the node
-    and its two initializers (written to ``writer``)."""
-    n, _, block_size = codes.shape
-    packed = codes if bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-    b_name, s_name = packed_weight(weight, bits), block_scales(weight)
-    scales = scales.reshape(-1).astype(helper.tensor_dtype_to_np_dtype(scale_type))
-    inits = [writer.tensor(b_name, packed, TensorProto.UINT8, list(packed.shape)),
-             writer.tensor(s_name, scales, scale_type, [scales.size])]
-    node = helper.make_node("MatMulNBits", [x, b_name, s_name] + (["", "", bias] if bias else []), outputs,
-                            name=name, domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block_size,
-                            accuracy_level=accuracy_level)
-    return node, inits
+__all__ = ["MS_DOMAIN", "consumed", "matmul_nbits", "onnx_type", "own_base_tensors", "use_ms_domain"]
 
 
 def own_base_tensors(graph: onnx.GraphProto, writer: DataWriter, base_dir: Path) -> None:

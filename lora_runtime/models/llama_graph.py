@@ -1,0 +1,150 @@
+"""The Llama builder's tiny graph writer: nodes, initializers (inline or streamed to external data), fresh names,
+and the building blocks every layer repeats (linear layers, float or over kept blocks; RMSNorm; rotary; ...)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import BinaryIO
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from lora_runtime.errors import BaseModelError
+from lora_runtime.external_data import DataWriter
+from lora_runtime.models.blocks import Blocks, KeptWriter
+from lora_runtime.progress import Stage
+
+DATA_FILE = "base.onnx.data"
+
+# name, shape in graph layout (linear weights (in, out)) -> float32 values
+Weights = Callable[[str, tuple[int, ...]], np.ndarray]
+# name -> the weight as blocks the graph keeps (rows = output features), or None: ask Weights
+KeptBlocks = Callable[[str], Blocks | None]
+
+
+class GraphWriter:
+    """Tiny builder: nodes, initializers (inline or streamed to external data) and fresh names."""
+
+    def __init__(self, weights: Weights, data: BinaryIO | None = None, stage: Stage | None = None) -> None:
+        self.weights = weights
+        self.stage = stage
+        self.data = DataWriter(data, DATA_FILE) if data is not None else None
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.made: set[str] = set()
+        self.count = 0
+        self.blocks: KeptBlocks | None = None
+        self.kept: KeptWriter | None = None
+
+    def fresh(self, stem: str) -> str:
+        self.count += 1
+        return f"{stem}_{self.count}"
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        if self.data is None or value.nbytes < 1024:
+            self.inits.append(numpy_helper.from_array(value, name))
+        else:
+            self.inits.append(self.data.array(name, value))
+        return name
+
+    def shared(self, name: str, value: np.ndarray) -> str:
+        """A constant made once, however many layers use it."""
+        if name not in self.made:
+            self.made.add(self.const(name, value))
+        return name
+
+    def weight(self, name: str, shape: tuple[int, ...]) -> str:
+        w = np.asarray(self.weights(name, shape), np.float32)
+        if w.shape != shape:
+            raise BaseModelError(f"weight {name!r}: got shape {w.shape}, the graph needs {shape}")
+        made = self.const(name, w)
+        self._step(name, w.size)
+        return made
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], name: str | None = None, **attrs: object) -> str:
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name or outputs[0], **attrs))
+        return outputs[0]
+
+    def _kept(self, name: str, shape: tuple[int, int]) -> Blocks | None:
+        """The blocks of a weight the graph keeps quantized ((rows, K) = ``shape``), or None."""
+        b = self.blocks(name) if self.blocks is not None else None
+        if b is not None and (b.rows, b.k) != shape:
+            raise BaseModelError(f"weight {name!r}: blocks of {b.rows}x{b.k}, the graph needs {shape[0]}x{shape[1]}")
+        return b
+
+    def _step(self, name: str, size: int) -> None:
+        if self.stage is not None:
+            self.stage.step(name, work=size)
+
+    def embedding(self, name: str, shape: tuple[int, int], out: str) -> str:
+        b = self._kept(name, shape)
+        made = self.kept.embedding(name, "input_ids", out, b) if b is not None and self.kept else None
+        if made is None:
+            return self.node("Gather", [self.weight(name, shape), "input_ids"], [out], axis=0)
+        self.nodes += made[0]
+        self.inits += made[1]
+        self._step(name, shape[0] * shape[1])
+        return out
+
+    def linear(self, module: str, x: str, d_in: int, d_out: int, out: str | None = None, bias: bool = False) -> str:
+        y = f"{module}.matmul" if bias else out or f"{module}.out"
+        b = self._kept(f"{module}.weight", (d_out, d_in))
+        made = self.kept.linear(f"{module}.weight", module, x, y, b) if b is not None and self.kept else None
+        if made is not None:
+            self.nodes += made[0]
+            self.inits += made[1]
+            self._step(f"{module}.weight", d_in * d_out)
+        else:
+            self.node("MatMul", [x, self.weight(f"{module}.weight", (d_in, d_out))], [y], name=f"{module}.MatMul")
+        if not bias:
+            return y
+        return self.node("Add", [y, self.weight(f"{module}.bias", (d_out,))], [out or f"{module}.out"])
+
+    def rms_norm(self, module: str, x: str, d: int) -> str:
+        w = self.weight(f"{module}.weight", (d,))
+        sq = self.node("Pow", [x, "c.two_f"], [self.fresh("sq")])  # Pow, not Mul: ORT fuses this pattern
+        ms = self.node("ReduceMean", [sq], [self.fresh("ms")], axes=[-1], keepdims=1)
+        rs = self.node("Sqrt", [self.node("Add", [ms, "c.eps"], [self.fresh("mse")])], [self.fresh("rms")])
+        normed = self.node("Div", [x, rs], [self.fresh("normed")])
+        return self.node("Mul", [normed, w], [f"{module}.out"])
+
+    def activation(self, x: str, kind: str) -> str:
+        """silu; gelu_tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); gelu: 0.5 x (1 + erf(x / sqrt(2)))."""
+        if kind == "silu":
+            return self.node("Mul", [x, self.node("Sigmoid", [x], [self.fresh("sig")])], [self.fresh("silu")])
+        c = {name: self.shared(f"c.gelu.{name}", np.array(v, np.float32)) for name, v in (
+            ("half", 0.5), ("one", 1.0), ("k", 0.044715), ("s", np.sqrt(2.0 / np.pi)), ("r2", 1.0 / np.sqrt(2.0)))}
+        if kind == "gelu_tanh":
+            cube = self.node("Mul", [self.node("Mul", [x, x], [self.fresh("x2")]), x], [self.fresh("x3")])
+            inner = self.node("Add", [x, self.node("Mul", [cube, c["k"]], [self.fresh("kx3")])], [self.fresh("in")])
+            t = self.node("Tanh", [self.node("Mul", [inner, c["s"]], [self.fresh("sin")])], [self.fresh("tanh")])
+        elif kind == "gelu":
+            t = self.node("Erf", [self.node("Mul", [x, c["r2"]], [self.fresh("xr2")])], [self.fresh("erf")])
+        else:
+            raise BaseModelError(f"activation {kind!r} is not supported (silu, gelu_tanh, gelu)")
+        half = self.node("Mul", [x, c["half"]], [self.fresh("hx")])
+        return self.node("Mul", [half, self.node("Add", [t, c["one"]], [self.fresh("t1")])], [self.fresh("gelu")])
+
+    def softcap(self, x: str, cap: float, what: str, out: str | None = None) -> str:
+        """cap * tanh(x / cap)."""
+        c = self.shared(f"c.softcap.{what}", np.array(cap, np.float32))
+        t = self.node("Tanh", [self.node("Div", [x, c], [self.fresh("capped")])], [self.fresh("tanh")])
+        return self.node("Mul", [t, c], [out or self.fresh("softcap")])
+
+    def heads(self, x: str, shape: str) -> str:
+        r = self.node("Reshape", [x, shape], [self.fresh("split")])  # (1, T, H, hd)
+        return self.node("Transpose", [r], [self.fresh("heads")], perm=[0, 2, 1, 3])  # (1, H, T, hd)
+
+    def rope(self, x: str) -> str:
+        x1, x2 = self.fresh("x1"), self.fresh("x2")
+        self.node("Split", [x, "c.half"], [x1, x2], axis=-1)
+        rot = self.node("Concat", [self.node("Neg", [x2], [self.fresh("neg")]), x1], [self.fresh("rot")], axis=-1)
+        a = self.node("Mul", [x, "cos"], [self.fresh("xcos")])
+        b = self.node("Mul", [rot, "sin"], [self.fresh("xsin")])
+        return self.node("Add", [a, b], [self.fresh("roped")])
+
+    def repeat_kv(self, x: str) -> str:
+        u = self.node("Unsqueeze", [x, self.const(self.fresh("c.ax2"), np.array([2], np.int64))], [self.fresh("u")])
+        e = self.node("Expand", [u, "c.rep"], [self.fresh("rep")])  # (1, KV, rep, T, hd)
+        return self.node("Reshape", [e, "c.merge"], [self.fresh("kv")])  # (1, H, T, hd)

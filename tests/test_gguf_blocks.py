@@ -1,0 +1,127 @@
+"""A GGUF's quantized blocks kept (``import-model`` by default): the blocks read against gguf's own dequantizer,
+and SmolLM2's Q4_1/Q8_0 file imported with its blocks against transformers + PEFT (tests/fixtures/smollm2) and
+against the float32 import of the same file."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from conftest import FIXTURES
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("tokenizers")
+
+from lora_runtime import Runtime, compile_bundle  # noqa: E402
+from lora_runtime.compiler.options import CompileOptions, QuantOptions  # noqa: E402
+from lora_runtime.errors import BaseModelError, UseCaseError  # noqa: E402
+from lora_runtime.llm import Chat, generate  # noqa: E402
+from lora_runtime.models.blocks import KEPT, from_ggml  # noqa: E402
+
+REF = json.loads((FIXTURES / "smollm2" / "reference.json").read_text())
+NPZ = np.load(FIXTURES / "smollm2" / "reference.npz")
+
+
+@pytest.mark.parametrize("kind", KEPT)
+def test_blocks_are_what_gguf_dequantizes(kind):
+    """Random blocks (codes and float16 scales/minimums as raw bytes): codes, scales and offsets give back
+    gguf.quants.dequantize's values exactly."""
+    rng = np.random.default_rng(3)
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    per_block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    rows, k = 6, 4 * per_block
+    raw = rng.integers(0, 256, (rows, k // per_block, block_bytes), dtype=np.uint8)
+    heads = 4 if kind == "Q4_1" else 2  # float16 fields at the block's start: d (and Q4_1's m)
+    raw[..., :heads] = (rng.standard_normal((rows, k // per_block, heads // 2)) * 0.02).astype(np.float16).view(
+        np.uint8).reshape(rows, k // per_block, heads)
+    raw = raw.reshape(rows, -1)
+    b = from_ggml(raw, kind, rows, k)
+    want = gguf.quants.dequantize(raw, qtype).reshape(rows, k)
+    np.testing.assert_array_equal(b.dequantize(), want.astype(np.float32))
+    assert b.bits == (8 if kind == "Q8_0" else 4) and (b.offsets is not None) == (kind == "Q4_1")
+    assert from_ggml(raw, "Q6_K", rows, k) is None  # a type not kept: the importer dequantizes it
+
+
+def _session(model: str):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def _prefill(sess, ids):
+    empty = np.zeros((1, 3, 0, 64), np.float32)
+    past = {i.name: empty for i in sess.get_inputs() if i.name.startswith("past_")}
+    return sess.run(["logits"], {"input_ids": np.array([ids], np.int64)} | past)[0][0]
+
+
+def test_smollm2_with_its_blocks_kept_is_the_file_s_own_weights(smollm2_blocks, smollm2_model):
+    """Q4_1 linear layers as MatMulNBits (+ the block-sum correction), the Q8_0 embedding table as
+    GatherBlockQuantized; logits as transformers' on the dequantized weights, >= 60 dB against the float32
+    import of the same file, greedy tokens as transformers'."""
+    graph = onnx.load(str(smollm2_blocks / "base.onnx"), load_external_data=False).graph
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["MatMulNBits"] == 7 * 30 and ops["GatherBlockQuantized"] == 1
+    assert json.loads((smollm2_blocks / "chat.json").read_text())["weights"] == "blocks"
+    size = (smollm2_blocks / "base.onnx.data").stat().st_size
+    # the 4-bit layers and the 8-bit table at an eighth and a quarter of float32; the tied head is float32 at
+    # accuracy level 0 (an 8-bit MatMulNBits below level 4 has no fast kernel): 35 % of the float import in all
+    assert size < 0.4 * (smollm2_model / "base.onnx.data").stat().st_size
+    blocks, floats = _session(str(smollm2_blocks / "base.onnx")), _session(str(smollm2_model / "base.onnx"))
+    for p in REF["prompts"]:
+        got, ref = _prefill(blocks, p["input_ids"]), _prefill(floats, p["input_ids"])
+        sqnr = 10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((got - ref).astype(np.float64) ** 2))
+        assert sqnr >= 60.0, (p["name"], sqnr)
+        assert got.argmax(-1).tolist() == p["argmax_per_position"], p["name"]
+        want = NPZ[p["logits_last_npz_key"]]
+        assert np.abs(got[-1] - want).max() / np.abs(want).max() < 1e-4, p["name"]
+
+
+def test_adapters_on_a_blocks_base_generate_as_peft(smollm2_blocks, tmp_path):
+    """LoRA attaches to the MatMulNBits ops by their PEFT module paths: greedy answers under each shipped adapter
+    equal transformers + PEFT's (where the margin is safe)."""
+    from lora_runtime.demo_llm import shipped_adapters
+
+    adapters = shipped_adapters()
+    b = compile_bundle(smollm2_blocks / "base.onnx", adapters, tmp_path / "b", generation="v3",
+                       use_cases=["base="] + [f"{a}={a}" for a in adapters])
+    assert b.manifest.base.blocks == "210 MatMulNBits 4-bit, 1 GatherBlockQuantized 8-bit"
+    assert {p.op_type for p in b.manifest.points} == {"MatMulNBits"}
+    rt, chat = Runtime.open(b.path), Chat.load(b.path)
+    ad = REF["adapters"]
+    checked = 0
+    for use_case, outputs in [("base", ad["base"])] + [(a, v["prompts"]) for a, v in ad["adapters"].items()]:
+        rt.switch(use_case)
+        for o in outputs:
+            if o["greedy_min_margin"] < 0.02:
+                continue
+            want = [t for t in o["greedy_tokens"][:12] if t != ad["greedy"]["stop_after_eos"]]
+            g = generate(rt, chat, o["input_ids"], max_new_tokens=12)
+            assert g.ids[: len(want)] == want, (use_case, o["question"], chat.decode(g.ids))
+            checked += 1
+    assert checked >= 6
+
+
+def test_what_needs_float_weights_is_refused_on_a_blocks_base(smollm2_blocks, tmp_path):
+    """--encodings (and --target htp, --base-weights int8, modules_to_save) read float weights: one line naming the
+    base and the way out, nothing written; merge of a blocks bundle likewise."""
+    from lora_runtime.demo_llm import shipped_adapters
+    from lora_runtime.export import merge_use_case
+    from lora_runtime.llm import calibration_data
+
+    listify = {"listify": shipped_adapters()["listify"]}
+    base = smollm2_blocks / "base.onnx"
+    calib = calibration_data(smollm2_blocks, tmp_path / "calib.npz", samples=2, seq_len=16)
+    with pytest.raises(BaseModelError, match=r"base\.onnx: the base keeps the GGUF's quantized blocks .* --weights "
+                                             r"float32"):
+        compile_bundle(base, listify, tmp_path / "q", CompileOptions(
+            "v3", quant=QuantOptions("non-updatable", calib, preset="w8a16")))
+    assert not (tmp_path / "q").exists()
+    b = compile_bundle(base, listify, tmp_path / "b", generation="v3")
+    with pytest.raises(UseCaseError, match="quantized blocks"):
+        merge_use_case(b, tmp_path / "merged.onnx", use_case="listify")
+    assert not (tmp_path / "merged.onnx").exists()
