@@ -90,14 +90,15 @@ class _Engine:
         self.rt.manifest.strength_value(mix)  # finite, within range, one adapter in v1/v2
         return mix
 
-    def run(self, key: tuple, feeds: dict[str, np.ndarray], switches: list) -> dict[str, np.ndarray]:
+    def run(self, key: tuple, feeds: dict[str, np.ndarray], switches: list, buffers: Mapping[str, Any] | None = None
+            ) -> dict[str, np.ndarray]:
         with self.lock:
             if self.active != key:
                 kind, what = key
                 report = self.rt.switch(what) if kind == "use-case" else self.rt.set_strengths(dict(what))
                 switches.append(report)
                 self.active = key
-            return self.rt.run(feeds)
+            return self.rt.run(feeds, buffers)
 
 
 def make_app(bundle: str | Path, *, device: str = "cpu", api_key: str | None = None,
@@ -201,7 +202,8 @@ class _Job:
                 on_text(t)
 
         return generate(self.engine.rt, self.chat, self.prompt, on_text=text,
-                        run=lambda feeds: self.engine.run(self.key, feeds, self.switches), **self.options)
+                        run=lambda feeds, buffers=None: self.engine.run(self.key, feeds, self.switches, buffers),
+                        **self.options)
 
     def timings(self, g: Any) -> dict[str, Any]:
         sw = self.switches[0] if self.switches else None

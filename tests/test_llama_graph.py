@@ -30,9 +30,9 @@ def _session(kv_cache: bool) -> tuple[ort.InferenceSession, dict[str, np.ndarray
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), store
 
 
-def _numpy_forward(ids: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
+def _numpy_forward(ids: np.ndarray, w: dict[str, np.ndarray], s: LlamaShape = SHAPE) -> np.ndarray:
     """Hugging Face Llama's forward pass, restated in float64 numpy."""
-    s, hd = SHAPE, SHAPE.head_dim
+    hd = s.head_dim
     t = ids.shape[1]
     h = w["model.embed_tokens.weight"][ids[0]].astype(np.float64)  # (T, d)
     inv = 1.0 / (s.rope_theta ** (np.arange(0, hd, 2) / hd))

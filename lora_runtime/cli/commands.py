@@ -250,11 +250,14 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with Progress("import", total=None) as bar:  # per tensor, with the count and an ETA
         path = import_model(src, args.out, max_seq=args.max_seq, static_cache=args.static_cache, force=args.force,
-                            report=bar.step, weights=args.weights, accuracy_level=args.accuracy_level)
+                            report=bar.step, weights=args.weights, accuracy_level=args.accuracy_level,
+                            graph=args.graph)
     beside = [f for f in ("base.onnx.data", "tokenizer.json", "chat.json") if (path.parent / f).is_file()]
     note = "" if (path.parent / "tokenizer.json").is_file() else \
         "; no tokenizer.json in the source: bundles of it run, but cannot generate text"
-    print(f"wrote {path} (+ {', '.join(beside)}) from {src.name} in {time.perf_counter() - t0:.1f}s{note}")
+    made = json.loads((path.parent / "chat.json").read_text()) if (path.parent / "chat.json").is_file() else {}
+    kind = f"{made.get('graph', 'standard')} graph, {made.get('weights', 'float32')} weights"
+    print(f"wrote {path} ({kind}; + {', '.join(beside)}) from {src.name} in {time.perf_counter() - t0:.1f}s{note}")
     return 0
 
 

@@ -168,6 +168,11 @@ def parser() -> argparse.ArgumentParser:
                     help="kept 4-bit blocks: 0 computes the file's weights exactly in float32; 4 quantizes "
                          "activations to 8-bit blocks as llama.cpp's own Q4 dot products do (faster, not exact; "
                          "`bench --model smollm2` measures both)")
+    ig.add_argument("--graph", choices=["auto", "ort", "standard"], default="auto",
+                    help="'ort': ONNX Runtime's fused attention (GroupQueryAttention; the KV cache updated in place), "
+                         "the fast CPU graph; 'standard': plain ONNX ops, which --encodings, --target htp and "
+                         "--static-cache need; 'auto': ort with kept blocks (where the model allows it), else "
+                         "standard")
     ig.set_defaults(func=commands.cmd_import_gguf)
 
     cd = sub("calibration-data", "calibration samples for an imported LLM from built-in prompts")

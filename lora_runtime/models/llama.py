@@ -36,7 +36,11 @@ from lora_runtime.progress import Stage
 
 MASK = -50.0  # an empty cache slot's past_bias: far below real scores, and within a quantized encoding's reach
 
-__all__ = ["DATA_FILE", "MASK", "KeptBlocks", "LlamaShape", "Weights", "build_llama", "linear_shapes", "tensor_names"]
+__all__ = ["DATA_FILE", "FLAVOUR", "FLAVOURS", "MASK", "SEQLENS_K", "TOTAL_LENGTH", "KeptBlocks", "LlamaShape",
+           "Weights", "build_llama", "linear_shapes", "ort_flavour_refusal", "tensor_names"]
+FLAVOURS = ("standard", "ort")  # plain ONNX ops / ONNX Runtime's fused attention (GroupQueryAttention)
+SEQLENS_K, TOTAL_LENGTH = "seqlens_k", "total_sequence_length"  # the ort flavour's length inputs
+FLAVOUR = "lora_runtime.graph"  # metadata_props: the flavour a model was built in
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,8 @@ def tensor_names(s: LlamaShape) -> set[str]:
 
 def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None, kv_cache: bool = False,
                 static_cache: int | None = None, name: str = "llama", report: Callable[[str], None] | None = None,
-                blocks: KeptBlocks | None = None, accuracy_level: int = 0) -> onnx.ModelProto:
+                blocks: KeptBlocks | None = None, accuracy_level: int = 0, flavour: str = "standard"
+                ) -> onnx.ModelProto:
     """The decoder graph; weights are asked for one at a time, in graph order.
 
     With ``data`` (a file opened for writing, named ``base.onnx.data`` next to the model), every
@@ -127,6 +132,13 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
 
     ``report``: told after each weight (``converting 57/273 tensors, 12 s, ETA 31 s: <name>``).
 
+    ``flavour="ort"`` (with ``kv_cache``; ``"auto"``: where the model allows it, else standard): attention as
+    ONNX Runtime's ``GroupQueryAttention`` (rotary, causal mask and grouped heads inside one op; see
+    ``ort_flavour_refusal`` for the shapes it takes), with the inputs ``seqlens_k`` (1,) int32 (the tokens held
+    after this run, minus one) and ``total_sequence_length`` () int32; ``past_key.<i>`` may be a buffer of any
+    length bound as ``present_key.<i>`` too (the KV cache updated in place). ``"standard"``: plain ONNX ops only
+    (what other targets and the QDQ passes take).
+
     ``blocks`` (with ``data``): a weight the source holds as quantized blocks it can keep (``models.blocks``)
     becomes ``MatMulNBits`` (``accuracy_level`` 0: float compute) or ``GatherBlockQuantized`` over those
     blocks, never dequantized; the others are asked of ``weights``.
@@ -134,6 +146,12 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
     s.check()
     if static_cache is not None and not 1 <= static_cache <= s.max_seq:
         raise InputError(f"static_cache {static_cache}: between 1 and the model's {s.max_seq} positions")
+    if flavour not in (*FLAVOURS, "auto"):
+        raise InputError(f"graph flavour {flavour!r}: one of {', '.join(FLAVOURS)} or auto")
+    why = ort_flavour_refusal(s, kv_cache, static_cache) if flavour != "standard" else None
+    if why and flavour == "ort":
+        raise BaseModelError(f"the ort graph flavour {why}; build the standard graph")
+    ort_flavour = flavour != "standard" and why is None
     work = s.vocab * s.d_model + sum(i * o for i, o in linear_shapes(s).values())  # (norms and biases: ~0)
     stage = Stage(report, "converting", len(tensor_names(s)), "tensors", work=work) if report else None
     g = GraphWriter(weights, data, stage)
@@ -143,26 +161,29 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
     rep = s.n_heads // s.n_kv_heads
     inv = 1.0 / (s.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
     ang = np.outer(np.arange(s.max_seq, dtype=np.float64), inv)
-    g.const("rope.cos", np.concatenate([np.cos(ang)] * 2, axis=1).astype(np.float32))  # (S, hd)
-    g.const("rope.sin", np.concatenate([np.sin(ang)] * 2, axis=1).astype(np.float32))
     qw, kvw = s.n_heads * hd, s.n_kv_heads * hd
-    for cname, value in {"c.zero": 0, "c.one": 1, "c.axes1": [1],
-                         "c.heads": [0, 0, s.n_heads, hd], "c.kv": [0, 0, s.n_kv_heads, hd],
-                         "c.rep": [1, 1, rep, 1, 1], "c.merge": [1, s.n_heads, -1, hd],
-                         "c.model": [0, 0, qw], "c.half": [hd // 2, hd // 2]}.items():
-        g.const(cname, np.array(value, np.int64))
     g.const("c.eps", np.array(s.rms_eps, np.float32))
     g.const("c.two_f", np.array(2.0, np.float32))
-    g.const("c.inv_sqrt_hd", np.array(s.attn_scale or 1.0 / np.sqrt(hd), np.float32))
-    g.const("c.masked", np.array(-1e9, np.float32))
-    g.const("c.open", np.array(0.0, np.float32))
-
-    g.node("Shape", ["input_ids"], ["ids_shape"])
-    g.node("Gather", ["ids_shape", "c.one"], ["seq_len"], axis=0)  # scalar T
-    if static_cache:
-        _static_positions(g, static_cache)
+    if ort_flavour:  # GroupQueryAttention: its rotary tables (max_seq, hd / 2); no positions or mask of ours
+        g.const("rope.cos_half", np.cos(ang).astype(np.float32))
+        g.const("rope.sin_half", np.sin(ang).astype(np.float32))
     else:
-        _positions(g, kv_cache)
+        g.const("rope.cos", np.concatenate([np.cos(ang)] * 2, axis=1).astype(np.float32))  # (S, hd)
+        g.const("rope.sin", np.concatenate([np.sin(ang)] * 2, axis=1).astype(np.float32))
+        for cname, value in {"c.zero": 0, "c.one": 1, "c.axes1": [1],
+                             "c.heads": [0, 0, s.n_heads, hd], "c.kv": [0, 0, s.n_kv_heads, hd],
+                             "c.rep": [1, 1, rep, 1, 1], "c.merge": [1, s.n_heads, -1, hd],
+                             "c.model": [0, 0, qw], "c.half": [hd // 2, hd // 2]}.items():
+            g.const(cname, np.array(value, np.int64))
+        g.const("c.inv_sqrt_hd", np.array(s.attn_scale or 1.0 / np.sqrt(hd), np.float32))
+        g.const("c.masked", np.array(-1e9, np.float32))
+        g.const("c.open", np.array(0.0, np.float32))
+        g.node("Shape", ["input_ids"], ["ids_shape"])
+        g.node("Gather", ["ids_shape", "c.one"], ["seq_len"], axis=0)  # scalar T
+        if static_cache:
+            _static_positions(g, static_cache)
+        else:
+            _positions(g, kv_cache)
 
     h = g.embedding("model.embed_tokens.weight", (s.vocab, d), "h.embed")  # (1, T, d)
     if s.embed_scale is not None:
@@ -180,32 +201,11 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
             q = g.linear(f"{p}.self_attn.q_proj", n, d, qw, bias=b)
             k = g.linear(f"{p}.self_attn.k_proj", n, d, kvw, bias=b)
             v = g.linear(f"{p}.self_attn.v_proj", n, d, kvw, bias=b)
-        q, k, v = g.heads(q, "c.heads"), g.heads(k, "c.kv"), g.heads(v, "c.kv")  # (1, H or KV, T, hd)
-        if s.qk_norm:
-            q, k = g.rms_norm(f"{p}.self_attn.q_norm", q, hd), g.rms_norm(f"{p}.self_attn.k_norm", k, hd)
-        q, k = g.rope(q), g.rope(k)
-        if static_cache:  # the new tokens' own keys and values out; attention over the cache and them
-            k = g.node("Identity", [k], [f"present_key.{i}"])  # (1, KV, T, hd)
-            v = g.node("Identity", [v], [f"present_value.{i}"])
-            k = g.node("Concat", [f"past_key.{i}", k], [g.fresh("keys")], axis=2)  # (1, KV, C+T, hd)
-            v = g.node("Concat", [f"past_value.{i}", v], [g.fresh("values")], axis=2)
+        if ort_flavour:
+            o = g.group_query_attention(i, q, k, v, s, f"{p}.self_attn")
             kv_io.append((f"key.{i}", f"value.{i}"))
-        elif kv_cache:
-            k = g.node("Concat", [f"past_key.{i}", k], [f"present_key.{i}"], axis=2)  # (1, KV, past+T, hd)
-            v = g.node("Concat", [f"past_value.{i}", v], [f"present_value.{i}"], axis=2)
-            kv_io.append((f"key.{i}", f"value.{i}"))
-        if rep > 1:
-            k, v = g.repeat_kv(k), g.repeat_kv(v)
-        kt = g.node("Transpose", [k], [g.fresh("kt")], perm=[0, 1, 3, 2])
-        sc = g.node("MatMul", [q, kt], [g.fresh("scores")])  # (1, H, T, past+T)
-        sc = g.node("Mul", [sc, "c.inv_sqrt_hd"], [g.fresh("scaled")])
-        if s.attn_softcap is not None:
-            sc = g.softcap(sc, s.attn_softcap, "attn")
-        sc = g.node("Add", [sc, "mask"], [g.fresh("masked")])
-        a = g.node("Softmax", [sc], [g.fresh("probs")], axis=-1)
-        o = g.node("MatMul", [a, v], [g.fresh("attn")])  # (1, H, T, hd)
-        o = g.node("Transpose", [o], [g.fresh("attn_t")], perm=[0, 2, 1, 3])
-        o = g.node("Reshape", [o, "c.model"], [g.fresh("attn_m")])  # (1, T, d)
+        else:
+            o = _attention(g, s, i, q, k, v, p, static_cache, kv_cache, kv_io, rep)
         o = g.linear(f"{p}.self_attn.o_proj", o, qw, d)
         if s.sandwich:  # Gemma 2: post_attention_layernorm norms the attention's output; the MLP has its own pair
             o = g.rms_norm(f"{p}.post_attention_layernorm", o, d)
@@ -229,6 +229,9 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
         g.softcap(g.linear("lm_head", n, d, s.vocab), s.final_softcap, "final", out="logits")
 
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence"])]
+    if ort_flavour:
+        inputs += [helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, [1]),
+                   helper.make_tensor_value_info(TOTAL_LENGTH, TensorProto.INT32, [])]
     if static_cache:
         inputs += [helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "sequence"]),
                    helper.make_tensor_value_info("past_bias", TensorProto.FLOAT, [1, 1, 1, static_cache])]
@@ -241,14 +244,61 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
             outputs.append(helper.make_tensor_value_info(f"present_{kind}", TensorProto.FLOAT,
                                                          [1, s.n_kv_heads, present, hd]))
     graph = helper.make_graph(g.nodes, name, inputs, outputs, g.inits)
-    opsets = [helper.make_opsetid("", s.opset)] + ([helper.make_opsetid(MS_DOMAIN, 1)] if g.kept else [])
+    opsets = [helper.make_opsetid("", s.opset)] + ([helper.make_opsetid(MS_DOMAIN, 1)] if g.kept or ort_flavour else [])
     model = helper.make_model(graph, opset_imports=opsets,
                               producer_name="lora_runtime.models.llama")
     model.ir_version = 8
+    props = {FLAVOUR: "ort" if ort_flavour else "standard"}
     if static_cache:
         pairs = [[f"past_{kind}", f"present_{kind}"] for pair in kv_io for kind in pair]
-        helper.set_model_props(model, {KV_PAIRS: json.dumps(pairs), CACHE_SLOTS: str(static_cache)})
+        props |= {KV_PAIRS: json.dumps(pairs), CACHE_SLOTS: str(static_cache)}
+    helper.set_model_props(model, props)
     return model
+
+
+def ort_flavour_refusal(s: LlamaShape, kv_cache: bool, static_cache: int | None) -> str | None:
+    """Why the ort flavour cannot build this model (None: it can)."""
+    if not kv_cache or static_cache:
+        return "builds the growing (or in-place) KV cache only; a static cache or none is the standard graph's"
+    if s.head_dim % 16:
+        return f"needs a head size that is a multiple of 16 (GroupQueryAttention on CPU); this one is {s.head_dim}"
+    if s.attn_softcap is not None:
+        return "does not build soft-capped attention scores (Gemma 2)"
+    return None
+
+
+def _attention(g: GraphWriter, s: LlamaShape, i: int, q: str, k: str, v: str, p: str, static_cache: int | None,
+               kv_cache: bool, kv_io: list[tuple[str, str]], rep: int) -> str:
+    """Standard-ONNX attention of layer ``i``: heads, rotary, the cache (growing or static), causal softmax; its
+    output (1, T, heads * hd)."""
+    hd = s.head_dim
+    q, k, v = g.heads(q, "c.heads"), g.heads(k, "c.kv"), g.heads(v, "c.kv")  # (1, H or KV, T, hd)
+    if s.qk_norm:
+        q, k = g.rms_norm(f"{p}.self_attn.q_norm", q, hd), g.rms_norm(f"{p}.self_attn.k_norm", k, hd)
+    q, k = g.rope(q), g.rope(k)
+    if static_cache:  # the new tokens' own keys and values out; attention over the cache and them
+        k = g.node("Identity", [k], [f"present_key.{i}"])  # (1, KV, T, hd)
+        v = g.node("Identity", [v], [f"present_value.{i}"])
+        k = g.node("Concat", [f"past_key.{i}", k], [g.fresh("keys")], axis=2)  # (1, KV, C+T, hd)
+        v = g.node("Concat", [f"past_value.{i}", v], [g.fresh("values")], axis=2)
+        kv_io.append((f"key.{i}", f"value.{i}"))
+    elif kv_cache:
+        k = g.node("Concat", [f"past_key.{i}", k], [f"present_key.{i}"], axis=2)  # (1, KV, past+T, hd)
+        v = g.node("Concat", [f"past_value.{i}", v], [f"present_value.{i}"], axis=2)
+        kv_io.append((f"key.{i}", f"value.{i}"))
+    if rep > 1:
+        k, v = g.repeat_kv(k), g.repeat_kv(v)
+    kt = g.node("Transpose", [k], [g.fresh("kt")], perm=[0, 1, 3, 2])
+    sc = g.node("MatMul", [q, kt], [g.fresh("scores")])  # (1, H, T, past+T)
+    sc = g.node("Mul", [sc, "c.inv_sqrt_hd"], [g.fresh("scaled")])
+    if s.attn_softcap is not None:
+        sc = g.softcap(sc, s.attn_softcap, "attn")
+    sc = g.node("Add", [sc, "mask"], [g.fresh("masked")])
+    a = g.node("Softmax", [sc], [g.fresh("probs")], axis=-1)
+    o = g.node("MatMul", [a, v], [g.fresh("attn")])  # (1, H, T, hd)
+    o = g.node("Transpose", [o], [g.fresh("attn_t")], perm=[0, 2, 1, 3])
+    o = g.node("Reshape", [o, "c.model"], [g.fresh("attn_m")])  # (1, T, d)
+    return o
 
 
 def _positions(g: GraphWriter, kv_cache: bool) -> None:

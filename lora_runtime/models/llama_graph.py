@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lora_runtime.errors import BaseModelError
 from lora_runtime.external_data import DataWriter
-from lora_runtime.models.blocks import Blocks, KeptWriter
+from lora_runtime.models.blocks import MS_DOMAIN, Blocks, KeptWriter
 from lora_runtime.progress import Stage
 
 DATA_FILE = "base.onnx.data"
@@ -131,6 +131,29 @@ class GraphWriter:
         c = self.shared(f"c.softcap.{what}", np.array(cap, np.float32))
         t = self.node("Tanh", [self.node("Div", [x, c], [self.fresh("capped")])], [self.fresh("tanh")])
         return self.node("Mul", [t, c], [out or self.fresh("softcap")])
+
+    def group_query_attention(self, i: int, q: str, k: str, v: str, s, module: str) -> str:  # noqa: ANN001
+        """ONNX Runtime's fused attention of layer ``i`` over (1, T, heads * hd) q/k/v: Qwen3's per-head q/k norms
+        first, then rotary (``rope.cos_half`` / ``rope.sin_half``, rotate-half layout), the causal softmax over
+        ``past_key.<i>`` and the new keys, grouped heads; writes ``present_key.<i>`` / ``present_value.<i>``."""
+        hd = s.head_dim
+        if s.qk_norm:
+            q = self.per_head_norm(f"{module}.q_norm", q, s.n_heads, hd)
+            k = self.per_head_norm(f"{module}.k_norm", k, s.n_kv_heads, hd)
+        out = f"{module}.attn"
+        self.node("GroupQueryAttention", [q, k, v, f"past_key.{i}", f"past_value.{i}", "seqlens_k",
+                                          "total_sequence_length", "rope.cos_half", "rope.sin_half"],
+                  [out, f"present_key.{i}", f"present_value.{i}"], name=f"{module}.GroupQueryAttention",
+                  domain=MS_DOMAIN, num_heads=s.n_heads, kv_num_heads=s.n_kv_heads,
+                  scale=float(s.attn_scale or 1.0 / np.sqrt(hd)), do_rotary=1, rotary_interleaved=0)
+        return out
+
+    def per_head_norm(self, module: str, x: str, heads: int, hd: int) -> str:
+        """RMSNorm over each head of (1, T, heads * hd)."""
+        split = self.shared(f"c.heads{heads}", np.array([0, 0, heads, hd], np.int64))
+        merge = self.shared("c.merge_heads", np.array([0, 0, -1], np.int64))
+        y = self.rms_norm(module, self.node("Reshape", [x, split], [self.fresh("per_head")]), hd)
+        return self.node("Reshape", [y, merge], [self.fresh("merged")])
 
     def heads(self, x: str, shape: str) -> str:
         r = self.node("Reshape", [x, shape], [self.fresh("split")])  # (1, T, H, hd)

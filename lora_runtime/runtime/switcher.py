@@ -32,6 +32,7 @@ import onnxruntime as ort
 
 from lora_runtime.bundle import Bundle, manifest_stamp, open_bundle
 from lora_runtime.errors import BundleError, InputError, LoraRuntimeError
+from lora_runtime.runtime.bound import Bound, Graph, run_bound
 from lora_runtime.runtime.saved import SavedSets, Sources
 from lora_runtime.runtime.session import check_feeds, input_specs, make_session, ort_message
 from lora_runtime.runtime.slots import Layout, PatchSource, SlotSet
@@ -50,13 +51,6 @@ class SwitchReport:
     bytes_moved: int
     seconds: float
     source: str  # "resident" (a set already held it) or "rom" (copied from the bundle's patch file)
-
-
-@dataclass(frozen=True)
-class _Graph:
-    session: ort.InferenceSession
-    inputs: dict[str, ort.NodeArg]
-    outputs: list[str]
 
 
 @dataclass(frozen=True)
@@ -83,7 +77,7 @@ class Runtime:
         self._strength_name = next(s.name for s in m.slots if s.kind == "strength")
         reserved = {s.name for s in m.slots}
         # the bundle's graphs (a static-shape LLM bundle: prefill and decode), one slot set bound to both
-        self._graphs = [_Graph(s, input_specs(s, reserved), [o.name for o in s.get_outputs()])
+        self._graphs = [Graph(s, input_specs(s, reserved), [o.name for o in s.get_outputs()])
                         for s in (session, decode) if s is not None]
         self._inputs = self._graphs[0].inputs
         self._lock = threading.Condition()
@@ -300,8 +294,15 @@ class Runtime:
 
     # ---- running -------------------------------------------------------------------------------------
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the current use-case. Safe from several threads, also while another thread switches."""
+    def run(self, feeds: Mapping[str, np.ndarray], buffers: Mapping[str, ort.OrtValue] | None = None
+            ) -> dict[str, np.ndarray]:
+        """Run the current use-case. Safe from several threads, also while another thread switches.
+
+        ``buffers``: graph inputs and outputs bound to the caller's own ``OrtValue``s, kept bound between runs
+        of this thread (an in-place KV cache: ``past_key.<i>`` and ``present_key.<i>`` on one buffer); outputs
+        written there are not returned."""
+        if buffers:
+            return self._run_buffers(feeds, buffers)
         index, inputs = self._pick(feeds)
         graph = self._graphs[index]
         with self._lock:
@@ -316,6 +317,7 @@ class Runtime:
             # Outputs are bound afresh each run: a bound output keeps its last shape, and shapes change with
             # the input (sequence length, KV-cache length).
             binding.clear_binding_outputs()
+            self._local.graphs[index].buffers = None  # (a later run with buffers binds them again)
             for name in graph.outputs:
                 binding.bind_output(name, "cpu")
             try:
@@ -330,6 +332,23 @@ class Runtime:
                     state.saved.readers -= 1
                 self._lock.notify_all()
         return dict(zip(graph.outputs, outputs))
+
+    def _run_buffers(self, feeds: Mapping[str, np.ndarray], buffers: Mapping[str, ort.OrtValue]
+                     ) -> dict[str, np.ndarray]:
+        with self._lock:
+            state = self._state
+            state.slots.readers += 1
+            if state.saved is not None:
+                state.saved.readers += 1
+        try:
+            self._binding(state, 0)
+            return run_bound(self._graphs[0], self._local.graphs[0], feeds, buffers)
+        finally:
+            with self._lock:
+                state.slots.readers -= 1
+                if state.saved is not None:
+                    state.saved.readers -= 1
+                self._lock.notify_all()
 
     def _pick(self, feeds: Mapping[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
         """The first graph whose inputs the feeds fit, and the feeds checked against it."""
@@ -346,7 +365,7 @@ class Runtime:
     def _binding(self, state: _State, index: int) -> ort.IOBinding:
         local = self._local
         if getattr(local, "graphs", None) is None:
-            local.graphs = [_Bound(g.session.io_binding()) for g in self._graphs]
+            local.graphs = [Bound(g.session.io_binding()) for g in self._graphs]
         bound = local.graphs[index]
         b = bound.binding
         if bound.version != state.version:
@@ -358,14 +377,3 @@ class Runtime:
             b.bind_ortvalue_input(self._strength_name, state.strength)
             bound.version = state.version
         return b
-
-
-class _Bound:
-    """One thread's binding of one graph, and the state it was last bound to."""
-
-    def __init__(self, binding: ort.IOBinding) -> None:
-        self.binding = binding
-        self.version: int | None = None
-        self.slots: SlotSet | None = None
-        self.encodings: SlotSet | None = None
-        self.saved: SlotSet | None = None

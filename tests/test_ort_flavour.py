@@ -1,0 +1,118 @@
+"""The ort graph flavour (``import-model --graph ort``): ONNX Runtime's GroupQueryAttention in place of the standard
+attention, against the numpy forward of the same weights; its KV cache updated in place through the runtime
+(buffers bound once) against the standard graph's growing cache; what it does not take, refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from test_llama_graph import SHAPE, _numpy_forward, _weights
+
+from lora_runtime import Runtime, compile_bundle
+from lora_runtime.compiler.options import CompileOptions
+from lora_runtime.errors import BaseModelError
+from lora_runtime.llm.cache import GrowingCache, InPlaceCache, make_cache
+from lora_runtime.models.llama import FLAVOUR, build_llama
+from lora_runtime.tensorfile import save_tensors
+
+S16 = dataclasses.replace(SHAPE, d_model=64)  # head size 16: GroupQueryAttention's CPU kernel needs a multiple of 16
+
+
+def _lengths(held: int, t: int) -> dict[str, np.ndarray]:
+    return {"seqlens_k": np.array([held + t - 1], np.int32), "total_sequence_length": np.array(held + t, np.int32)}
+
+
+def test_ort_flavour_matches_numpy_in_chunks_and_steps():
+    """A 5-token prefill, a 4-token continuation (a chat's next turn) and 3 one-token steps: the logits of the
+    numpy forward of the whole sequence."""
+    weights, w = _weights()
+    model = build_llama(S16, weights, kv_cache=True, flavour="ort")
+    assert sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == S16.n_layers
+    assert {p.key: p.value for p in model.metadata_props}[FLAVOUR] == "ort"
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(4).integers(0, S16.vocab, (1, 12), dtype=np.int64)
+    names = [o.name for o in sess.get_outputs()]
+    past = {i.name: np.zeros((1, S16.n_kv_heads, 0, S16.head_dim), np.float32)
+            for i in sess.get_inputs() if i.name.startswith("past_")}
+    got, held = [], 0
+    for t in (5, 4, 1, 1, 1):
+        out = dict(zip(names, sess.run(None, {"input_ids": ids[:, held:held + t]} | past | _lengths(held, t))))
+        got.append(out["logits"])
+        past = {n.replace("present_", "past_"): v for n, v in out.items() if n.startswith("present_")}
+        held += t
+    np.testing.assert_allclose(np.concatenate(got, 1), _numpy_forward(ids, w, S16), atol=2e-4, rtol=1e-4)
+
+
+def test_ort_flavour_refuses_what_it_cannot_build_and_auto_falls_back():
+    weights, _ = _weights()
+    with pytest.raises(BaseModelError, match="multiple of 16.*this one is 8"):
+        build_llama(SHAPE, weights, kv_cache=True, flavour="ort")
+    with pytest.raises(BaseModelError, match="static cache"):
+        build_llama(S16, weights, kv_cache=True, static_cache=8, flavour="ort")
+    auto = build_llama(SHAPE, weights, kv_cache=True, flavour="auto")  # head size 8: the standard graph
+    assert {p.key: p.value for p in auto.metadata_props}[FLAVOUR] == "standard"
+    assert not any(n.op_type == "GroupQueryAttention" for n in auto.graph.node)
+
+
+def _base(tmp_path, flavour):
+    weights, w = _weights()
+    path = tmp_path / flavour / "base.onnx"
+    path.parent.mkdir()
+    onnx.save(build_llama(S16, weights, kv_cache=True, flavour=flavour), str(path))
+    return path, w
+
+
+def _adapter(tmp_path, w):
+    """A PEFT folder: rank 4 on q_proj and v_proj of both layers."""
+    rng = np.random.default_rng(9)
+    folder = tmp_path / "qv"
+    folder.mkdir()
+    tensors = {}
+    for i in range(S16.n_layers):
+        for m in ("q_proj", "v_proj"):
+            d_in, d_out = w[f"model.layers.{i}.self_attn.{m}.weight"].shape
+            key = f"base_model.model.model.layers.{i}.self_attn.{m}"
+            tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((4, d_in)) * 0.3).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((d_out, 4)) * 0.3).astype(np.float32)
+    save_tensors(folder / "adapter_model.safetensors", tensors)
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}))
+    return folder
+
+
+def test_in_place_cache_through_the_runtime_equals_the_standard_graph(tmp_path):
+    """v3 bundles of both flavours with one adapter: prefill, a truncated cache continued (a chat turn kept by
+    PromptCache), one-token steps; the in-place cache's buffers are the ones the graph wrote into."""
+    ort_base, w = _base(tmp_path, "ort")
+    std_base, _ = _base(tmp_path, "standard")
+    qv = _adapter(tmp_path, w)
+    rts = {k: Runtime.open(compile_bundle(b, {"qv": qv}, tmp_path / f"b-{k}", generation="v3",
+                                          use_cases=["qv=qv"]).path) for k, b in (("ort", ort_base), ("std", std_base))}
+    ids = [int(x) for x in np.random.default_rng(5).integers(0, S16.vocab, 14)]
+    caches = {"ort": make_cache(rts["ort"].input_shapes, S16.max_seq), "std": make_cache(rts["std"].input_shapes)}
+    assert isinstance(caches["ort"], InPlaceCache) and isinstance(caches["std"], GrowingCache)
+    logits = {}
+    for k, kv in caches.items():
+        run = rts[k].run
+        got = [kv.step(run, ids[:6])]
+        kv.truncate(4)  # the next turn keeps a prefix, then runs what follows it
+        got += [kv.step(run, ids[4:9])] + [kv.step(run, [t]) for t in ids[9:14]]
+        logits[k] = np.concatenate(got)
+    np.testing.assert_allclose(logits["ort"], logits["std"], atol=2e-4, rtol=1e-4)
+    # the graph wrote the keys into the bound buffer itself: equal to the growing cache's (rows 0..13)
+    buf = caches["ort"]._buffers["past_key.0"].numpy()
+    np.testing.assert_allclose(buf[:, :, :14], caches["std"]._past["past_key.0"], atol=1e-5)
+    assert buf.shape[2] == S16.max_seq
+
+
+def test_an_ort_flavour_base_refuses_static_shapes(tmp_path):
+    ort_base, w = _base(tmp_path, "ort")
+    with pytest.raises(BaseModelError, match="fused graph .* --graph standard"):
+        compile_bundle(ort_base, {"qv": _adapter(tmp_path, w)}, tmp_path / "b",
+                       CompileOptions("v3", static_shapes={"sequence": 4}))
+    assert not (tmp_path / "b").exists()
