@@ -163,6 +163,7 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
     ang = np.outer(np.arange(s.max_seq, dtype=np.float64), inv)
     qw, kvw = s.n_heads * hd, s.n_kv_heads * hd
     g.const("c.eps", np.array(s.rms_eps, np.float32))
+    g.eps = s.rms_eps
     g.const("c.two_f", np.array(2.0, np.float32))
     if ort_flavour:  # GroupQueryAttention: its rotary tables (max_seq, hd / 2); no positions or mask of ours
         g.const("rope.cos_half", np.cos(ang).astype(np.float32))
@@ -189,9 +190,10 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
     if s.embed_scale is not None:
         h = g.node("Mul", [h, g.const("c.embed_scale", np.array(s.embed_scale, np.float32))], ["h.scaled"])
     kv_io: list[tuple[str, str]] = []
+    pending: str | None = None  # the last branch's output, added to the residual stream by the next norm
     for i in range(s.n_layers):
         p = f"model.layers.{i}"
-        n = g.rms_norm(f"{p}.input_layernorm", h, d)
+        n, h = g.add_norm(f"{p}.input_layernorm", pending, h, d, ort_flavour)
         if s.fused:
             q, k, v = g.fresh("q"), g.fresh("k"), g.fresh("v")
             sizes = g.shared("c.qkv", np.array([qw, kvw, kvw], np.int64))
@@ -209,8 +211,8 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
         o = g.linear(f"{p}.self_attn.o_proj", o, qw, d)
         if s.sandwich:  # Gemma 2: post_attention_layernorm norms the attention's output; the MLP has its own pair
             o = g.rms_norm(f"{p}.post_attention_layernorm", o, d)
-        h = g.node("Add", [h, o], [g.fresh("h")])
-        n = g.rms_norm(f"{p}.{'pre_feedforward' if s.sandwich else 'post_attention'}_layernorm", h, d)
+        mlp_norm = f"{p}.{'pre_feedforward' if s.sandwich else 'post_attention'}_layernorm"
+        n, h = g.add_norm(mlp_norm, o, h, d, ort_flavour)
         if s.fused:
             gate, up = g.fresh("gate"), g.fresh("up")
             sizes = g.shared("c.gate_up", np.array([s.d_ff, s.d_ff], np.int64))
@@ -221,8 +223,8 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
         down = g.linear(f"{p}.mlp.down_proj", act, s.d_ff, d)
         if s.sandwich:
             down = g.rms_norm(f"{p}.post_feedforward_layernorm", down, d)
-        h = g.node("Add", [h, down], [g.fresh("h")])
-    n = g.rms_norm("model.norm", h, d)
+        pending = down
+    n, h = g.add_norm("model.norm", pending, h, d, ort_flavour)
     if s.final_softcap is None:
         g.linear("lm_head", n, d, s.vocab, out="logits")
     else:

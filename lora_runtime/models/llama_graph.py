@@ -34,6 +34,7 @@ class GraphWriter:
         self.inits: list[TensorProto] = []
         self.made: set[str] = set()
         self.count = 0
+        self.eps = 1e-5  # RMSNorm's epsilon (the fused norm's attribute)
         self.blocks: KeptBlocks | None = None
         self.kept: KeptWriter | None = None
 
@@ -108,6 +109,20 @@ class GraphWriter:
         rs = self.node("Sqrt", [self.node("Add", [ms, "c.eps"], [self.fresh("mse")])], [self.fresh("rms")])
         normed = self.node("Div", [x, rs], [self.fresh("normed")])
         return self.node("Mul", [normed, w], [f"{module}.out"])
+
+    def add_norm(self, module: str, x: str | None, h: str, d: int, fused: bool) -> tuple[str, str]:
+        """``h + x`` (the residual stream; ``x`` None: ``h`` alone) and its RMSNorm: (normed, the new ``h``).
+        ``fused``: one ONNX Runtime SkipSimplifiedLayerNormalization; else Add, then the norm's plain ops."""
+        if x is None:
+            return self.rms_norm(module, h, d), h
+        if not fused:
+            h = self.node("Add", [h, x], [self.fresh("h")])
+            return self.rms_norm(module, h, d), h
+        w = self.weight(f"{module}.weight", (d,))
+        out, total = f"{module}.out", self.fresh("h")
+        self.node("SkipSimplifiedLayerNormalization", [x, h, w], [out, "", "", total], name=f"{module}.SkipNorm",
+                  domain=MS_DOMAIN, epsilon=float(self.eps))
+        return out, total
 
     def activation(self, x: str, kind: str) -> str:
         """silu; gelu_tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); gelu: 0.5 x (1 + erf(x / sqrt(2)))."""
