@@ -28,21 +28,94 @@ NPZ = np.load(FIXTURES / "smollm2" / "reference.npz")
 @pytest.mark.parametrize("kind", KEPT)
 def test_blocks_are_what_gguf_dequantizes(kind):
     """Random blocks (codes and float16 scales/minimums as raw bytes): codes, scales and offsets give back
-    gguf.quants.dequantize's values exactly."""
+    gguf.quants.dequantize's values (exactly; Q4_K up to the float32 rounding of its multiplied-out offsets)."""
     rng = np.random.default_rng(3)
     qtype = getattr(gguf.GGMLQuantizationType, kind)
     per_block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-    rows, k = 6, 4 * per_block
+    rows, k = 6, 2 * per_block
     raw = rng.integers(0, 256, (rows, k // per_block, block_bytes), dtype=np.uint8)
-    heads = 4 if kind == "Q4_1" else 2  # float16 fields at the block's start: d (and Q4_1's m)
+    heads = 4 if kind in ("Q4_1", "Q4_K") else 2  # float16 fields at the block's start: d (and Q4_1's m, dmin)
     raw[..., :heads] = (rng.standard_normal((rows, k // per_block, heads // 2)) * 0.02).astype(np.float16).view(
         np.uint8).reshape(rows, k // per_block, heads)
     raw = raw.reshape(rows, -1)
     b = from_ggml(raw, kind, rows, k)
     want = gguf.quants.dequantize(raw, qtype).reshape(rows, k)
-    np.testing.assert_array_equal(b.dequantize(), want.astype(np.float32))
-    assert b.bits == (8 if kind == "Q8_0" else 4) and (b.offsets is not None) == (kind == "Q4_1")
+    if kind == "Q4_K":  # scale and offset multiplied out in float32: a rounding of the offset (~1 ulp of 8 d sc)
+        np.testing.assert_allclose(b.dequantize(), want, rtol=0, atol=1e-6 * np.abs(want).max())
+    else:
+        np.testing.assert_array_equal(b.dequantize(), want.astype(np.float32))
+    assert b.bits == (8 if kind == "Q8_0" else 4) and (b.offsets is not None) == (kind in ("Q4_1", "Q4_K"))
+    assert b.block_size == 32
     assert from_ggml(raw, "Q6_K", rows, k) is None  # a type not kept: the importer dequantizes it
+
+
+def test_a_q4_k_gguf_runs_its_blocks(tmp_path):
+    """A tiny llama GGUF whose linear layers are Q4_K (random valid blocks; gguf has no Q4_K quantizer): the graph
+    keeps them (MatMulNBits + the offset correction) and computes the numpy forward of what gguf dequantizes."""
+    import dataclasses
+
+    import onnxruntime as ort
+    from test_gguf import GGUF_OF, permute
+    from test_llama_graph import SHAPE, _numpy_forward
+
+    from lora_runtime.models.gguf import build_from_gguf
+    from lora_runtime.models.llama import linear_shapes
+
+    s = dataclasses.replace(SHAPE, d_model=256, d_ff=256, n_layers=1, vocab=64)  # rows of 256 values: Q4_K's unit
+    rng = np.random.default_rng(11)
+    q4k = gguf.GGMLQuantizationType.Q4_K
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    for add, value in ((w.add_block_count, s.n_layers), (w.add_context_length, s.max_seq),
+                       (w.add_embedding_length, s.d_model), (w.add_feed_forward_length, s.d_ff),
+                       (w.add_head_count, s.n_heads), (w.add_head_count_kv, s.n_kv_heads),
+                       (w.add_rope_freq_base, s.rope_theta), (w.add_layer_norm_rms_eps, s.rms_eps),
+                       (w.add_vocab_size, s.vocab)):
+        add(value)
+    ref: dict[str, np.ndarray] = {}
+
+    def blocks(rows: int, k: int) -> np.ndarray:
+        raw = rng.integers(0, 256, (rows, k // 256, 144), dtype=np.uint8)
+        raw[..., :4] = (np.abs(rng.standard_normal((rows, k // 256, 2))) * 0.002).astype(np.float16).view(
+            np.uint8).reshape(rows, k // 256, 4)
+        return raw.reshape(rows, -1)
+
+    def put(name: str, gname: str, rows: int, k: int, heads: int | None = None) -> None:
+        raw = blocks(rows, k)
+        w.add_tensor(gname, raw, raw_shape=raw.shape, raw_dtype=q4k)
+        real = gguf.quants.dequantize(raw, q4k).reshape(rows, k)
+        if heads:  # the file holds q/k permuted as llama.cpp's converter writes them: un-permute by index
+            idx = permute(np.arange(rows)[:, None].astype(np.float64), heads)[:, 0].astype(int)
+            real = real[np.argsort(idx)]
+        ref[name] = real.T
+
+    emb = rng.standard_normal((s.vocab, s.d_model)).astype(np.float32)
+    w.add_tensor("token_embd.weight", emb)
+    ref["model.embed_tokens.weight"] = emb
+    for module, (d_in, d_out) in linear_shapes(s).items():
+        if module == "lm_head":
+            put("lm_head.weight", "output.weight", d_out, d_in)
+            continue
+        i, hf = module.split(".", 3)[2], module.split(".", 3)[3]
+        heads = s.n_heads if hf.endswith("q_proj") else s.n_kv_heads if hf.endswith("k_proj") else None
+        put(f"{module}.weight", f"blk.{i}.{GGUF_OF[hf]}.weight", d_out, d_in, heads)
+    for i in range(s.n_layers):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            value = (1 + 0.1 * rng.standard_normal(s.d_model)).astype(np.float32)
+            w.add_tensor(f"blk.{i}.{GGUF_OF[norm]}.weight", value)
+            ref[f"model.layers.{i}.{norm}.weight"] = value
+    ref["model.norm.weight"] = np.ones(s.d_model, np.float32)
+    w.add_tensor("output_norm.weight", ref["model.norm.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    path, _ = build_from_gguf(tmp_path / "k.gguf", tmp_path / "onnx", kv_cache=False, max_seq=s.max_seq)
+    ops = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+    assert ops["MatMulNBits"] == 8 and ops["ReduceSum"] == 5  # 7 layers + head; q/k/v and gate/up share sums
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = rng.integers(0, s.vocab, (1, 7), dtype=np.int64)
+    want = _numpy_forward(ids, ref, s)
+    np.testing.assert_allclose(sess.run(None, {"input_ids": ids})[0], want, atol=1e-4 * np.abs(want).max(), rtol=1e-4)
 
 
 def _session(model: str):

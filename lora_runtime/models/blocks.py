@@ -1,4 +1,4 @@
-"""Quantized blocks kept as the file holds them: GGUF's Q4_0, Q4_1 and Q8_0 as ONNX Runtime's block ops.
+"""Quantized blocks kept as the file holds them: GGUF's Q4_0, Q4_1, Q8_0 and Q4_K as ONNX Runtime's block ops.
 
 A GGUF row of ``K`` values is ``K / 32`` blocks; each block stores its own scale ``d`` (float16), for Q4_1 a
 minimum ``m`` too, and one code per value. In MatMulNBits' terms (codes unsigned, zero point ``2^(bits-1)``,
@@ -15,7 +15,9 @@ CPU kernel). Nothing is rounded again: the graph computes the file's own weights
 
 GGUF packs a 4-bit block's 32 codes as 16 bytes, value ``j`` in the low nibble of byte ``j`` and value
 ``j + 16`` in its high nibble; MatMulNBits wants values ``2i`` and ``2i + 1`` in byte ``i`` (low first).
-Other types (F16, the K-quants, Q5_*) are not kept here: the importer dequantizes them to float32.
+Q4_K's super-blocks of 256 are 8 blocks of 32 with 6-bit scales and minimums: Q4_1's form once those are
+multiplied out. Other types (F16, Q5_*, Q6_K and the other K-quants) are not kept here: the importer dequantizes
+them to float32 (at accuracy level 0 an 8-bit MatMulNBits has no fast kernel anyway; see ``KeptWriter``).
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from lora_runtime.names import block_scales, packed_weight
 
 MS_DOMAIN = "com.microsoft"
 BLOCK = 32
-KEPT = ("Q4_0", "Q4_1", "Q8_0")  # GGML types kept as blocks
-_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+KEPT = ("Q4_0", "Q4_1", "Q8_0", "Q4_K")  # GGML types kept as blocks
+_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144}
+_PER = {"Q4_K": 256}  # values per GGML block (32 for the others)
 
 
 @dataclass(frozen=True)
@@ -76,10 +79,12 @@ def from_ggml(raw: np.ndarray, kind: str, rows: int, k: int, source: str = "") -
     """The blocks of a GGUF tensor's raw bytes (``rows`` rows of ``k`` values), or None for a type not kept."""
     if kind not in KEPT:
         return None
-    size = _BYTES[kind]
-    if k % BLOCK:
-        raise ValueError(f"{kind}: {k} values per row is not a whole number of {BLOCK}-value blocks")
-    blk = np.ascontiguousarray(raw, np.uint8).reshape(rows, k // BLOCK, size)
+    size, per = _BYTES[kind], _PER.get(kind, BLOCK)
+    if k % per:
+        raise ValueError(f"{kind}: {k} values per row is not a whole number of {per}-value blocks")
+    blk = np.ascontiguousarray(raw, np.uint8).reshape(rows, k // per, size)
+    if kind == "Q4_K":
+        return _q4_k(blk, rows, k, source)
     d = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     if kind == "Q8_0":
         codes = (blk[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
@@ -90,6 +95,23 @@ def from_ggml(raw: np.ndarray, kind: str, rows: int, k: int, source: str = "") -
         return Blocks(kind, 4, codes, d, source=source)
     m = blk[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
     return Blocks(kind, 4, codes, d, 8 * d + m, source)
+
+
+def _q4_k(blk: np.ndarray, rows: int, k: int, source: str) -> Blocks:
+    """Q4_K (llama.cpp's ``block_q4_K``, 144 bytes per 256 values): float16 ``d`` and ``dmin``, 12 bytes of 6-bit
+    scales ``sc`` and minimums ``mn`` for 8 sub-blocks of 32, 128 bytes of codes (each 32-byte run: a sub-block in
+    the low nibbles, the next in the high ones). ``w = d sc q - dmin mn``: per 32, scale ``d sc`` and offset
+    ``8 d sc - dmin mn`` (as Q4_1)."""
+    d = blk[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (rows, supers)
+    dmin = blk[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    sb = blk[..., 4:16].astype(np.uint8)  # bytes 0-3: sc low 6 bits (sub 0-3), 4-7: mn (0-3), 8-11: sub 4-7
+    sc = np.concatenate([sb[..., 0:4] & 63, (sb[..., 8:12] & 0xF) | ((sb[..., 0:4] >> 6) << 4)], axis=-1)
+    mn = np.concatenate([sb[..., 4:8] & 63, (sb[..., 8:12] >> 4) | ((sb[..., 4:8] >> 6) << 4)], axis=-1)
+    qs = blk[..., 16:].reshape(*blk.shape[:2], 4, 32)  # 4 runs of 32 bytes: sub-blocks (2r, 2r + 1)
+    codes = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(rows, k // BLOCK, BLOCK)  # (rows, subs, 32)
+    scale = (d[..., None] * sc.astype(np.float32)).reshape(rows, -1)
+    low = (dmin[..., None] * mn.astype(np.float32)).reshape(rows, -1)
+    return Blocks("Q4_K", 4, codes.astype(np.uint8), scale, 8 * scale - low, source)
 
 
 def packed(b: Blocks) -> np.ndarray:
