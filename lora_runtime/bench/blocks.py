@@ -11,6 +11,8 @@ decode_qv8_<base>          the same base in a v3 bundle with ``listify`` active 
                            through the runtime and the KV cache ``generate`` uses
 prefill_<base>             the chat prompt through each plain base
 open_<base>                ``Runtime.open`` of each v3 bundle (page cache warm)
+genai_*                    ONNX Runtime GenAI on the same weights (``bench.genai``; skipped, with the reason, when
+                           it or its models are missing), in the same interleaved rounds as the decode rows
 =========================  ======================================================================================
 
 Accuracy of each blocks import against the float32 one (logit SQNR over the prompt, greedy tokens agreeing on
@@ -26,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lora_runtime.bench.timing import Row, measure, measure_interleaved
+from lora_runtime.bench.genai import genai_rows
+from lora_runtime.bench.timing import Row, measure
 from lora_runtime.compiler.compile import compile_bundle
 from lora_runtime.llm import GREEDY_PROMPTS, Chat, find_smollm2, import_gguf
 from lora_runtime.llm.cache import make_cache
@@ -36,6 +39,12 @@ from lora_runtime.runtime.switcher import Runtime
 BASES = {"f32": ("float32", 0, "standard"), "f32_ort": ("float32", 0, "ort"), "blocks0_std": ("blocks", 0, "standard"),
          "blocks0": ("blocks", 0, "ort"), "blocks4": ("blocks", 4, "ort")}
 GREEDY_TOKENS = 32
+PEERS = (("decode_f32", "genai_decode_fp32"), ("decode_f32_ort", "genai_decode_fp32"),
+         ("decode_blocks0", "genai_decode_int4"), ("decode_blocks4", "genai_decode_int4"),
+         ("decode_qv8_blocks4", "genai_decode_int4_qv8"), ("decode_qv8_f32_ort", "genai_decode_fp32_qv8"),
+         ("prefill_f32_ort", "genai_prefill_fp32"), ("prefill_blocks4", "genai_prefill_int4"),
+         ("prefill_blocks0", "genai_prefill_int4"), ("open_blocks4", "genai_open_int4"),
+         ("open_blocks0", "genai_open_int4"))  # (ours, ONNX Runtime GenAI's), same weights and threads
 
 
 def _imported(folder: Path, weights: str, level: int, graph: str) -> Path:
@@ -112,7 +121,8 @@ def blocks_rows(work: Path, float_model: Path, adapter: Path, prompt: list[dict[
         runners[f"decode_qv8_{k}"] = lambda kv=kv, rt=rt, nxt=nxt: (kv.step(rt.run, [nxt]), kv.truncate(len(ids)))
         runners[f"decode_{k}"] = plain[k].stepper(ids)
         rows.append(measure(f"prefill_{k}", lambda k=k: plain[k].prefill(ids), max(reps // 4, 3), warmup=1))
-    rows += measure_interleaved(runners, reps, block=5)
+    measured, genai_info, skipped = genai_rows(work, ids, reps, also=runners, max_length=chat.max_seq)
+    rows += measured
     by = {r.name: r for r in rows}
     ref_logits = plain["f32"].prefill(ids).astype(np.float64)
     prompts = [chat.prompt_ids([{"role": "user", "content": p}]) for p in GREEDY_PROMPTS]
@@ -135,4 +145,10 @@ def blocks_rows(work: Path, float_model: Path, adapter: Path, prompt: list[dict[
                for k in BASES}
     ratios |= {f"prefill_{k} / prefill_f32": by[f"prefill_{k}"].p50_us / by["prefill_f32"].p50_us
                for k in BASES if k != "f32"}
+    if skipped is None:  # ONNX Runtime GenAI on the same weights, in the same interleaved rounds
+        for ours, theirs in PEERS:
+            if ours in by and theirs in by:
+                ratios[f"{ours} / {theirs}"] = by[ours].p50_us / by[theirs].p50_us
+    else:
+        accuracy["ONNX Runtime GenAI rows skipped"] = {"reason": skipped}
     return rows, accuracy, ratios
