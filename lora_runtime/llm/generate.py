@@ -103,8 +103,8 @@ def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]] | list[
         recent = (ids + answer)[-repeat_last_n:] if repeat_penalty != 1.0 and repeat_last_n else []
         return _pick(logits, temperature, top_p, rng, top_k, repeat_penalty, recent)
 
-    kv, held = (cache.take(rt, ids, chat.max_seq) if cache is not None
-                else (make_cache(rt.input_shapes, chat.max_seq), 0))
+    kv, held = (cache.take(rt, ids, chat.max_seq) if cache is not None  # room for the turns to come
+                else (make_cache(rt.input_shapes, len(ids) + max_new_tokens), 0))
     try:
         return _decode(kv, run or rt.run, chat, ids, held, max_new_tokens, pick, on_text, stop)
     except BaseException:
