@@ -4,6 +4,8 @@ jobs, arrays parked on disk (:class:`Spill`), the C heap's free pages given back
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
+import functools
 import gc
 import os
 import zipfile
@@ -83,10 +85,17 @@ def give_back_memory(collect: bool = True) -> None:
     ``collect=False``: only the trim (milliseconds), for loops that free big arrays as they go."""
     if collect:
         gc.collect()
+    c = libc()
+    if c is not None and hasattr(c, "malloc_trim"):  # glibc's
+        c.malloc_trim(0)
+
+
+@functools.cache
+def libc():  # noqa: ANN201  (the C library as a ctypes.CDLL with errno, or None; looked up once: find_library runs ldconfig)
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
 
 
 @contextmanager

@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import functools
 import glob
 import hashlib
 import json
@@ -29,6 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from lora_runtime.arrays import libc
 from lora_runtime.errors import BundleError
 from lora_runtime.manifest import FORMAT
 from lora_runtime.names import MANIFEST
@@ -225,14 +225,9 @@ def _exchange(a: Path, b: Path) -> None:
     os.rename(aside, a)
 
 
-@functools.cache
-def _libc():  # noqa: ANN202  (a ctypes.CDLL with renameat2, or None; looked up once: find_library runs ldconfig)
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.renameat2  # noqa: B018  (present in glibc >= 2.28)
-        return libc
-    except (OSError, AttributeError):
-        return None
+def _libc():  # noqa: ANN202  (the C library if it has renameat2 (glibc >= 2.28), else None)
+    c = libc()
+    return c if c is not None and hasattr(c, "renameat2") else None
 
 
 def _fsync_dir(path: Path) -> None:
