@@ -35,14 +35,16 @@ from typing import Any
 
 import numpy as np
 
+from lora_runtime import sampling
 from lora_runtime.errors import InputError, LoraRuntimeError, UseCaseError
 from lora_runtime.llm import Chat, generate, open_llm
 from lora_runtime.runtime.switcher import Runtime
 
 DEFAULT = "default"
 # generate()'s sampling options, the server's defaults unless told otherwise (``serve``'s flags)
-SAMPLING = {"max_new_tokens": 256, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repeat_penalty": 1.0,
-            "repeat_last_n": 64, "seed": -1, "stop": ()}
+SAMPLING = {"max_new_tokens": 256, "temperature": sampling.TEMPERATURE, "top_k": sampling.TOP_K,
+            "top_p": sampling.TOP_P, "repeat_penalty": sampling.REPEAT_PENALTY,
+            "repeat_last_n": sampling.REPEAT_LAST_N, "seed": sampling.SEED, "stop": ()}
 # request field -> (option, type)
 FIELDS = {"max_completion_tokens": ("max_new_tokens", int), "max_tokens": ("max_new_tokens", int),
           "temperature": ("temperature", float), "top_p": ("top_p", float), "top_k": ("top_k", int),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from lora_runtime import sampling
 from lora_runtime.cli import commands
 
 DESCRIPTION = "On-device-style LoRA inference on ONNX Runtime: compile, run, inspect, bench, demo."
@@ -28,14 +29,16 @@ def _sampling(p: argparse.ArgumentParser, tokens: int, *aliases: str) -> None:
     p.add_argument("-n", "--max-new-tokens", "--n-predict", *aliases, dest="max_new_tokens", type=int, default=tokens,
                    metavar="N",
                    help="tokens to generate at most")
-    p.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens whose "
+    p.add_argument("--temp", "--temperature", dest="temperature", type=float, default=sampling.TEMPERATURE,
+                   help="0: greedy")
+    p.add_argument("--top-k", type=int, default=sampling.TOP_K, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=sampling.TOP_P, help="sample among the likeliest tokens whose "
                                                              "probabilities add up to p")
-    p.add_argument("--repeat-penalty", type=float, default=1.0,
+    p.add_argument("--repeat-penalty", type=float, default=sampling.REPEAT_PENALTY,
                    help="divide (positive) logits of tokens seen in the last --repeat-last-n by this (1: off)")
-    p.add_argument("--repeat-last-n", type=int, default=64, help="how many recent tokens the penalty looks at")
-    p.add_argument("--seed", type=int, default=-1, help="sampling seed; -1: random, as llama.cpp")
+    p.add_argument("--repeat-last-n", type=int, default=sampling.REPEAT_LAST_N,
+                   help="how many recent tokens the penalty looks at")
+    p.add_argument("--seed", type=int, default=sampling.SEED, help="sampling seed; -1: random, as llama.cpp")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end the answer at TEXT; repeat")
     p.add_argument("--system", default=None, help="a system message (default: the model's own, if it has one)")
 

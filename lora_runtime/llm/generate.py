@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lora_runtime import sampling
 from lora_runtime.bundle import Bundle, manifest_stamp
 from lora_runtime.errors import BundleError, InputError, LoraRuntimeError
 from lora_runtime.llm.cache import KVCache, make_cache
@@ -62,10 +63,11 @@ class PromptCache:
 
 
 def generate(rt: Runtime, chat: Chat, prompt: str | list[dict[str, str]] | list[int], *, max_new_tokens: int = 64,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+             temperature: float = sampling.TEMPERATURE, top_p: float = sampling.TOP_P, seed: int | None = None,
              on_text: Callable[[str], None] | None = None, stop: Sequence[str] = (),
-             run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None, top_k: int = 0,
-             repeat_penalty: float = 1.0, repeat_last_n: int = 64, cache: PromptCache | None = None) -> Generation:
+             run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None, top_k: int = sampling.TOP_K,
+             repeat_penalty: float = sampling.REPEAT_PENALTY, repeat_last_n: int = sampling.REPEAT_LAST_N,
+             cache: PromptCache | None = None) -> Generation:
     """Greedy (temperature 0) or sampled decoding of the current use-case, streaming text to ``on_text``.
 
     ``prompt``: raw text, chat messages (rendered with the model's chat template), or token ids. ``stop``:
