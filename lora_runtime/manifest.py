@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -210,6 +210,16 @@ class Target:
     decode: DecodeGraph | None = None
 
 
+def saved_holder(module: str, holders: Sequence[str]) -> str | None:
+    """The adapter whose copy of a saved module (``modules_to_save``) is in force among the active ``holders`` of
+    it (None: the base's): PEFT's rule (``ModulesToSaveWrapper``), at most one active adapter may hold it."""
+    if len(holders) > 1:
+        raise UseCaseError(f"adapters {holders[0]!r} and {holders[1]!r} both save module {module!r} "
+                           "(modules_to_save): PEFT takes a saved module from one active adapter only; mix them "
+                           "without one of the two")
+    return holders[0] if holders else None
+
+
 @dataclass(frozen=True)
 class Manifest:
     generation: str
@@ -270,15 +280,7 @@ class Manifest:
         """Per saved module, the adapter (of those active) whose copy is in force, None for the base's: PEFT's rule
         (``ModulesToSaveWrapper``), at most one active adapter may hold a given module."""
         active = list(adapters)
-        out = []
-        for s in self.saved_modules:
-            holders = [a for a in active if a in s.adapters]
-            if len(holders) > 1:
-                raise UseCaseError(f"adapters {holders[0]!r} and {holders[1]!r} both save module {s.module!r} "
-                                   "(modules_to_save): PEFT takes a saved module from one active adapter only; "
-                                   "mix them without one of the two")
-            out.append(holders[0] if holders else None)
-        return tuple(out)
+        return tuple(saved_holder(s.module, [a for a in active if a in s.adapters]) for s in self.saved_modules)
 
     def saved_patch_of(self, source: str | None) -> str:
         """The patch holding ``source``'s values of the saved modules (None: the base's)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 from lora_runtime.compiler.adapter import Adapter, load_adapter
 from lora_runtime.errors import UseCaseError
 from lora_runtime.lora_config import check_name
+from lora_runtime.manifest import saved_holder
 
 
 @dataclass(frozen=True)
@@ -112,14 +113,15 @@ def check_use_cases(use_cases: Sequence[UseCaseSpec | str] | None, adapters: Seq
 
 def _check_saved_mix(spec: UseCaseSpec, adapters: Sequence[Adapter]) -> None:
     """PEFT's rule for saved modules (``modules_to_save``): at most one adapter of a mix may hold a given module."""
-    holder: dict[str, str] = {}
+    holders: dict[str, list[str]] = {}
     for a in adapters:
         for s in a.saved:
-            if s.module in holder:
-                raise UseCaseError(f"use-case {spec.name!r}: adapters {holder[s.module]!r} and {a.name!r} both save "
-                                   f"module {s.module!r} (modules_to_save); PEFT takes a saved module from one active "
-                                   "adapter only: drop one of them from the use-case")
-            holder[s.module] = a.name
+            holders.setdefault(s.module, []).append(a.name)
+    for module, names in holders.items():
+        try:
+            saved_holder(module, names)
+        except UseCaseError as e:
+            raise UseCaseError(f"use-case {spec.name!r}: {e}") from None
 
 
 def default_adapter(specs: Sequence[UseCaseSpec], adapters: Sequence[Adapter]) -> str:
