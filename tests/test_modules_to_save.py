@@ -9,16 +9,13 @@ logits are PEFT's; these tests need neither torch nor PEFT.
 from __future__ import annotations
 
 import json
-import random
 import shutil
-import threading
-import time
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import safetensors.numpy
-from conftest import FIXTURES
+from conftest import FIXTURES, switch_while_running
 
 from lora_runtime import (
     AdapterError,
@@ -215,35 +212,7 @@ def test_threads_never_see_a_torn_head(root, generation):
         for b in list(refs)[i + 1:]:
             assert np.abs(refs[a] - refs[b]).max() > 1e-3, (a, b)
     rt = Runtime.open(bundle.path)
-    stop = threading.Event()
-    errors: list[str] = []
-    counts = [0]
-
-    def runner() -> None:
-        while not stop.is_set():
-            out = rt.run(feeds)["logits"]
-            match = [u for u, r in refs.items() if np.abs(out - r).max() <= 1e-5]
-            if len(match) != 1:
-                errors.append(f"output matches {match}")
-                return
-            counts[0] += 1
-
-    threads = [threading.Thread(target=runner) for _ in range(3)]
-    for t in threads:
-        t.start()
-    rng = random.Random(3)
-    switches, deadline = 0, time.monotonic() + 60
-    try:
-        while (switches < 1000 or counts[0] < 200) and not errors and time.monotonic() < deadline:
-            rt.switch(rng.choice(rt.use_cases))
-            switches += 1
-            time.sleep(0)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
-    assert not errors, errors[:3]
-    assert switches >= 1000 and counts[0] >= 200
+    switch_while_running(rt, feeds, refs, threads=3, switches=1000, seed=3)
 
 
 @pytest.mark.parametrize("step", ["read_header", "read", "filled"])

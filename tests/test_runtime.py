@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import random
-import threading
-import time
 
 import numpy as np
 import pytest
+from conftest import switch_while_running
 
 from lora_runtime import BundleError, InputError, Runtime, UseCaseError, compile_bundle, run_use_case
 from lora_runtime.demo import demo_use_cases
@@ -146,37 +145,8 @@ def test_fault_at_every_cold_step_keeps_previous_use_case(bundle, references, st
 def test_threads_never_see_a_torn_use_case(bundle, references):
     feeds, refs = references
     rt = Runtime.open(bundle.path)
-    stop = threading.Event()
-    errors: list[str] = []
-    seen: dict[str, int] = {}
-    counts = [0]
-
-    def runner() -> None:
-        while not stop.is_set():
-            out = rt.run(feeds)["logits"]
-            match = [u for u, r in refs.items() if np.abs(out - r).max() <= 1e-5]
-            if len(match) != 1:
-                errors.append(f"output matches {match}")
-                return
-            seen[match[0]] = seen.get(match[0], 0) + 1
-            counts[0] += 1
-
-    threads = [threading.Thread(target=runner) for _ in range(4)]
-    for t in threads:
-        t.start()
-    rng = random.Random(1)
-    switches, deadline = 0, time.monotonic() + 60  # bounded: thousands of switches and enough runs, or 60 s
-    try:
-        while (switches < 2000 or counts[0] < 200) and not errors and time.monotonic() < deadline:
-            rt.switch(rng.choice(rt.use_cases))
-            switches += 1
-            time.sleep(0)  # let the runners have the GIL between switches
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
-    assert not errors, errors[:3]
-    assert switches >= 2000 and counts[0] >= 200 and len(seen) >= 2
+    seen = switch_while_running(rt, feeds, refs, threads=4, switches=2000, seed=1)
+    assert len(seen) >= 2
 
 
 def test_inputs_of_different_lengths_in_one_runtime(bundle, tiny):
