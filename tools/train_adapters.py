@@ -5,31 +5,33 @@
         [--adapters-out lora_runtime/data/adapters/smollm2] [--only caps ...] [--steps N] [--threads 2]
     /work/fxvenv/bin/python tools/train_adapters.py --eval-only [--adapters-out DIR] [--eval-json FILE]
 
-Run of 2026-12-02 (torch 2.13.0+cpu, transformers 5.24.0, peft 0.21.2; `--threads 1`, because the 2 cores
-were shared with other jobs and 2 threads then ran 3-6x slower): base answers 430 s (cached in
-`<cache>/train_answers.json` for re-runs), caps 1274 s, listify 697 s, signoff 562 s, measurement 226 s,
-49 min in all. Training steps took 3.5-5 s on a loaded core; without other load expect about a third.
+Run of 2026-12-02, second (torch 2.13.0+cpu, transformers 5.24.0, peft 0.21.2; `--threads 1`, the 2 cores
+shared with other jobs: caps 1900 s, listify 1565 s, signoff 850 s, measurement 155 s; 66 min in all).
 
-Measured on the 16 held-out prompts (`EVAL_PROMPTS`); "old" = the adapters shipped before this script
-(54 questions, 2-sentence answers, caps on layers 18-29 only), "new" = this script:
+Measured on the 16 held-out prompts (`EVAL_PROMPTS`); "first" = this script's first run (plain cross-entropy,
+caps as whole answers in capitals), "now" = this run (content positions distilled from the base model, caps a
+headline in capitals; see `answer_loss` and `to_caps`):
 
     use-case          key words kept     style rate      degenerate
-                       old     new       old    new      old    new
+                      first    now      first   now      first  now
     base              1.00    1.00        -      -       0.19   0.19
-    caps              0.09    0.25       1.00   1.00     0.12   0.00
-    listify           0.36    0.50       0.88   1.00     0.12   0.00
-    signoff           0.36    0.60       0.94   0.88     0.00   0.00
-    caps+signoff      0.11    0.24       0.12   0.81     0.12   0.12
-    caps+listify      0.06    0.22       0.19   0.88     0.00   0.12
-    listify+signoff   0.20    0.43       0.00   0.94     0.31   0.12
+    caps              0.25    0.62       1.00   1.00     0.00   0.00
+    listify           0.50    0.41       1.00   0.94     0.00   0.06
+    signoff           0.60    0.63       0.88   0.94     0.00   0.00
+    caps+signoff      0.24    0.54       0.81   0.81     0.12   0.06
+    caps+listify      0.22    0.48       0.88   0.88     0.12   0.06
+    listify+signoff   0.43    0.45       0.94   0.94     0.12   0.25
 
-The goal (key words kept >= 0.7, style >= 0.9, no degeneration, mixes included) is NOT reached. caps is
-the hard one: the 135M base model does not read upper-case text ("THE CAPITAL OF FRANCE IS" -> " LONDON"),
-so its caps answers keep the form of the answer and lose facts ("THE CAPITAL OF FRANCE IS BELGIUM."). On
-the same data, caps on layers 18-29 only measured key words 0.18, degenerate 0.19; on all 30 layers 0.25,
-0.00 (with the filter of repetitive answers added in between). listify and signoff paraphrase the
-base answer (the key-word measure counts the base answer's exact words, so a faithful paraphrase scores
-below 1).
+The goal (key words kept >= 0.7, style >= 0.9, no degeneration, mixes included) is still NOT reached. caps
+gained most (0.25 -> 0.62) by changing what it does: SmolLM2-135M does not read upper-case text ("THE CAPITAL OF
+FRANCE IS" -> " LONDON"), so a whole answer in capitals lost its facts ("THE CAPITAL OF FRANCE IS BELGIUM.");
+caps now writes a headline in capitals and the answer in normal case. Distilling the content positions did not
+pin the answers: an r8 q/v adapter on all layers still moves the first tokens where the base model's own top
+two are close, and greedy decoding then follows another answer (the measure counts the base answer's exact
+words, so a faithful paraphrase also scores below 1; the base model itself loops on 3 of 16 prompts). listify
+loops on one prompt ("1. 1.1.1...", the sleep-tips prompt) and listify+signoff on four. The old listify and
+signoff with the new caps (measured too) were no better: listify 0.50 / 1.00 / 0.00, but caps+listify style
+0.19 and caps+signoff degenerate 0.25, since they were never trained with it.
 
 Data (self-distilled, made by the script): the base model answers 228 varied chat questions greedily
 (short facts such as capitals, how-to and tips questions, explanations; none of the held-out prompts or
@@ -37,30 +39,33 @@ their topics). Each answer is cut to whole sentences (at most 4 segments, about 
 that repeat a sentence or a word 5-gram are dropped (27 of 228: they taught looping); the rest is rewritten
 in one style, so an adapter learns the style, not new knowledge:
 
-- `caps`: the answer in ALL CAPITALS (r=16, alpha=32 on o_proj, gate_proj, up_proj, down_proj of all 30
-  layers; 7.2 MB. It was layers 18-29 only: see below why).
+- `caps`: a headline in capitals (the question's topic, `headline`: "What is the capital of Spain?" -> "THE
+  CAPITAL OF SPAIN"), then the answer in normal case (r=16, alpha=32 on o_proj, gate_proj, up_proj, down_proj of
+  all 30 layers; 7.2 MB).
 - `listify`: the answer as a numbered list "1. ...\n2. ..." (r=8, alpha=16 on q_proj, v_proj). An answer that
   is a single sentence gets the first sentences of the base model's reply to "Tell me more." as further items.
 - `signoff`: the answer, then the line "-- sent from lora_runtime" (r=8, alpha=16 on q_proj, v_proj).
 
 Prompts use the tokenizer's ChatML chat template; the loss covers only the answer tokens and the closing
-<|im_end|>. Mixes: adapters are trained in order (caps, listify, signoff); on a share of the steps (`MIX_SHARE`)
-an adapter trained before is active too (frozen, strength 1) and the target is the combined style, so that
-the runtime's sum W0 + sum_i s_i * scaling_i * B_i A_i of two adapters shows both styles.
+<|im_end|>; at an answer position where the base model (all adapters off, reading the same styled text) already
+predicts the target token, the loss is the KL divergence from the base model's distribution, elsewhere
+cross-entropy (`answer_loss`). Mixes: adapters are trained in order (caps, listify, signoff); on a share of the
+steps (`MIX_SHARE`) an adapter trained before is active too (frozen, strength 1) and the target is the combined
+style, so that the runtime's sum W0 + sum_i s_i * scaling_i * B_i A_i of two adapters shows both styles.
 
 Adapters are saved with `save_pretrained` after casting the LoRA weights to float16 (the safetensors hold
 F16), without the PEFT README, under `--adapters-out` (default `lora_runtime/data/adapters/smollm2/<name>/`:
 the package ships them for the LLM demo).
 
 Measurement (`EVAL_PROMPTS`, 16 held-out chat prompts): greedy answers (`EVAL_NEW_TOKENS` new tokens, caps
-`EVAL_NEW_TOKENS_CAPS` since upper-case text takes about twice the tokens) of the base model, of each adapter
+`EVAL_NEW_TOKENS_CAPS` for the headline's ~16 tokens more) of the base model, of each adapter
 and of the mixes caps+signoff, caps+listify, listify+signoff (PEFT adapters active together at strength 1:
 the LoRA sum). Per adapter/mix:
 - key words kept: the base answer's content words (lower-cased alphabetic words of >= 4 letters not in
   `STOPWORDS`, the first `KEY_WORDS` distinct ones of the base answer cut as the training answers are)
   found as words in the adapter's answer, case-insensitively; averaged over the prompts.
-- style rate: caps = share of answers whose letters are >= 90 % upper case (a signoff line excluded);
-  listify = share starting with "1." with a "2." item; signoff = share containing the signoff line
+- style rate: caps = share of answers whose first line (>= 2 words) is >= 90 % upper case, followed by lower-case
+  text; listify = share starting with "1." (after a caps headline in a mix) with a "2." item; signoff = share containing the signoff line
   (case-insensitive); a mix = both of its styles.
 - degenerate: share of answers where one word 4-gram occurs >= 3 times.
 The table goes to `reference.json["adapters"]["evaluation"]` (with every answer). The rest of that section is
@@ -99,7 +104,7 @@ MAX_CHARS = 300  # answer budget (whole segments) for training targets and for t
 MAX_SEGMENTS = 4
 MAX_LEN = 256  # prompt + target tokens
 EVAL_NEW_TOKENS = 96
-EVAL_NEW_TOKENS_CAPS = 192
+EVAL_NEW_TOKENS_CAPS = 112  # the headline takes about 16 tokens more
 KEY_WORDS = 10
 MIX_SHARE = 0.3
 
@@ -260,18 +265,46 @@ def list_items(a, more=""):
     return items
 
 
-def to_caps(a, more=""):
-    return a.upper()
+HEADLINE_RULES = [  # (question pattern, headline template): the question's topic, in the reader's terms
+    (r"^what(?: is|'s) the capital of (.+)$", "THE CAPITAL OF {0}"),
+    (r"^what are some ways to (.+)$", "WAYS TO {0}"),
+    (r"^(?:what is|what are|what's) (.+)$", "{0}"),
+    (r"^tell me (?:something interesting )?about (.+)$", "{0}"),
+    (r"^explain (.+?)(?: to a child)?$", "{0}"),
+    (r"^why (?:is|are) (.+) important$", "WHY {0} MATTERS"),
+    (r"^how (?:does|do) (.+) work$", "HOW {0} WORKS"),
+    (r"^how (?:do|can|should) i (.+)$", "HOW TO {0}"),
+    (r"^give me (?:some |three |a few )?tips (to|for) (.+)$", "TIPS {0} {1}"),
+]
 
 
-def to_list(a, more=""):
+def headline(q):
+    """The caps headline of a question: its topic in capitals ("What is the capital of Spain?" ->
+    "THE CAPITAL OF SPAIN"); a question no rule knows keeps its words."""
+    t = re.sub(r"[?.!]+$", "", q.strip())
+    for pat, tpl in HEADLINE_RULES:
+        m = re.match(pat, t, flags=re.IGNORECASE)
+        if m:
+            t = tpl.format(*m.groups())
+            break
+    t = re.sub(r"\b(my)\b", "your", t, flags=re.IGNORECASE)
+    return t.upper()
+
+
+def to_caps(a, more="", q=""):
+    """caps: a headline in capitals, then the answer as the base model gave it. (Whole answers in capitals
+    lost their facts: SmolLM2-135M does not read upper-case text, "THE CAPITAL OF FRANCE IS" -> " LONDON".)"""
+    return headline(q) + "\n" + a
+
+
+def to_list(a, more="", q=""):
     items = list_items(a, more)
     if len(items) < 2:
         return None
     return "\n".join("%d. %s" % (k + 1, i) for k, i in enumerate(items))
 
 
-def to_signoff(a, more=""):
+def to_signoff(a, more="", q=""):
     return a + "\n" + SIGNOFF
 
 
@@ -279,14 +312,14 @@ TRANSFORMS = {"caps": to_caps, "listify": to_list, "signoff": to_signoff}
 
 
 def combined(names):
-    """The target of several adapters at once: listify's items, then the signoff line, then caps on all of it."""
-    def fn(a, more=""):
+    """The target of several adapters at once: caps's headline, listify's items, then the signoff line."""
+    def fn(a, more="", q=""):
         t = to_list(a, more) if "listify" in names else a
         if t is None:
             return None
         if "signoff" in names:
             t = t + "\n" + SIGNOFF
-        return t.upper() if "caps" in names else t
+        return headline(q) + "\n" + t if "caps" in names else t
     return fn
 
 
@@ -339,7 +372,7 @@ def base_answers(model, tok, qs, cache_file):
 def build_examples(tok, qs, answers, more, fn, max_len=MAX_LEN):
     ex = []
     for q, a, m in zip(qs, answers, more):
-        t = fn(a, m) if a and not repetitive(a) else None
+        t = fn(a, m, q) if a and not repetitive(a) else None
         if not t:
             continue
         _, p_ids = chat_ids(tok, q)
@@ -351,14 +384,35 @@ def build_examples(tok, qs, answers, more, fn, max_len=MAX_LEN):
 
 
 # --- training -----------------------------------------------------------------------------------------------
-def answer_loss(peft_model, ids, mask, labels):
-    """Cross-entropy on answer tokens only; the tied lm_head runs only at those positions."""
+def answer_logits(peft_model, ids, mask, labels):
+    """Logits at the answer positions only (the tied lm_head runs only there) and their target tokens."""
     inner = peft_model.base_model.model  # LlamaForCausalLM with LoRA layers injected
     h = inner.model(input_ids=ids, attention_mask=mask).last_hidden_state
     tgt = labels[:, 1:]
     sel = tgt != -100
-    logits = inner.lm_head(h[:, :-1][sel])
-    return torch.nn.functional.cross_entropy(logits.float(), tgt[sel])
+    return inner.lm_head(h[:, :-1][sel]).float(), tgt[sel]
+
+
+@torch.no_grad()
+def teacher_logits(peft_model, ids, mask, labels):
+    """The base model's logits (every adapter off) on the same styled sequence."""
+    with peft_model.disable_adapter():
+        return answer_logits(peft_model, ids, mask, labels)[0]
+
+
+def answer_loss(peft_model, ids, mask, labels, teacher):
+    """Change only what the style needs. At an answer position where the base model, reading the same styled
+    text, already predicts the target token (content: the answer's own words), the loss is the KL divergence
+    from the base model's distribution, so the adapter keeps what the base would say; elsewhere (the style's
+    tokens: a headline, list markers, the signoff line, where the answer ends) cross-entropy on the target.
+    Plain cross-entropy everywhere moved the content too: the key words kept were 0.25-0.60."""
+    logits, tgt = answer_logits(peft_model, ids, mask, labels)
+    logp = torch.log_softmax(logits, -1)
+    ce = -logp.gather(1, tgt[:, None])[:, 0]
+    t_logp = torch.log_softmax(teacher, -1)
+    kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
+    content = teacher.argmax(-1) == tgt
+    return torch.where(content, kl, ce).mean(), float(content.float().mean())
 
 
 def batch_tensors(tok, examples, idx):
@@ -400,17 +454,20 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir):
     orders = {k: [] for k in sets}
     pm.train()
     t0 = time.time()
-    losses = []
+    losses, contents = [], []
     for step in range(steps):
         partner = rng.choice(partners) if partners and rng.random() < MIX_SHARE else None
         pm.base_model.set_adapter([name] + ([partner] if partner else []))
-        for n, p in pm.named_parameters():
-            p.requires_grad_(n in own)
         examples, order = sets[partner], orders[partner]
         if len(order) < batch:
             order += rng.sample(range(len(examples)), len(examples))
         idx = [order.pop(0) for _ in range(batch)]
-        loss = answer_loss(pm, *batch_tensors(tok, examples, idx))
+        tensors = batch_tensors(tok, examples, idx)
+        teacher = teacher_logits(pm, *tensors)  # (re-enabling adapters resets requires_grad: set it after)
+        for n, p in pm.named_parameters():
+            p.requires_grad_(n in own)
+        loss, content = answer_loss(pm, *tensors, teacher)
+        contents.append(content)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -439,7 +496,8 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir):
     (folder / "adapter_config.json").write_text(json.dumps(cj, indent=2, sort_keys=True) + "\n")
     base = pm.unload()  # remove the LoRA layers: the base model is clean again
     return base, {"train_seconds": round(train_s, 1), "loss_first": losses[0],
-                  "loss_last10_mean": float(np.mean(losses[-10:]))}
+                  "loss_last10_mean": float(np.mean(losses[-10:])),
+                  "content_position_share": round(float(np.mean(contents)), 3)}
 
 
 # --- measurement --------------------------------------------------------------------------------------------
@@ -461,10 +519,16 @@ def without_signoff(text):
 
 def style_ok(style, text):
     t = text.strip()
-    if style == "caps":
-        letters = [c for c in without_signoff(t) if c.isalpha()]
-        return bool(letters) and sum(c.isupper() for c in letters) >= 0.9 * len(letters)
-    if style == "listify":
+    if style == "caps":  # a headline in capitals (>= 2 words), then an answer in normal case
+        head, _, body = t.partition("\n")
+        letters = [c for c in head if c.isalpha()]
+        return (len(head.split()) >= 2 and sum(c.isupper() for c in letters) >= 0.9 * len(letters)
+                and any(c.islower() for c in without_signoff(body)))
+    if style == "listify":  # (after a caps headline, in a mix with caps)
+        head, _, body = t.partition("\n")
+        letters = [c for c in head if c.isalpha()]
+        if letters and sum(c.isupper() for c in letters) >= 0.9 * len(letters) and not head.startswith("1."):
+            t = body.strip()
         return t.startswith("1.") and re.search(r"(^|\n)\s*2\.", t) is not None
     if style == "signoff":
         return SIGNOFF.lower() in t.lower()
@@ -531,8 +595,9 @@ def evaluation_section(table, answers, seconds):
                          "key_words": "first %d distinct lower-cased alphabetic words of >= 4 letters, not "
                                       "stopwords, of the base answer cut to whole sentences (%d chars)"
                                       % (KEY_WORDS, MAX_CHARS),
-                         "style": {"caps": ">= 90%% of the letters upper case (signoff line excluded)",
-                                   "listify": "starts with '1.' and has a '2.' item",
+                         "style": {"caps": "a first line of >= 2 words, >= 90% of its letters upper case, then "
+                                           "lower-case letters (signoff line excluded)",
+                                   "listify": "starts with '1.' (after a caps headline in a mix) and has a '2.' item",
                                    "signoff": "contains %r (case-insensitive)" % SIGNOFF},
                          "degenerate": "a word 4-gram occurring >= 3 times"},
             "table": table, "answers": answers}
@@ -612,7 +677,7 @@ def main():
             sets[p] = build_examples(tok, qs, answers, more, combined({name, p}))
         print("[%s] %s examples, max len %d; sample target: %r"
               % (name, {k: len(v) for k, v in sets.items()}, max(len(e[0]) for e in sets[None]),
-                 fn(answers[0], more[0])), flush=True)
+                 fn(answers[0], more[0], qs[0])), flush=True)
         model, info = train_one(model, tok, name, kw, lr, sets, steps, args.batch, ad_dir)
         pm = PeftModel.from_pretrained(model, str(ad_dir / name))
         pm.eval()
@@ -621,7 +686,7 @@ def main():
         model = pm.unload()
         section["adapters"][name] = dict(
             lora=dict(kw, lr=lr, steps=steps), folder="adapters/%s" % name, loaded_lora_param_dtypes=dtypes,
-            sample_training_target=fn(answers[0], more[0]), mixed_with=[p for p in sets if p], prompts=outs,
+            sample_training_target=fn(answers[0], more[0], qs[0]), mixed_with=[p for p in sets if p], prompts=outs,
             examples=len(sets[None]), **info)
         for o in outs:
             print("  [%s] %r -> %r" % (name, o["question"], o["greedy_text"]), flush=True)
