@@ -23,7 +23,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,16 +302,12 @@ class Runtime:
         ``buffers``: graph inputs and outputs bound to the caller's own ``OrtValue``s, kept bound between runs
         of this thread (an in-place KV cache: ``past_key.<i>`` and ``present_key.<i>`` on one buffer); outputs
         written there are not returned."""
-        if buffers:
-            return self._run_buffers(feeds, buffers)
-        index, inputs = self._pick(feeds)
-        graph = self._graphs[index]
-        with self._lock:
-            state = self._state
-            state.slots.readers += 1
-            if state.saved is not None:
-                state.saved.readers += 1
-        try:
+        with self._reading() as state:
+            if buffers:  # one graph (an ort-flavour LLM): its KV cache bound in place
+                self._binding(state, 0)
+                return run_bound(self._graphs[0], self._local.graphs[0], feeds, buffers)
+            index, inputs = self._pick(feeds)
+            graph = self._graphs[index]
             binding = self._binding(state, index)
             for name, value in inputs.items():
                 binding.bind_cpu_input(name, value)
@@ -324,25 +321,18 @@ class Runtime:
                 graph.session.run_with_iobinding(binding)
             except Exception as e:  # ONNX Runtime's: an index out of range, a shape the graph cannot take, ...
                 raise InputError(f"ONNX Runtime rejected the inputs: {ort_message(e)}") from e
-            outputs = binding.copy_outputs_to_cpu()
-        finally:
-            with self._lock:
-                state.slots.readers -= 1
-                if state.saved is not None:
-                    state.saved.readers -= 1
-                self._lock.notify_all()
-        return dict(zip(graph.outputs, outputs))
+            return dict(zip(graph.outputs, binding.copy_outputs_to_cpu()))
 
-    def _run_buffers(self, feeds: Mapping[str, np.ndarray], buffers: Mapping[str, ort.OrtValue]
-                     ) -> dict[str, np.ndarray]:
+    @contextmanager
+    def _reading(self) -> Iterator[_State]:
+        """The published state, held for a run: a switch waits until no run reads the slot set it would refill."""
         with self._lock:
             state = self._state
             state.slots.readers += 1
             if state.saved is not None:
                 state.saved.readers += 1
         try:
-            self._binding(state, 0)
-            return run_bound(self._graphs[0], self._local.graphs[0], feeds, buffers)
+            yield state
         finally:
             with self._lock:
                 state.slots.readers -= 1
