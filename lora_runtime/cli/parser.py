@@ -163,7 +163,7 @@ def parser() -> argparse.ArgumentParser:
                     help="a fixed KV cache of C slots (what an accelerator deploys: compile it with --static-shape "
                          "sequence=N --decode-shape sequence=1); C is then the longest prompt + generation")
     ig.add_argument("--weights", choices=["blocks", "float32"], default="blocks",
-                    help="GGUF: 'blocks' keeps the file's Q4_0/Q4_1/Q8_0 tensors as they are (ONNX Runtime's "
+                    help="GGUF: 'blocks' keeps the file's Q4_0/Q4_1/Q4_K/Q8_0 tensors as they are (ONNX Runtime's "
                          "MatMulNBits; exact, small, fast); 'float32' dequantizes all of them into a standard-ONNX "
                          "graph, which --encodings, --target htp, merge and modules_to_save need. Hugging Face "
                          "folders are always float")

@@ -51,7 +51,7 @@ def import_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
     the fast CPU graph); ``"standard"``, plain ONNX ops (what --encodings, --target htp and static caches take);
     ``"auto"``: ort for kept blocks where the model allows it, else standard.
 
-    ``weights="blocks"``: tensors the file holds as Q4_0, Q4_1 or Q8_0 stay those blocks (MatMulNBits at
+    ``weights="blocks"``: tensors the file holds as Q4_0, Q4_1, Q4_K or Q8_0 stay those blocks (MatMulNBits at
     ``accuracy_level``: 0 computes the file's weights exactly in float, 4 quantizes activations to 8-bit blocks
     as llama.cpp's own dot products do); ``"float32"``: all dequantized, a standard-ONNX graph (what --encodings,
     --target htp, merge and modules_to_save take).

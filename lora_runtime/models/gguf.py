@@ -190,7 +190,7 @@ def build_from_gguf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str
                     accuracy_level: int = 0, flavour: str = "standard") -> tuple[Path, GgufModel]:
     """Write ``out_dir/base.onnx`` (+ ``base.onnx.data``) from a GGUF; returns the model path and the GGUF.
 
-    ``keep_blocks``: weights the file holds as Q4_0, Q4_1 or Q8_0 stay those blocks (``models.blocks``:
+    ``keep_blocks``: weights the file holds as Q4_0, Q4_1, Q4_K or Q8_0 stay those blocks (``models.blocks``:
     MatMulNBits at ``accuracy_level``, the embedding table by GatherBlockQuantized when 8-bit); False:
     everything dequantized to float32. ``flavour``: ``models.llama.build_llama``'s (standard ONNX ops, what
     --encodings and the HTP take; or ONNX Runtime's fused attention)."""
