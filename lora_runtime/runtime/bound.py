@@ -44,12 +44,12 @@ def run_bound(graph: Graph, bound: Bound, feeds: Mapping[str, np.ndarray], buffe
               ) -> dict[str, np.ndarray]:
     """Run ``graph`` on ``bound`` (its use-case's slots already bound) with ``buffers`` bound (see the module
     docstring); returns the outputs not in ``buffers``."""
-    unknown = sorted(set(buffers) - set(graph.inputs) - set(graph.outputs))
-    if unknown:
-        raise InputError(f"buffers for {', '.join(unknown[:3])}: not inputs or outputs of the graph")
     inputs = check_feeds({k: v for k, v in graph.inputs.items() if k not in buffers}, feeds)
     binding = bound.binding
-    if bound.buffers is not buffers:  # another cache (or none) was bound last: bind this one whole
+    if bound.buffers is not buffers:  # another cache (or none) was bound last: check it, bind it whole
+        unknown = sorted(set(buffers) - set(graph.inputs) - set(graph.outputs))
+        if unknown:
+            raise InputError(f"buffers for {', '.join(unknown[:3])}: not inputs or outputs of the graph")
         binding.clear_binding_outputs()
         bound.outputs = []
         for name, value in buffers.items():
