@@ -19,6 +19,7 @@ from lora_runtime.bundle import Bundle
 from lora_runtime.eval.accuracy import logits_sqnr
 from lora_runtime.export import merge_use_case
 from lora_runtime.progress import Stage
+from lora_runtime.runtime.session import X64_QUANT_PRECISION
 
 
 class _Reader(CalibrationDataReader):
@@ -53,6 +54,7 @@ def quantize_static_sqnr(bundle: Bundle, use_cases: Sequence[str], calib: Sequen
                 ort.set_default_logger_severity(2)  # ONNX Runtime's default
             so = ort.SessionOptions()
             so.log_severity_level = 3
+            so.add_session_config_entry(X64_QUANT_PRECISION, "1")  # as make_session: no u8s8 saturation
             sess = ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
             names = [o.name for o in sess.get_outputs()]
             runs = [dict(zip(names, sess.run(names, dict(s)))) for s in held]
