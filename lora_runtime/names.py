@@ -148,6 +148,10 @@ def block_scales(weight: str) -> str:
     return f"{weight}.scales"
 
 
+def block_zero_points(weight: str) -> str:
+    return f"{weight}.zero_points"
+
+
 # --- files of a bundle ---------------------------------------------------------------------------------------------
 
 MANIFEST = "manifest.json"

@@ -123,7 +123,8 @@ def test_quantized_base(tiny, tmp_path, bits, block, generation):
 
     kind = f"int{bits}"
     b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b",
-                       CompileOptions(generation, weight_only=WeightOnlyOptions.of(kind, block_size=block)),
+                       CompileOptions(generation, weight_only=WeightOnlyOptions.of(kind, block_size=block,
+                                                                                   grid="symmetric")),
                        use_cases=demo_use_cases(generation, list(tiny.adapters)))
     g = onnx.load(str(b.file("model.onnx")), load_external_data=False)
     base = load_with_data(tiny.base)
@@ -178,6 +179,132 @@ def test_quantized_base(tiny, tmp_path, bits, block, generation):
         if bits == 4:
             assert _sqnr(want, got) > _sqnr(exact, got) + 10.0, u.name
         assert 5.0 < b.manifest.accuracy_of("float32_bundle").sqnr_db[u.name] < 60.0  # recorded, and lossy
+
+
+def _graph_weights(bundle, names):
+    """Each quantized weight as the graph holds it, unpacked here independently of the compiler: (codes (N, K),
+    scales (N, blocks), zero points (N, blocks) or None, block size)."""
+    from onnx import helper, numpy_helper
+    from reference import load_with_data
+
+    g = load_with_data(bundle.file("model.onnx")).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    out = {}
+    for node in g.node:
+        if node.op_type != "MatMulNBits" or node.input[1].removesuffix(".q4") not in names:
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        n, k, bs = a["N"], a["K"], a["block_size"]
+        blob = inits[node.input[1]].reshape(n, -1)
+        codes = np.stack([blob & 15, blob >> 4], axis=-1).reshape(n, -1)[:, :k]  # low nibble first
+        blocks = -(-k // bs)
+        zp = None
+        if len(node.input) > 3 and node.input[3]:
+            z = inits[node.input[3]].reshape(n, -1)
+            zp = np.stack([z & 15, z >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+        out[node.input[1].removesuffix(".q4")] = (codes, inits[node.input[2]].reshape(n, blocks), zp, bs)
+    return out
+
+
+def _dequantize(codes, scales, zeros, bs):
+    """(K, N) from the unpacked form of _graph_weights."""
+    z = np.full(scales.shape, 8.0) if zeros is None else zeros.astype(np.float64)
+    idx = np.arange(codes.shape[1]) // bs
+    return ((codes - z[:, idx]) * scales[:, idx]).T.astype(np.float32)
+
+
+def test_int4_asymmetric_blocks(tiny, tmp_path):
+    """int4's default grid: a zero point per block, each block's range searched; the graph computes exactly its own
+    codes and zero points, and holds each weight closer to the float one than the symmetric grid does."""
+    import onnx
+    from onnx import numpy_helper
+    from reference import load_with_data
+
+    from lora_runtime.quant.reader import read_encodings
+
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", CompileOptions("v3", weight_only=WeightOnlyOptions.of(
+        "int4")), use_cases=demo_use_cases("v3", list(tiny.adapters)))
+    base = load_with_data(tiny.base)
+    linear = {t.name: numpy_helper.to_array(t) for t in base.graph.initializer
+              if t.name.endswith("_proj.weight") or t.name == "lm_head.weight"}
+    held = _graph_weights(b, set(linear))
+    assert set(held) == set(linear)
+    enc = read_encodings(b.path / "encodings/base_weights.encodings")
+    gains = []
+    for name, w in linear.items():
+        codes, scales, zeros, bs = held[name]
+        assert zeros is not None and zeros.max() <= 15 and codes.max() <= 15
+        deq = _dequantize(codes, scales, zeros, bs)
+        e = enc[name]  # the encodings file says the same: offset = -zero point, per (out, block)
+        assert not e.is_sym and e.bw == 4 and e.block_size == bs
+        np.testing.assert_array_equal(np.array(e.offset), -zeros.reshape(-1).astype(int))
+        np.testing.assert_allclose(np.array(e.scale), scales.reshape(-1), rtol=1e-6)
+        gains.append(_sqnr(w, deq) - _sqnr(w, _dequantized(w, 4, bs)))
+    assert np.mean(gains) > 1.0, gains  # dB over the symmetric grid's nearest codes, weight by weight
+    deq_dir = tmp_path / "deq"
+    deq_dir.mkdir()
+    for t in base.graph.initializer:
+        if t.name in linear:
+            t.CopyFrom(numpy_helper.from_array(_dequantize(*held[t.name]), t.name))
+    onnx.save(base, str(deq_dir / "base.onnx"))
+    feeds = tiny.inputs(seed=12)
+    rt = Runtime.open(b.path)
+    for u in b.manifest.use_cases:
+        want = merged_outputs(deq_dir / "base.onnx", u.strengths, tiny.adapters, feeds)["logits"]
+        exact = merged_outputs(tiny.base, u.strengths, tiny.adapters, feeds)["logits"]
+        rt.switch(u.name)
+        got = rt.run(feeds)["logits"]
+        assert _sqnr(want, got) > 30.0 and _sqnr(want, got) > _sqnr(exact, got) + 10.0, u.name
+
+
+def _calibration(tiny, path, n, seed=0):
+    samples = [tiny.inputs(seed=seed + i) for i in range(n)]
+    np.savez(path, **{k: np.stack([s[k] for s in samples]) for k in samples[0]})
+    return path
+
+
+def test_int4_gptq_beats_nearest_on_held_out_inputs(tiny, tmp_path):
+    """GPTQ codes on the same asymmetric grid, from the base's linear inputs on 64 calibration samples: logits closer
+    to the float model's on inputs it never saw than the nearest codes are."""
+    calib = _calibration(tiny, tmp_path / "calib.npz", 64)
+    made = {}
+    for rounding in ("nearest", "gptq"):
+        wo = WeightOnlyOptions.of("int4", calibration=calib if rounding == "gptq" else None)
+        made[rounding] = compile_bundle(tiny.base, tiny.adapters, tmp_path / rounding,
+                                        CompileOptions("v3", weight_only=wo), use_cases=["base="])
+    assert "gptq codes" in made["gptq"].manifest.weight_only.op
+    assert "nearest codes" in made["nearest"].manifest.weight_only.op
+    sq = {k: [] for k in made}
+    for seed in range(1000, 1008):
+        feeds = tiny.inputs(seed=seed)
+        want = merged_outputs(tiny.base, {}, tiny.adapters, feeds)["logits"]
+        for k, b in made.items():
+            sq[k].append(_sqnr(want, run_use_case(b, "base", feeds)["logits"]))
+    assert np.mean(sq["gptq"]) > np.mean(sq["nearest"]) + 0.3, sq
+
+
+def test_int4_gptq_with_too_few_tokens_warns(tiny, tmp_path):
+    calib = _calibration(tiny, tmp_path / "calib.npz", 2)
+    with pytest.warns(UserWarning, match="calibration tokens"):
+        compile_bundle(tiny.base, tiny.adapters, tmp_path / "b",
+                       CompileOptions("v3", weight_only=WeightOnlyOptions.of("int4", calibration=calib)),
+                       use_cases=["base="])
+
+
+def test_cli_weight_grid_and_gptq_flags(tiny, tmp_path, capsys):
+    common = ["compile", "--base", str(tiny.base), "--generation", "v3", "--adapter", f"tone={tiny.adapters['tone']}"]
+    assert main([*common, "-o", str(tmp_path / "a"), "--weight-grid", "symmetric"]) == 2
+    assert "--weight-grid goes with --base-weights" in capsys.readouterr().err
+    assert main([*common, "-o", str(tmp_path / "b"), "--base-weights", "int4", "--weight-rounding", "gptq"]) == 2
+    assert "needs calibration data" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    calib = _calibration(tiny, tmp_path / "calib.npz", 32)
+    assert main([*common, "-o", str(tmp_path / "c"), "--base-weights", "int4", "--weight-grid", "symmetric",
+                 "--calibration", str(calib)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "c"), "--json"]) == 0
+    op = json.loads(capsys.readouterr().out)["manifest"]["weight_only"]["op"]
+    assert "symmetric" in op and "gptq codes" in op
 
 
 def test_quantized_gemm_with_bias_gpt2(tmp_path):

@@ -25,16 +25,25 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise InputError("an adapter name is given twice in --adapter")
     weight_only = quant = None
     if args.base_weights != "float32":
-        weight_only = WeightOnlyOptions.of(args.base_weights, args.block_size, args.base_encodings)
+        weight_only = WeightOnlyOptions.of(args.base_weights, args.block_size, args.base_encodings,
+                                           grid=args.weight_grid, calibration=args.calibration,
+                                           rounding=args.weight_rounding)
+    elif args.weight_grid is not None:
+        raise InputError("--weight-grid goes with --base-weights int8|int4")
     quant_flags = {"--calibration": args.calibration, "--preset": args.preset,
                    "--calibration-method": args.calibration_method, "--weight-rounding": args.weight_rounding,
                    "--encodings-file": args.encodings_file, "--sensitive-db": args.sensitive_db,
                    "--no-ort-reference": args.no_ort_reference or None}
+    if weight_only is not None:  # --calibration and --weight-rounding serve the weight-only pass too
+        quant_flags.pop("--calibration")
+        quant_flags.pop("--weight-rounding")
     if args.encodings == "none":
         given = [flag for flag, value in quant_flags.items() if value is not None]
         if given:
-            raise InputError(f"{', '.join(given)} go with --encodings non-updatable|adapter-only|full; without it the "
-                             "bundle would be float and the option ignored")
+            raise InputError(f"{', '.join(given)} go with --encodings non-updatable|adapter-only|full"
+                             + (" (--calibration and --weight-rounding with --base-weights too)"
+                                if weight_only is None else "")
+                             + "; without it the bundle would be float and the option ignored")
     else:
         shared, own = parse_encodings_files(args.encodings_file or [])
         quant = QuantOptions(args.encodings, args.calibration, args.preset or "w8a8",

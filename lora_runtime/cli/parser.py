@@ -68,10 +68,14 @@ def parser() -> argparse.ArgumentParser:
                    help="write the quantized base weights' encodings file (auto: up to a million scales)")
     c.add_argument("--block-size", type=int, default=None,
                    help="quantization block along the input dim (int4 default 32; int8 default per channel)")
+    c.add_argument("--weight-grid", default=None, choices=["symmetric", "asymmetric"],
+                   help="--base-weights grid: asymmetric = a zero point per block, its clip searched (int4 default); "
+                        "symmetric = no zero points (int8 default; a little faster, less accurate at 4 bits)")
     c.add_argument("--encodings", default="none", choices=["none", "non-updatable", "adapter-only", "full"],
                    help="INT8 (QDQ) with encodings of this flexibility (v1: non-updatable; v2: full; v3: any)")
     c.add_argument("--calibration", metavar="DATA.npz",
-                   help="calibration samples: keys are graph inputs, arrays have a leading sample axis")
+                   help="calibration samples: keys are graph inputs, arrays have a leading sample axis (for "
+                        "--encodings, or GPTQ codes for --base-weights)")
     c.add_argument("--preset", default=None, help="encodings preset: w8a8 (default), w8a16, w4a16 or lora_a16w16")
     c.add_argument("--calibration-method", default=None, choices=["minmax", "percentile"], help="default minmax")
     c.add_argument("--encodings-file", action="append", default=None, metavar="[USE_CASE=]F.encodings",
@@ -83,7 +87,8 @@ def parser() -> argparse.ArgumentParser:
                         "16 bits (float16 if 16 bits are still below DB)")
     c.add_argument("--weight-rounding", choices=("nearest", "gptq"), default=None,
                    help="how base weights pick their integer codes: nearest, or GPTQ (uses the calibration data; "
-                        "slower to compile, far more accurate on real LLMs)")
+                        "slower to compile, far more accurate on real LLMs); default: nearest, gptq for "
+                        "--base-weights with --calibration")
     c.add_argument("--no-ort-reference", action="store_true",
                    help="skip comparing with ONNX Runtime's quantize_static of each merged use-case")
     c.add_argument("--copy-base-data", action="store_true",

@@ -16,6 +16,8 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from lora_runtime.compiler.patches import (
     plan_branches,
     point_record,
 )
-from lora_runtime.compiler.points import attach, attach_saved, blocks_summary
+from lora_runtime.compiler.points import attach, attach_saved, blocks_summary, find_candidates
 from lora_runtime.compiler.qairt import write_qairt_artefacts
 from lora_runtime.compiler.quantize import FloatStage, quantize_bundle
 from lora_runtime.compiler.use_cases import UseCaseSpec, check_use_cases, default_adapter, load_adapters
@@ -65,8 +67,10 @@ from lora_runtime.names import (
     saved_patch,
     weight_only_data,
 )
-from lora_runtime.quant.calibrate import load_calibration
+from lora_runtime.progress import Stage
+from lora_runtime.quant.calibrate import input_grams, load_calibration
 from lora_runtime.quant.encodings import VERSION, EncodingsFile, write_encodings
+from lora_runtime.quant.gptq import Hessians
 from lora_runtime.quant.presets import load_preset
 from lora_runtime.quant.reader import read_encodings
 from lora_runtime.staging import staging
@@ -102,6 +106,8 @@ def compile_bundle(base: str | os.PathLike[str],
         load_preset(q.preset)
         samples = load_calibration(q.calibration)
         overrides = read_encodings(q.encodings_file) if q.encodings_file is not None else None
+    wo = options.weight_only
+    wo_samples = load_calibration(wo.calibration) if wo is not None and wo.calibration is not None else None
     say("loading adapters")
     loaded = load_adapters(adapters, base=base)
     _check_saved(loaded, options)
@@ -151,8 +157,8 @@ def compile_bundle(base: str | os.PathLike[str],
         own: list[str] = [*patches, *saved_files]
         if options.weight_only is not None:
             say(f"quantizing base weights to {options.weight_only.dtype}")
-            summary, files = _quantize_weights(model, base.parent, tmp, options.weight_only,
-                                               frozenset(s.name for s in layout.slots))
+            summary, files = _quantize_weights(model, base, tmp, options.weight_only,
+                                               frozenset(s.name for s in layout.slots), wo_samples, say)
             manifest = dataclasses.replace(manifest, weight_only=summary)
             own += files
             data_files = []  # the bundle holds every base tensor it needs; the float32 data is not linked
@@ -275,14 +281,19 @@ def _options(options: CompileOptions | None, generation: str | None) -> CompileO
     return options
 
 
-def _quantize_weights(model: onnx.ModelProto, base_dir: Path, tmp: Path, o: WeightOnlyOptions,
-                      slots: frozenset[str]) -> tuple[WeightOnly, list[str]]:
+def _quantize_weights(model: onnx.ModelProto, base: Path, tmp: Path, o: WeightOnlyOptions, slots: frozenset[str],
+                      samples: Sequence[dict[str, np.ndarray]] | None, say: Report) -> tuple[WeightOnly, list[str]]:
     """The weight-only pass, and the same numbers for QAIRT tooling: int8 per channel, int4 per block.
     Per-block scales in JSON cost ~55 bytes each (2.5x the int4 weights themselves): "auto" writes them up to
-    a million."""
+    a million. With ``samples``, the linear inputs' statistics are collected on the base model first (GPTQ)."""
     data = weight_only_data(o.dtype)
-    done = quantize_weights(model, WeightOnlyPassOptions(base_dir, tmp, data, o.bits, o.block_size,
-                                                         keep_float=slots)).weights
+    hessians = _base_hessians(model, base, slots, samples, say) if samples is not None else None
+    rounding = o.rounding if hessians is not None else "nearest"
+    if hessians is not None:
+        say(f"quantizing base weights ({o.grid}, {rounding} codes)")
+    done = quantize_weights(model, WeightOnlyPassOptions(base.parent, tmp, data, o.bits, o.block_size,
+                                                         o.accuracy_level, slots, o.is_symmetric,
+                                                         hessians=hessians if rounding == "gptq" else None)).weights
     entries = sum(len(q.encoding.scale) for q in done)
     write = o.encodings == "always" or (o.encodings == "auto" and entries <= MAX_AUTO_ENCODINGS)
     if write:
@@ -292,10 +303,30 @@ def _quantize_weights(model: onnx.ModelProto, base_dir: Path, tmp: Path, o: Weig
     summary = WeightOnly(
         o.dtype, len(done), tuple(sorted({q.block_size for q in done})), (tmp / data).stat().st_size,
         min(finite, default=None), float(np.mean(finite)) if finite else None,
-        "com.microsoft.MatMulNBits (weight-only, symmetric, accuracy_level 4)",
+        f"com.microsoft.MatMulNBits (weight-only, {o.grid}, {rounding} codes, accuracy_level {o.accuracy_level})",
         BASE_WEIGHT_ENCODINGS if write else None,
         "" if write else f"not written: {entries} scale entries (--base-encodings always writes them)")
     return summary, [data] + ([BASE_WEIGHT_ENCODINGS] if write else [])
+
+
+def _base_hessians(model: onnx.ModelProto, base: Path, slots: frozenset[str],
+                   samples: Sequence[dict[str, np.ndarray]], say: Report) -> Hessians:
+    """GPTQ's statistics of every linear input the weight-only pass reads, from the calibration samples run through
+    the base model alone (the adapters' branches add to the outputs, not to these inputs)."""
+    base_model = onnx.load(str(base), load_external_data=False)
+    produced = {i.name for i in base_model.graph.input} | {t for n in base_model.graph.node for t in n.output}
+    del base_model
+    linear = [c for c in find_candidates(model.graph) if c.weight not in slots and c.x in produced]
+    tensors = sorted({c.x for c in linear})
+    count = Stage(say, f"calibration of {len(tensors)} linear inputs (GPTQ)", len(samples), "runs")
+    gram, rows = input_grams(base, tensors, samples, count.step)
+    widest = max((c.in_features for c in linear), default=0)
+    if rows < 2 * widest:  # H = X^T X of too few rows: GPTQ fits the calibration tokens and loses on others
+        warnings.warn(f"{rows} calibration tokens for linear inputs of up to {widest} features: GPTQ needs at least "
+                      f"{2 * widest} (more samples or a longer --seq-len), or its codes fit the calibration data only",
+                      UserWarning, stacklevel=2)
+    return Hessians(gram, Counter(c.x for c in linear), say, work=sum(c.in_features * c.out_features for c in linear),
+                    act_order=True)
 
 
 def _with_accuracy(bundle: Bundle, base: Path, adapters: list[Adapter], specs: list[UseCaseSpec],

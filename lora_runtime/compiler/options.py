@@ -22,6 +22,7 @@ LORA_DTYPES = ("float32", "float16")
 MODES = ("non-updatable", "adapter-only", "full")
 CALIBRATION_METHODS = ("minmax", "percentile")
 WEIGHT_ROUNDING = ("nearest", "gptq")
+GRIDS = ("symmetric", "asymmetric")
 BASE_ENCODINGS = ("auto", "always", "never")
 TARGETS = ("cpu", "htp")
 # QAIRT's table: which encodings mode each generation takes
@@ -43,29 +44,55 @@ def _one_of(what: str, value: object, allowed: tuple) -> None:
 
 @dataclass(frozen=True)
 class WeightOnlyOptions:
-    """``--base-weights int8|int4``: every linear weight of the base as ``MatMulNBits``, LoRA branches float."""
+    """``--base-weights int8|int4``: every linear weight of the base as ``MatMulNBits``, LoRA branches float.
+
+    ``symmetric`` None: int8 symmetric, int4 asymmetric (a zero point per block, its clip searched). With
+    ``calibration`` (samples of the base's inputs), ``rounding="gptq"`` chooses the codes on that grid from the
+    layers' inputs and the clip search weighs each input feature by its mean square."""
 
     bits: int  # 8: per output channel; 4: blocks of ``block_size`` input features
     block_size: int | None = None  # None: 32 for int4, the whole input dim for int8
     encodings: str = "auto"  # write encodings/base_weights.encodings: auto (up to a million scales), always, never
+    symmetric: bool | None = None
+    calibration: str | os.PathLike[str] | None = None
+    rounding: str = "nearest"
+    accuracy_level: int = 4  # MatMulNBits' compute: 4 = int8 activations (fast), 0 = float32 (exact, slower)
 
     def __post_init__(self) -> None:
         _one_of("base weight bits", self.bits, (8, 4))
+        _one_of("accuracy level", self.accuracy_level, (0, 4))
         _one_of("base_encodings", self.encodings, BASE_ENCODINGS)
+        _one_of("weight rounding", self.rounding, WEIGHT_ROUNDING)
         if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             raise UseCaseError(f"block_size must be a power of two of at least 16, got {self.block_size}")
+        if self.rounding == "gptq" and self.calibration is None:
+            raise UseCaseError("--weight-rounding gptq needs calibration data: pass --calibration DATA.npz")
 
     @classmethod
-    def of(cls, dtype: str, block_size: int | None = None, encodings: str = "auto") -> WeightOnlyOptions:
-        """From the CLI's spelling: ``--base-weights int8|int4``."""
+    def of(cls, dtype: str, block_size: int | None = None, encodings: str = "auto", *, grid: str | None = None,
+           calibration: str | os.PathLike[str] | None = None, rounding: str | None = None,
+           accuracy_level: int = 4) -> WeightOnlyOptions:
+        """From the CLI's spelling: ``--base-weights int8|int4``, ``--weight-grid symmetric|asymmetric``;
+        ``--weight-rounding`` defaults to gptq when calibration data is given."""
         bits = {"int8": 8, "int4": 4}.get(dtype)
         if bits is None:
             raise UseCaseError(f"base_weights must be one of int8, int4, got {dtype!r}")
-        return cls(bits, block_size, encodings)
+        if grid is not None:
+            _one_of("weight grid", grid, GRIDS)
+        return cls(bits, block_size, encodings, None if grid is None else grid == "symmetric", calibration,
+                   rounding or ("gptq" if calibration is not None else "nearest"), accuracy_level)
 
     @property
     def dtype(self) -> str:
         return f"int{self.bits}"
+
+    @property
+    def is_symmetric(self) -> bool:
+        return self.bits == 8 if self.symmetric is None else self.symmetric
+
+    @property
+    def grid(self) -> str:
+        return "symmetric" if self.is_symmetric else "asymmetric"
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from lora_runtime.external_data import DataWriter
-from lora_runtime.names import block_scales, packed_weight
+from lora_runtime.names import block_scales, block_zero_points, packed_weight
 
 MS_DOMAIN = "com.microsoft"
 BLOCK = 32
@@ -123,21 +123,40 @@ def packed(b: Blocks) -> np.ndarray:
 
 def matmul_nbits(writer: DataWriter, weight: str, x: str, outputs: list[str], name: str, codes: np.ndarray,
                  scales: np.ndarray, k: int, bits: int, accuracy_level: int, bias: str | None = None,
-                 scale_type: int = TensorProto.FLOAT) -> tuple[onnx.NodeProto, list[TensorProto]]:
+                 scale_type: int = TensorProto.FLOAT, zero_points: np.ndarray | None = None
+                 ) -> tuple[onnx.NodeProto, list[TensorProto]]:
     """ONNX Runtime's ``MatMulNBits`` over unsigned ``codes`` (N, blocks, block_size) uint8, dequantized as
-    ``(code - 2^(bits-1)) * scale`` with ``scales`` (N, blocks); 4-bit codes are packed two per byte, low
-    nibble first. ``scale_type`` is the type of ``x`` (float32, or float16 for a float16 layer). Returns the node
-    and its two initializers (written to ``writer``): ``<weight>.q<bits>`` and ``<weight>.scales``."""
+    ``(code - zero) * scale`` with ``scales`` (N, blocks) and ``zero`` = ``2^(bits-1)`` (the op's default) or
+    ``zero_points`` (N, blocks) uint8; 4-bit codes and zero points are packed two per byte, low nibble first.
+    ``scale_type`` is the type of ``x`` (float32, or float16 for a float16 layer). Returns the node and its
+    initializers (written to ``writer``): ``<weight>.q<bits>``, ``<weight>.scales`` (and ``<weight>.zero_points``)."""
     n, _, block_size = codes.shape
     data = packed(Blocks("", bits, codes, scales))
     b_name, s_name = packed_weight(weight, bits), block_scales(weight)
     scales = scales.reshape(-1).astype(helper.tensor_dtype_to_np_dtype(scale_type))
     inits = [writer.tensor(b_name, data, TensorProto.UINT8, list(data.shape)),
              writer.tensor(s_name, scales, scale_type, [scales.size])]
-    node = helper.make_node("MatMulNBits", [x, b_name, s_name] + (["", "", bias] if bias else []), outputs,
-                            name=name, domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block_size,
-                            accuracy_level=accuracy_level)
+    inputs = [x, b_name, s_name]
+    if zero_points is not None:
+        zp = packed_zero_points(zero_points, bits).reshape(-1)
+        inits.append(writer.tensor(block_zero_points(weight), zp, TensorProto.UINT8, [zp.size]))
+        inputs.append(inits[-1].name)
+    if bias:
+        inputs += [""] * (5 - len(inputs)) + [bias]
+    node = helper.make_node("MatMulNBits", inputs, outputs, name=name, domain=MS_DOMAIN, K=k, N=n, bits=bits,
+                            block_size=block_size, accuracy_level=accuracy_level)
     return node, inits
+
+
+def packed_zero_points(zero: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits' zero points: (N, blocks) uint8 codes -> (N, ceil(blocks * bits / 8)) bytes; 4-bit ones two per
+    byte (block ``2i`` in the low nibble of byte ``i``), an odd last block's high nibble 0."""
+    zero = np.asarray(zero, np.uint8)
+    if bits == 8:
+        return np.ascontiguousarray(zero)
+    if zero.shape[1] % 2:
+        zero = np.concatenate([zero, np.zeros((zero.shape[0], 1), np.uint8)], axis=1)
+    return (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
 
 
 class KeptWriter:

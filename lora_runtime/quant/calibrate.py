@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -103,6 +104,38 @@ def collect_ranges(bundle: Bundle, tensors: Sequence[str], samples: Sequence[dic
     feeds = [_checked(expected, sample, i) for i, sample in enumerate(samples)]
     with blas_threads(1):  # the Gram products between runs (see lora_runtime.arrays.blas_threads)
         return _calibrate(bundle, sess, tensors, feeds, use_cases, method, percentile, step, keep_values, gram)
+
+
+def input_grams(model_path: Path, tensors: Sequence[str], samples: Sequence[dict[str, np.ndarray]],
+                step: Callable[[str], None] | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """``X^T X`` (float32) of each of ``tensors`` over ``samples`` through the plain model at ``model_path`` (no
+    LoRA), and the rows (tokens) they sum: what GPTQ rounds the base weights of ``--base-weights`` with. The
+    augmented graph is built in memory; its external data is read from the model's folder, not written to."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors
+                              if t not in known)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.enable_mem_pattern = False
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del model
+    expected = input_specs(sess, set())
+    feeds = [_checked(expected, sample, i) for i, sample in enumerate(samples)]
+    gram: dict[str, np.ndarray] = {}
+    grams = _Grams(gram)
+    rows = 0
+    with blas_threads(1):
+        for feed in feeds:
+            for i, (t, v) in enumerate(zip(tensors, sess.run(list(tensors), feed))):
+                x = np.asarray(v, np.float32).reshape(-1, v.shape[-1])
+                rows += len(x) if i == 0 else 0
+                grams.add(t, x)
+            if step:
+                step(model_path.name)
+        grams.flush()
+    return gram, rows
 
 
 def _calibrate(bundle: Bundle, sess: ort.InferenceSession, tensors: Sequence[str],

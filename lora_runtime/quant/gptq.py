@@ -80,10 +80,12 @@ class Hessians:
     (``work``: the elements of all the weights it will round, for the ETA)."""
 
     def __init__(self, grams: dict[str, np.ndarray] | None = None, uses: Mapping[str, int] | None = None,
-                 say: Callable[[str], None] | None = None, work: float | None = None) -> None:
+                 say: Callable[[str], None] | None = None, work: float | None = None, act_order: bool = False
+                 ) -> None:
+        self.act_order = act_order  # rows in order of decreasing input energy (GPTQ's "act-order", desc_act)
         self._grams = grams if grams is not None else {}
         self._uses = dict(uses) if uses is not None else dict.fromkeys(self._grams, 1)
-        self._last: tuple[str, np.ndarray | None] | None = None
+        self._last: tuple[str, np.ndarray | None, np.ndarray | None] | None = None
         # work: the weights' elements (an ETA that knows lm_head is 10% of SmolLM2's), counted as they are rounded
         self.stage = Stage(say, "GPTQ", sum(self._uses.get(x, 0) for x in self._grams), "layers", work=work)
 
@@ -93,18 +95,30 @@ class Hessians:
     def __len__(self) -> int:
         return len(self._grams)
 
+    def diagonal(self, x: str) -> np.ndarray | None:
+        """The diagonal of input ``x``'s ``X^T X`` (each feature's sum of squares), None when not collected."""
+        g = self._grams.get(x)
+        return None if g is None else np.diag(g).copy()
+
     def round(self, x: str, weight: str, w: np.ndarray, scale: np.ndarray, zero: np.ndarray | float, qmin: int,
               qmax: int, dtype: type = np.int64) -> np.ndarray:
         """GPTQ's codes of ``weight`` (``w (in, out)``, read from input ``x``): see :func:`gptq_codes`."""
         with blas_threads(1):  # many small and medium BLAS calls (see lora_runtime.arrays.blas_threads)
             if self._last is None or self._last[0] != x:
                 self._last = None  # the previous input's factor goes before the next one is made
-                self._last = (x, inverse_factor(self._grams[x]))
-            factor = self._last[1]
+                h = self._grams[x]
+                order = np.argsort(-np.diag(h), kind="stable") if self.act_order else None
+                self._last = (x, inverse_factor(h if order is None else h[np.ix_(order, order)]), order)
+            _, factor, order = self._last
             self._uses[x] = self._uses.get(x, 1) - 1
             if self._uses[x] <= 0:  # its last reader: the statistics go now, the factor after this weight
                 del self._grams[x]
-            codes = gptq_round(w, factor, scale, np.asarray(zero), qmin, qmax, dtype)
+            if order is None:
+                codes = gptq_round(w, factor, scale, np.asarray(zero), qmin, qmax, dtype)
+            else:  # the grid stays where it was (per row): rows, scales and zeros permuted together, then back
+                full = [np.broadcast_to(np.asarray(a), w.shape)[order] for a in (w, scale, zero)]
+                codes = np.empty(w.shape, dtype)
+                codes[order] = gptq_round(*full[:1], factor, *full[1:], qmin, qmax, dtype)
         if x not in self._grams:
             self._last = None
             give_back_memory(collect=False)  # the statistics and the factor are gone: their pages too

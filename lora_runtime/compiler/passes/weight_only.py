@@ -15,6 +15,7 @@ bundle does not need the float32 weights at all, and never holds them all in mem
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from lora_runtime.compiler.points import Candidate, find_candidates
 from lora_runtime.external_data import DataWriter, read_tensor
 from lora_runtime.graph import GraphEdit
 from lora_runtime.quant.encodings import Encoding
+from lora_runtime.quant.gptq import Hessians
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class WeightOnlyPassOptions:
     block_size: int | None = None  # None: default_block_size(bits, in_features)
     accuracy_level: int = 4  # MatMulNBits' int8 compute
     keep_float: frozenset[str] = frozenset()  # weights never quantized: the LoRA slots
+    symmetric: bool = True  # False: a zero point per block, its [min, max] clip searched (see quantize_grid)
+    hessians: Hessians | None = None  # the linear inputs' X^T X: GPTQ codes (and the clip search's weights)
 
 
 @dataclass(frozen=True)
@@ -59,19 +63,81 @@ class WeightOnlyResult(PassResult):
 
 def quantize_block(w: np.ndarray, bits: int, block_size: int, scale_dtype: type = np.float32
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """W (K, N) float -> (unsigned codes uint8 (N, blocks, block_size), scales (N, blocks), dequantized (K, N)).
-    ``scale_dtype`` float16: the scales are the float16 values the graph will hold, the codes chosen for those."""
+    """W (K, N) float -> (unsigned codes uint8 (N, blocks, block_size), scales (N, blocks), dequantized (K, N)),
+    symmetric, nearest codes. ``scale_dtype`` float16: the scales are the float16 values the graph will hold, the
+    codes chosen for those."""
+    q = quantize_grid(w, bits, block_size, scale_dtype)
+    return q.codes, q.scales, q.dequantized
+
+
+@dataclass(frozen=True)
+class BlockWeight:
+    """One weight on its block grid: ``w[k, n] = (codes[n, b, j] - zero[n, b]) * scales[n, b]`` for ``k = b *
+    block_size + j``; ``zeros`` None: symmetric (zero ``2^(bits-1)``)."""
+
+    codes: np.ndarray  # (N, blocks, block_size) uint8
+    scales: np.ndarray  # (N, blocks) float32
+    zeros: np.ndarray | None  # (N, blocks) uint8
+    dequantized: np.ndarray  # (K, N) float32
+
+
+CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # asymmetric grids tried per block: [min, max] shrunk by these
+
+
+def quantize_grid(w: np.ndarray, bits: int, block_size: int, scale_dtype: type = np.float32,
+                  symmetric: bool = True, importance: np.ndarray | None = None,
+                  rounding: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None) -> BlockWeight:
+    """W (K, N) float on a grid of ``block_size`` input rows per scale.
+
+    Symmetric: ``scale = max|w| / (2^(bits-1) - 1)``, zero ``2^(bits-1)``. Asymmetric: per block, ``[min, max]``
+    shrunk by each of ``CLIPS`` around nothing (both ends scaled), ``scale = (max - min) / (2^bits - 1)``, zero
+    the rounded code of 0; the clip whose nearest codes give the smallest error, weighted by ``importance`` (K,)
+    (the mean square of each input feature: an error on a large input counts more; None: all 1), is kept.
+    ``rounding(w, scale, zero)`` (both (K, N)) chooses the codes on that grid (GPTQ); None: nearest."""
     k, n = w.shape
     blocks = -(-k // block_size)
     wt = np.zeros((n, blocks * block_size), np.float32)
     wt[:, :k] = w.T
-    grouped = wt.reshape(n, blocks, block_size)
-    qmax = 2 ** (bits - 1) - 1
-    scales = (np.abs(grouped).max(axis=-1) / qmax).astype(scale_dtype).astype(np.float32)
-    scales[scales == 0] = 1.0
-    codes = (np.clip(np.rint(grouped / scales[..., None]), -qmax - 1, qmax) + 2 ** (bits - 1)).astype(np.uint8)
-    deq = ((codes.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]).reshape(n, -1)[:, :k].T
-    return codes, scales.astype(np.float32), deq
+    g = wt.reshape(n, blocks, block_size)
+    top = 2 ** bits - 1
+    imp = np.ones(blocks * block_size, np.float32)
+    if importance is not None:
+        imp[:k] = np.maximum(np.asarray(importance, np.float32), 0) + 1e-12
+    imp = imp.reshape(blocks, block_size)
+    if symmetric:
+        scales = _scales(np.abs(g).max(axis=-1) / (2 ** (bits - 1) - 1), scale_dtype)
+        zeros = np.full(scales.shape, 2 ** (bits - 1), np.float32)
+    else:
+        lo, hi = np.minimum(g.min(axis=-1), 0), np.maximum(g.max(axis=-1), 0)
+        best = None
+        for c in CLIPS:
+            sc = _scales((hi - lo) * c / top, scale_dtype)
+            z = np.clip(np.rint(-lo * c / sc), 0, top)
+            q = np.clip(np.rint(g / sc[..., None]) + z[..., None], 0, top)
+            err = (((q - z[..., None]) * sc[..., None] - g) ** 2 * imp).sum(axis=-1)
+            if best is None:
+                best, scales, zeros = err, sc, z
+            else:
+                better = err < best
+                best = np.where(better, err, best)
+                scales, zeros = np.where(better, sc, scales), np.where(better, z, zeros)
+    if rounding is None:
+        codes = np.clip(np.rint(g / scales[..., None]) + zeros[..., None], 0, top).astype(np.uint8)
+    else:
+        full = (np.repeat(scales.T, block_size, axis=0)[:k], np.repeat(zeros.T, block_size, axis=0)[:k])
+        q = rounding(np.asarray(w, np.float32), *full)  # (K, N)
+        pad = np.zeros((blocks * block_size, n), np.uint8)
+        pad[:k] = q
+        codes = np.ascontiguousarray(pad.T).reshape(n, blocks, block_size)
+    deq = ((codes.astype(np.float32) - zeros[..., None]) * scales[..., None]).reshape(n, -1)[:, :k].T
+    return BlockWeight(codes, scales.astype(np.float32), None if symmetric else zeros.astype(np.uint8), deq)
+
+
+def _scales(raw: np.ndarray, dtype: type) -> np.ndarray:
+    """Scales as the graph will hold them (``dtype``), in float32; a block of zeros gets scale 1."""
+    s = raw.astype(dtype).astype(np.float32)
+    s[s == 0] = 1.0
+    return s
 
 
 def default_block_size(bits: int, in_features: int) -> int:
@@ -102,27 +168,39 @@ def quantize_weights(model: onnx.ModelProto, options: WeightOnlyPassOptions) -> 
             w = read_tensor(inits[c.weight], o.base_dir).astype(np.float32)
             w = w.T if c.transposed else w  # (in, out)
             bs = o.block_size or default_block_size(o.bits, c.in_features)
-            codes, scales, deq = quantize_block(w, o.bits, bs, helper.tensor_dtype_to_np_dtype(c.elem_type))
-            err = float(np.sum((w.astype(np.float64) - deq) ** 2))
+            q = quantize_grid(w, o.bits, bs, helper.tensor_dtype_to_np_dtype(c.elem_type), o.symmetric,
+                              *_data_aware(o.hessians, c, o.bits))
+            err = float(np.sum((w.astype(np.float64) - q.dequantized) ** 2))
             sqnr = float("inf") if err == 0 else 10 * np.log10(float(np.sum(w.astype(np.float64) ** 2)) / err)
-            q_node, q_inits = matmul_nbits(writer, c.weight, c.x, list(node.output), node.name or c.node, codes,
-                                           scales, c.in_features, o.bits, o.accuracy_level, bias, c.elem_type)
+            q_node, q_inits = matmul_nbits(writer, c.weight, c.x, list(node.output), node.name or c.node, q.codes,
+                                           q.scales, c.in_features, o.bits, o.accuracy_level, bias, c.elem_type,
+                                           q.zeros)
             edit.replace(i, [q_node])
             edit.add_initializers(q_inits)
-            done.append(QuantizedWeight(bs, sqnr, _encoding(c.weight, o.bits, bs, scales, c.in_features)))
+            done.append(QuantizedWeight(bs, sqnr, _encoding(c.weight, o.bits, bs, q.scales, c.in_features, q.zeros)))
         edit.apply()
         own_base_tensors(graph, writer, o.base_dir)
     use_ms_domain(model)
     return WeightOnlyResult(model, tuple(done))
 
 
-def _encoding(name: str, bits: int, block_size: int, scales: np.ndarray, in_features: int) -> Encoding:
-    """PER_CHANNEL when one block spans the input dim, else PER_BLOCK: scales in (out, block) order, symmetric
-    codes (``offset = -2^(bits-1)``, AIMET's convention: x = (q + offset) * scale)."""
+def _data_aware(hessians: Hessians | None, c: Candidate, bits: int) -> tuple:
+    """quantize_grid's ``importance`` and ``rounding`` for weight ``c``: from its input's statistics, if collected."""
+    if hessians is None or c.x not in hessians:
+        return None, None
+    top = 2 ** bits - 1
+    return hessians.diagonal(c.x), lambda w, scale, zero: hessians.round(c.x, c.weight, w, scale, zero, 0, top,
+                                                                        np.uint8)
+
+
+def _encoding(name: str, bits: int, block_size: int, scales: np.ndarray, in_features: int,
+              zeros: np.ndarray | None = None) -> Encoding:
+    """PER_CHANNEL when one block spans the input dim, else PER_BLOCK: scales in (out, block) order, unsigned codes
+    with ``offset = -zero`` (AIMET's convention: x = (q + offset) * scale; symmetric: ``-2^(bits-1)``)."""
     flat = tuple(float(x) for x in scales.reshape(-1))
     kind = "PER_CHANNEL" if scales.shape[1] == 1 and block_size >= in_features else "PER_BLOCK"
-    return Encoding(name, "INT", kind, bits, True, flat, (-(2 ** (bits - 1)),) * len(flat),
-                    block_size if kind == "PER_BLOCK" else None)
+    offsets = (-(2 ** (bits - 1)),) * len(flat) if zeros is None else tuple(-int(z) for z in zeros.reshape(-1))
+    return Encoding(name, "INT", kind, bits, zeros is None, flat, offsets, block_size if kind == "PER_BLOCK" else None)
 
 
 def _bias(node: onnx.NodeProto, c: Candidate, inits: dict[str, TensorProto]) -> str | None:
