@@ -184,16 +184,20 @@ def test_adapters_on_a_blocks_base_generate_as_peft(smollm2_blocks, tmp_path):
     assert checked >= 6
 
 
-def test_what_needs_float_weights_is_refused_on_a_blocks_base(smollm2_blocks, tmp_path):
+def test_what_needs_float_weights_is_refused_on_a_blocks_base(smollm2_blocks, smollm2_model, tmp_path):
     """--encodings (and --target htp, --base-weights int8, modules_to_save) read float weights: one line naming the
-    base and the way out, nothing written; merge of a blocks bundle likewise."""
+    base and the way out, nothing written; merge of a blocks bundle likewise; calibration-data of its ort graph."""
     from lora_runtime.demo_llm import shipped_adapters
+    from lora_runtime.errors import InputError
     from lora_runtime.export import merge_use_case
     from lora_runtime.llm import calibration_data
 
     listify = {"listify": shipped_adapters()["listify"]}
     base = smollm2_blocks / "base.onnx"
-    calib = calibration_data(smollm2_blocks, tmp_path / "calib.npz", samples=2, seq_len=16)
+    with pytest.raises(InputError, match="ort-graph import .* --graph standard"):
+        calibration_data(smollm2_blocks, tmp_path / "ort.npz", samples=2, seq_len=16)
+    assert not (tmp_path / "ort.npz").exists()
+    calib = calibration_data(smollm2_model, tmp_path / "calib.npz", samples=2, seq_len=16)
     with pytest.raises(BaseModelError, match=r"base\.onnx: the base keeps the GGUF's quantized blocks .* --weights "
                                              r"float32"):
         compile_bundle(base, listify, tmp_path / "q", CompileOptions(

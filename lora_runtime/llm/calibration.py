@@ -54,6 +54,9 @@ def calibration_data(folder: str | os.PathLike[str], out: str | os.PathLike[str]
     if seq_len > chat.max_seq:
         raise InputError(f"seq_len {seq_len} exceeds the model's context of {chat.max_seq} positions")
     graph = _graph(Path(folder))
+    if any(i.name == "seqlens_k" for i in graph.input):
+        raise InputError(f"{folder}: an ort-graph import (GroupQueryAttention) takes no calibration samples here: "
+                         "--encodings needs the standard graph and kept blocks need none; import with --graph standard")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(CALIBRATION_PROMPTS))
     rows = []
