@@ -141,7 +141,10 @@ def test_smollm2_with_its_blocks_kept_is_the_file_s_own_weights(smollm2_blocks, 
     import of the same file, greedy tokens as transformers'."""
     graph = onnx.load(str(smollm2_blocks / "base.onnx"), load_external_data=False).graph
     ops = Counter(n.op_type for n in graph.node)
-    assert ops["MatMulNBits"] == 7 * 30 and ops["GatherBlockQuantized"] == 1
+    # q/k/v and gate/up packed: one MatMulNBits each, split back per module (a Split naming its modules)
+    assert ops["MatMulNBits"] == 4 * 30 and ops["GatherBlockQuantized"] == 1
+    packed = [json.loads(n.doc_string.split(" ", 1)[1])["modules"] for n in graph.node if n.op_type == "Split"]
+    assert len(packed) == 2 * 30 and packed[0] == [f"model.layers.0.self_attn.{m}_proj" for m in "qkv"]
     assert ops["GroupQueryAttention"] == 30 and not ops["Softmax"]  # the default import's graph: ort
     made = json.loads((smollm2_blocks / "chat.json").read_text())
     assert (made["weights"], made["graph"]) == ("blocks", "ort")
@@ -167,8 +170,11 @@ def test_adapters_on_a_blocks_base_generate_as_peft(smollm2_blocks, tmp_path):
     adapters = shipped_adapters()
     b = compile_bundle(smollm2_blocks / "base.onnx", adapters, tmp_path / "b", generation="v3",
                        use_cases=["base="] + [f"{a}={a}" for a in adapters])
-    assert b.manifest.base.blocks == "210 MatMulNBits 4-bit, 1 GatherBlockQuantized 8-bit"
-    assert {p.op_type for p in b.manifest.points} == {"MatMulNBits"}
+    assert b.manifest.base.blocks == "120 MatMulNBits 4-bit, 1 GatherBlockQuantized 8-bit"  # q/k/v, gate/up packed
+    # o/down are MatMulNBits; q, v (listify, signoff) and gate, up (caps) are slices of the packed ops
+    kinds = {p.module.rsplit(".", 1)[1]: p.op_type for p in b.manifest.points}
+    assert kinds == {"o_proj": "MatMulNBits", "down_proj": "MatMulNBits", "q_proj": "packed slice",
+                     "v_proj": "packed slice", "gate_proj": "packed slice", "up_proj": "packed slice"}, kinds
     rt, chat = Runtime.open(b.path), Chat.load(b.path)
     ad = REF["adapters"]
     checked = 0

@@ -24,6 +24,7 @@ the Gemm's ``C`` or, after a MatMul, the constant (out,) operand of the one ``Ad
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from lora_runtime.compiler.adapter import Adapter
 from lora_runtime.errors import AttachmentError, BaseModelError
 from lora_runtime.graph import consumers, node_keys
 from lora_runtime.models.blocks import MS_DOMAIN
+from lora_runtime.models.llama_graph import PACKED
 from lora_runtime.names import lora_a, lora_b
 
 log = logging.getLogger(__name__)
@@ -83,13 +85,18 @@ def find_candidates(graph: onnx.GraphProto, blocks: bool = False) -> list[Candid
     """Every MatMul/Gemm in the top-level graph whose weight is a constant 2-D initializer, in graph order.
 
     ``blocks``: also every ``MatMulNBits`` over constant blocks (a base that keeps a GGUF's quantized weights,
-    ``models.blocks``): LoRA attaches to those as to a float op, but passes that read or rewrite float weights
-    (saved modules, QDQ, weight-only quantization, merging) must not see them."""
+    ``models.blocks``) and every module's slice of a packed linear op (the ort flavour's q/k/v and gate/up, split
+    back per module: the ``Split`` output is the module's output): LoRA attaches to those as to a float op, but
+    passes that read or rewrite float weights (saved modules, QDQ, weight-only quantization, merging) must not
+    see them."""
     inits = {t.name: t for t in graph.initializer}
     producers = {out: n for n in graph.node for out in n.output}
     keys = node_keys(graph)
     out = []
     for i, node in enumerate(graph.node):
+        if blocks and node.op_type == "Split" and node.doc_string.startswith(PACKED):
+            out += _packed_slices(node, keys[i], graph, inits, producers)
+            continue
         if blocks and node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN and node.input[1] in inits:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             out.append(Candidate(keys[i], node.op_type, node.input[0], node.output[0], node.input[1],
@@ -275,6 +282,24 @@ def _weight_of(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
     if len(inits[w].dims) != 2:
         return f"weight {w!r} is {len(inits[w].dims)}-D"
     return w, transposed
+
+
+def _packed_slices(node: onnx.NodeProto, key: str, graph: onnx.GraphProto, inits: dict, producers: dict
+                   ) -> list[Candidate]:
+    """A packed linear op's ``Split`` (its doc_string: ``PACKED`` + {"x", "in", "modules"}): one candidate per
+    module, its output the module's slice; the weight named by the module (it is a slice of the packed one)."""
+    info = json.loads(node.doc_string[len(PACKED):])
+    sizes = inits.get(node.input[1]) if len(node.input) > 1 else None
+    if sizes is None or len(info["modules"]) != len(node.output):
+        raise BaseModelError(f"packed op {node.name!r}: its Split does not name one module per output")
+    widths = [int(n) for n in onnx.numpy_helper.to_array(sizes)]
+    src = producers.get(node.input[0])
+    elem = onnx.TensorProto.FLOAT
+    if src is not None and src.op_type == "MatMulNBits" and src.input[2] in inits:
+        elem = inits[src.input[2]].data_type
+    return [Candidate(f"{key}/{j}", "packed slice", info["x"], y, f"{m}.weight", int(info["in"]), widths[j], (m,),
+                      False, elem)
+            for j, (m, y) in enumerate(zip(info["modules"], node.output))]
 
 
 def _block_aliases(node: onnx.NodeProto) -> tuple[str, ...]:

@@ -115,8 +115,8 @@ def tensor_names(s: LlamaShape) -> set[str]:
 
 def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None, kv_cache: bool = False,
                 static_cache: int | None = None, name: str = "llama", report: Callable[[str], None] | None = None,
-                blocks: KeptBlocks | None = None, accuracy_level: int = 0, flavour: str = "standard"
-                ) -> onnx.ModelProto:
+                blocks: KeptBlocks | None = None, accuracy_level: int = 0, flavour: str = "standard",
+                pack: bool = True) -> onnx.ModelProto:
     """The decoder graph; weights are asked for one at a time, in graph order.
 
     With ``data`` (a file opened for writing, named ``base.onnx.data`` next to the model), every
@@ -137,7 +137,8 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
     ``ort_flavour_refusal`` for the shapes it takes), with the inputs ``seqlens_k`` (1,) int32 (the tokens held
     after this run, minus one) and ``total_sequence_length`` () int32; ``past_key.<i>`` may be a buffer of any
     length bound as ``present_key.<i>`` too (the KV cache updated in place). ``"standard"``: plain ONNX ops only
-    (what other targets and the QDQ passes take).
+    (what other targets and the QDQ passes take). The ort flavour packs q/k/v and gate/up into one op each
+    (``pack``; ``GraphWriter.packed_linear``), split back per module, where LoRA attaches to each module's slice.
 
     ``blocks`` (with ``data``): a weight the source holds as quantized blocks it can keep (``models.blocks``)
     becomes ``MatMulNBits`` (``accuracy_level`` 0: float compute) or ``GatherBlockQuantized`` over those
@@ -198,6 +199,9 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
             q, k, v = g.fresh("q"), g.fresh("k"), g.fresh("v")
             sizes = g.shared("c.qkv", np.array([qw, kvw, kvw], np.int64))
             g.node("Split", [g.linear(f"{p}.self_attn.qkv_proj", n, d, qw + 2 * kvw), sizes], [q, k, v], axis=-1)
+        elif ort_flavour and pack:
+            q, k, v = g.packed_linear(f"{p}.self_attn.qkv_packed", [f"{p}.self_attn.{m}_proj" for m in "qkv"], n, d,
+                                      [qw, kvw, kvw], bias=s.qkv_bias)
         else:
             b = s.qkv_bias
             q = g.linear(f"{p}.self_attn.q_proj", n, d, qw, bias=b)
@@ -217,6 +221,9 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
             gate, up = g.fresh("gate"), g.fresh("up")
             sizes = g.shared("c.gate_up", np.array([s.d_ff, s.d_ff], np.int64))
             g.node("Split", [g.linear(f"{p}.mlp.gate_up_proj", n, d, 2 * s.d_ff), sizes], [gate, up], axis=-1)
+        elif ort_flavour and pack:
+            gate, up = g.packed_linear(f"{p}.mlp.gate_up_packed", [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], n, d,
+                                       [s.d_ff, s.d_ff])
         else:
             gate, up = g.linear(f"{p}.mlp.gate_proj", n, d, s.d_ff), g.linear(f"{p}.mlp.up_proj", n, d, s.d_ff)
         act = g.node("Mul", [g.activation(gate, s.act), up], [g.fresh("act")])

@@ -3,6 +3,7 @@ and the building blocks every layer repeats (linear layers, float or over kept b
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -16,6 +17,7 @@ from lora_runtime.models.blocks import MS_DOMAIN, Blocks, KeptWriter
 from lora_runtime.progress import Stage
 
 DATA_FILE = "base.onnx.data"
+PACKED = "lora_runtime.packed "  # a Split's doc_string: the modules a packed linear op's outputs are (JSON follows)
 
 # name, shape in graph layout (linear weights (in, out)) -> float32 values
 Weights = Callable[[str, tuple[int, ...]], np.ndarray]
@@ -56,12 +58,7 @@ class GraphWriter:
         return name
 
     def weight(self, name: str, shape: tuple[int, ...]) -> str:
-        w = np.asarray(self.weights(name, shape), np.float32)
-        if w.shape != shape:
-            raise BaseModelError(f"weight {name!r}: got shape {w.shape}, the graph needs {shape}")
-        made = self.const(name, w)
-        self._step(name, w.size)
-        return made
+        return self.const(name, self._float(name, shape))
 
     def node(self, op: str, inputs: list[str], outputs: list[str], name: str | None = None, **attrs: object) -> str:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name or outputs[0], **attrs))
@@ -101,6 +98,46 @@ class GraphWriter:
         if not bias:
             return y
         return self.node("Add", [y, self.weight(f"{module}.bias", (d_out,))], [out or f"{module}.out"])
+
+    def packed_linear(self, packed: str, modules: list[str], x: str, d_in: int, d_outs: list[int], bias: bool = False
+                      ) -> list[str]:
+        """Linear layers reading one input as one op over their weights side by side, split back into each
+        module's ``<module>.out`` (fewer, wider products: ONNX Runtime GenAI's q/k/v and gate/up layout). The
+        ``Split`` says which module each output is (``PACKED``, for LoRA to attach to a module's slice). Kept blocks
+        pack when every module keeps blocks of one kind of op; otherwise each module is its own op."""
+        kept = [self._kept(f"{m}.weight", (n, d_in)) for m, n in zip(modules, d_outs)]
+        if any(b is not None for b in kept) and not _packable(kept, self.kept):
+            return [self.linear(m, x, d_in, n, bias=bias) for m, n in zip(modules, d_outs)]
+        y = f"{packed}.matmul" if bias else f"{packed}.out"
+        if kept[0] is not None and self.kept is not None:
+            cat = Blocks(kept[0].kind, kept[0].bits, np.concatenate([b.codes for b in kept]),
+                         np.concatenate([b.scales for b in kept]),
+                         None if all(b.offsets is None for b in kept) else np.concatenate(
+                             [b.offsets if b.offsets is not None else np.zeros_like(b.scales) for b in kept]))
+            made = self.kept.linear(f"{packed}.weight", packed, x, y, cat)
+            assert made is not None  # _packable checked it
+            self.nodes += made[0]
+            self.inits += made[1]
+            for m, n in zip(modules, d_outs):
+                self._step(f"{m}.weight", d_in * n)
+        else:
+            w = np.concatenate([self._float(f"{m}.weight", (d_in, n)) for m, n in zip(modules, d_outs)], axis=1)
+            self.node("MatMul", [x, self.const(f"{packed}.weight", w)], [y], name=f"{packed}.MatMul")
+        if bias:
+            b = np.concatenate([self._float(f"{m}.bias", (n,)) for m, n in zip(modules, d_outs)])
+            y = self.node("Add", [y, self.const(f"{packed}.bias", b)], [f"{packed}.out"])
+        outs = [f"{m}.out" for m in modules]
+        sizes = self.shared(f"c.split.{'_'.join(map(str, d_outs))}", np.array(d_outs, np.int64))
+        self.node("Split", [y, sizes], outs, name=f"{packed}.Split", axis=-1)
+        self.nodes[-1].doc_string = PACKED + json.dumps({"x": x, "in": d_in, "modules": modules})
+        return outs
+
+    def _float(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        w = np.asarray(self.weights(name, shape), np.float32)
+        if w.shape != shape:
+            raise BaseModelError(f"weight {name!r}: got shape {w.shape}, the graph needs {shape}")
+        self._step(name, w.size)
+        return w
 
     def rms_norm(self, module: str, x: str, d: int) -> str:
         w = self.weight(f"{module}.weight", (d,))
@@ -186,3 +223,13 @@ class GraphWriter:
         u = self.node("Unsqueeze", [x, self.const(self.fresh("c.ax2"), np.array([2], np.int64))], [self.fresh("u")])
         e = self.node("Expand", [u, "c.rep"], [self.fresh("rep")])  # (1, KV, rep, T, hd)
         return self.node("Reshape", [e, "c.merge"], [self.fresh("kv")])  # (1, H, T, hd)
+
+
+def _packable(kept: list[Blocks | None], writer: KeptWriter | None) -> bool:
+    """Whether these modules' kept blocks can be one op: all kept, one bit width and block size, and kept as
+    blocks by ``writer`` (8-bit below accuracy level 4 is float)."""
+    if writer is None or any(b is None for b in kept):
+        return False
+    first = kept[0]
+    same = all(b.bits == first.bits and b.block_size == first.block_size and b.k == first.k for b in kept)
+    return same and not (first.bits == 8 and writer.levels[8] < 4)

@@ -107,7 +107,7 @@ def add_branches(model: onnx.ModelProto, options: BranchOptions) -> BranchResult
     """Rewrite ``model`` in place (see the module docstring)."""
     generation, lora_dtype = options.generation, options.lora_dtype
     elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[lora_dtype]
-    by_node = {b.candidate.node: b for b in options.branches}
+    by_output = {b.candidate.y: b for b in options.branches}  # a packed op's Split has one per module
     edit = GraphEdit(model.graph)
     consts: list[TensorProto] = []
     if generation == "v3":
@@ -118,49 +118,10 @@ def add_branches(model: onnx.ModelProto, options: BranchOptions) -> BranchResult
         edit.prepend([helper.make_node("Mul", [STRENGTH, SCALING], [GAIN], name=GAIN_NODE)])
 
     made: dict[str, BranchTensors] = {}
-    for i, key, node in edit.keyed():
-        b = by_node.get(key)
-        if b is None:
-            continue
-        c, m = b.candidate, b.module
-        n = BranchNames(m)
-        a_name, b_name = lora_a(m), lora_b(m)
-        inputs.append(helper.make_tensor_value_info(a_name, elem, [b.rank, c.in_features]))
-        inputs.append(helper.make_tensor_value_info(b_name, elem, [c.out_features, b.rank]))
-        node.output[0] = base_output(c.y)
-        if generation == "v3":
-            consts.append(numpy_helper.from_array(np.asarray(b.column_adapter, np.int64), n.strength_index))
-            consts.append(numpy_helper.from_array(np.asarray(b.column_scaling, np.float32), n.column_scaling))
-            gain = [helper.make_node("Gather", [STRENGTH, n.strength_index], [n.tensor("strength")],
-                                     name=n.node("Gather")),
-                    helper.make_node("Mul", [n.tensor("strength"), n.column_scaling], [n.gain], name=n.node("Gain"))]
-        else:
-            consts.append(numpy_helper.from_array(np.asarray(b.index, np.int64), n.point_index))
-            gain = [helper.make_node("Gather", [GAIN, n.point_index], [n.gain], name=n.node("Gather"))]
-        a_read, b_read, widen = a_name, b_name, []
-        if elem != TensorProto.FLOAT:
-            a_read, b_read = n.tensor("A_f32"), n.tensor("B_f32")
-            widen = [helper.make_node("Cast", [a_name], [a_read], name=n.node("CastA"), to=TensorProto.FLOAT),
-                     helper.make_node("Cast", [b_name], [b_read], name=n.node("CastB"), to=TensorProto.FLOAT)]
-        x_read, enter, add = c.x, [], [helper.make_node("Add", [base_output(c.y), n.delta], [c.y], name=n.node("Add"))]
-        if c.elem_type != TensorProto.FLOAT:  # PEFT on a half model: float32 branch, one rounding of the sum
-            x_read = n.tensor("x_f32")
-            enter = [helper.make_node("Cast", [c.x], [x_read], name=n.node("CastX"), to=TensorProto.FLOAT)]
-            add = [helper.make_node("Cast", [base_output(c.y)], [n.tensor("base_f32")], name=n.node("CastBase"),
-                                    to=TensorProto.FLOAT),
-                   helper.make_node("Add", [n.tensor("base_f32"), n.delta], [n.tensor("sum")], name=n.node("Add")),
-                   helper.make_node("Cast", [n.tensor("sum")], [c.y], name=n.node("CastOut"), to=c.elem_type)]
-        edit.insert_after(i, gain + widen + enter + [
-            helper.make_node("Transpose", [a_read], [n.tensor("A_t")], name=n.node("TransposeA"), perm=[1, 0]),
-            helper.make_node("MatMul", [x_read, n.tensor("A_t")], [n.u], name=n.node("MatMulA")),
-            helper.make_node("Mul", [n.u, n.gain], [n.scaled], name=n.node("Scale")),
-            helper.make_node("Transpose", [b_read], [n.tensor("B_t")], name=n.node("TransposeB"), perm=[1, 0]),
-            helper.make_node("MatMul", [n.scaled, n.tensor("B_t")], [n.delta], name=n.node("MatMulB")),
-            *add,
-        ])
-        made[m] = BranchTensors(m, c.x, a_name, b_name, n.node("TransposeA"), n.node("TransposeB"),
-                                n.node("MatMulA"), n.node("MatMulB"), n.scaled, base_output(c.y), c.y, c.elem_type)
-    missing = set(by_node) - {b.candidate.node for b in options.branches if b.module in made}
+    for i, _key, node in edit.keyed():
+        for j, b in [(j, by_output[y]) for j, y in enumerate(node.output) if y in by_output]:
+            made[b.module] = _branch(edit, i, node, j, b, generation, elem, inputs, consts)
+    missing = set(by_output) - {b.candidate.y for b in options.branches if b.module in made}
     if missing:
         raise ValueError(f"attachment points not found in the graph: {sorted(missing)}")
     edit.add_inputs(inputs)
@@ -168,3 +129,47 @@ def add_branches(model: onnx.ModelProto, options: BranchOptions) -> BranchResult
     edit.add_initializers(options.parameters.values())
     edit.apply()
     return BranchResult(model, made)
+
+
+def _branch(edit: GraphEdit, i: int, node: onnx.NodeProto, j: int, b: Branch, generation: str, elem: int,
+            inputs: list, consts: list[TensorProto]) -> BranchTensors:
+    """One point's branch: node ``i``'s output ``j`` (the module's output) renamed to its base output, the
+    branch's nodes after node ``i``, the sum under the output's old name."""
+    c, m = b.candidate, b.module
+    n = BranchNames(m)
+    a_name, b_name = lora_a(m), lora_b(m)
+    inputs.append(helper.make_tensor_value_info(a_name, elem, [b.rank, c.in_features]))
+    inputs.append(helper.make_tensor_value_info(b_name, elem, [c.out_features, b.rank]))
+    node.output[j] = base_output(c.y)
+    if generation == "v3":
+        consts.append(numpy_helper.from_array(np.asarray(b.column_adapter, np.int64), n.strength_index))
+        consts.append(numpy_helper.from_array(np.asarray(b.column_scaling, np.float32), n.column_scaling))
+        gain = [helper.make_node("Gather", [STRENGTH, n.strength_index], [n.tensor("strength")],
+                                 name=n.node("Gather")),
+                helper.make_node("Mul", [n.tensor("strength"), n.column_scaling], [n.gain], name=n.node("Gain"))]
+    else:
+        consts.append(numpy_helper.from_array(np.asarray(b.index, np.int64), n.point_index))
+        gain = [helper.make_node("Gather", [GAIN, n.point_index], [n.gain], name=n.node("Gather"))]
+    a_read, b_read, widen = a_name, b_name, []
+    if elem != TensorProto.FLOAT:
+        a_read, b_read = n.tensor("A_f32"), n.tensor("B_f32")
+        widen = [helper.make_node("Cast", [a_name], [a_read], name=n.node("CastA"), to=TensorProto.FLOAT),
+                 helper.make_node("Cast", [b_name], [b_read], name=n.node("CastB"), to=TensorProto.FLOAT)]
+    x_read, enter, add = c.x, [], [helper.make_node("Add", [base_output(c.y), n.delta], [c.y], name=n.node("Add"))]
+    if c.elem_type != TensorProto.FLOAT:  # PEFT on a half model: float32 branch, one rounding of the sum
+        x_read = n.tensor("x_f32")
+        enter = [helper.make_node("Cast", [c.x], [x_read], name=n.node("CastX"), to=TensorProto.FLOAT)]
+        add = [helper.make_node("Cast", [base_output(c.y)], [n.tensor("base_f32")], name=n.node("CastBase"),
+                                to=TensorProto.FLOAT),
+               helper.make_node("Add", [n.tensor("base_f32"), n.delta], [n.tensor("sum")], name=n.node("Add")),
+               helper.make_node("Cast", [n.tensor("sum")], [c.y], name=n.node("CastOut"), to=c.elem_type)]
+    edit.insert_after(i, gain + widen + enter + [
+        helper.make_node("Transpose", [a_read], [n.tensor("A_t")], name=n.node("TransposeA"), perm=[1, 0]),
+        helper.make_node("MatMul", [x_read, n.tensor("A_t")], [n.u], name=n.node("MatMulA")),
+        helper.make_node("Mul", [n.u, n.gain], [n.scaled], name=n.node("Scale")),
+        helper.make_node("Transpose", [b_read], [n.tensor("B_t")], name=n.node("TransposeB"), perm=[1, 0]),
+        helper.make_node("MatMul", [n.scaled, n.tensor("B_t")], [n.delta], name=n.node("MatMulB")),
+        *add,
+    ])
+    return BranchTensors(m, c.x, a_name, b_name, n.node("TransposeA"), n.node("TransposeB"),
+                         n.node("MatMulA"), n.node("MatMulB"), n.scaled, base_output(c.y), c.y, c.elem_type)
