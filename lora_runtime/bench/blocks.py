@@ -5,12 +5,14 @@ decode_<base>              one token at the chat prompt's context through the pl
                            ``f32`` (``--weights float32``: dequantized, standard graph), ``f32_ort`` (float32,
                            ``--graph ort``), ``blocks0_std`` (the file's blocks kept at accuracy level 0, standard
                            graph), ``blocks0`` (the default import: blocks, level 0, ort graph) and ``blocks4``
-                           (blocks at level 4: activations to 8-bit blocks, llama.cpp's arithmetic; ort graph).
+                           (blocks at level 4: activations to 8-bit blocks, llama.cpp's arithmetic; ort graph),
+                           ``blocks4_unpacked`` (the same with one op per q/k/v and gate/up module: what packing
+                           buys).
                            The ort graphs run with their KV cache bound once and updated in place
 decode_qv8_<base>          the same base in a v3 bundle with ``listify`` active (r=8 on q/v of all 30 layers),
                            through the runtime and the KV cache ``generate`` uses
 prefill_<base>             the chat prompt through each plain base
-open_<base>                ``Runtime.open`` of each v3 bundle (page cache warm)
+open_<base>                ``Runtime.open`` of each v3 bundle (page cache warm); bytes: the resident memory it added
 genai_*                    ONNX Runtime GenAI on the same weights (``bench.genai``; skipped, with the reason, when
                            it or its models are missing), in the same interleaved rounds as the decode rows
 =========================  ======================================================================================
@@ -29,6 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lora_runtime.bench.genai import genai_rows
+from lora_runtime.bench.scale import rss
 from lora_runtime.bench.timing import Row, measure
 from lora_runtime.compiler.compile import compile_bundle
 from lora_runtime.llm import GREEDY_PROMPTS, Chat, find_smollm2, import_gguf
@@ -36,8 +39,9 @@ from lora_runtime.llm.cache import make_cache
 from lora_runtime.metrics import prefix_agreement
 from lora_runtime.runtime.switcher import Runtime
 
-BASES = {"f32": ("float32", 0, "standard"), "f32_ort": ("float32", 0, "ort"), "blocks0_std": ("blocks", 0, "standard"),
-         "blocks0": ("blocks", 0, "ort"), "blocks4": ("blocks", 4, "ort")}
+BASES = {"f32": ("float32", 0, "standard", True), "f32_ort": ("float32", 0, "ort", True),
+         "blocks0_std": ("blocks", 0, "standard", True), "blocks0": ("blocks", 0, "ort", True),
+         "blocks4": ("blocks", 4, "ort", True), "blocks4_unpacked": ("blocks", 4, "ort", False)}
 GREEDY_TOKENS = 32
 PEERS = (("decode_f32", "genai_decode_fp32"), ("decode_f32_ort", "genai_decode_fp32"),
          ("decode_blocks0", "genai_decode_int4"), ("decode_blocks4", "genai_decode_int4"),
@@ -47,13 +51,15 @@ PEERS = (("decode_f32", "genai_decode_fp32"), ("decode_f32_ort", "genai_decode_f
          ("open_blocks0", "genai_open_int4"))  # (ours, ONNX Runtime GenAI's), same weights and threads
 
 
-def _imported(folder: Path, weights: str, level: int, graph: str) -> Path:
+def _imported(folder: Path, weights: str, level: int, graph: str, pack: bool) -> Path:
     """The SmolLM2 import of this kind in ``folder``, made once."""
     stamp = folder / "chat.json"
     made = json.loads(stamp.read_text()) if stamp.is_file() else {}
-    if (made.get("weights"), made.get("accuracy_level") or 0, made.get("graph")) != (weights, level, graph):
+    packed = pack and graph == "ort"
+    if (made.get("weights"), made.get("accuracy_level") or 0, made.get("graph"), made.get("packed", False)) != (
+            weights, level, graph, packed):
         import_gguf(find_smollm2(), folder, max_seq=512, weights=weights, accuracy_level=level, graph=graph,
-                    force=True)
+                    pack=pack, force=True)
     return folder
 
 
@@ -112,9 +118,10 @@ def blocks_rows(work: Path, float_model: Path, adapter: Path, prompt: list[dict[
     rows: list[Row] = []
     runners = {}
     for k, b in bundles.items():
+        before = rss()
         t = time.perf_counter()
         rt = Runtime.open(b.path)
-        rows.append(Row(f"open_{k}", (time.perf_counter() - t) * 1e6, None, 1, None))
+        rows.append(Row(f"open_{k}", (time.perf_counter() - t) * 1e6, None, 1, rss() - before))
         rt.switch("listify")
         kv = make_cache(rt.input_shapes, chat.max_seq)
         nxt = int(kv.step(rt.run, ids)[-1].argmax())
@@ -141,6 +148,8 @@ def blocks_rows(work: Path, float_model: Path, adapter: Path, prompt: list[dict[
               if k != "f32"}
     ratios["decode_f32_ort / decode_f32"] = by["decode_f32_ort"].p50_us / by["decode_f32"].p50_us
     ratios["decode_blocks0 / decode_blocks0_std"] = by["decode_blocks0"].p50_us / by["decode_blocks0_std"].p50_us
+    ratios["decode_blocks4 / decode_blocks4_unpacked"] = (by["decode_blocks4"].p50_us
+                                                         / by["decode_blocks4_unpacked"].p50_us)
     ratios |= {f"decode_qv8_{k} / decode_{k}": by[f"decode_qv8_{k}"].p50_us / by[f"decode_{k}"].p50_us
                for k in BASES}
     ratios |= {f"prefill_{k} / prefill_f32": by[f"prefill_{k}"].p50_us / by["prefill_f32"].p50_us

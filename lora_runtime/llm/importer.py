@@ -44,12 +44,13 @@ def find_smollm2() -> Path:
 
 def import_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048,
                 static_cache: int | None = None, force: bool = False, report: Report | None = None,
-                weights: str = "blocks", accuracy_level: int = 0, graph: str = "auto") -> Path:
+                weights: str = "blocks", accuracy_level: int = 0, graph: str = "auto", pack: bool = True) -> Path:
     """GGUF -> ``out_dir/base.onnx`` with a KV cache, plus ``tokenizer.json`` and ``chat.json``.
 
     ``graph``: ``"ort"``, ONNX Runtime's fused attention (GroupQueryAttention; the KV cache updated in place:
     the fast CPU graph); ``"standard"``, plain ONNX ops (what --encodings, --target htp and static caches take);
-    ``"auto"``: ort for kept blocks where the model allows it, else standard.
+    ``"auto"``: ort for kept blocks where the model allows it, else standard. ``pack``: the ort graph's q/k/v and
+    gate/up as one op each (False: one per module, for comparison).
 
     ``weights="blocks"``: tensors the file holds as Q4_0, Q4_1, Q4_K or Q8_0 stay those blocks (MatMulNBits at
     ``accuracy_level``: 0 computes the file's weights exactly in float, 4 quantizes activations to 8-bit blocks
@@ -62,12 +63,12 @@ def import_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
     ``report`` is told after each tensor, with the count and an ETA (``lora_runtime.progress.Stage``)."""
     with staging(out_dir, force=force, what="model folder", replaceable=is_model_folder) as tmp:
         _gguf_into(Path(gguf_path), tmp, max_seq=static_cache or max_seq, static_cache=static_cache, report=report,
-                   weights=weights, accuracy_level=accuracy_level, graph=graph)
+                   weights=weights, accuracy_level=accuracy_level, graph=graph, pack=pack)
     return Path(out_dir) / "base.onnx"
 
 
 def _gguf_into(gguf_path: Path, out: Path, *, max_seq: int, static_cache: int | None, report: Report | None = None,
-               weights: str = "blocks", accuracy_level: int = 0, graph: str = "auto") -> None:
+               weights: str = "blocks", accuracy_level: int = 0, graph: str = "auto", pack: bool = True) -> None:
     if weights not in WEIGHTS:
         raise InputError(f"weights {weights!r}: one of {', '.join(WEIGHTS)}")
     if accuracy_level not in ACCURACY_LEVELS:
@@ -75,7 +76,7 @@ def _gguf_into(gguf_path: Path, out: Path, *, max_seq: int, static_cache: int | 
     flavour = _flavour(graph, weights == "blocks" and static_cache is None)
     path, model = build_from_gguf(gguf_path, out, kv_cache=True, static_cache=static_cache, max_seq=max_seq,
                                   report=report, keep_blocks=weights == "blocks", accuracy_level=accuracy_level,
-                                  flavour=flavour)
+                                  flavour=flavour, pack=pack)
     tok = tokenizer_from_gguf(model)
     tok.tokenizer.save(str(out / "tokenizer.json"))
     (out / "chat.json").write_text(json.dumps({
@@ -83,7 +84,7 @@ def _gguf_into(gguf_path: Path, out: Path, *, max_seq: int, static_cache: int | 
         "kv_heads": model.shape.n_kv_heads, "head_dim": model.shape.head_dim, "max_seq": model.shape.max_seq,
         "static_cache": static_cache, "chat_template": tok.chat_template, "source": gguf_path.name,
         "weights": weights, "accuracy_level": accuracy_level if weights == "blocks" else None,
-        "graph": built_flavour(path)}, indent=1) + "\n")
+        "graph": built_flavour(path), "packed": pack and built_flavour(path) == "ort"}, indent=1) + "\n")
     _read_only(path.parent / DATA_FILE)
 
 

@@ -187,13 +187,14 @@ def blocks_for(model: GgufModel):  # noqa: ANN201  (a lora_runtime.models.llama.
 def build_from_gguf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, kv_cache: bool = True,
                     static_cache: int | None = None, max_seq: int = 2048,
                     report: Callable[[str], None] | None = None, keep_blocks: bool = True,
-                    accuracy_level: int = 0, flavour: str = "standard") -> tuple[Path, GgufModel]:
+                    accuracy_level: int = 0, flavour: str = "standard", pack: bool = True
+                    ) -> tuple[Path, GgufModel]:
     """Write ``out_dir/base.onnx`` (+ ``base.onnx.data``) from a GGUF; returns the model path and the GGUF.
 
     ``keep_blocks``: weights the file holds as Q4_0, Q4_1, Q4_K or Q8_0 stay those blocks (``models.blocks``:
     MatMulNBits at ``accuracy_level``, the embedding table by GatherBlockQuantized when 8-bit); False:
     everything dequantized to float32. ``flavour``: ``models.llama.build_llama``'s (standard ONNX ops, what
-    --encodings and the HTP take; or ONNX Runtime's fused attention)."""
+    --encodings and the HTP take; or ONNX Runtime's fused attention, with q/k/v and gate/up packed by ``pack``)."""
     model = open_gguf(path, max_seq=max_seq)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,6 +202,6 @@ def build_from_gguf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str
         proto = build_llama(model.shape, weights_for(model), data=data, kv_cache=kv_cache, static_cache=static_cache,
                             report=report, name=str(model.metadata.get("general.name", "llama")),
                             blocks=blocks_for(model) if keep_blocks else None, accuracy_level=accuracy_level,
-                            flavour=flavour)
+                            flavour=flavour, pack=pack)
     onnx.save(proto, str(out / "base.onnx"))
     return out / "base.onnx", model
