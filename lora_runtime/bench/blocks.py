@@ -31,8 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lora_runtime.bench.genai import genai_rows
-from lora_runtime.bench.scale import rss
-from lora_runtime.bench.timing import Row, measure
+from lora_runtime.bench.timing import Row, measure, rss
 from lora_runtime.compiler.compile import compile_bundle
 from lora_runtime.llm import GREEDY_PROMPTS, Chat, find_smollm2, import_gguf
 from lora_runtime.llm.cache import make_cache

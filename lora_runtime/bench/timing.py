@@ -145,3 +145,9 @@ def next_patch(rt: Runtime, names: list[str]) -> Callable[[], Path]:
         name = names[(current + 1) % len(names)]
         return rt.bundle.file(rt.manifest.adapter(name).patch or "")
     return nxt
+
+
+def rss() -> int:
+    """This process's resident memory now, in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
