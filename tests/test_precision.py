@@ -298,8 +298,11 @@ def test_cli_weight_grid_and_gptq_flags(tiny, tmp_path, capsys):
     assert "--weight-grid goes with --base-weights" in capsys.readouterr().err
     assert main([*common, "-o", str(tmp_path / "b"), "--base-weights", "int4", "--weight-rounding", "gptq"]) == 2
     assert "needs calibration data" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     calib = _calibration(tiny, tmp_path / "calib.npz", 32)
+    assert main([*common, "-o", str(tmp_path / "d"), "--base-weights", "int4", "--weight-rounding", "nearest",
+                 "--calibration", str(calib)]) == 2
+    assert "read by GPTQ only" in capsys.readouterr().err
+    assert not any((tmp_path / x).exists() for x in "abd")
     assert main([*common, "-o", str(tmp_path / "c"), "--base-weights", "int4", "--weight-grid", "symmetric",
                  "--calibration", str(calib)]) == 0
     capsys.readouterr()

@@ -287,13 +287,10 @@ def _quantize_weights(model: onnx.ModelProto, base: Path, tmp: Path, o: WeightOn
     Per-block scales in JSON cost ~55 bytes each (2.5x the int4 weights themselves): "auto" writes them up to
     a million. With ``samples``, the linear inputs' statistics are collected on the base model first (GPTQ)."""
     data = weight_only_data(o.dtype)
-    hessians = _base_hessians(model, base, slots, samples, say) if samples is not None else None
-    rounding = o.rounding if hessians is not None else "nearest"
-    if hessians is not None:
-        say(f"quantizing base weights ({o.grid}, {rounding} codes)")
+    hessians = _base_hessians(model, base, slots, samples, say) if o.rounding == "gptq" and samples else None
+    say(f"quantizing base weights ({o.grid}, {o.rounding} codes)")
     done = quantize_weights(model, WeightOnlyPassOptions(base.parent, tmp, data, o.bits, o.block_size,
-                                                         o.accuracy_level, slots, o.is_symmetric,
-                                                         hessians=hessians if rounding == "gptq" else None)).weights
+                                                         o.accuracy_level, slots, o.is_symmetric, hessians)).weights
     entries = sum(len(q.encoding.scale) for q in done)
     write = o.encodings == "always" or (o.encodings == "auto" and entries <= MAX_AUTO_ENCODINGS)
     if write:
@@ -303,7 +300,7 @@ def _quantize_weights(model: onnx.ModelProto, base: Path, tmp: Path, o: WeightOn
     summary = WeightOnly(
         o.dtype, len(done), tuple(sorted({q.block_size for q in done})), (tmp / data).stat().st_size,
         min(finite, default=None), float(np.mean(finite)) if finite else None,
-        f"com.microsoft.MatMulNBits (weight-only, {o.grid}, {rounding} codes, accuracy_level {o.accuracy_level})",
+        f"com.microsoft.MatMulNBits (weight-only, {o.grid}, {o.rounding} codes, accuracy_level {o.accuracy_level})",
         BASE_WEIGHT_ENCODINGS if write else None,
         "" if write else f"not written: {entries} scale entries (--base-encodings always writes them)")
     return summary, [data] + ([BASE_WEIGHT_ENCODINGS] if write else [])

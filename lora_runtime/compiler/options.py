@@ -67,6 +67,9 @@ class WeightOnlyOptions:
             raise UseCaseError(f"block_size must be a power of two of at least 16, got {self.block_size}")
         if self.rounding == "gptq" and self.calibration is None:
             raise UseCaseError("--weight-rounding gptq needs calibration data: pass --calibration DATA.npz")
+        if self.rounding == "nearest" and self.calibration is not None:
+            raise UseCaseError("--calibration with --base-weights is read by GPTQ only: drop --weight-rounding nearest "
+                               "or the calibration data")
 
     @classmethod
     def of(cls, dtype: str, block_size: int | None = None, encodings: str = "auto", *, grid: str | None = None,

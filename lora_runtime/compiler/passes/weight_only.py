@@ -6,8 +6,10 @@ becomes ONNX Runtime's ``MatMulNBits``; the branch added at an attachment point 
     before:  x ──► MatMul(W float32, (in, out)) ──► y.base ──► Add(branch) ──► y
     after:   x ──► MatMulNBits(B uint8 (out, blocks, blob), scales (out * blocks)) ──► y.base ──► Add ──► y
 
-Symmetric codes, dequantized as ``(code - 2^(bits-1)) * scale`` per block of ``block_size`` input
-features (int8 default: one block per output channel). The quantized weights, and every other external
+Codes dequantized as ``(code - zero) * scale`` per block of ``block_size`` input features (int8 default: one
+block per output channel): symmetric, ``zero = 2^(bits-1)`` (the op's default), or asymmetric, a zero point
+per block (``zero_points``) and each block's range searched (:func:`quantize_grid`); codes nearest, or GPTQ's
+from the layers' calibration inputs (``hessians``). The quantized weights, and every other external
 tensor of the base, are streamed one tensor at a time into the bundle's own data file: a quantized
 bundle does not need the float32 weights at all, and never holds them all in memory.
 """
@@ -90,7 +92,7 @@ def quantize_grid(w: np.ndarray, bits: int, block_size: int, scale_dtype: type =
     """W (K, N) float on a grid of ``block_size`` input rows per scale.
 
     Symmetric: ``scale = max|w| / (2^(bits-1) - 1)``, zero ``2^(bits-1)``. Asymmetric: per block, ``[min, max]``
-    shrunk by each of ``CLIPS`` around nothing (both ends scaled), ``scale = (max - min) / (2^bits - 1)``, zero
+    shrunk towards zero by each of ``CLIPS`` (both ends scaled), ``scale = (max - min) / (2^bits - 1)``, zero
     the rounded code of 0; the clip whose nearest codes give the smallest error, weighted by ``importance`` (K,)
     (the mean square of each input feature: an error on a large input counts more; None: all 1), is kept.
     ``rounding(w, scale, zero)`` (both (K, N)) chooses the codes on that grid (GPTQ); None: nearest."""
