@@ -29,7 +29,7 @@ from lora_runtime.errors import UseCaseError
 from lora_runtime.external_data import inline
 from lora_runtime.graph import GraphEdit
 from lora_runtime.manifest import Manifest
-from lora_runtime.names import GAIN_NODE, SCALING, BranchNames, base_output, lora_a, lora_b
+from lora_runtime.names import GAIN_NODE, PACKED_SLICE, SCALING, BranchNames, base_output, lora_a, lora_b
 from lora_runtime.runtime.session import saved_feeds
 from lora_runtime.staging import check_new_file, new_file, publish_file
 from lora_runtime.tensorfile import read_header
@@ -105,6 +105,10 @@ def merge_use_case(bundle: Bundle, out: str | os.PathLike[str], use_case: str | 
     if m.base.blocks:
         raise UseCaseError(f"{bundle.path}: the base keeps the GGUF's quantized blocks ({m.base.blocks}); merge needs "
                            "float32 base weights (import the GGUF with --weights float32)")
+    sliced = [p.module for p in m.points if p.op_type == PACKED_SLICE]
+    if sliced:
+        raise UseCaseError(f"{bundle.path}: {len(sliced)} points are slices of packed ops (the ort graph's q/k/v and "
+                           f"gate/up), e.g. {sliced[0]}; merge needs the standard graph (import with --graph standard)")
     if strengths is None:
         if use_case is None:
             raise UseCaseError("give a use-case or strengths to merge")

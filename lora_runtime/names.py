@@ -148,6 +148,9 @@ def block_scales(weight: str) -> str:
     return f"{weight}.scales"
 
 
+PACKED_SLICE = "packed slice"  # a point's op type when it is one module's slice of a packed linear op
+
+
 def block_zero_points(weight: str) -> str:
     return f"{weight}.zero_points"
 

@@ -116,3 +116,21 @@ def test_an_ort_flavour_base_refuses_static_shapes(tmp_path):
         compile_bundle(ort_base, {"qv": _adapter(tmp_path, w)}, tmp_path / "b",
                        CompileOptions("v3", static_shapes={"sequence": 4}))
     assert not (tmp_path / "b").exists()
+
+
+def test_an_ort_flavour_base_packs_qkv_and_gate_up_and_merge_refuses_their_slices(tmp_path):
+    """One MatMul per packed group (q/k/v, gate/up), split back per module; LoRA on q/v attaches to the slices
+    (equal to the standard graph: the test above); merge, which rewrites whole weights, refuses them in one line."""
+    from lora_runtime.errors import UseCaseError
+    from lora_runtime.export import merge_use_case
+
+    ort_base, w = _base(tmp_path, "ort")
+    g = onnx.load(str(ort_base)).graph
+    splits = [n for n in g.node if n.op_type == "Split"]
+    assert len(splits) == 2 * S16.n_layers and all(n.doc_string.startswith("lora_runtime.packed ") for n in splits)
+    assert sum(n.op_type == "MatMul" for n in g.node) == 4 * S16.n_layers + 1  # qkv, o, gate_up, down; lm_head
+    b = compile_bundle(ort_base, {"qv": _adapter(tmp_path, w)}, tmp_path / "b", generation="v2", use_cases=["qv=qv"])
+    assert {p.op_type for p in b.manifest.points} == {"packed slice"}
+    with pytest.raises(UseCaseError, match=r"slices of packed ops .* --graph standard"):
+        merge_use_case(b, tmp_path / "merged.onnx", use_case="qv")
+    assert not (tmp_path / "merged.onnx").exists()

@@ -38,7 +38,7 @@ from lora_runtime.errors import AttachmentError, BaseModelError
 from lora_runtime.graph import consumers, node_keys
 from lora_runtime.models.blocks import MS_DOMAIN
 from lora_runtime.models.llama_graph import PACKED
-from lora_runtime.names import lora_a, lora_b
+from lora_runtime.names import PACKED_SLICE, lora_a, lora_b
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def find_candidates(graph: onnx.GraphProto, blocks: bool = False) -> list[Candid
     out = []
     for i, node in enumerate(graph.node):
         if blocks and node.op_type == "Split" and node.doc_string.startswith(PACKED):
-            out += _packed_slices(node, keys[i], graph, inits, producers)
+            out += _packed_slices(node, keys[i], inits, producers)
             continue
         if blocks and node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN and node.input[1] in inits:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -284,8 +284,7 @@ def _weight_of(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
     return w, transposed
 
 
-def _packed_slices(node: onnx.NodeProto, key: str, graph: onnx.GraphProto, inits: dict, producers: dict
-                   ) -> list[Candidate]:
+def _packed_slices(node: onnx.NodeProto, key: str, inits: dict, producers: dict) -> list[Candidate]:
     """A packed linear op's ``Split`` (its doc_string: ``PACKED`` + {"x", "in", "modules"}): one candidate per
     module, its output the module's slice; the weight named by the module (it is a slice of the packed one)."""
     info = json.loads(node.doc_string[len(PACKED):])
@@ -297,7 +296,7 @@ def _packed_slices(node: onnx.NodeProto, key: str, graph: onnx.GraphProto, inits
     elem = onnx.TensorProto.FLOAT
     if src is not None and src.op_type == "MatMulNBits" and src.input[2] in inits:
         elem = inits[src.input[2]].data_type
-    return [Candidate(f"{key}/{j}", "packed slice", info["x"], y, f"{m}.weight", int(info["in"]), widths[j], (m,),
+    return [Candidate(f"{key}/{j}", PACKED_SLICE, info["x"], y, f"{m}.weight", int(info["in"]), widths[j], (m,),
                       False, elem)
             for j, (m, y) in enumerate(zip(info["modules"], node.output))]
 
