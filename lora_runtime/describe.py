@@ -34,11 +34,13 @@ def saved_by_use_case(m: Manifest) -> dict[str, dict[str, str]]:
 
 def base_dtype(m: Manifest) -> str:
     """The base weights as the bundle holds them (float32, float16 or both, the base's own)."""
+    kept = f" with GGUF blocks kept ({m.base.blocks})" if m.base.blocks else ""
     if m.weight_only is not None:
-        return m.weight_only.dtype + ("" if m.base.dtype == "float32" else f" ({m.base.dtype} activations)")
+        return (m.weight_only.dtype + ("" if m.base.dtype == "float32" else f" ({m.base.dtype} activations)")
+                + (f" (its float layers){kept}" if kept else ""))
     if m.quantization is not None:
         return f"int{m.quantization.preset[1]} QDQ ({m.quantization.preset})"
-    return m.base.dtype + (f" with GGUF blocks kept ({m.base.blocks})" if m.base.blocks else "")
+    return m.base.dtype + kept
 
 
 def describe(bundle: Bundle) -> str:

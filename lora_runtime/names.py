@@ -155,6 +155,13 @@ def block_zero_points(weight: str) -> str:
     return f"{weight}.zero_points"
 
 
+BLOCK_OFFSETS = ".block_offsets"  # Q4_1/Q4_K's per-block constants, (blocks, N): the correction's MatMul weight
+
+
+def block_offsets(weight: str) -> str:
+    return weight + BLOCK_OFFSETS
+
+
 # --- files of a bundle ---------------------------------------------------------------------------------------------
 
 MANIFEST = "manifest.json"

@@ -193,7 +193,9 @@ def test_adapters_on_a_blocks_base_generate_as_peft(smollm2_blocks, tmp_path):
 def test_what_needs_float_weights_is_refused_on_a_blocks_base(smollm2_blocks, smollm2_model, tmp_path):
     """--encodings (and --target htp, --base-weights int8, modules_to_save) read float weights: one line naming the
     base and the way out, nothing written; merge of a blocks bundle likewise; calibration-data of its ort graph."""
+    from lora_runtime.compiler.options import WeightOnlyOptions
     from lora_runtime.demo_llm import shipped_adapters
+    from lora_runtime.describe import base_dtype
     from lora_runtime.errors import InputError
     from lora_runtime.export import merge_use_case
     from lora_runtime.llm import calibration_data
@@ -209,6 +211,9 @@ def test_what_needs_float_weights_is_refused_on_a_blocks_base(smollm2_blocks, sm
         compile_bundle(base, listify, tmp_path / "q", CompileOptions(
             "v3", quant=QuantOptions("non-updatable", calib, preset="w8a16")))
     assert not (tmp_path / "q").exists()
+    i4 = compile_bundle(base, listify, tmp_path / "i4", CompileOptions("v3", weight_only=WeightOnlyOptions.of("int4")))
+    assert i4.manifest.weight_only.weights == 1  # the float32 tied head; the Q4_1 blocks stay as the file holds them
+    assert base_dtype(i4.manifest) == "int4 (its float layers) with GGUF blocks kept (" + i4.manifest.base.blocks + ")"
     b = compile_bundle(base, listify, tmp_path / "b", generation="v3")
     with pytest.raises(UseCaseError, match="quantized blocks"):
         merge_use_case(b, tmp_path / "merged.onnx", use_case="listify")

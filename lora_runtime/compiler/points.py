@@ -38,7 +38,7 @@ from lora_runtime.errors import AttachmentError, BaseModelError
 from lora_runtime.graph import consumers, node_keys
 from lora_runtime.models.blocks import MS_DOMAIN
 from lora_runtime.models.llama_graph import PACKED
-from lora_runtime.names import PACKED_SLICE, lora_a, lora_b
+from lora_runtime.names import BLOCK_OFFSETS, PACKED_SLICE, lora_a, lora_b
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ def find_candidates(graph: onnx.GraphProto, blocks: bool = False) -> list[Candid
             log.debug("not an attachment point: %s %s: %s", node.op_type, name, found)
             continue
         weight, transposed = found  # transposed: stored (out, in)
+        if weight.endswith(BLOCK_OFFSETS):  # kept Q4_1 blocks' exact correction: part of that op, not a layer
+            continue
         dims = tuple(inits[weight].dims)
         d_in, d_out = (dims[1], dims[0]) if transposed else dims
         out.append(Candidate(name, node.op_type, node.input[0], node.output[0], weight, int(d_in), int(d_out),

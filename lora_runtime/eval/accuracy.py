@@ -17,6 +17,7 @@ from lora_runtime.arrays import Spill
 from lora_runtime.bundle import Bundle
 from lora_runtime.errors import InputError
 from lora_runtime.metrics import sqnr_db, sqnr_from
+from lora_runtime.models.llama import SEQLENS_K, TOTAL_LENGTH
 from lora_runtime.runtime.session import make_session, run_use_case
 
 Outputs = Mapping[str, np.ndarray]
@@ -40,6 +41,11 @@ def synthesize_inputs(session: ort.InferenceSession, reserved: set[str], seed: i
             feeds[i.name] = rng.standard_normal(shape).astype(floats[i.type])
         else:
             raise InputError(f"cannot synthesize input {i.name!r} of type {i.type}; pass sample inputs")
+    if SEQLENS_K in feeds and TOTAL_LENGTH in feeds:  # GroupQueryAttention's lengths: the cache given, then the tokens
+        past = next((v.shape[2] for k, v in feeds.items() if k.startswith("past_key.")), 0)
+        total = past + feeds["input_ids"].shape[1]
+        feeds[SEQLENS_K] = np.array([total - 1], np.int32)
+        feeds[TOTAL_LENGTH] = np.array(total, np.int32)
     return feeds
 
 

@@ -29,7 +29,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from lora_runtime.external_data import DataWriter
-from lora_runtime.names import block_scales, block_zero_points, packed_weight
+from lora_runtime.names import block_offsets, block_scales, block_zero_points, packed_weight
 
 MS_DOMAIN = "com.microsoft"
 BLOCK = 32
@@ -215,8 +215,8 @@ class KeptWriter:
                                            name=f"{sums}.ReduceSum", keepdims=0)]
                 inits.append(helper.make_tensor(f"{shape}.axes", TensorProto.INT64, [1], [-1]))
             offsets = np.ascontiguousarray(b.offsets.T, np.float32)  # (blocks, N)
-            inits.append(self.writer.array(f"{weight}.block_offsets", offsets))
-            nodes += [helper.make_node("MatMul", [sums, f"{weight}.block_offsets"], [f"{module}.block_offset"],
+            inits.append(self.writer.array(block_offsets(weight), offsets))
+            nodes += [helper.make_node("MatMul", [sums, block_offsets(weight)], [f"{module}.block_offset"],
                                        name=f"{module}.BlockOffset"),
                       helper.make_node("Add", [y, f"{module}.block_offset"], [out], name=f"{module}.AddOffset")]
         return nodes, inits

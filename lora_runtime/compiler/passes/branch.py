@@ -48,7 +48,17 @@ from onnx import TensorProto, helper, numpy_helper
 from lora_runtime.compiler.passes import PassResult
 from lora_runtime.compiler.points import Candidate
 from lora_runtime.graph import GraphEdit
-from lora_runtime.names import GAIN, GAIN_NODE, SCALING, STRENGTH, BranchNames, base_output, lora_a, lora_b
+from lora_runtime.names import (
+    GAIN,
+    GAIN_NODE,
+    PACKED_SLICE,
+    SCALING,
+    STRENGTH,
+    BranchNames,
+    base_output,
+    lora_a,
+    lora_b,
+)
 
 GENERATIONS = ("v1", "v2", "v3")
 
@@ -107,7 +117,7 @@ def add_branches(model: onnx.ModelProto, options: BranchOptions) -> BranchResult
     """Rewrite ``model`` in place (see the module docstring)."""
     generation, lora_dtype = options.generation, options.lora_dtype
     elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[lora_dtype]
-    by_output = {b.candidate.y: b for b in options.branches}  # a packed op's Split has one per module
+    by_owner = {(_owner(b.candidate), b.candidate.y): b for b in options.branches}  # a packed Split: one per slice
     edit = GraphEdit(model.graph)
     consts: list[TensorProto] = []
     if generation == "v3":
@@ -118,10 +128,10 @@ def add_branches(model: onnx.ModelProto, options: BranchOptions) -> BranchResult
         edit.prepend([helper.make_node("Mul", [STRENGTH, SCALING], [GAIN], name=GAIN_NODE)])
 
     made: dict[str, BranchTensors] = {}
-    for i, _key, node in edit.keyed():
-        for j, b in [(j, by_output[y]) for j, y in enumerate(node.output) if y in by_output]:
+    for i, key, node in edit.keyed():
+        for j, b in [(j, by_owner[key, y]) for j, y in enumerate(node.output) if (key, y) in by_owner]:
             made[b.module] = _branch(edit, i, node, j, b, generation, elem, inputs, consts)
-    missing = set(by_output) - {b.candidate.y for b in options.branches if b.module in made}
+    missing = {b.candidate.node for b in options.branches if b.module not in made}
     if missing:
         raise ValueError(f"attachment points not found in the graph: {sorted(missing)}")
     edit.add_inputs(inputs)
@@ -129,6 +139,12 @@ def add_branches(model: onnx.ModelProto, options: BranchOptions) -> BranchResult
     edit.add_initializers(options.parameters.values())
     edit.apply()
     return BranchResult(model, made)
+
+
+def _owner(c: Candidate) -> str:
+    """The key of the node whose output the point is: the op itself, or for a slice of a packed op
+    (``<split key>/<j>``) its Split."""
+    return c.node.rsplit("/", 1)[0] if c.op_type == PACKED_SLICE else c.node
 
 
 def _branch(edit: GraphEdit, i: int, node: onnx.NodeProto, j: int, b: Branch, generation: str, elem: int,
