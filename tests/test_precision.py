@@ -341,3 +341,32 @@ def test_base_encodings_file_can_be_left_out(tiny, tmp_path):
     b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "c",  # auto: a small model's scales are written
                        CompileOptions("v3", measure_accuracy=False, weight_only=WeightOnlyOptions.of("int4")))
     assert b.manifest.weight_only.encodings == "encodings/base_weights.encodings"
+
+
+@pytest.mark.parametrize(("k", "block"), [(96, 32), (80, 16), (64, 32)])
+def test_zero_points_of_an_odd_number_of_blocks_pack_as_onnx_runtime_reads_them(k, block):
+    """MatMulNBits' 4-bit zero points: two blocks per byte, each row's last odd block alone in its byte."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lora_runtime.compiler.passes.weight_only import quantize_grid
+    from lora_runtime.models.blocks import matmul_nbits
+
+    class Inline:  # a DataWriter stand-in: initializers inline
+        def tensor(self, name, data, _type, shape):
+            return numpy_helper.from_array(np.asarray(data).reshape(shape), name)
+
+    rng = np.random.default_rng(k)
+    w = (rng.standard_normal((k, 7)) + 0.5).astype(np.float32)  # off-centre: zero points far from 8
+    q = quantize_grid(w, 4, block, symmetric=False)
+    node, inits = matmul_nbits(Inline(), "w", "x", ["y"], "mm", q.codes, q.scales, k, 4, 0, zero_points=q.zeros)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 7])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    idx = np.arange(k) // block  # the grid's own arithmetic, here: (code - zero) * scale per block
+    deq = ((q.codes.reshape(7, -1)[:, :k] - q.zeros[:, idx].astype(np.float32)) * q.scales[:, idx]).T
+    assert len(set(q.zeros.reshape(-1).tolist())) > 1
+    np.testing.assert_allclose(got, x @ deq, atol=1e-4, rtol=0)
