@@ -39,3 +39,13 @@ def test_prepack_options_follow_the_bundle_and_the_environment(tiny, tmp_path, m
     assert _entry(S.make_session(f, session_options=so), S.DISABLE_PREPACK) == "0"
     monkeypatch.setattr(S, "PARALLEL_PREPACK_BYTES", 0)
     assert _entry(S.make_session(f), S.PARALLEL_PREPACK) == "1"
+
+
+def test_sessions_ask_for_unsaturated_integer_products(tiny, tmp_path):
+    """session.x64quantprecision on every CPU session (ONNX Runtime's U8U8 products where u8s8 would saturate 16-bit
+    sums: x86 without VNNI), unless the caller set it."""
+    f = compile_bundle(tiny.base, tiny.adapters, tmp_path / "f", generation="v3")
+    assert _entry(S.make_session(f), S.X64_QUANT_PRECISION) == "1"
+    so = ort.SessionOptions()
+    so.add_session_config_entry(S.X64_QUANT_PRECISION, "0")
+    assert _entry(S.make_session(f, session_options=so), S.X64_QUANT_PRECISION) == "0"
