@@ -60,10 +60,9 @@ print(json.dumps({"seconds": dt, "peak_rss": hwm, "bundle_bytes": own}))
 
 _OPEN = """
 import json, sys, time
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
 import numpy, onnxruntime, lora_runtime
 from lora_runtime import Runtime
+from lora_runtime.bench.timing import rss
 r0 = rss()
 t = time.perf_counter()
 rt = Runtime.open(sys.argv[1])

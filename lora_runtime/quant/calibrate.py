@@ -3,7 +3,7 @@
 Calibration data is an ``.npz`` whose keys are the graph's input names, each array with a leading
 sample axis (an input of shape (1, 8) is stored as (N, 1, 8)). For each use-case the float graph runs
 every sample with that use-case's slot values, and the requested intermediate tensors (added as graph
-outputs of a temporary copy of the graph, next to it so external data resolves) are reduced to
+outputs of a copy of the graph made in memory, its external data read from the graph's folder) are reduced to
 min/max, or to a percentile of each sample's values.
 
 Why not ONNX Runtime's calibrators: they load the model with ``onnx.load`` (which refuses the
@@ -84,22 +84,7 @@ def collect_ranges(bundle: Bundle, tensors: Sequence[str], samples: Sequence[dic
     if method not in METHODS:
         raise InputError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     m = bundle.manifest
-    graph = bundle.file(m.graph)
-    model = onnx.load(str(graph), load_external_data=False)
-    known = {o.name for o in model.graph.output}
-    for t in tensors:
-        if t not in known:
-            model.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
-    augmented = graph.with_name(".calibration.onnx")
-    augmented.write_bytes(model.SerializeToString())
-    try:
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.enable_mem_pattern = False  # hundreds of outputs: no arena planned for a run's every intermediate
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # numpy works between runs
-        sess = ort.InferenceSession(str(augmented), so, providers=["CPUExecutionProvider"])
-    finally:
-        augmented.unlink(missing_ok=True)
+    sess = _with_outputs(bundle.file(m.graph), tensors)
     expected = input_specs(sess, {s.name for s in m.slots})
     feeds = [_checked(expected, sample, i) for i, sample in enumerate(samples)]
     with blas_threads(1):  # the Gram products between runs (see lora_runtime.arrays.blas_threads)
@@ -110,17 +95,8 @@ def input_grams(model_path: Path, tensors: Sequence[str], samples: Sequence[dict
                 step: Callable[[str], None] | None = None) -> tuple[dict[str, np.ndarray], int]:
     """``X^T X`` (float32) of each of ``tensors`` over ``samples`` through the plain model at ``model_path`` (no
     LoRA), and the rows (tokens) they sum: what GPTQ rounds the base weights of ``--base-weights`` with. The
-    augmented graph is built in memory; its external data is read from the model's folder, not written to."""
-    model = onnx.load(str(model_path), load_external_data=False)
-    known = {o.name for o in model.graph.output}
-    model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors
-                              if t not in known)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.enable_mem_pattern = False
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    del model
+    model's folder is not written to."""
+    sess = _with_outputs(model_path, tensors)
     expected = input_specs(sess, set())
     feeds = [_checked(expected, sample, i) for i, sample in enumerate(samples)]
     gram: dict[str, np.ndarray] = {}
@@ -136,6 +112,21 @@ def input_grams(model_path: Path, tensors: Sequence[str], samples: Sequence[dict
                 step(model_path.name)
         grams.flush()
     return gram, rows
+
+
+def _with_outputs(graph: Path, tensors: Sequence[str]) -> ort.InferenceSession:
+    """A CPU session of ``graph`` with ``tensors`` added as outputs: the graph is augmented in memory and its
+    external data read from its own folder (nothing is written beside it)."""
+    model = onnx.load(str(graph), load_external_data=False)
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors
+                              if t not in known)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.enable_mem_pattern = False  # hundreds of outputs: no arena planned for a run's every intermediate
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # numpy works between runs
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.parent))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def _calibrate(bundle: Bundle, sess: ort.InferenceSession, tensors: Sequence[str],

@@ -63,15 +63,6 @@ class WeightOnlyResult(PassResult):
     weights: tuple[QuantizedWeight, ...]
 
 
-def quantize_block(w: np.ndarray, bits: int, block_size: int, scale_dtype: type = np.float32
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """W (K, N) float -> (unsigned codes uint8 (N, blocks, block_size), scales (N, blocks), dequantized (K, N)),
-    symmetric, nearest codes. ``scale_dtype`` float16: the scales are the float16 values the graph will hold, the
-    codes chosen for those."""
-    q = quantize_grid(w, bits, block_size, scale_dtype)
-    return q.codes, q.scales, q.dequantized
-
-
 @dataclass(frozen=True)
 class BlockWeight:
     """One weight on its block grid: ``w[k, n] = (codes[n, b, j] - zero[n, b]) * scales[n, b]`` for ``k = b *
