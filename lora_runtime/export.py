@@ -14,6 +14,7 @@ the compiler, so the compiler can measure what it builds against them.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ from lora_runtime.errors import UseCaseError
 from lora_runtime.external_data import inline
 from lora_runtime.graph import GraphEdit
 from lora_runtime.manifest import Manifest
-from lora_runtime.names import GAIN_NODE, PACKED_SLICE, SCALING, BranchNames, base_output, lora_a, lora_b
+from lora_runtime.names import GAIN_NODE, PACKED_SLICE, SCALING, BranchNames, GainNames, base_output, lora_a, lora_b
 from lora_runtime.runtime.session import saved_feeds
 from lora_runtime.staging import check_new_file, new_file, publish_file
 from lora_runtime.tensorfile import read_header
@@ -70,8 +71,10 @@ def strip_branches(model: onnx.ModelProto, manifest: Manifest) -> onnx.ModelProt
         x ──► Op(W0) ──► y.base ──► Add ──► y        becomes        x ──► Op(W0) ──► y
     """
     g = model.graph
-    branch_nodes = {GAIN_NODE}.union(*(BranchNames(p.module).nodes for p in manifest.points))
     by_name = {n.name: n for n in g.node}
+    gains = list(itertools.takewhile(lambda k: k.gather in by_name, map(GainNames, itertools.count())))  # v3
+    branch_nodes = {GAIN_NODE}.union(*(BranchNames(p.module).nodes for p in manifest.points),
+                                     *((k.gather, k.mul) for k in gains))
     restore = {}  # y.base -> y: y is the output of the branch's last node (its Add, or the CastOut of a float16 op)
     for p in manifest.points:
         last = by_name.get(BranchNames(p.module).node("CastOut")) or by_name.get(BranchNames(p.module).node("Add"))
@@ -83,9 +86,8 @@ def strip_branches(model: onnx.ModelProto, manifest: Manifest) -> onnx.ModelProt
             edit.remove(i)
         elif n.output and n.output[0] in restore:
             n.output[0] = restore[n.output[0]]
-    constants = {c for p in manifest.points for c in (BranchNames(p.module).strength_index,
-                                                     BranchNames(p.module).column_scaling,
-                                                     BranchNames(p.module).point_index)}
+    constants = {BranchNames(p.module).point_index for p in manifest.points}.union(
+        *((k.strength_index, k.column_scaling) for k in gains))
     slots = {s.name for s in manifest.slots}
     edit.drop_inputs(slots)
     edit.drop_initializers(slots | constants)

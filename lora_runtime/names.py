@@ -19,6 +19,39 @@ GAIN = "lora_gain"  # v1/v2: lora_alpha * lora_scaling
 GAIN_NODE = "lora/gain"
 
 
+@dataclass(frozen=True)
+class GainNames:
+    """v3: the gain ``Gather(lora_alpha, index) * scaling`` of the ``k``-th column layout, computed once at the
+    graph's start for every point whose concatenated rank has that layout (the same adapters, ranks and
+    scalings: typically every point an adapter set targets)."""
+
+    k: int
+
+    @property
+    def strength_index(self) -> str:  # constant: column -> adapter index map
+        return f"lora_strength_index.{self.k}"
+
+    @property
+    def column_scaling(self) -> str:  # constant: PEFT scaling of every column
+        return f"lora_column_scaling.{self.k}"
+
+    @property
+    def strength(self) -> str:
+        return f"{GAIN_NODE}.{self.k}/strength"
+
+    @property
+    def gain(self) -> str:
+        return f"{GAIN_NODE}.{self.k}"
+
+    @property
+    def gather(self) -> str:  # node names
+        return f"{GAIN_NODE}.{self.k}/Gather"
+
+    @property
+    def mul(self) -> str:
+        return f"{GAIN_NODE}.{self.k}/Mul"
+
+
 def lora_a(module: str) -> str:
     """PEFT's name of the A (r, in) weight at ``module``."""
     return f"{module}.lora_A.weight"
@@ -64,14 +97,6 @@ class BranchNames:
 
     # constants
     @property
-    def strength_index(self) -> str:  # v3: column -> adapter index map
-        return f"{self.module}.lora_strength_index"
-
-    @property
-    def column_scaling(self) -> str:  # v3: PEFT scaling of every column
-        return f"{self.module}.lora_column_scaling"
-
-    @property
     def point_index(self) -> str:  # v1/v2: the point's index into lora_gain
         return f"{self.module}.lora_point_index"
 
@@ -103,12 +128,12 @@ class BranchNames:
 
     @property
     def nodes(self) -> tuple[str, ...]:
-        """Every node a branch may have (v1/v2 have no ``Gain``; only float16 slots have CastA/CastB, only points on
-        float16 base ops CastX/CastBase/CastOut)."""
+        """Every node a branch may have (only v1/v2 have a ``Gather``: v3's gain is shared, ``GainNames``; only
+        float16 slots have CastA/CastB, only points on float16 base ops CastX/CastBase/CastOut)."""
         return tuple(self.node(w) for w in BRANCH_NODES)
 
 
-BRANCH_NODES = ("Gather", "Gain", "CastA", "CastB", "CastX", "TransposeA", "MatMulA", "Scale", "TransposeB", "MatMulB",
+BRANCH_NODES = ("Gather", "CastA", "CastB", "CastX", "TransposeA", "MatMulA", "Scale", "TransposeB", "MatMulB",
                 "CastBase", "Add", "CastOut")
 
 

@@ -150,8 +150,15 @@ def test_every_entry_for_an_encoded_tensor_is_used_as_written(files, models, tmp
             (e.scale, e.offset, e.bw, e.is_sym, e.enc_type), n
         used.add(origin)
     ignored = len(mine.names()) - len(used)
+    # the exports predate v3's shared gains: their per-point gain tensors (<m>.lora/strength, <m>.lora/gain and the
+    # constant <m>.lora_column_scaling) are names this graph no longer has, reported as such (AIMET's entries for
+    # them were never used either: this bundle does not quantize a gain)
+    names = {t for n in graph.node for t in (*n.input, *n.output)} | {i.name for i in graph.initializer}
+    absent = [t for t in mine.names() if t not in names]
+    assert all(t.endswith(("lora/strength", "lora/gain", "lora_column_scaling")) for t in absent), absent
+    note = f"; {len(absent)} not in this graph" if absent else ""
     assert len(said) == 1 and said[0].startswith(f"{src}: {ignored} entries for tensors this bundle does not "
-                                                 f"quantize were ignored ({len(used)} used): e.g. "), said
+                                                 f"quantize were ignored ({len(used)} used{note}): e.g. "), said
     assert "\n" not in said[0]
     if export == "tiny_w8a8":  # the issue's numbers: 163 of 227 unmatched by name, 2 of them carried
         assert (ignored, len(used)) == (161, 66)

@@ -80,7 +80,7 @@ def _pad(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarra
 
 
 V1_V2_OPS = ["Mul", "MatMul", "Gather", "Transpose", "MatMul", "Mul", "Transpose", "MatMul", "Add"]
-V3_OPS = ["MatMul", "Gather", "Mul", "Transpose", "MatMul", "Mul", "Transpose", "MatMul", "Add"]
+V3_OPS = ["Gather", "Mul", "MatMul", "Transpose", "MatMul", "Mul", "Transpose", "MatMul", "Add"]  # shared gain first
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.5, -1.5])
@@ -149,8 +149,8 @@ def test_v3_concatenated_adapters_match_numpy(strengths):
     assert SCALING not in inputs
     assert [d.dim_value for d in inputs[STRENGTH].type.tensor_type.shape.dim] == [2]
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    assert consts[f"{Q0}.lora_strength_index"].tolist() == [0, 0, 1, 1, 1]
-    np.testing.assert_array_equal(consts[f"{Q0}.lora_column_scaling"], [2.0, 2.0, 0.75, 0.75, 0.75])
+    assert consts["lora_strength_index.0"].tolist() == [0, 0, 1, 1, 1]
+    np.testing.assert_array_equal(consts["lora_column_scaling.0"], [2.0, 2.0, 0.75, 0.75, 0.75])
     base = X @ W
     want = base + _lora(X, [(strengths[0], SC0, A0, B0), (strengths[1], SC1, A1, B1)])
     assert np.abs(want - base).max() > 1e-2
@@ -223,11 +223,47 @@ def test_gemm_with_bias_and_trans_b(generation):
         add_branches(model, [Branch(0, "fc", c, 5, (0, 0, 1, 1, 1), (SC0,) * 2 + (SC1,) * 3)], "v3", 2, params)
         feeds = {"x": x, STRENGTH: np.array([0.6, 1.2], np.float32)}
         want = base + _lora(x, [(0.6, SC0, A0, B0), (1.2, SC1, A1, B1)])
-        ops = ["Gemm", *V3_OPS[1:]]
+        ops = [*V3_OPS[:2], "Gemm", *V3_OPS[3:]]
     assert [n.op_type for n in model.graph.node] == ops
     assert [o.name for o in model.graph.output] == ["y"]
     assert np.abs(want - base).max() > 1e-2
     np.testing.assert_allclose(_run(model, feeds), want, atol=1e-5, rtol=0)
+
+
+def _three_matmuls() -> onnx.ModelProto:
+    """x @ W -> a, x @ W2 -> b, x @ W3 -> c: three points reading one input, as q/k/v do."""
+    w2, w3 = W * 0.5, W[:, ::-1].copy()
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", f"m{i}.weight"], [o], name=f"mm{i}") for i, o in enumerate("abc")]
+        + [helper.make_node("Sum", ["a", "b", "c"], ["y"], name="sum")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", D_IN])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "T", D_OUT])],
+        [numpy_helper.from_array(w, f"m{i}.weight") for i, w in enumerate((W, w2, w3))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, (W, w2, w3)
+
+
+def test_v3_points_with_one_column_layout_share_one_gain():
+    """m0 and m2 carry adapters 0 and 1 with the same ranks and scalings: one Gather/Mul for both; m1 carries
+    adapter 1 alone: a gain of its own. Outputs as numpy's per-point sums."""
+    model, ws = _three_matmuls()
+    cands = {c.node: c for c in find_candidates(model.graph)}
+    two, one = ((0, 0, 1, 1, 1), (SC0,) * 2 + (SC1,) * 3), ((1, 1, 1), (SC1,) * 3)
+    layout = {"m0": two, "m1": one, "m2": two}
+    a_cat, b_cat = np.concatenate([A0, A1]), np.concatenate([B0, B1], axis=1)
+    weights = {"m0": (a_cat, b_cat), "m1": (A1, B1), "m2": (a_cat * 0.5, b_cat)}
+    params = {f"{m}.{ab}.weight": numpy_helper.from_array(t, f"{m}.{ab}.weight")
+              for m, (a, b) in weights.items() for ab, t in (("lora_A", a), ("lora_B", b))}
+    branches = [Branch(i, m, cands[f"mm{i}"], len(layout[m][0]), *layout[m]) for i, m in enumerate(("m0", "m1", "m2"))]
+    add_branches(model, branches, "v3", 2, params)
+    assert [n.op_type for n in model.graph.node].count("Gather") == 2
+    assert [n.op_type for n in model.graph.node].count("Mul") == 2 + 3  # two gains, one Scale per point
+    s = np.array([0.6, -1.2], np.float32)
+    x = X
+    want = sum(x @ w for w in ws) + _lora(x, [(s[0], SC0, A0, B0), (s[1], SC1, A1, B1)]) \
+        + _lora(x, [(s[1], SC1, A1, B1)]) + _lora(x, [(s[0], SC0, A0 * 0.5, B0), (s[1], SC1, A1 * 0.5, B1)])
+    np.testing.assert_allclose(_run(model, {"x": x, STRENGTH: s}), want, atol=1e-4, rtol=0)
 
 
 def test_unknown_generation_is_refused():

@@ -17,10 +17,13 @@ axis, where it costs R multiplies per token:
   input and ``lora_scaling`` (P,) holds the current adapter's PEFT scaling per point (a slot, since
   each adapter has its own). v1 makes A, B and ``lora_scaling`` graph inputs; v2 makes them
   initializers that are also graph inputs (ONNX Runtime never folds those) holding a default adapter.
-* v3: ``g = Gather(lora_alpha, <m>.lora_strength_index) * <m>.lora_column_scaling``, shape (R,):
+* v3: ``g = Gather(lora_alpha, lora_strength_index.<k>) * lora_column_scaling.<k>``, shape (R,):
   ``lora_alpha`` (N,) holds one strength per adapter, the constant index map expands it to the
   concatenated rank, and the constant scaling holds each column's PEFT scaling. This is PEFT's
-  ``cat`` combination: ``y = W0 x + B_cat ((A_cat x) * s_expanded * scaling_expanded)``.
+  ``cat`` combination: ``y = W0 x + B_cat ((A_cat x) * s_expanded * scaling_expanded)``. Points whose
+  columns have the same layout (the same adapters, ranks and scalings: all the points an adapter set
+  targets) share one gain ``k``, computed once at the graph's start (``names.GainNames``): two ops per
+  layout instead of two per point, which ONNX Runtime would run every token.
 
 A base op that computes in float16 (a ``model.half()`` export, or a float16 island of a float32 graph) gets
 the branch as PEFT computes it on a half model (its LoRA weights autocast to float32): the branch reads ``x``
@@ -55,6 +58,7 @@ from lora_runtime.names import (
     SCALING,
     STRENGTH,
     BranchNames,
+    GainNames,
     base_output,
     lora_a,
     lora_b,
@@ -127,10 +131,17 @@ def add_branches(model: onnx.ModelProto, options: BranchOptions) -> BranchResult
                   helper.make_tensor_value_info(SCALING, TensorProto.FLOAT, [len(options.branches)])]
         edit.prepend([helper.make_node("Mul", [STRENGTH, SCALING], [GAIN], name=GAIN_NODE)])
 
+    gains: dict[tuple, str] = {}  # v3: column layout -> its shared gain tensor
+    if generation == "v3":
+        for b in options.branches:
+            layout = (b.column_adapter, b.column_scaling)
+            if layout not in gains:
+                gains[layout] = _shared_gain(edit, GainNames(len(gains)), b, consts)
     made: dict[str, BranchTensors] = {}
     for i, key, node in edit.keyed():
         for j, b in [(j, by_owner[key, y]) for j, y in enumerate(node.output) if (key, y) in by_owner]:
-            made[b.module] = _branch(edit, i, node, j, b, generation, elem, inputs, consts)
+            gain = gains.get((b.column_adapter, b.column_scaling)) if generation == "v3" else None
+            made[b.module] = _branch(edit, i, node, j, b, gain, elem, inputs, consts)
     missing = {b.candidate.node for b in options.branches if b.module not in made}
     if missing:
         raise ValueError(f"attachment points not found in the graph: {sorted(missing)}")
@@ -147,23 +158,29 @@ def _owner(c: Candidate) -> str:
     return c.node.rsplit("/", 1)[0] if c.op_type == PACKED_SLICE else c.node
 
 
-def _branch(edit: GraphEdit, i: int, node: onnx.NodeProto, j: int, b: Branch, generation: str, elem: int,
+def _shared_gain(edit: GraphEdit, g: GainNames, b: Branch, consts: list[TensorProto]) -> str:
+    """v3: the gain of ``b``'s column layout, at the graph's start; returns its tensor."""
+    consts.append(numpy_helper.from_array(np.asarray(b.column_adapter, np.int64), g.strength_index))
+    consts.append(numpy_helper.from_array(np.asarray(b.column_scaling, np.float32), g.column_scaling))
+    edit.prepend([helper.make_node("Gather", [STRENGTH, g.strength_index], [g.strength], name=g.gather),
+                  helper.make_node("Mul", [g.strength, g.column_scaling], [g.gain], name=g.mul)])
+    return g.gain
+
+
+def _branch(edit: GraphEdit, i: int, node: onnx.NodeProto, j: int, b: Branch, v3_gain: str | None, elem: int,
             inputs: list, consts: list[TensorProto]) -> BranchTensors:
     """One point's branch: node ``i``'s output ``j`` (the module's output) renamed to its base output, the
-    branch's nodes after node ``i``, the sum under the output's old name."""
+    branch's nodes after node ``i``, the sum under the output's old name. ``v3_gain``: the shared gain of the
+    point's column layout (v3), None for v1/v2 (the point gathers its own from ``lora_gain``)."""
     c, m = b.candidate, b.module
     n = BranchNames(m)
     a_name, b_name = lora_a(m), lora_b(m)
     inputs.append(helper.make_tensor_value_info(a_name, elem, [b.rank, c.in_features]))
     inputs.append(helper.make_tensor_value_info(b_name, elem, [c.out_features, b.rank]))
     node.output[j] = base_output(c.y)
-    if generation == "v3":
-        consts.append(numpy_helper.from_array(np.asarray(b.column_adapter, np.int64), n.strength_index))
-        consts.append(numpy_helper.from_array(np.asarray(b.column_scaling, np.float32), n.column_scaling))
-        gain = [helper.make_node("Gather", [STRENGTH, n.strength_index], [n.tensor("strength")],
-                                 name=n.node("Gather")),
-                helper.make_node("Mul", [n.tensor("strength"), n.column_scaling], [n.gain], name=n.node("Gain"))]
-    else:
+    gain_read, gain = v3_gain, []
+    if v3_gain is None:
+        gain_read = n.gain
         consts.append(numpy_helper.from_array(np.asarray(b.index, np.int64), n.point_index))
         gain = [helper.make_node("Gather", [GAIN, n.point_index], [n.gain], name=n.node("Gather"))]
     a_read, b_read, widen = a_name, b_name, []
@@ -182,7 +199,7 @@ def _branch(edit: GraphEdit, i: int, node: onnx.NodeProto, j: int, b: Branch, ge
     edit.insert_after(i, gain + widen + enter + [
         helper.make_node("Transpose", [a_read], [n.tensor("A_t")], name=n.node("TransposeA"), perm=[1, 0]),
         helper.make_node("MatMul", [x_read, n.tensor("A_t")], [n.u], name=n.node("MatMulA")),
-        helper.make_node("Mul", [n.u, n.gain], [n.scaled], name=n.node("Scale")),
+        helper.make_node("Mul", [n.u, gain_read], [n.scaled], name=n.node("Scale")),
         helper.make_node("Transpose", [b_read], [n.tensor("B_t")], name=n.node("TransposeB"), perm=[1, 0]),
         helper.make_node("MatMul", [n.scaled, n.tensor("B_t")], [n.delta], name=n.node("MatMulB")),
         *add,
