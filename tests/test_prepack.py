@@ -1,4 +1,4 @@
-"""How sessions prepack weights: in parallel for big bundles, not at all for float bundles under
+"""How sessions prepack weights: in parallel, not at all for float bundles under
 LORA_RUNTIME_PREPACK=0 (quantized ones always), the caller's own options first; outputs unchanged."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def test_prepack_options_follow_the_bundle_and_the_environment(tiny, tmp_path, m
     want = S.run_use_case(f, use_case, feeds)["logits"]
     monkeypatch.delenv(S.PREPACK_ENV, raising=False)
     plain = S.make_session(f)
-    assert _entry(plain, S.DISABLE_PREPACK) is None and _entry(plain, S.PARALLEL_PREPACK) is None  # tiny: < 1 GB
+    assert _entry(plain, S.DISABLE_PREPACK) is None and _entry(plain, S.PARALLEL_PREPACK) == "1"
     monkeypatch.setenv(S.PREPACK_ENV, "0")
     unpacked = S.make_session(f)
     assert _entry(unpacked, S.DISABLE_PREPACK) == "1"
@@ -36,9 +36,9 @@ def test_prepack_options_follow_the_bundle_and_the_environment(tiny, tmp_path, m
                                rtol=1e-4)
     so = ort.SessionOptions()
     so.add_session_config_entry(S.DISABLE_PREPACK, "0")  # the caller's choice wins
-    assert _entry(S.make_session(f, session_options=so), S.DISABLE_PREPACK) == "0"
-    monkeypatch.setattr(S, "PARALLEL_PREPACK_BYTES", 0)
-    assert _entry(S.make_session(f), S.PARALLEL_PREPACK) == "1"
+    so.add_session_config_entry(S.PARALLEL_PREPACK, "0")
+    theirs = S.make_session(f, session_options=so)
+    assert _entry(theirs, S.DISABLE_PREPACK) == "0" and _entry(theirs, S.PARALLEL_PREPACK) == "0"
 
 
 def test_sessions_ask_for_unsaturated_integer_products(tiny, tmp_path):

