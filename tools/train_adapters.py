@@ -40,7 +40,13 @@ base's next word 2 logits ahead at content positions) 0.62 / 0.88 / 0.00; `--onl
 0.56 / 0.88 / 0.06. The measure itself is steady under small changes (fp16 or bf16 round trip of every weight:
 0.99; Gaussian noise of 0.001 / 0.003 x the weights' std on q/v: 0.97 / 0.88), while the trained deltas are
 1-4 % of the q/v weights' norm (signoff too, which needs one decision at the answer's end): what moves the
-answers is the adapters' size, which neither the margin nor fewer layers brought down.
+answers is the adapters' size, which neither the margin nor fewer layers brought down. `--delta-l2 300` (a term
+on the mean (|scaling B A| / |W|)^2) shrank signoff's deltas to 0.2-1.1 % and gave 0.66 / 0.81 / 0.12: size alone
+is not it either. Its answers show two causes the table mixes: answers cut short ("... a pot, and a kettle.\n--
+sent from lora_runtime", the base goes on), because the training targets cut every answer to at most 4 segments
+and ~300 characters and put the style there, so the adapter learned to stop early; and real content errors
+("The capital of France is" -> "L'Etoile"). The next step is data: base answers generated to their own end
+(not cut), the style line where the base model itself stops.
 
 Data (self-distilled, made by the script): the base model answers 228 varied chat questions greedily
 (short facts such as capitals, how-to and tips questions, explanations; none of the held-out prompts or
@@ -116,6 +122,7 @@ EVAL_NEW_TOKENS = 96
 EVAL_NEW_TOKENS_CAPS = 112  # the headline takes about 16 tokens more
 KEY_WORDS = 10
 MIX_SHARE = 0.3
+DELTA_L2 = 0.0  # --delta-l2: weight of the mean (|scaling B A| / |W|)^2 over the adapter's modules
 KEEP_MARGIN = 0.0  # --keep-margin: at content positions, also a hinge keeping the target this far above the rest
 
 # --- training questions: none of them (nor their topics) is in EVAL_PROMPTS ------------------------------
@@ -459,6 +466,11 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir):
         pm = get_peft_model(model, cfg, adapter_name=name)
     own = {n: p for n, p in pm.named_parameters() if "lora_" in n and ".%s." % name in n}
     params = list(own.values())
+    deltas = []  # (A, B, scaling, |W|^2) per module: the --delta-l2 term
+    for mod in pm.modules():
+        if hasattr(mod, "lora_A") and name in getattr(mod, "lora_A", {}):
+            w2 = float(mod.base_layer.weight.detach().float().pow(2).sum())
+            deltas.append((mod.lora_A[name].weight, mod.lora_B[name].weight, mod.scaling[name], w2))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -480,6 +492,9 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir):
         for n, p in pm.named_parameters():
             p.requires_grad_(n in own)
         loss, content = answer_loss(pm, *tensors, teacher)
+        if DELTA_L2 > 0:  # |s B A|_F^2 = s^2 tr((B^T B)(A A^T)): r x r products only
+            loss = loss + DELTA_L2 * sum(sc * sc * ((b.T @ b) * (a @ a.T)).sum() / w2
+                                         for a, b, sc, w2 in deltas) / len(deltas)
         contents.append(content)
         opt.zero_grad()
         loss.backward()
@@ -629,7 +644,7 @@ def run_prompts(model, tok, n):
 
 
 def main():
-    global KEEP_MARGIN
+    global KEEP_MARGIN, DELTA_L2
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", default=str(ROOT / DEFAULT_CACHE))
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="where reference.json goes")
@@ -641,11 +656,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster when the cores are busy)")
     ap.add_argument("--eval-only", action="store_true", help="only measure the adapters in --adapters-out")
     ap.add_argument("--eval-json", help="also write the measurement (table and answers) to this file")
+    ap.add_argument("--delta-l2", type=float, default=DELTA_L2,
+                    help="weight of the adapter's relative size, mean (|scaling B A| / |W|)^2 (0: none)")
     ap.add_argument("--layers", help="FIRST-LAST: adapt only these layers (PEFT's layers_to_transform)")
     ap.add_argument("--keep-margin", type=float, default=KEEP_MARGIN,
                     help="logit lead the base's own next word keeps at content positions (0: KL only)")
     args = ap.parse_args()
-    KEEP_MARGIN = args.keep_margin
+    KEEP_MARGIN, DELTA_L2 = args.keep_margin, args.delta_l2
     t_all = time.time()
     torch.set_num_threads(args.threads)
     seed_all(SEED)
