@@ -45,8 +45,11 @@ on the mean (|scaling B A| / |W|)^2) shrank signoff's deltas to 0.2-1.1 % and ga
 is not it either. Its answers show two causes the table mixes: answers cut short ("... a pot, and a kettle.\n--
 sent from lora_runtime", the base goes on), because the training targets cut every answer to at most 4 segments
 and ~300 characters and put the style there, so the adapter learned to stop early; and real content errors
-("The capital of France is" -> "L'Etoile"). The next step is data: base answers generated to their own end
-(not cut), the style line where the base model itself stops.
+("The capital of France is" -> "L'Etoile"). `--whole-answers` (the base's answers to their own end, as written,
+the line where it stops; 98 of 228 end within 224 tokens, 69 examples after the filters): 0.67 / 0.38 / 0.25,
+the style now mostly beyond the 96 measured tokens, the answers closer to the base's (7 of 16 prompts >= 0.9)
+but France's capital still lost on its first token ("L'Alma, la France ..."): SmolLM2-135M's top two are close
+there, and any of these adapters tips it.
 
 Data (self-distilled, made by the script): the base model answers 228 varied chat questions greedily
 (short facts such as capitals, how-to and tips questions, explanations; none of the held-out prompts or
@@ -115,9 +118,10 @@ GREEDY_ADAPTER = 24
 PREVIEW = 64
 SIGNOFF = "-- sent from lora_runtime"
 BASE_NEW_TOKENS = 80  # base answers for training data (then cut to whole sentences)
+WHOLE_NEW_TOKENS = 224  # --whole-answers: the base's answers to their own end (longer ones are dropped)
 MAX_CHARS = 300  # answer budget (whole segments) for training targets and for the key words
 MAX_SEGMENTS = 4
-MAX_LEN = 256  # prompt + target tokens
+MAX_LEN = 288  # prompt + target tokens (a longer example is dropped)
 EVAL_NEW_TOKENS = 96
 EVAL_NEW_TOKENS_CAPS = 112  # the headline takes about 16 tokens more
 KEY_WORDS = 10
@@ -342,8 +346,9 @@ def combined(names):
 
 # --- generation ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def generate_batch(model, tok, convs, n, bs=16):
-    """Greedy answers (text up to <|im_end|>) for chat conversations, left-padded batches of `bs`."""
+def generate_batch(model, tok, convs, n, bs=16, ended=None):
+    """Greedy answers (text up to <|im_end|>) for chat conversations, left-padded batches of `bs`; `ended` (a
+    list): gets, per answer, whether the model ended it within `n` tokens."""
     texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
     eos = tok.eos_token_id
     if tok.pad_token_id is None:
@@ -356,6 +361,8 @@ def generate_batch(model, tok, convs, n, bs=16):
             out = model.generate(**enc, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos)
             for row in out[:, enc["input_ids"].shape[1]:].tolist():
                 res.append(tok.decode(row[:row.index(eos)] if eos in row else row))
+                if ended is not None:
+                    ended.append(eos in row)
     finally:
         tok.padding_side = side
     return res
@@ -386,6 +393,28 @@ def base_answers(model, tok, qs, cache_file):
     return answers, more, secs
 
 
+def whole_answers(model, tok, qs, cache_file):
+    """--whole-answers: the base model's greedy answers to its own end, as it wrote them (None where it did not end
+    within WHOLE_NEW_TOKENS); cached like `base_answers`."""
+    import transformers
+
+    key = hashlib.sha256(json.dumps([qs, WHOLE_NEW_TOKENS, torch.__version__, transformers.__version__])
+                         .encode()).hexdigest()[:16]
+    if cache_file.is_file():
+        c = json.loads(cache_file.read_text())
+        if c.get("key") == key:
+            return c["answers"], c["more"], c["seconds"]
+    t0 = time.time()
+    ended = []
+    raw = generate_batch(model, tok, [[{"role": "user", "content": q}] for q in qs], WHOLE_NEW_TOKENS, ended=ended)
+    answers = [r.strip() if e else None for r, e in zip(raw, ended)]
+    secs = round(time.time() - t0, 1)
+    more = [""] * len(qs)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_text(json.dumps({"key": key, "answers": answers, "more": more, "seconds": secs}, indent=1))
+    return answers, more, secs
+
+
 def build_examples(tok, qs, answers, more, fn, max_len=MAX_LEN):
     ex = []
     for q, a, m in zip(qs, answers, more):
@@ -394,8 +423,10 @@ def build_examples(tok, qs, answers, more, fn, max_len=MAX_LEN):
             continue
         _, p_ids = chat_ids(tok, q)
         a_ids = tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = (p_ids + a_ids)[:max_len]
-        labels = ([-100] * len(p_ids) + a_ids)[:max_len]
+        if len(p_ids) + len(a_ids) > max_len:
+            continue  # cut, it would lose its end: the style's place
+        ids = p_ids + a_ids
+        labels = [-100] * len(p_ids) + a_ids
         ex.append((ids, labels))
     return ex
 
@@ -656,6 +687,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster when the cores are busy)")
     ap.add_argument("--eval-only", action="store_true", help="only measure the adapters in --adapters-out")
     ap.add_argument("--eval-json", help="also write the measurement (table and answers) to this file")
+    ap.add_argument("--whole-answers", action="store_true",
+                    help="train on the base's answers to their own end, as written (not cut to 4 segments)")
     ap.add_argument("--delta-l2", type=float, default=DELTA_L2,
                     help="weight of the adapter's relative size, mean (|scaling B A| / |W|)^2 (0: none)")
     ap.add_argument("--layers", help="FIRST-LAST: adapt only these layers (PEFT's layers_to_transform)")
@@ -683,7 +716,12 @@ def main():
                                                        ensure_ascii=False) + "\n")
         return
     qs = questions()
-    answers, more, gen_s = base_answers(model, tok, qs, Path(args.cache) / "train_answers.json")
+    if args.whole_answers:
+        answers, more, gen_s = whole_answers(model, tok, qs, Path(args.cache) / "train_answers_whole.json")
+        print("%d of %d base answers ended within %d tokens" % (sum(a is not None for a in answers), len(qs),
+                                                                 WHOLE_NEW_TOKENS))
+    else:
+        answers, more, gen_s = base_answers(model, tok, qs, Path(args.cache) / "train_answers.json")
     print("base answers for %d questions (%.1fs); e.g. %r" % (len(qs), gen_s, answers[0]))
 
     ref_path = out / "reference.json"
