@@ -87,7 +87,8 @@ def strip_branches(model: onnx.ModelProto, manifest: Manifest) -> onnx.ModelProt
         elif n.output and n.output[0] in restore:
             n.output[0] = restore[n.output[0]]
     constants = {BranchNames(p.module).point_index for p in manifest.points}.union(
-        *((k.strength_index, k.column_scaling) for k in gains))
+        *((k.strength_index, k.column_scaling) for k in gains),
+        *(BranchNames(p.module).legacy_constants for p in manifest.points))
     slots = {s.name for s in manifest.slots}
     edit.drop_inputs(slots)
     edit.drop_initializers(slots | constants)

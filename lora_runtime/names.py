@@ -100,6 +100,12 @@ class BranchNames:
     def point_index(self) -> str:  # v1/v2: the point's index into lora_gain
         return f"{self.module}.lora_point_index"
 
+    @property
+    def legacy_constants(self) -> tuple[str, str]:
+        """v3 bundles compiled before gains were shared (same format version): the point's own index map and
+        column scaling, which ``export`` still drops."""
+        return f"{self.module}.lora_strength_index", f"{self.module}.lora_column_scaling"
+
     # tensors
     def tensor(self, what: str) -> str:
         """``strength``, ``gain``, ``A_f32``, ``B_f32``, ``A_t``, ``u``, ``scaled``, ``B_t``, ``delta``."""
@@ -128,12 +134,13 @@ class BranchNames:
 
     @property
     def nodes(self) -> tuple[str, ...]:
-        """Every node a branch may have (only v1/v2 have a ``Gather``: v3's gain is shared, ``GainNames``; only
-        float16 slots have CastA/CastB, only points on float16 base ops CastX/CastBase/CastOut)."""
+        """Every node a branch may have (only v1/v2 have a ``Gather``: v3's gain is shared, ``GainNames``, except in
+        v3 bundles compiled before that, whose points have a ``Gather`` and a ``Gain`` each; only float16 slots
+        have CastA/CastB, only points on float16 base ops CastX/CastBase/CastOut)."""
         return tuple(self.node(w) for w in BRANCH_NODES)
 
 
-BRANCH_NODES = ("Gather", "CastA", "CastB", "CastX", "TransposeA", "MatMulA", "Scale", "TransposeB", "MatMulB",
+BRANCH_NODES = ("Gather", "Gain", "CastA", "CastB", "CastX", "TransposeA", "MatMulA", "Scale", "TransposeB", "MatMulB",
                 "CastBase", "Add", "CastOut")
 
 

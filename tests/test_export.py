@@ -7,11 +7,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import FIXTURES
+from onnx import helper, numpy_helper
 from reference import merged_outputs
 
 from lora_runtime import UseCaseError, compile_bundle, run_use_case
 from lora_runtime.demo import demo_use_cases
-from lora_runtime.export import export_ort_adapter, merge_use_case
+from lora_runtime.export import export_ort_adapter, merge_use_case, strip_branches
+from lora_runtime.names import STRENGTH, BranchNames, GainNames
 
 
 @pytest.mark.parametrize("generation", ["v1", "v2", "v3"])
@@ -30,6 +32,40 @@ def test_merged_model_matches_reference_and_has_no_branches(tiny, tmp_path, gene
         got = sess.run(None, feeds)[0]
         want = merged_outputs(tiny.base, u.strengths, tiny.adapters, feeds)["logits"]
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=u.name)
+
+
+def test_branches_of_a_v3_bundle_compiled_before_gains_were_shared_are_stripped(tiny, tmp_path):
+    """Such a bundle (same format version) has a Gather, a Gain and two constants per point. Its graph is made here
+    from today's by giving every point its own gain again; strip_branches (what merge runs) leaves the base."""
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation="v3",
+                       use_cases=demo_use_cases("v3", list(tiny.adapters)))
+    g = onnx.load(str(b.file(b.manifest.graph)), load_external_data=False)
+    consts = {t.name: numpy_helper.to_array(t) for t in g.graph.initializer
+              if t.data_location != onnx.TensorProto.EXTERNAL}
+    shared = {k.gain: k for k in map(GainNames, range(len(b.manifest.points))) if k.strength_index in consts}
+    old_nodes, old_consts = [], []
+    for p in b.manifest.points:
+        nm = BranchNames(p.module)
+        (scale,) = [n for n in g.graph.node if n.name == nm.node("Scale")]
+        k = shared[scale.input[1]]
+        index, scaling = nm.legacy_constants
+        old_consts += [numpy_helper.from_array(consts[k.strength_index], index),
+                       numpy_helper.from_array(consts[k.column_scaling], scaling)]
+        old_nodes += [helper.make_node("Gather", [STRENGTH, index], [nm.tensor("strength")], name=nm.node("Gather")),
+                      helper.make_node("Mul", [nm.tensor("strength"), scaling], [nm.gain], name=nm.node("Gain"))]
+        scale.input[1] = nm.gain
+    gone = {x for k in shared.values() for x in (k.gather, k.mul, k.strength_index, k.column_scaling)}
+    nodes = old_nodes + [n for n in g.graph.node if n.name not in gone]
+    inits = [t for t in g.graph.initializer if t.name not in gone] + old_consts
+    del g.graph.node[:], g.graph.initializer[:]
+    g.graph.node.extend(nodes)
+    g.graph.initializer.extend(inits)
+    assert sum(n.op_type == "Gather" for n in g.graph.node) >= len(b.manifest.points)  # the old form, per point
+    strip_branches(g, b.manifest)
+    base = onnx.load(str(tiny.base), load_external_data=False)
+    assert [n.op_type for n in g.graph.node] == [n.op_type for n in base.graph.node]
+    assert {t.name for t in g.graph.initializer} == {t.name for t in base.graph.initializer}
+    assert not any(STRENGTH in n.input for n in g.graph.node)
 
 
 def test_merge_of_gemm_and_transposed_weights(tmp_path):
