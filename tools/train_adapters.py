@@ -368,51 +368,49 @@ def generate_batch(model, tok, convs, n, bs=16, ended=None):
     return res
 
 
-def base_answers(model, tok, qs, cache_file):
-    """Base answers (and a 'Tell me more.' follow-up for one-sentence answers), cached on disk by content."""
+def cached_answers(cache_file, qs, new_tokens, make):
+    """``make()``'s (answers, more), cached on disk by content (questions, token budget, torch and transformers
+    versions); returns (answers, more, seconds it took to make them)."""
     import transformers
 
-    key = hashlib.sha256(json.dumps([qs, BASE_NEW_TOKENS, torch.__version__, transformers.__version__])
+    key = hashlib.sha256(json.dumps([qs, new_tokens, torch.__version__, transformers.__version__])
                          .encode()).hexdigest()[:16]
     if cache_file.is_file():
         c = json.loads(cache_file.read_text())
         if c.get("key") == key:
             return c["answers"], c["more"], c["seconds"]
     t0 = time.time()
-    raw = generate_batch(model, tok, [[{"role": "user", "content": q}] for q in qs], BASE_NEW_TOKENS)
-    answers = [clean_answer(r) for r in raw]
-    short = [i for i, a in enumerate(answers) if a and len(segments(a)) < 2]
-    convs = [[{"role": "user", "content": qs[i]}, {"role": "assistant", "content": answers[i]},
-              {"role": "user", "content": "Tell me more."}] for i in short]
-    more = [""] * len(qs)
-    for i, m in zip(short, generate_batch(model, tok, convs, 48)):
-        more[i] = m
+    answers, more = make()
     secs = round(time.time() - t0, 1)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache_file.write_text(json.dumps({"key": key, "answers": answers, "more": more, "seconds": secs}, indent=1))
     return answers, more, secs
+
+
+def base_answers(model, tok, qs, cache_file):
+    """Base answers cut to whole sentences (and a 'Tell me more.' follow-up for one-sentence answers), cached."""
+    def make():
+        raw = generate_batch(model, tok, [[{"role": "user", "content": q}] for q in qs], BASE_NEW_TOKENS)
+        answers = [clean_answer(r) for r in raw]
+        short = [i for i, a in enumerate(answers) if a and len(segments(a)) < 2]
+        convs = [[{"role": "user", "content": qs[i]}, {"role": "assistant", "content": answers[i]},
+                  {"role": "user", "content": "Tell me more."}] for i in short]
+        more = [""] * len(qs)
+        for i, m in zip(short, generate_batch(model, tok, convs, 48)):
+            more[i] = m
+        return answers, more
+    return cached_answers(cache_file, qs, BASE_NEW_TOKENS, make)
 
 
 def whole_answers(model, tok, qs, cache_file):
     """--whole-answers: the base model's greedy answers to its own end, as it wrote them (None where it did not end
-    within WHOLE_NEW_TOKENS); cached like `base_answers`."""
-    import transformers
-
-    key = hashlib.sha256(json.dumps([qs, WHOLE_NEW_TOKENS, torch.__version__, transformers.__version__])
-                         .encode()).hexdigest()[:16]
-    if cache_file.is_file():
-        c = json.loads(cache_file.read_text())
-        if c.get("key") == key:
-            return c["answers"], c["more"], c["seconds"]
-    t0 = time.time()
-    ended = []
-    raw = generate_batch(model, tok, [[{"role": "user", "content": q}] for q in qs], WHOLE_NEW_TOKENS, ended=ended)
-    answers = [r.strip() if e else None for r, e in zip(raw, ended)]
-    secs = round(time.time() - t0, 1)
-    more = [""] * len(qs)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(json.dumps({"key": key, "answers": answers, "more": more, "seconds": secs}, indent=1))
-    return answers, more, secs
+    within WHOLE_NEW_TOKENS), cached."""
+    def make():
+        ended = []
+        raw = generate_batch(model, tok, [[{"role": "user", "content": q}] for q in qs], WHOLE_NEW_TOKENS,
+                             ended=ended)
+        return [r.strip() if e else None for r, e in zip(raw, ended)], [""] * len(qs)
+    return cached_answers(cache_file, qs, WHOLE_NEW_TOKENS, make)
 
 
 def build_examples(tok, qs, answers, more, fn, max_len=MAX_LEN):
