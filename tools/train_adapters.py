@@ -496,7 +496,7 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir):
     own = {n: p for n, p in pm.named_parameters() if "lora_" in n and ".%s." % name in n}
     params = list(own.values())
     deltas = []  # (A, B, scaling, |W|^2) per module: the --delta-l2 term
-    for mod in pm.modules():
+    for mod in pm.modules() if DELTA_L2 > 0 else ():
         if hasattr(mod, "lora_A") and name in getattr(mod, "lora_A", {}):
             w2 = float(mod.base_layer.weight.detach().float().pow(2).sum())
             deltas.append((mod.lora_A[name].weight, mod.lora_B[name].weight, mod.scaling[name], w2))
@@ -521,7 +521,7 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir):
         for n, p in pm.named_parameters():
             p.requires_grad_(n in own)
         loss, content = answer_loss(pm, *tensors, teacher)
-        if DELTA_L2 > 0:  # |s B A|_F^2 = s^2 tr((B^T B)(A A^T)): r x r products only
+        if deltas:  # |s B A|_F^2 = s^2 tr((B^T B)(A A^T)): r x r products only
             loss = loss + DELTA_L2 * sum(sc * sc * ((b.T @ b) * (a @ a.T)).sum() / w2
                                          for a, b, sc, w2 in deltas) / len(deltas)
         contents.append(content)

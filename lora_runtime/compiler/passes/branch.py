@@ -140,8 +140,8 @@ def add_branches(model: onnx.ModelProto, options: BranchOptions) -> BranchResult
     made: dict[str, BranchTensors] = {}
     for i, key, node in edit.keyed():
         for j, b in [(j, by_owner[key, y]) for j, y in enumerate(node.output) if (key, y) in by_owner]:
-            gain = gains.get((b.column_adapter, b.column_scaling)) if generation == "v3" else None
-            made[b.module] = _branch(edit, i, node, j, b, gain, elem, inputs, consts)
+            made[b.module] = _branch(edit, i, node, j, b, gains.get((b.column_adapter, b.column_scaling)), elem,
+                                     inputs, consts)  # v1/v2: no shared gain
     missing = {b.candidate.node for b in options.branches if b.module not in made}
     if missing:
         raise ValueError(f"attachment points not found in the graph: {sorted(missing)}")
