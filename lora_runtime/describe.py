@@ -36,11 +36,36 @@ def base_dtype(m: Manifest) -> str:
     """The base weights as the bundle holds them (float32, float16 or both, the base's own)."""
     kept = f" with GGUF blocks kept ({m.base.blocks})" if m.base.blocks else ""
     if m.weight_only is not None:
-        return (m.weight_only.dtype + ("" if m.base.dtype == "float32" else f" ({m.base.dtype} activations)")
+        wide = m.weight_only.int8_modules
+        return (m.weight_only.dtype + (f" ({', '.join(wide)}: int8)" if wide else "")
+                + ("" if m.base.dtype == "float32" else f" ({m.base.dtype} activations)")
                 + (f" (its float layers){kept}" if kept else ""))
     if m.quantization is not None:
         return f"int{m.quantization.preset[1]} QDQ ({m.quantization.preset})"
     return m.base.dtype + kept
+
+
+def _inputs(what: str) -> str:
+    """``Accuracy.inputs`` as a phrase: "given"/"synthesized" (one set of inputs) or a count of samples."""
+    return f"{what} inputs" if what in ("given", "synthesized") else what
+
+
+def weight_only_report(m: Manifest) -> list[str]:
+    """What ``compile --base-weights`` prints: the quantized base and its accuracy against the float32 bundle."""
+    q, acc = m.weight_only, m.accuracy_of("float32_bundle")
+    if q is None:
+        return []
+    blocks = "/".join(map(str, q.block_sizes))
+    lines = [f"base weights {base_dtype(m)}, block size {blocks}, {q.data_bytes / 1e6:.1f} MB"]
+    if acc is not None:
+        lines.append(f"  vs the float32 bundle on {_inputs(acc.inputs)}: output SQNR"
+                     + (", argmax agreement" if acc.argmax_agreement else "")
+                     + (f", greedy tokens agreeing ({acc.greedy})" if acc.greedy else ""))
+        lines += [f"    {u:<16} {v:5.1f} dB"
+                  + (f", argmax {acc.argmax_agreement[u]:.1%}" if u in acc.argmax_agreement else "")
+                  + (f", greedy {acc.greedy_agreement[u]:.0%}" if u in acc.greedy_agreement else "")
+                  for u, v in acc.sqnr_db.items()]
+    return lines
 
 
 def describe(bundle: Bundle) -> str:
@@ -60,7 +85,8 @@ def describe(bundle: Bundle) -> str:
                      + (f"; saves {', '.join(a.saved)}" if a.saved else ""))
     q = m.weight_only
     if q:
-        lines += ["", f"  base weights {q.dtype} ({q.op}): {q.weights} linear weights, block size "
+        wide = f" ({q.int8_weights} of them int8: {', '.join(q.int8_modules)})" if q.int8_modules else ""
+        lines += ["", f"  base weights {q.dtype} ({q.op}): {q.weights} linear weights{wide}, block size "
                   f"{'/'.join(map(str, q.block_sizes))}, {q.data_bytes / 1e6:.2f} MB in the bundle; weight SQNR "
                   f"mean {q.weight_sqnr_db_mean:.1f} dB, min {q.weight_sqnr_db_min:.1f} dB; encodings: "
                   f"{q.encodings or q.encodings_note}"]
@@ -71,7 +97,7 @@ def describe(bundle: Bundle) -> str:
     twin = m.accuracy_of("float32_bundle")
     lora_dtype = next((sl.dtype for sl in m.slots if sl.kind == "lora_A"), "float32")
     lines += ["", f"  use-cases (LoRA slots {lora_dtype}, base weights {base_dtype(m)}"
-              + (f"; output SQNR vs {twin.reference} on {twin.inputs} inputs)" if twin else ")")]
+              + (f"; output SQNR vs {twin.reference} on {_inputs(twin.inputs)})" if twin else ")")]
     saved = saved_by_use_case(m)
     for u in m.use_cases:
         mix = ", ".join(f"{k}:{v:g}" for k, v in u.strengths.items()) or "(base model)"

@@ -132,6 +132,8 @@ class WeightOnly:
     op: str
     encodings: str | None  # the encodings file, or None when not written
     encodings_note: str = ""  # why it was not written
+    int8_modules: tuple[str, ...] = ()  # an int4 base's modules kept at 8 bits (--int8-modules)
+    int8_weights: int = 0  # the weights they matched
 
 
 @dataclass(frozen=True)

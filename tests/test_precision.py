@@ -180,18 +180,19 @@ def _graph_weights(bundle, names):
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     out = {}
     for node in g.node:
-        if node.op_type != "MatMulNBits" or node.input[1].removesuffix(".q4") not in names:
+        weight = node.input[1].removesuffix(".q4").removesuffix(".q8") if node.op_type == "MatMulNBits" else ""
+        if weight not in names:
             continue
         a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-        n, k, bs = a["N"], a["K"], a["block_size"]
+        n, k, bs, bits = a["N"], a["K"], a["block_size"], a["bits"]
         blob = inits[node.input[1]].reshape(n, -1)
-        codes = np.stack([blob & 15, blob >> 4], axis=-1).reshape(n, -1)[:, :k]  # low nibble first
+        codes = (np.stack([blob & 15, blob >> 4], axis=-1).reshape(n, -1) if bits == 4 else blob)[:, :k]  # low first
         blocks = -(-k // bs)
         zp = None
         if len(node.input) > 3 and node.input[3]:
             z = inits[node.input[3]].reshape(n, -1)
-            zp = np.stack([z & 15, z >> 4], axis=-1).reshape(n, -1)[:, :blocks]
-        out[node.input[1].removesuffix(".q4")] = (codes, inits[node.input[2]].reshape(n, blocks), zp, bs)
+            zp = (np.stack([z & 15, z >> 4], axis=-1).reshape(n, -1) if bits == 4 else z)[:, :blocks]
+        out[weight] = (codes, inits[node.input[2]].reshape(n, blocks), zp, bs)
     return out
 
 
@@ -232,6 +233,64 @@ def test_int4_asymmetric_blocks(tiny, tmp_path):
     deq = {name: _dequantize(*held[name]) for name in linear}
     for u, (to_deq, to_exact) in _against_dequantized(tiny, b, base, deq, tmp_path).items():
         assert to_deq > 30.0 and to_deq > to_exact + 10.0, u
+
+
+def test_int8_modules_in_an_int4_base(tiny, tmp_path, capsys):
+    """``--int8-modules v_proj``: every v_proj at 8 bits in the same blocks (codes up to 255, a zero point per
+    block), the rest at 4; the graph computes its own codes, the manifest and the encodings file say which."""
+    from onnx import numpy_helper
+    from reference import load_with_data
+
+    from lora_runtime.quant.reader import read_encodings
+
+    wo = WeightOnlyOptions.of("int4", int8_modules=["v_proj"])
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", CompileOptions("v3", weight_only=wo),
+                       use_cases=demo_use_cases("v3", list(tiny.adapters)))
+    base = load_with_data(tiny.base)
+    linear = {t.name: numpy_helper.to_array(t) for t in base.graph.initializer
+              if t.name.endswith("_proj.weight") or t.name == "lm_head.weight"}
+    wide = {n for n in linear if n.endswith(".self_attn.v_proj.weight")}
+    assert wide and b.manifest.weight_only.int8_weights == len(wide)
+    assert b.manifest.weight_only.int8_modules == ("v_proj",)
+    held = _graph_weights(b, set(linear))
+    enc = read_encodings(b.path / "encodings/base_weights.encodings")
+    assert set(held) == set(linear)
+    sq = {}
+    for name, w in linear.items():
+        codes, scales, zeros, bs = held[name]
+        top = 255 if name in wide else 15
+        assert bs == 32 and zeros is not None and zeros.max() <= top and codes.max() <= top
+        assert enc[name].bw == (8 if name in wide else 4)
+        np.testing.assert_array_equal(np.array(enc[name].offset), -zeros.reshape(-1).astype(int))
+        sq[name] = _sqnr(w, _dequantize(codes, scales, zeros, bs))
+    assert all(codes.max() > 15 for n, (codes, *_r) in held.items() if n in wide)
+    assert min(sq[n] for n in wide) > max(sq[n] for n in linear if n not in wide) + 15.0, sq
+    deq = {name: _dequantize(*held[name]) for name in linear}
+    for u, (to_deq, _exact) in _against_dequantized(tiny, b, base, deq, tmp_path).items():
+        assert to_deq > 30.0, u
+    main(["inspect", str(b.path)])
+    assert "int4 (v_proj: int8)" in capsys.readouterr().out
+
+
+def test_int8_modules_are_checked(tiny, tmp_path, capsys):
+    from lora_runtime.errors import UseCaseError
+
+    with pytest.raises(UseCaseError, match="'nope': no float linear layer of .*base.onnx"):
+        compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", CompileOptions(
+            "v3", weight_only=WeightOnlyOptions.of("int4", int8_modules=["v_proj", "nope"])), use_cases=["base="])
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(UseCaseError, match="goes with --base-weights int4"):
+        WeightOnlyOptions.of("int8", int8_modules=["v_proj"])
+    common = ["compile", "--base", str(tiny.base), "--generation", "v3", "--adapter", f"tone={tiny.adapters['tone']}"]
+    assert main([*common, "-o", str(tmp_path / "c"), "--int8-modules", "v_proj"]) == 2
+    assert "--int8-modules goes with --base-weights int4" in capsys.readouterr().err
+    assert main([*common, "-o", str(tmp_path / "d"), "--base-weights", "int8", "--int8-modules", "v_proj"]) == 2
+    assert "goes with --base-weights int4" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    assert main([*common, "-o", str(tmp_path / "e"), "--base-weights", "int4", "--int8-modules", "mlp.down_proj"]) == 0
+    out = capsys.readouterr().out
+    assert "base weights int4 (mlp.down_proj: int8), block size 32" in out
+    assert "vs the float32 bundle on synthesized inputs: output SQNR" in out and " dB" in out
 
 
 def _against_dequantized(tiny, bundle, base, deq, tmp_path):
@@ -282,6 +341,28 @@ def test_int4_gptq_beats_nearest_on_held_out_inputs(tiny, tmp_path):
         for k, b in made.items():
             sq[k].append(_sqnr(want, run_use_case(b, "base", feeds)["logits"]))
     assert np.mean(sq["gptq"]) > np.mean(sq["nearest"]) + 0.3, sq
+
+
+@pytest.mark.filterwarnings("ignore:.*calibration tokens")
+def test_int4_gptq_accuracy_is_measured_on_samples_it_did_not_see(tiny, tmp_path):
+    """With --calibration, GPTQ reads the first 3/4 of the samples and the manifest's accuracy is the logits' SQNR
+    and argmax agreement on the last 1/4, against the float model (computed here by the reference implementation)."""
+    calib = _calibration(tiny, tmp_path / "calib.npz", 16, seed=40)
+    wo = WeightOnlyOptions.of("int4", calibration=calib)
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", CompileOptions("v3", weight_only=wo),
+                       use_cases=["base=", "tone=tone"])
+    acc = b.manifest.accuracy_of("float32_bundle")
+    assert acc.inputs == "4 held-out calibration samples"
+    for u in b.manifest.use_cases:
+        signal = noise = same = n = 0
+        for seed in range(52, 56):  # the last 4 of the 16 samples
+            feeds = tiny.inputs(seed=seed)
+            want = merged_outputs(tiny.base, u.strengths, tiny.adapters, feeds)["logits"].astype(np.float64)
+            got = run_use_case(b, u.name, feeds)["logits"]
+            signal, noise = signal + np.sum(want ** 2), noise + np.sum((want - got) ** 2)
+            same, n = same + np.sum(want.argmax(-1) == got.argmax(-1)), n + want.argmax(-1).size
+        assert abs(acc.sqnr_db[u.name] - 10 * np.log10(signal / noise)) < 0.05, u.name
+        assert abs(acc.argmax_agreement[u.name] - same / n) < 1e-9, u.name
 
 
 def test_int4_gptq_with_too_few_tokens_warns(tiny, tmp_path):

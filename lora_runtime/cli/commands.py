@@ -17,7 +17,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from lora_runtime.compiler.compile import compile_bundle
     from lora_runtime.compiler.options import CompileOptions, HtpOptions, QuantOptions, WeightOnlyOptions
     from lora_runtime.compiler.use_cases import parse_adapter_arg
-    from lora_runtime.describe import encodings_report, target_report
+    from lora_runtime.describe import encodings_report, target_report, weight_only_report
     from lora_runtime.progress import Progress
 
     adapters = dict(parse_adapter_arg(a) for a in args.adapter)
@@ -27,9 +27,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.base_weights != "float32":
         weight_only = WeightOnlyOptions.of(args.base_weights, args.block_size, args.base_encodings,
                                            grid=args.weight_grid, calibration=args.calibration,
-                                           rounding=args.weight_rounding)
+                                           rounding=args.weight_rounding, int8_modules=args.int8_modules or ())
     elif args.weight_grid is not None:
         raise InputError("--weight-grid goes with --base-weights int8|int4")
+    elif args.int8_modules:
+        raise InputError("--int8-modules goes with --base-weights int4")
     quant_flags = {"--calibration": args.calibration, "--preset": args.preset,
                    "--calibration-method": args.calibration_method, "--weight-rounding": args.weight_rounding,
                    "--encodings-file": args.encodings_file, "--sensitive-db": args.sensitive_db,
@@ -70,6 +72,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
           f"{len(m.use_cases)} use-cases, {own / 1e6:.2f} MB{shared}) in {time.perf_counter() - t0:.2f}s")
     if m.quantization:
         print("\n".join(encodings_report(m)))
+    if m.weight_only:
+        print("\n".join(weight_only_report(m)))
     if m.target.name == "htp":
         print("\n".join(target_report(m)))
     return 0

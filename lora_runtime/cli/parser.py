@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--weight-grid", default=None, choices=["symmetric", "asymmetric"],
                    help="--base-weights grid: asymmetric = a zero point per block, its clip searched (int4 default); "
                         "symmetric = no zero points (int8 default; a little faster, less accurate at 4 bits)")
+    c.add_argument("--int8-modules", nargs="+", default=None, metavar="MODULE",
+                   help="--base-weights int4: these modules' linear layers at 8 bits in the same blocks, matched as "
+                        "PEFT's target_modules (e.g. v_proj down_proj: llama.cpp's Q4_K_M choice)")
     c.add_argument("--encodings", default="none", choices=["none", "non-updatable", "adapter-only", "full"],
                    help="INT8 (QDQ) with encodings of this flexibility (v1: non-updatable; v2: full; v3: any)")
     c.add_argument("--calibration", metavar="DATA.npz",

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from lora_runtime.arrays import Spill
 from lora_runtime.bundle import Bundle, file_table, open_bundle, sha256_file, write_manifest
 from lora_runtime.compiler.adapter import Adapter
 from lora_runtime.compiler.base import base_float_type, check_adapter_bases, check_structure, link_data, load_base
@@ -32,7 +33,7 @@ from lora_runtime.compiler.options import CompileOptions, WeightOnlyOptions
 from lora_runtime.compiler.passes.branch import BranchOptions, add_branches
 from lora_runtime.compiler.passes.saved import SavedOptions, swap_saved
 from lora_runtime.compiler.passes.static_shape import StaticShapeOptions, make_static
-from lora_runtime.compiler.passes.weight_only import WeightOnlyPassOptions, quantize_weights
+from lora_runtime.compiler.passes.weight_only import WeightOnlyPassOptions, module_weights, quantize_weights
 from lora_runtime.compiler.patches import (
     PatchLayout,
     SavedLayout,
@@ -42,10 +43,11 @@ from lora_runtime.compiler.patches import (
 )
 from lora_runtime.compiler.points import attach, attach_saved, blocks_summary, find_candidates
 from lora_runtime.compiler.qairt import write_qairt_artefacts
-from lora_runtime.compiler.quantize import FloatStage, quantize_bundle
+from lora_runtime.compiler.quantize import FloatStage, imported_chat, quantize_bundle
 from lora_runtime.compiler.use_cases import UseCaseSpec, check_use_cases, default_adapter, load_adapters
 from lora_runtime.errors import AdapterError, BaseModelError, UseCaseError
-from lora_runtime.eval.accuracy import compare_bundles
+from lora_runtime.eval.accuracy import compare_bundles, park_first_outputs, score_against
+from lora_runtime.eval.greedy import described, greedy_agreement, greedy_count, reference_tokens
 from lora_runtime.manifest import (
     Accuracy,
     AdapterInfo,
@@ -68,11 +70,12 @@ from lora_runtime.names import (
     weight_only_data,
 )
 from lora_runtime.progress import Stage
-from lora_runtime.quant.calibrate import input_grams, load_calibration
+from lora_runtime.quant.calibrate import input_grams, load_calibration, split_held_out
 from lora_runtime.quant.encodings import VERSION, EncodingsFile, write_encodings
 from lora_runtime.quant.gptq import Hessians
 from lora_runtime.quant.presets import load_preset
 from lora_runtime.quant.reader import read_encodings
+from lora_runtime.runtime.session import make_session
 from lora_runtime.staging import staging
 from lora_runtime.version import versions
 
@@ -107,7 +110,9 @@ def compile_bundle(base: str | os.PathLike[str],
         samples = load_calibration(q.calibration)
         overrides = read_encodings(q.encodings_file) if q.encodings_file is not None else None
     wo = options.weight_only
-    wo_samples = load_calibration(wo.calibration) if wo is not None and wo.calibration is not None else None
+    wo_samples = wo_held = None  # GPTQ's samples, and those it does not see, to measure accuracy on
+    if wo is not None and wo.calibration is not None:
+        wo_samples, wo_held = split_held_out(load_calibration(wo.calibration))
     say("loading adapters")
     loaded = load_adapters(adapters, base=base)
     _check_saved(loaded, options)
@@ -118,6 +123,7 @@ def compile_bundle(base: str | os.PathLike[str],
     base_type = base_float_type(model, base)
     _check_base_type(base, base_type, options)
     blocks = _check_blocks(base, model, loaded, options)
+    wide = _int8_weights(base, model, wo)
     check_adapter_bases(model, base, loaded)
     say("resolving attachment points")
     gen = options.generation
@@ -158,7 +164,7 @@ def compile_bundle(base: str | os.PathLike[str],
         if options.weight_only is not None:
             say(f"quantizing base weights to {options.weight_only.dtype}")
             summary, files = _quantize_weights(model, base, tmp, options.weight_only,
-                                               frozenset(s.name for s in layout.slots), wo_samples, say)
+                                               frozenset(s.name for s in layout.slots), wide, wo_samples, say)
             manifest = dataclasses.replace(manifest, weight_only=summary)
             own += files
             data_files = []  # the bundle holds every base tensor it needs; the float32 data is not linked
@@ -197,7 +203,7 @@ def compile_bundle(base: str | os.PathLike[str],
                                                                   cached=tuple(data_files)))
         if (options.lora_dtype != "float32" or options.weight_only is not None) and options.measure_accuracy:
             say("measuring accuracy against the float32 bundle")
-            manifest = _with_accuracy(Bundle(tmp, manifest), base, loaded, specs, options, sample_inputs)
+            manifest = _with_accuracy(Bundle(tmp, manifest), base, loaded, specs, options, sample_inputs, wo_held, say)
         write_manifest(tmp, manifest)
     return open_bundle(out)
 
@@ -281,8 +287,22 @@ def _options(options: CompileOptions | None, generation: str | None) -> CompileO
     return options
 
 
+def _int8_weights(base: Path, model: onnx.ModelProto, o: WeightOnlyOptions | None) -> frozenset[str]:
+    """The weights ``--int8-modules`` names (checked before anything is written: a name matching none is refused)."""
+    if o is None or not o.int8_modules:
+        return frozenset()
+    found = module_weights(model.graph, o.int8_modules)
+    for m, weights in found.items():
+        if not weights:
+            known = sorted({c.aliases[0].rsplit(".", 1)[-1] for c in find_candidates(model.graph) if c.aliases})
+            raise UseCaseError(f"--int8-modules {m!r}: no float linear layer of {base} is that module (its layers: "
+                               f"{', '.join(known[:12]) or 'none'})")
+    return frozenset(w for weights in found.values() for w in weights)
+
+
 def _quantize_weights(model: onnx.ModelProto, base: Path, tmp: Path, o: WeightOnlyOptions, slots: frozenset[str],
-                      samples: Sequence[dict[str, np.ndarray]] | None, say: Report) -> tuple[WeightOnly, list[str]]:
+                      wide: frozenset[str], samples: Sequence[dict[str, np.ndarray]] | None, say: Report
+                      ) -> tuple[WeightOnly, list[str]]:
     """The weight-only pass, and the same numbers for QAIRT tooling: int8 per channel, int4 per block.
     Per-block scales in JSON cost ~55 bytes each (2.5x the int4 weights themselves): "auto" writes them up to
     a million. With ``samples``, the linear inputs' statistics are collected on the base model first (GPTQ)."""
@@ -290,7 +310,8 @@ def _quantize_weights(model: onnx.ModelProto, base: Path, tmp: Path, o: WeightOn
     hessians = _base_hessians(model, base, slots, samples, say) if o.rounding == "gptq" and samples else None
     say(f"quantizing base weights ({o.grid}, {o.rounding} codes)")
     done = quantize_weights(model, WeightOnlyPassOptions(base.parent, tmp, data, o.bits, o.block_size,
-                                                         o.accuracy_level, slots, o.is_symmetric, hessians)).weights
+                                                         o.accuracy_level, slots, o.is_symmetric, hessians,
+                                                         wide)).weights
     entries = sum(len(q.encoding.scale) for q in done)
     write = o.encodings == "always" or (o.encodings == "auto" and entries <= MAX_AUTO_ENCODINGS)
     if write:
@@ -302,7 +323,8 @@ def _quantize_weights(model: onnx.ModelProto, base: Path, tmp: Path, o: WeightOn
         min(finite, default=None), float(np.mean(finite)) if finite else None,
         f"com.microsoft.MatMulNBits (weight-only, {o.grid}, {o.rounding} codes, accuracy_level {o.accuracy_level})",
         BASE_WEIGHT_ENCODINGS if write else None,
-        "" if write else f"not written: {entries} scale entries (--base-encodings always writes them)")
+        "" if write else f"not written: {entries} scale entries (--base-encodings always writes them)",
+        o.int8_modules, len(wide))
     return summary, [data] + ([BASE_WEIGHT_ENCODINGS] if write else [])
 
 
@@ -327,13 +349,35 @@ def _base_hessians(model: onnx.ModelProto, base: Path, slots: frozenset[str],
 
 
 def _with_accuracy(bundle: Bundle, base: Path, adapters: list[Adapter], specs: list[UseCaseSpec],
-                   options: CompileOptions, sample_inputs: Mapping[str, np.ndarray] | None) -> Manifest:
-    """The manifest with each use-case's output SQNR against the same bundle with float32 slots and weights."""
+                   options: CompileOptions, sample_inputs: Mapping[str, np.ndarray] | None,
+                   held: Sequence[dict[str, np.ndarray]] = (), say: Report | None = None) -> Manifest:
+    """The manifest with each use-case's output SQNR against the same bundle with float32 slots and weights: on
+    ``sample_inputs``; else on ``held`` (calibration samples GPTQ did not see), the first output (the logits) with
+    its argmax agreement, and for an imported LLM the greedy tokens of the held-out prompts; else on synthesized
+    inputs (the worst output)."""
     float32 = CompileOptions(options.generation, copy_base_data=options.copy_base_data, measure_accuracy=False)
     # next to the bundle: the same filesystem, so the base data links instead of copying
     with tempfile.TemporaryDirectory(prefix=".lora_runtime-reference-", dir=bundle.path.parent) as ref_dir:
         reference = compile_bundle(base, adapters, Path(ref_dir) / "f32", float32, use_cases=specs)
-        sqnr = compare_bundles(bundle, reference, sample_inputs)
+        if sample_inputs is not None or not held:
+            accuracy = Accuracy("float32_bundle", "this bundle", "the float32 bundle (float32 base weights and LoRA "
+                                "slots)", "given" if sample_inputs is not None else "synthesized",
+                                compare_bundles(bundle, reference, sample_inputs))
+            return dataclasses.replace(bundle.manifest, accuracy=(*bundle.manifest.accuracy, accuracy))
+        names, chat = bundle.manifest.use_case_names, imported_chat(base.parent)
+        prompts = greedy_count(names) if chat is not None else 0
+        count = Stage(say, "accuracy against float32 (held-out samples, greedy prompts)",
+                      2 * (len(held) * len(names) + prompts), "runs")
+        test_session, ref_session = make_session(bundle), make_session(reference)
+        with Spill(Path(ref_dir) / ".float32-logits") as parked:
+            ref = park_first_outputs(reference, names, held, ref_session, parked, count.step)
+            scores = score_against(bundle, names, held, test_session, ref, count.step)
+        greedy = {}
+        if chat is not None:
+            tokens = reference_tokens(reference, chat, names, session=ref_session, step=count.step)
+            greedy = greedy_agreement(tokens, bundle, chat, names, session=test_session, step=count.step)
     accuracy = Accuracy("float32_bundle", "this bundle", "the float32 bundle (float32 base weights and LoRA slots)",
-                        "given" if sample_inputs is not None else "synthesized", sqnr)
+                        f"{len(held)} held-out calibration samples", {u: scores[u].sqnr_db for u in names},
+                        {u: scores[u].agreement for u in names}, greedy_agreement=greedy,
+                        greedy=described() if chat is not None else "")
     return dataclasses.replace(bundle.manifest, accuracy=(*bundle.manifest.accuracy, accuracy))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lora_runtime.errors import TargetError, UseCaseError
@@ -48,7 +48,10 @@ class WeightOnlyOptions:
 
     ``symmetric`` None: int8 symmetric, int4 asymmetric (a zero point per block, its clip searched). With
     ``calibration`` (samples of the base's inputs), ``rounding="gptq"`` chooses the codes on that grid from the
-    layers' inputs and the clip search weighs each input feature by its mean square."""
+    layers' inputs and the clip search weighs each input feature by its mean square. ``int8_modules`` (int4 only):
+    the linear layers of these modules (PEFT's ``target_modules`` matching: the module path or its last parts,
+    e.g. ``v_proj``) get 8-bit codes in the same blocks and grid, as llama.cpp's ``Q4_K_M`` keeps
+    ``attn_v`` and ``ffn_down`` wider."""
 
     bits: int  # 8: per output channel; 4: blocks of ``block_size`` input features
     block_size: int | None = None  # None: 32 for int4, the whole input dim for int8
@@ -57,9 +60,15 @@ class WeightOnlyOptions:
     calibration: str | os.PathLike[str] | None = None
     rounding: str = "nearest"
     accuracy_level: int = 4  # MatMulNBits' compute: 4 = int8 activations (fast), 0 = float32 (exact, slower)
+    int8_modules: tuple[str, ...] = ()  # int4 only: these modules' weights at 8 bits
 
     def __post_init__(self) -> None:
         _one_of("base weight bits", self.bits, (8, 4))
+        if self.int8_modules and self.bits != 4:
+            raise UseCaseError("--int8-modules goes with --base-weights int4 (int8 quantizes every weight to 8 bits)")
+        bad = [m for m in self.int8_modules if not m or m != m.strip(".") or any(c.isspace() for c in m)]
+        if bad:
+            raise UseCaseError(f"--int8-modules {bad[0]!r}: not a module name (e.g. v_proj, mlp.down_proj)")
         _one_of("accuracy level", self.accuracy_level, (0, 4))
         _one_of("base_encodings", self.encodings, BASE_ENCODINGS)
         _one_of("weight rounding", self.rounding, WEIGHT_ROUNDING)
@@ -74,7 +83,7 @@ class WeightOnlyOptions:
     @classmethod
     def of(cls, dtype: str, block_size: int | None = None, encodings: str = "auto", *, grid: str | None = None,
            calibration: str | os.PathLike[str] | None = None, rounding: str | None = None,
-           accuracy_level: int = 4) -> WeightOnlyOptions:
+           accuracy_level: int = 4, int8_modules: Sequence[str] = ()) -> WeightOnlyOptions:
         """From the CLI's spelling: ``--base-weights int8|int4``, ``--weight-grid symmetric|asymmetric``;
         ``--weight-rounding`` defaults to gptq when calibration data is given."""
         bits = {"int8": 8, "int4": 4}.get(dtype)
@@ -83,7 +92,8 @@ class WeightOnlyOptions:
         if grid is not None:
             _one_of("weight grid", grid, GRIDS)
         return cls(bits, block_size, encodings, None if grid is None else grid == "symmetric", calibration,
-                   rounding or ("gptq" if calibration is not None else "nearest"), accuracy_level)
+                   rounding or ("gptq" if calibration is not None else "nearest"), accuracy_level,
+                   tuple(dict.fromkeys(int8_modules)))
 
     @property
     def dtype(self) -> str:

@@ -303,6 +303,21 @@ def _packed_slices(node: onnx.NodeProto, key: str, inits: dict, producers: dict)
             for j, (m, y) in enumerate(zip(info["modules"], node.output))]
 
 
+def packed_modules(graph: onnx.GraphProto) -> dict[str, tuple[str, ...]]:
+    """The modules a packed linear op computes (the ort flavour's q/k/v, gate/up), by the op's output tensor: what
+    its ``Split`` names, read through the bias ``Add`` when the op has one."""
+    producers = {out: n for n in graph.node for out in n.output}
+    found = {}
+    for node in graph.node:
+        if node.op_type == "Split" and node.doc_string.startswith(PACKED):
+            y = node.input[0]
+            add = producers.get(y)
+            if add is not None and add.op_type == "Add":
+                y = add.input[0]
+            found[y] = tuple(json.loads(node.doc_string[len(PACKED):])["modules"])
+    return found
+
+
 def _block_aliases(node: onnx.NodeProto) -> tuple[str, ...]:
     """A kept-blocks op's module path: from its codes ``<module>.weight.q4`` and its name ``<module>.MatMulNBits``."""
     names = [re.sub(r"\.weight\.q\d+$", "", node.input[1]), node.name.removesuffix(".MatMulNBits")]

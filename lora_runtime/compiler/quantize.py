@@ -133,7 +133,7 @@ def quantize_bundle(stage: FloatStage, options: QuantOptions, samples: Sequence[
     calib, held = split_held_out(samples)
     names = manifest.use_case_names
     given = given_files(overrides, o.encodings_per_use_case, model.graph, names)  # names checked before calibrating
-    chat = _chat(stage.base_dir)
+    chat = imported_chat(stage.base_dir)
     with Spill(stage.root / ".fp32-logits") as parked:
         prompts = greedy_count(names) if chat is not None else 0  # a prompt's 16 tokens: ~3 held-out runs' time
         runs, work = len(held) * len(names) + prompts, len(held) * len(names) + 3 * prompts
@@ -359,7 +359,7 @@ def _covered(enc: Encoding) -> tuple[float, float]:
     return float((enc.offset[0] - 0.5) * s), float(((1 << enc.bw) - 0.5 + enc.offset[0]) * s)
 
 
-def _chat(base_dir: Path) -> Chat | None:
+def imported_chat(base_dir: Path) -> Chat | None:
     """The tokenizer of an imported LLM (``import-model`` wrote it next to the base), or None."""
     try:
         return Chat.load(base_dir)
