@@ -67,7 +67,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--base-encodings", default="auto", choices=["auto", "always", "never"],
                    help="write the quantized base weights' encodings file (auto: up to a million scales)")
     c.add_argument("--block-size", type=int, default=None,
-                   help="quantization block along the input dim (int4 default 32; int8 default per channel)")
+                   help="quantization block along the input dim, a power of two (default 32; at least the input dim: "
+                        "per output channel)")
     c.add_argument("--weight-grid", default=None, choices=["symmetric", "asymmetric"],
                    help="--base-weights grid: asymmetric = a zero point per block, its clip searched (int4 default); "
                         "symmetric = no zero points (int8 default; a little faster, less accurate at 4 bits)")

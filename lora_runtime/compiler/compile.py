@@ -303,7 +303,7 @@ def _int8_weights(base: Path, model: onnx.ModelProto, o: WeightOnlyOptions | Non
 def _quantize_weights(model: onnx.ModelProto, base: Path, tmp: Path, o: WeightOnlyOptions, slots: frozenset[str],
                       wide: frozenset[str], samples: Sequence[dict[str, np.ndarray]] | None, say: Report
                       ) -> tuple[WeightOnly, list[str]]:
-    """The weight-only pass, and the same numbers for QAIRT tooling: int8 per channel, int4 per block.
+    """The weight-only pass, and the same numbers for QAIRT tooling: int8 and int4 per block (or per channel).
     Per-block scales in JSON cost ~55 bytes each (2.5x the int4 weights themselves): "auto" writes them up to
     a million. With ``samples``, the linear inputs' statistics are collected on the base model first (GPTQ)."""
     data = weight_only_data(o.dtype)

@@ -53,8 +53,8 @@ class WeightOnlyOptions:
     e.g. ``v_proj``) get 8-bit codes in the same blocks and grid, as llama.cpp's ``Q4_K_M`` keeps
     ``attn_v`` and ``ffn_down`` wider."""
 
-    bits: int  # 8: per output channel; 4: blocks of ``block_size`` input features
-    block_size: int | None = None  # None: 32 for int4, the whole input dim for int8
+    bits: int  # 8 or 4, in blocks of ``block_size`` input features
+    block_size: int | None = None  # None: 32 (a block >= the input dim: one scale per output channel)
     encodings: str = "auto"  # write encodings/base_weights.encodings: auto (up to a million scales), always, never
     symmetric: bool | None = None
     calibration: str | os.PathLike[str] | None = None
