@@ -86,6 +86,7 @@ def describe(bundle: Bundle) -> str:
     q = m.weight_only
     if q:
         wide = f" ({q.int8_weights} of them int8: {', '.join(q.int8_modules)})" if q.int8_modules else ""
+        wide += f", embedding {', '.join(q.embeddings)} int8" if q.embeddings else ""
         lines += ["", f"  base weights {q.dtype} ({q.op}): {q.weights} linear weights{wide}, block size "
                   f"{'/'.join(map(str, q.block_sizes))}, {q.data_bytes / 1e6:.2f} MB in the bundle; weight SQNR "
                   f"mean {q.weight_sqnr_db_mean:.1f} dB, min {q.weight_sqnr_db_min:.1f} dB; encodings: "

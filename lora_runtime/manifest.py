@@ -134,6 +134,7 @@ class WeightOnly:
     encodings_note: str = ""  # why it was not written
     int8_modules: tuple[str, ...] = ()  # an int4 base's modules kept at 8 bits (--int8-modules)
     int8_weights: int = 0  # the weights they matched
+    embeddings: tuple[str, ...] = ()  # embedding tables held as 8-bit blocks (GatherBlockQuantized)
 
 
 @dataclass(frozen=True)

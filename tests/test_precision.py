@@ -137,7 +137,7 @@ def test_quantized_base(tiny, tmp_path, bits, block, generation):
     on_disk = {p.relative_to(b.path).as_posix() for p in b.path.rglob("*") if p.is_file()}
     assert on_disk == set(b.manifest.files) | {"manifest.json"}  # every file hashed, nothing else
     q_bytes = sum(int({e.key: e.value for e in t.external_data}["length"])
-                  for t in g.graph.initializer if t.name.endswith((f".q{bits}", ".scales")))
+                  for t in g.graph.initializer if t.name.endswith((f".q{bits}", ".scales")) and EMBED not in t.name)
     eff = block or 32  # codes of `bits` bits plus one float32 scale per block; a column padded to whole blocks
     padded = sum(-(-w.shape[0] // eff) * eff * w.shape[1] for w in linear.values())
     assert q_bytes <= padded * (bits / 8 + 4 / eff) * 1.1
@@ -146,7 +146,7 @@ def test_quantized_base(tiny, tmp_path, bits, block, generation):
     from lora_runtime.quant.reader import read_encodings
 
     enc = read_encodings(b.path / "encodings/base_weights.encodings")
-    assert sorted(enc.names()) == sorted(linear) and not enc.activation_encodings
+    assert sorted(enc.names()) == sorted([*linear, EMBED]) and not enc.activation_encodings
     for name, w in linear.items():
         e = enc[name]
         eff = block or 32
@@ -196,9 +196,9 @@ def _graph_weights(bundle, names):
     return out
 
 
-def _dequantize(codes, scales, zeros, bs):
-    """(K, N) from the unpacked form of _graph_weights."""
-    z = np.full(scales.shape, 8.0) if zeros is None else zeros.astype(np.float64)
+def _dequantize(codes, scales, zeros, bs, bits=4):
+    """(K, N) from the unpacked form of _graph_weights (symmetric: zero 2^(bits-1))."""
+    z = np.full(scales.shape, 2.0 ** (bits - 1)) if zeros is None else zeros.astype(np.float64)
     idx = np.arange(codes.shape[1]) // bs
     return ((codes - z[:, idx]) * scales[:, idx]).T.astype(np.float32)
 
@@ -233,6 +233,55 @@ def test_int4_asymmetric_blocks(tiny, tmp_path):
     deq = {name: _dequantize(*held[name]) for name in linear}
     for u, (to_deq, to_exact) in _against_dequantized(tiny, b, base, deq, tmp_path).items():
         assert to_deq > 30.0 and to_deq > to_exact + 10.0, u
+
+
+EMBED = "model.embed_tokens.weight"
+
+
+def _graph_embedding(bundle):
+    """The embedding table as the graph's GatherBlockQuantized holds it, dequantized here: (codes - 128) * scale per
+    block along the row; with the codes and scales."""
+    from onnx import helper, numpy_helper
+    from reference import load_with_data
+
+    g = load_with_data(bundle.file("model.onnx")).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    (node,) = [n for n in g.node if n.op_type == "GatherBlockQuantized"]
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    assert (a["gather_axis"], a["quantize_axis"], a["bits"]) == (0, 1, 8) and len(node.input) == 3
+    codes, scales, bs = inits[node.input[0]], inits[node.input[2]], a["block_size"]
+    assert EMBED not in inits  # no float copy left
+    deq = (codes.astype(np.float64) - 128) * np.repeat(scales, bs, axis=1)
+    return deq.astype(np.float32), codes, scales, bs
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_embedding_table_is_8bit_blocks(tiny, tmp_path, kind):
+    """--base-weights also holds the token embedding table as 8-bit symmetric blocks of 32 along each row, read by
+    GatherBlockQuantized: every code within a block's absmax/127 grid, the lookup what the dequantized table gives;
+    the rotary tables (gathered by positions, not token ids) stay float."""
+    from onnx import numpy_helper
+    from reference import load_with_data
+
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", CompileOptions("v3", weight_only=WeightOnlyOptions.of(
+        kind)), use_cases=demo_use_cases("v3", list(tiny.adapters)))
+    assert b.manifest.weight_only.embeddings == (EMBED,)
+    base = load_with_data(tiny.base)
+    floats = {t.name: numpy_helper.to_array(t) for t in base.graph.initializer}
+    table = floats[EMBED]
+    deq, codes, scales, bs = _graph_embedding(b)
+    assert bs == 32 and codes.shape == table.shape and scales.shape == (table.shape[0], table.shape[1] // 32)
+    want = np.abs(table.reshape(table.shape[0], -1, 32)).max(axis=-1) / 127
+    np.testing.assert_allclose(scales, want, rtol=1e-6)
+    assert np.all(np.abs(deq - table) <= np.repeat(scales, 32, axis=1) / 2 * (1 + 1e-5) + 1e-12)
+    assert _sqnr(table, deq) > 40.0
+    kept = {t.name for t in load_with_data(b.file("model.onnx")).graph.initializer}
+    rope = [n for n in floats if "rope" in n or "cos" in n or "sin" in n]
+    assert rope and set(rope) <= kept  # the rotary tables are not token embeddings
+    held = _graph_weights(b, set(floats))
+    deqs = {name: _dequantize(*w, bits=int(kind[3:])) for name, w in held.items()} | {EMBED: deq}
+    for u, (to_deq, _exact) in _against_dequantized(tiny, b, base, deqs, tmp_path).items():
+        assert to_deq > 30.0, u
 
 
 def test_int8_modules_in_an_int4_base(tiny, tmp_path, capsys):

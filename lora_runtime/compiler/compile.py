@@ -309,14 +309,15 @@ def _quantize_weights(model: onnx.ModelProto, base: Path, tmp: Path, o: WeightOn
     data = weight_only_data(o.dtype)
     hessians = _base_hessians(model, base, slots, samples, say) if o.rounding == "gptq" and samples else None
     say(f"quantizing base weights ({o.grid}, {o.rounding} codes)")
-    done = quantize_weights(model, WeightOnlyPassOptions(base.parent, tmp, data, o.bits, o.block_size,
-                                                         o.accuracy_level, slots, o.is_symmetric, hessians,
-                                                         wide)).weights
-    entries = sum(len(q.encoding.scale) for q in done)
+    result = quantize_weights(model, WeightOnlyPassOptions(base.parent, tmp, data, o.bits, o.block_size,
+                                                           o.accuracy_level, slots, o.is_symmetric, hessians, wide))
+    done, tables = result.weights, result.embeddings
+    entries = sum(len(q.encoding.scale) for q in (*done, *tables))
     write = o.encodings == "always" or (o.encodings == "auto" and entries <= MAX_AUTO_ENCODINGS)
     if write:
         (tmp / "encodings").mkdir(exist_ok=True)
-        write_encodings(tmp / BASE_WEIGHT_ENCODINGS, EncodingsFile(VERSION, (), tuple(q.encoding for q in done)))
+        write_encodings(tmp / BASE_WEIGHT_ENCODINGS, EncodingsFile(VERSION, (), tuple(q.encoding
+                                                                                      for q in (*done, *tables))))
     finite = [q.sqnr_db for q in done if np.isfinite(q.sqnr_db)]
     summary = WeightOnly(
         o.dtype, len(done), tuple(sorted({q.block_size for q in done})), (tmp / data).stat().st_size,
@@ -324,7 +325,7 @@ def _quantize_weights(model: onnx.ModelProto, base: Path, tmp: Path, o: WeightOn
         f"com.microsoft.MatMulNBits (weight-only, {o.grid}, {o.rounding} codes, accuracy_level {o.accuracy_level})",
         BASE_WEIGHT_ENCODINGS if write else None,
         "" if write else f"not written: {entries} scale entries (--base-encodings always writes them)",
-        o.int8_modules, len(wide))
+        o.int8_modules, len(wide), tuple(q.encoding.name for q in tables))
     return summary, [data] + ([BASE_WEIGHT_ENCODINGS] if write else [])
 
 

@@ -30,10 +30,11 @@ import onnx
 from onnx import TensorProto, helper
 
 from lora_runtime.compiler.passes import PassResult
-from lora_runtime.compiler.passes.emit import matmul_nbits, own_base_tensors, use_ms_domain
+from lora_runtime.compiler.passes.emit import MS_DOMAIN, matmul_nbits, own_base_tensors, use_ms_domain
 from lora_runtime.compiler.points import Candidate, find_candidates, packed_modules
 from lora_runtime.external_data import DataWriter, read_tensor
 from lora_runtime.graph import GraphEdit
+from lora_runtime.names import block_scales, packed_weight
 from lora_runtime.quant.encodings import Encoding
 from lora_runtime.quant.gptq import Hessians
 
@@ -66,6 +67,7 @@ class QuantizedWeight:
 @dataclass(frozen=True)
 class WeightOnlyResult(PassResult):
     weights: tuple[QuantizedWeight, ...]
+    embeddings: tuple[QuantizedWeight, ...] = ()  # tables read by GatherBlockQuantized (8-bit)
 
 
 @dataclass(frozen=True)
@@ -152,11 +154,20 @@ def quantize_weights(model: onnx.ModelProto, options: WeightOnlyPassOptions) -> 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     by_node = {c.node: c for c in find_candidates(graph) if c.weight not in o.keep_float}
+    tables = _embedding_tables(graph, o.keep_float)
     done: list[QuantizedWeight] = []
+    embedded: list[QuantizedWeight] = []
     edit = GraphEdit(graph)
     with open(o.out / o.data_name, "wb") as f:
         writer = DataWriter(f, o.data_name)
         for i, key, node in edit.keyed():
+            if node.op_type == "Gather" and node.input[0] in tables:
+                t = inits[node.input[0]]
+                q_node, q_inits, made = _embedding(writer, node, read_tensor(t, o.base_dir), t.data_type)
+                edit.replace(i, [q_node])
+                edit.add_initializers(q_inits)
+                embedded.append(made)
+                continue
             c = by_node.get(key)
             if c is None:
                 continue
@@ -181,7 +192,46 @@ def quantize_weights(model: onnx.ModelProto, options: WeightOnlyPassOptions) -> 
         edit.apply()
         own_base_tensors(graph, writer, o.base_dir)
     use_ms_domain(model)
-    return WeightOnlyResult(model, tuple(done))
+    return WeightOnlyResult(model, tuple(done), tuple(embedded))
+
+
+EMBEDDING_BLOCK = 32
+
+
+def _embedding_tables(graph: onnx.GraphProto, keep_float: frozenset[str]) -> set[str]:
+    """The embedding tables: float 2-D initializers that a ``Gather`` (axis 0) indexes by a graph input (token ids;
+    not the rotary tables, indexed by computed positions), their width a multiple of ``EMBEDDING_BLOCK``."""
+    inits = {t.name: t for t in graph.initializer}
+    ids = {v.name for v in graph.input} - set(inits)
+    found = set()
+    for n in graph.node:
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        t = inits.get(n.input[0]) if n.op_type == "Gather" and n.input[1] in ids and axis == 0 else None
+        if (t is not None and t.name not in keep_float and len(t.dims) == 2 and t.dims[1] % EMBEDDING_BLOCK == 0
+                and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)):
+            found.add(t.name)
+    return found
+
+
+def _embedding(writer: DataWriter, node: onnx.NodeProto, table: np.ndarray, elem: int
+               ) -> tuple[onnx.NodeProto, list[TensorProto], QuantizedWeight]:
+    """``Gather(table, ids)`` as ONNX Runtime's ``GatherBlockQuantized`` over 8-bit symmetric codes in blocks of
+    ``EMBEDDING_BLOCK`` along each row (zero point 128, the op's default): a quarter of the float32 table's bytes,
+    the lookup exact to the codes. The table is the base's biggest tensor (SmolLM2: 113 MB of float32)."""
+    name = node.input[0]
+    w = np.asarray(table, np.float32)  # (rows, width)
+    q = quantize_grid(w.T, 8, EMBEDDING_BLOCK, helper.tensor_dtype_to_np_dtype(elem))  # codes (rows, blocks, block)
+    rows, width = w.shape
+    codes = writer.tensor(packed_weight(name, 8), q.codes.reshape(rows, width), TensorProto.UINT8, [rows, width])
+    scales = q.scales.astype(helper.tensor_dtype_to_np_dtype(elem))
+    st = writer.tensor(block_scales(name), scales, elem, [rows, width // EMBEDDING_BLOCK])
+    gather = helper.make_node("GatherBlockQuantized", [codes.name, node.input[1], st.name], list(node.output),
+                              name=node.name or f"{name}.Gather", domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+                              block_size=EMBEDDING_BLOCK, bits=8)
+    err = float(np.sum((w.T.astype(np.float64) - q.dequantized) ** 2))
+    sqnr = float("inf") if err == 0 else 10 * np.log10(float(np.sum(w.astype(np.float64) ** 2)) / err)
+    return gather, [codes, st], QuantizedWeight(EMBEDDING_BLOCK, sqnr, _encoding(name, 8, EMBEDDING_BLOCK, q.scales,
+                                                                                   width))
 
 
 def module_weights(graph: onnx.GraphProto, modules: Sequence[str], skip: frozenset[str] = frozenset()
