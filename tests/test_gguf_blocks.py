@@ -214,6 +214,10 @@ def test_what_needs_float_weights_is_refused_on_a_blocks_base(smollm2_blocks, sm
     i4 = compile_bundle(base, listify, tmp_path / "i4", CompileOptions("v3", weight_only=WeightOnlyOptions.of("int4")))
     assert i4.manifest.weight_only.weights == 1  # the float32 tied head; the Q4_1 blocks stay as the file holds them
     assert base_dtype(i4.manifest) == "int4 (its float layers) with GGUF blocks kept (" + i4.manifest.base.blocks + ")"
+    acc = i4.manifest.accuracy_of("float32_bundle")  # no calibration samples: an LLM is measured on chat prompts
+    assert acc.inputs == "4 held-out chat prompts" and acc.greedy == "4 prompts x 16 tokens"
+    assert 15.0 < acc.sqnr_db["listify"] < 60.0 and 0.5 < acc.argmax_agreement["listify"] <= 1.0  # the head alone
+    assert 0.0 <= acc.greedy_agreement["listify"] <= 1.0
     b = compile_bundle(base, listify, tmp_path / "b", generation="v3")
     with pytest.raises(UseCaseError, match="quantized blocks"):
         merge_use_case(b, tmp_path / "merged.onnx", use_case="listify")

@@ -47,7 +47,8 @@ from lora_runtime.compiler.quantize import FloatStage, imported_chat, quantize_b
 from lora_runtime.compiler.use_cases import UseCaseSpec, check_use_cases, default_adapter, load_adapters
 from lora_runtime.errors import AdapterError, BaseModelError, UseCaseError
 from lora_runtime.eval.accuracy import compare_bundles, park_first_outputs, score_against
-from lora_runtime.eval.greedy import described, greedy_agreement, greedy_count, reference_tokens
+from lora_runtime.eval.greedy import described, greedy_agreement, greedy_count, prompt_scores, reference_tokens
+from lora_runtime.llm.generate import GREEDY_PROMPTS
 from lora_runtime.manifest import (
     Accuracy,
     AdapterInfo,
@@ -351,34 +352,42 @@ def _base_hessians(model: onnx.ModelProto, base: Path, slots: frozenset[str],
 
 def _with_accuracy(bundle: Bundle, base: Path, adapters: list[Adapter], specs: list[UseCaseSpec],
                    options: CompileOptions, sample_inputs: Mapping[str, np.ndarray] | None,
-                   held: Sequence[dict[str, np.ndarray]] = (), say: Report | None = None) -> Manifest:
+                   held: Sequence[dict[str, np.ndarray]] | None = None, say: Report | None = None) -> Manifest:
     """The manifest with each use-case's output SQNR against the same bundle with float32 slots and weights: on
-    ``sample_inputs``; else on ``held`` (calibration samples GPTQ did not see), the first output (the logits) with
-    its argmax agreement, and for an imported LLM the greedy tokens of the held-out prompts; else on synthesized
-    inputs (the worst output)."""
+    ``sample_inputs`` (the worst output); else on ``held`` (calibration samples GPTQ did not see) or, for an
+    imported LLM without them, on held-out chat prompts: the first output (the logits), its argmax agreement and
+    the greedy tokens of the chat prompts; else on synthesized inputs (the worst output)."""
     float32 = CompileOptions(options.generation, copy_base_data=options.copy_base_data, measure_accuracy=False)
+    names, chat, held = bundle.manifest.use_case_names, imported_chat(base.parent), list(held or ())
+    if chat is not None and bundle.manifest.target.decode is not None:
+        chat = None  # (a static-shape bundle with a decode graph: measured on samples alone)
     # next to the bundle: the same filesystem, so the base data links instead of copying
     with tempfile.TemporaryDirectory(prefix=".lora_runtime-reference-", dir=bundle.path.parent) as ref_dir:
         reference = compile_bundle(base, adapters, Path(ref_dir) / "f32", float32, use_cases=specs)
-        if sample_inputs is not None or not held:
+        if sample_inputs is not None or not (held or chat):
             accuracy = Accuracy("float32_bundle", "this bundle", "the float32 bundle (float32 base weights and LoRA "
                                 "slots)", "given" if sample_inputs is not None else "synthesized",
                                 compare_bundles(bundle, reference, sample_inputs))
             return dataclasses.replace(bundle.manifest, accuracy=(*bundle.manifest.accuracy, accuracy))
-        names, chat = bundle.manifest.use_case_names, imported_chat(base.parent)
         prompts = greedy_count(names) if chat is not None else 0
-        count = Stage(say, "accuracy against float32 (held-out samples, greedy prompts)",
-                      2 * (len(held) * len(names) + prompts), "runs")
+        runs = 2 * (len(held) * len(names) + prompts * (1 if held else 2))
+        count = Stage(say, f"accuracy against float32 ({'held-out samples' if held else 'chat prompts'}"
+                           f"{', greedy prompts' if chat is not None else ''})", runs, "runs")
         test_session, ref_session = make_session(bundle), make_session(reference)
-        with Spill(Path(ref_dir) / ".float32-logits") as parked:
-            ref = park_first_outputs(reference, names, held, ref_session, parked, count.step)
-            scores = score_against(bundle, names, held, test_session, ref, count.step)
+        if held:
+            inputs = f"{len(held)} held-out calibration samples"
+            with Spill(Path(ref_dir) / ".float32-logits") as parked:
+                ref = park_first_outputs(reference, names, held, ref_session, parked, count.step)
+                scores = score_against(bundle, names, held, test_session, ref, count.step)
+        else:
+            inputs = f"{len(GREEDY_PROMPTS)} held-out chat prompts"
+            scores = prompt_scores(bundle, reference, chat, names, test_session=test_session,
+                                   reference_session=ref_session, step=count.step)
         greedy = {}
         if chat is not None:
             tokens = reference_tokens(reference, chat, names, session=ref_session, step=count.step)
             greedy = greedy_agreement(tokens, bundle, chat, names, session=test_session, step=count.step)
     accuracy = Accuracy("float32_bundle", "this bundle", "the float32 bundle (float32 base weights and LoRA slots)",
-                        f"{len(held)} held-out calibration samples", {u: scores[u].sqnr_db for u in names},
-                        {u: scores[u].agreement for u in names}, greedy_agreement=greedy,
-                        greedy=described() if chat is not None else "")
+                        inputs, {u: scores[u].sqnr_db for u in names}, {u: scores[u].agreement for u in names},
+                        greedy_agreement=greedy, greedy=described() if chat is not None else "")
     return dataclasses.replace(bundle.manifest, accuracy=(*bundle.manifest.accuracy, accuracy))

@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping, Sequence
 import onnxruntime as ort
 
 from lora_runtime.bundle import Bundle
+from lora_runtime.eval.accuracy import LogitsScore
+from lora_runtime.llm.cache import make_cache
 from lora_runtime.llm.chat import Chat
 from lora_runtime.llm.generate import GREEDY_PROMPTS, generate, greedy_runs
 from lora_runtime.metrics import prefix_agreement
@@ -54,3 +56,28 @@ def greedy_count(use_cases: Sequence[str]) -> int:
 
 def described() -> str:
     return f"{len(GREEDY_PROMPTS)} prompts x {GREEDY_TOKENS} tokens"
+
+
+def prompt_scores(test: Bundle, reference: Bundle, chat: Chat, use_cases: Sequence[str], *,
+                  test_session: ort.InferenceSession, reference_session: ort.InferenceSession,
+                  step: Callable[[str], None] | None = None) -> dict[str, LogitsScore]:
+    """Per use-case, the logits of each held-out chat prompt (a ChatML user turn, run as one prefill with an empty
+    KV cache) of ``test`` scored against ``reference``'s: what an imported LLM is measured on without calibration
+    samples (random token ids say little of a language model). Bundles with one graph; ``step`` is told the use-case
+    after each prompt of each bundle."""
+    prompts = [chat.prompt_ids([{"role": "user", "content": p}]) for p in GREEDY_PROMPTS]
+    rts = Runtime(reference, reference_session), Runtime(test, test_session)
+    out = {}
+    for u in use_cases:
+        out[u] = score = LogitsScore()
+        for rt in rts:
+            rt.switch(u)
+        for ids in prompts:
+            got = []
+            for rt in rts:
+                kv = make_cache(rt.input_shapes, chat.max_seq)
+                got.append(kv.step(rt.run, ids))
+                if step:
+                    step(u)
+            score.add(*got)
+    return out
