@@ -500,3 +500,30 @@ def test_zero_points_of_an_odd_number_of_blocks_pack_as_onnx_runtime_reads_them(
     deq = ((q.codes.reshape(7, -1)[:, :k] - q.zeros[:, idx].astype(np.float32)) * q.scales[:, idx]).T
     assert len(set(q.zeros.reshape(-1).tolist())) > 1
     np.testing.assert_allclose(got, x @ deq, atol=1e-4, rtol=0)
+
+
+def test_an_embedding_table_read_twice_is_written_once(tmp_path):
+    """Two Gathers of one table by the token ids: one set of 8-bit codes, both lookups through it."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lora_runtime.compiler.passes.weight_only import WeightOnlyPassOptions, quantize_weights
+
+    table = np.random.default_rng(5).normal(size=(64, 32)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["a"]), helper.make_node("Gather", ["table", "ids"], ["b"]),
+         helper.make_node("Add", ["a", "b"], ["out"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [3, 32])],
+        [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    done = quantize_weights(model, WeightOnlyPassOptions(tmp_path, tmp_path, "w.data", 4))
+    assert len(done.embeddings) == 1 and not done.weights
+    assert [t.name for t in model.graph.initializer] == ["table.q8", "table.scales"]
+    assert [n.op_type for n in model.graph.node] == ["GatherBlockQuantized", "GatherBlockQuantized", "Add"]
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    ids = np.array([0, 63, 7], np.int64)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    scale = np.abs(table[ids].reshape(3, 1, 32)).max(axis=-1) / 127
+    assert np.all(np.abs(got - 2 * table[ids]) <= 2 * scale / 2 * (1 + 1e-5))

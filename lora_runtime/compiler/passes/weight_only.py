@@ -47,7 +47,7 @@ class WeightOnlyPassOptions:
     out: Path  # the bundle being written
     data_name: str  # its own data file, relative to ``out``
     bits: int
-    block_size: int | None = None  # None: default_block_size(bits, in_features)
+    block_size: int | None = None  # None: DEFAULT_BLOCK_SIZE
     accuracy_level: int = 4  # MatMulNBits' int8 compute
     keep_float: frozenset[str] = frozenset()  # weights never quantized: the LoRA slots
     symmetric: bool = True  # False: a zero point per block, its [min, max] clip searched (see quantize_grid)
@@ -140,12 +140,10 @@ def _scales(raw: np.ndarray, dtype: type) -> np.ndarray:
     return s
 
 
-def default_block_size(bits: int, in_features: int) -> int:
-    """32 input features (what MatMulNBits and QAIRT's LPBQ use), for int8 too: at accuracy level 4 ONNX Runtime
-    quantizes the activations in blocks of the weight's block length, and SmolLM2 with int8 weights per output
-    channel (a block of the input dim, padded to a power of two) gave 20.9 dB of logit SQNR in 243 MB against
-    28.5 dB in 159 MB with blocks of 32."""
-    return 32
+# 32 input features (what MatMulNBits and QAIRT's LPBQ use), for int8 too: at accuracy level 4 ONNX Runtime quantizes
+# the activations in blocks of the weight's block length, and SmolLM2 with int8 weights per output channel (a block
+# of the input dim, padded to a power of two) gave 20.9 dB of logit SQNR in 243 MB against 28.5 dB in 159 MB with 32
+DEFAULT_BLOCK_SIZE = 32
 
 
 def quantize_weights(model: onnx.ModelProto, options: WeightOnlyPassOptions) -> WeightOnlyResult:
@@ -157,16 +155,20 @@ def quantize_weights(model: onnx.ModelProto, options: WeightOnlyPassOptions) -> 
     tables = _embedding_tables(graph, o.keep_float)
     done: list[QuantizedWeight] = []
     embedded: list[QuantizedWeight] = []
+    looked_up: dict[str, list] = {}  # embedding table -> its codes and scales, once written
     edit = GraphEdit(graph)
     with open(o.out / o.data_name, "wb") as f:
         writer = DataWriter(f, o.data_name)
         for i, key, node in edit.keyed():
             if node.op_type == "Gather" and node.input[0] in tables:
                 t = inits[node.input[0]]
-                q_node, q_inits, made = _embedding(writer, node, read_tensor(t, o.base_dir), t.data_type)
+                first = node.input[0] not in looked_up  # a table two Gathers read is written once
+                q_node, q_inits, made = _embedding(writer, node, key, read_tensor(t, o.base_dir), t.data_type,
+                                                   looked_up.setdefault(node.input[0], []))
                 edit.replace(i, [q_node])
-                edit.add_initializers(q_inits)
-                embedded.append(made)
+                if first:
+                    edit.add_initializers(q_inits)
+                    embedded.append(made)
                 continue
             c = by_node.get(key)
             if c is None:
@@ -178,7 +180,7 @@ def quantize_weights(model: onnx.ModelProto, options: WeightOnlyPassOptions) -> 
             w = read_tensor(inits[c.weight], o.base_dir).astype(np.float32)
             w = w.T if c.transposed else w  # (in, out)
             bits = 8 if c.weight in o.wide else o.bits
-            bs = o.block_size or default_block_size(o.bits, c.in_features)  # wide ones too: see ``wide``
+            bs = o.block_size or DEFAULT_BLOCK_SIZE  # the wide ones too: see the module docstring
             q = quantize_grid(w, bits, bs, helper.tensor_dtype_to_np_dtype(c.elem_type), o.symmetric,
                               *_data_aware(o.hessians, c, bits))
             err = float(np.sum((w.astype(np.float64) - q.dequantized) ** 2))
@@ -213,25 +215,29 @@ def _embedding_tables(graph: onnx.GraphProto, keep_float: frozenset[str]) -> set
     return found
 
 
-def _embedding(writer: DataWriter, node: onnx.NodeProto, table: np.ndarray, elem: int
-               ) -> tuple[onnx.NodeProto, list[TensorProto], QuantizedWeight]:
+def _embedding(writer: DataWriter, node: onnx.NodeProto, key: str, table: np.ndarray, elem: int, written: list
+               ) -> tuple[onnx.NodeProto, list[TensorProto], QuantizedWeight | None]:
     """``Gather(table, ids)`` as ONNX Runtime's ``GatherBlockQuantized`` over 8-bit symmetric codes in blocks of
     ``EMBEDDING_BLOCK`` along each row (zero point 128, the op's default): a quarter of the float32 table's bytes,
     the lookup exact to the codes. The table is the base's biggest tensor (SmolLM2: 113 MB of float32)."""
     name = node.input[0]
-    w = np.asarray(table, np.float32)  # (rows, width)
-    q = quantize_grid(w.T, 8, EMBEDDING_BLOCK, helper.tensor_dtype_to_np_dtype(elem))  # codes (rows, blocks, block)
-    rows, width = w.shape
-    codes = writer.tensor(packed_weight(name, 8), q.codes.reshape(rows, width), TensorProto.UINT8, [rows, width])
-    scales = q.scales.astype(helper.tensor_dtype_to_np_dtype(elem))
-    st = writer.tensor(block_scales(name), scales, elem, [rows, width // EMBEDDING_BLOCK])
+    made = None
+    if not written:  # ``written``: this table's (codes, scales) initializers, filled on its first lookup
+        w = np.asarray(table, np.float32)  # (rows, width)
+        q = quantize_grid(w.T, 8, EMBEDDING_BLOCK, helper.tensor_dtype_to_np_dtype(elem))  # codes (rows, blocks, 32)
+        rows, width = w.shape
+        written += [writer.tensor(packed_weight(name, 8), q.codes.reshape(rows, width), TensorProto.UINT8,
+                                  [rows, width]),
+                    writer.tensor(block_scales(name), q.scales.astype(helper.tensor_dtype_to_np_dtype(elem)), elem,
+                                  [rows, width // EMBEDDING_BLOCK])]
+        err = float(np.sum((w.T.astype(np.float64) - q.dequantized) ** 2))
+        sqnr = float("inf") if err == 0 else 10 * np.log10(float(np.sum(w.astype(np.float64) ** 2)) / err)
+        made = QuantizedWeight(EMBEDDING_BLOCK, sqnr, _encoding(name, 8, EMBEDDING_BLOCK, q.scales, width))
+    codes, st = written
     gather = helper.make_node("GatherBlockQuantized", [codes.name, node.input[1], st.name], list(node.output),
-                              name=node.name or f"{name}.Gather", domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+                              name=node.name or key, domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
                               block_size=EMBEDDING_BLOCK, bits=8)
-    err = float(np.sum((w.T.astype(np.float64) - q.dequantized) ** 2))
-    sqnr = float("inf") if err == 0 else 10 * np.log10(float(np.sum(w.astype(np.float64) ** 2)) / err)
-    return gather, [codes, st], QuantizedWeight(EMBEDDING_BLOCK, sqnr, _encoding(name, 8, EMBEDDING_BLOCK, q.scales,
-                                                                                   width))
+    return gather, list(written), made
 
 
 def module_weights(graph: onnx.GraphProto, modules: Sequence[str], skip: frozenset[str] = frozenset()
