@@ -58,3 +58,10 @@ def test_bench_of_a_bundle(tiny, tmp_path):
     assert {"cold_switch_cache", "cold_switch_disk", "memcpy", "file_read", "run_v2", "run_merged",
             "session_rebuild"} <= names
     assert main(["bench", str(tmp_path / "missing"), "--quick"]) == 2
+
+
+def test_blocks_rows_open_our_sessions_quiet():
+    """Our sessions in the peer rows do not spin between runs (an idle spinning session slowed the next one)."""
+    from lora_runtime.bench.blocks import quiet_options
+
+    assert quiet_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
