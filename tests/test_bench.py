@@ -62,6 +62,6 @@ def test_bench_of_a_bundle(tiny, tmp_path):
 
 def test_blocks_rows_open_our_sessions_quiet():
     """Our sessions in the peer rows do not spin between runs (an idle spinning session slowed the next one)."""
-    from lora_runtime.bench.blocks import quiet_options
+    from lora_runtime.bench.timing import quiet_options
 
     assert quiet_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -33,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lora_runtime.bench.genai import genai_rows
-from lora_runtime.bench.timing import Row, measure, rss
+from lora_runtime.bench.timing import Row, measure, quiet_options, rss
 from lora_runtime.compiler.compile import compile_bundle
 from lora_runtime.llm import GREEDY_PROMPTS, Chat, find_smollm2, import_gguf
 from lora_runtime.llm.cache import make_cache
@@ -54,18 +54,6 @@ PEERS = (("decode_f32", "genai_decode_fp32"), ("decode_f32_ort", "genai_decode_f
          ("prefill_blocks0", "genai_prefill_int4"), ("open_blocks4", "genai_open_int4"),
          ("decode_q4_0_blocks4", "genai_decode_int4"), ("prefill_q4_0_blocks4", "genai_prefill_int4"),
          ("open_blocks0", "genai_open_int4"))  # (ours, ONNX Runtime GenAI's), same weights and threads
-
-
-def quiet_options() -> ort.SessionOptions:
-    """Our sessions here without spinning threads: ONNX Runtime's intra-op threads spin after each run, and an idle
-    session's spinning stole the 2 cores from whichever session ran next. Measured on the AMD EPYC machine, three
-    sessions interleaved in one process: GenAI's int4 decode 14.5 ms next to two spinning sessions of ours, 6.4-8.4 ms
-    next to quiet ones, 6.8-7.2 ms alone. GenAI's sessions cannot be made quiet (its config takes no session config
-    entries), so ours still run next to its spinning threads: our rows read slow, never fast."""
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return so
 
 
 def _imported(folder: Path, weights: str, level: int, graph: str, pack: bool, source: Path | None = None) -> Path:

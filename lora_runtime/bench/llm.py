@@ -44,7 +44,7 @@ from lora_runtime.bench.compile_cost import compile_cost_ratios, compile_cost_ro
 from lora_runtime.bench.default import GOALS
 from lora_runtime.bench.report import machine, versions, with_ratios
 from lora_runtime.bench.serve import serve_rows, turn_rows
-from lora_runtime.bench.timing import Row, alternate, measure, measure_interleaved
+from lora_runtime.bench.timing import Row, alternate, measure, measure_interleaved, quiet_options
 from lora_runtime.compiler.compile import compile_bundle
 from lora_runtime.compiler.options import CompileOptions, QuantOptions, WeightOnlyOptions
 from lora_runtime.compiler.points import find_candidates
@@ -136,8 +136,7 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
         ids = np.array([chat.encode(chat.prompt(PROMPT))], np.int64)
         empty = np.zeros((1, chat.kv_heads, 0, chat.head_dim), np.float32)
 
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so = quiet_options()  # every session here runs interleaved with the others
         base = ort.InferenceSession(str(model_dir / "base.onnx"), so, providers=["CPUExecutionProvider"])
         merged_sess = ort.InferenceSession(str(merged), so, providers=["CPUExecutionProvider"])
         past_names = [i.name for i in base.get_inputs() if i.name.startswith("past_")]
@@ -158,7 +157,7 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
         for key, use_case in [("v1", "caps"), ("v2", "caps"), ("v2_qv8", "listify"), ("v2_peer16", "peer16a"),
                               ("v3_n1", "caps"), ("v3_n2", "both"),
                               ("v3_n2_int4", "both"), *((k, "both") for k in bundles if k.startswith("qdq_"))]:
-            rt = Runtime.open(bundles[key.replace("_qv8", "")].path)
+            rt = Runtime.open(bundles[key.replace("_qv8", "")].path, session_options=quiet_options())
             rt.switch(use_case)
             runtimes[key] = rt
             runners[f"decode_{key}"] = decoder(lambda f, rt=rt: list(rt.run(f).values()))
