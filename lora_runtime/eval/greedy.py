@@ -61,7 +61,7 @@ def described() -> str:
 def prompt_scores(test: Bundle, reference: Bundle, chat: Chat, use_cases: Sequence[str], *,
                   test_session: ort.InferenceSession, reference_session: ort.InferenceSession,
                   step: Callable[[str], None] | None = None) -> dict[str, LogitsScore]:
-    """Per use-case, the logits of each held-out chat prompt (a ChatML user turn, run as one prefill with an empty
+    """Per use-case, the logits of each held-out chat prompt (a user turn in the chat template, one prefill, an empty
     KV cache) of ``test`` scored against ``reference``'s: what an imported LLM is measured on without calibration
     samples (random token ids say little of a language model). Bundles with one graph; ``step`` is told the use-case
     after each prompt of each bundle."""
