@@ -34,6 +34,7 @@ from lora_runtime.compiler.passes.emit import MS_DOMAIN, matmul_nbits, own_base_
 from lora_runtime.compiler.points import Candidate, find_candidates, packed_modules
 from lora_runtime.external_data import DataWriter, read_tensor
 from lora_runtime.graph import GraphEdit
+from lora_runtime.metrics import sqnr_db
 from lora_runtime.names import block_scales, packed_weight
 from lora_runtime.quant.encodings import Encoding
 from lora_runtime.quant.gptq import Hessians
@@ -155,20 +156,19 @@ def quantize_weights(model: onnx.ModelProto, options: WeightOnlyPassOptions) -> 
     tables = _embedding_tables(graph, o.keep_float)
     done: list[QuantizedWeight] = []
     embedded: list[QuantizedWeight] = []
-    looked_up: dict[str, list] = {}  # embedding table -> its codes and scales, once written
+    looked_up: dict[str, tuple[TensorProto, TensorProto]] = {}  # embedding table -> its codes and scales
     edit = GraphEdit(graph)
     with open(o.out / o.data_name, "wb") as f:
         writer = DataWriter(f, o.data_name)
         for i, key, node in edit.keyed():
             if node.op_type == "Gather" and node.input[0] in tables:
-                t = inits[node.input[0]]
-                first = node.input[0] not in looked_up  # a table two Gathers read is written once
-                q_node, q_inits, made = _embedding(writer, node, key, read_tensor(t, o.base_dir), t.data_type,
-                                                   looked_up.setdefault(node.input[0], []))
-                edit.replace(i, [q_node])
-                if first:
-                    edit.add_initializers(q_inits)
+                name = node.input[0]
+                if name not in looked_up:  # a table two Gathers read is written once
+                    t = inits[name]
+                    looked_up[name], made = _embedding_codes(writer, name, read_tensor(t, o.base_dir), t.data_type)
+                    edit.add_initializers(looked_up[name])
                     embedded.append(made)
+                edit.replace(i, [_gather_blocks(node, key, *looked_up[name])])
                 continue
             c = by_node.get(key)
             if c is None:
@@ -183,8 +183,7 @@ def quantize_weights(model: onnx.ModelProto, options: WeightOnlyPassOptions) -> 
             bs = o.block_size or DEFAULT_BLOCK_SIZE  # the wide ones too: see the module docstring
             q = quantize_grid(w, bits, bs, helper.tensor_dtype_to_np_dtype(c.elem_type), o.symmetric,
                               *_data_aware(o.hessians, c, bits))
-            err = float(np.sum((w.astype(np.float64) - q.dequantized) ** 2))
-            sqnr = float("inf") if err == 0 else 10 * np.log10(float(np.sum(w.astype(np.float64) ** 2)) / err)
+            sqnr = sqnr_db(w, q.dequantized)
             q_node, q_inits = matmul_nbits(writer, c.weight, c.x, list(node.output), node.name or c.node, q.codes,
                                            q.scales, c.in_features, bits, o.accuracy_level, bias, c.elem_type,
                                            q.zeros)
@@ -215,29 +214,28 @@ def _embedding_tables(graph: onnx.GraphProto, keep_float: frozenset[str]) -> set
     return found
 
 
-def _embedding(writer: DataWriter, node: onnx.NodeProto, key: str, table: np.ndarray, elem: int, written: list
-               ) -> tuple[onnx.NodeProto, list[TensorProto], QuantizedWeight | None]:
-    """``Gather(table, ids)`` as ONNX Runtime's ``GatherBlockQuantized`` over 8-bit symmetric codes in blocks of
-    ``EMBEDDING_BLOCK`` along each row (zero point 128, the op's default): a quarter of the float32 table's bytes,
-    the lookup exact to the codes. The table is the base's biggest tensor (SmolLM2: 113 MB of float32)."""
-    name = node.input[0]
-    made = None
-    if not written:  # ``written``: this table's (codes, scales) initializers, filled on its first lookup
-        w = np.asarray(table, np.float32)  # (rows, width)
-        q = quantize_grid(w.T, 8, EMBEDDING_BLOCK, helper.tensor_dtype_to_np_dtype(elem))  # codes (rows, blocks, 32)
-        rows, width = w.shape
-        written += [writer.tensor(packed_weight(name, 8), q.codes.reshape(rows, width), TensorProto.UINT8,
-                                  [rows, width]),
-                    writer.tensor(block_scales(name), q.scales.astype(helper.tensor_dtype_to_np_dtype(elem)), elem,
-                                  [rows, width // EMBEDDING_BLOCK])]
-        err = float(np.sum((w.T.astype(np.float64) - q.dequantized) ** 2))
-        sqnr = float("inf") if err == 0 else 10 * np.log10(float(np.sum(w.astype(np.float64) ** 2)) / err)
-        made = QuantizedWeight(EMBEDDING_BLOCK, sqnr, _encoding(name, 8, EMBEDDING_BLOCK, q.scales, width))
-    codes, st = written
-    gather = helper.make_node("GatherBlockQuantized", [codes.name, node.input[1], st.name], list(node.output),
-                              name=node.name or key, domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
-                              block_size=EMBEDDING_BLOCK, bits=8)
-    return gather, list(written), made
+def _embedding_codes(writer: DataWriter, name: str, table: np.ndarray, elem: int
+                     ) -> tuple[tuple[TensorProto, TensorProto], QuantizedWeight]:
+    """An embedding table as 8-bit symmetric codes in blocks of ``EMBEDDING_BLOCK`` along each row (zero point 128,
+    the op's default), written to the data file: (codes, scales) initializers, and what it cost. A quarter of the
+    float32 table's bytes; the table is the base's biggest tensor (SmolLM2: 113 MB of float32)."""
+    w = np.asarray(table, np.float32)  # (rows, width)
+    q = quantize_grid(w.T, 8, EMBEDDING_BLOCK, helper.tensor_dtype_to_np_dtype(elem))  # codes (rows, blocks, 32)
+    rows, width = w.shape
+    codes = writer.tensor(packed_weight(name, 8), q.codes.reshape(rows, width), TensorProto.UINT8, [rows, width])
+    scales = writer.tensor(block_scales(name), q.scales.astype(helper.tensor_dtype_to_np_dtype(elem)), elem,
+                           [rows, width // EMBEDDING_BLOCK])
+    made = QuantizedWeight(EMBEDDING_BLOCK, sqnr_db(w.T, q.dequantized),
+                           _encoding(name, 8, EMBEDDING_BLOCK, q.scales, width))
+    return (codes, scales), made
+
+
+def _gather_blocks(node: onnx.NodeProto, key: str, codes: TensorProto, scales: TensorProto) -> onnx.NodeProto:
+    """``Gather(table, ids)`` as ONNX Runtime's ``GatherBlockQuantized`` over the table's codes: the lookup exact to
+    the codes; ``key``, the node's unique key, names it when the graph left it unnamed."""
+    return helper.make_node("GatherBlockQuantized", [codes.name, node.input[1], scales.name], list(node.output),
+                            name=node.name or key, domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+                            block_size=EMBEDDING_BLOCK, bits=8)
 
 
 def module_weights(graph: onnx.GraphProto, modules: Sequence[str], skip: frozenset[str] = frozenset()
