@@ -60,8 +60,9 @@ def test_bench_of_a_bundle(tiny, tmp_path):
     assert main(["bench", str(tmp_path / "missing"), "--quick"]) == 2
 
 
-def test_blocks_rows_open_our_sessions_quiet():
-    """Our sessions in the peer rows do not spin between runs (an idle spinning session slowed the next one)."""
+def test_interleaved_sessions_are_quiet():
+    """Sessions that take turns in one process (bench --model smollm2's own v1/v2/v3 rows) do not spin between runs
+    (an idle spinning session slowed the next one); rows against a peer are taken alone (test_bench_alone)."""
     from lora_runtime.bench.timing import quiet_options
 
     assert quiet_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"

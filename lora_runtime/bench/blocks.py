@@ -1,4 +1,4 @@
-"""Rows of ``bench --model smollm2`` for the imports of the same GGUF, side by side in one interleaved run:
+"""Rows of ``bench --model smollm2`` for the imports of the same GGUF, side by side with ONNX Runtime GenAI:
 
 =========================  ======================================================================================
 decode_<base>              one token at the chat prompt's context through the plain base graph, for the bases
@@ -14,10 +14,16 @@ decode_<base>              one token at the chat prompt's context through the pl
 decode_qv8_<base>          the same base in a v3 bundle with ``listify`` active (r=8 on q/v of all 30 layers),
                            through the runtime and the KV cache ``generate`` uses
 prefill_<base>             the chat prompt through each plain base
-open_<base>                ``Runtime.open`` of each v3 bundle (page cache warm); bytes: the resident memory it added
+open_<base>                ``Runtime.open`` of each v3 bundle, the first in its process (page cache warm); bytes:
+                           the resident memory it added
 genai_*                    ONNX Runtime GenAI on the same weights (``bench.genai``; skipped, with the reason, when
-                           it or its models are missing), in the same interleaved rounds as the decode rows
+                           it or its models are missing)
 =========================  ======================================================================================
+
+Every decode and prefill row, ours and GenAI's, is taken alone (``bench.alone``): in a child process of its own
+with ONNX Runtime's default session options, in four rounds that take them in turn. In one process, idle sessions'
+spinning threads slowed whichever ran next, and quiet sessions ran 2-3 ms per token slower than either runtime
+runs alone.
 
 Accuracy of each blocks import against the float32 one (logit SQNR over the prompt, greedy tokens agreeing on
 held-out prompts) goes in the report's ``accuracy_text``.
@@ -26,19 +32,16 @@ held-out prompts) goes in the report's ``accuracy_text``.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from lora_runtime.bench.genai import genai_rows
-from lora_runtime.bench.timing import Row, measure, quiet_options, rss
+from lora_runtime.bench.alone import Plain, measure_alone, plain_task, runtime_task
+from lora_runtime.bench.genai import alone_tasks, genai_rows
+from lora_runtime.bench.timing import Row, quiet_options
 from lora_runtime.compiler.compile import compile_bundle
 from lora_runtime.llm import GREEDY_PROMPTS, Chat, find_smollm2, import_gguf
-from lora_runtime.llm.cache import make_cache
 from lora_runtime.metrics import prefix_agreement
-from lora_runtime.runtime.switcher import Runtime
 
 BASES = {"f32": ("float32", 0, "standard", True), "f32_ort": ("float32", 0, "ort", True),
          "blocks0_std": ("blocks", 0, "standard", True), "blocks0": ("blocks", 0, "ort", True),
@@ -68,42 +71,7 @@ def _imported(folder: Path, weights: str, level: int, graph: str, pack: bool, so
     return folder
 
 
-class _Plain:
-    """One base graph in an ONNX Runtime session: a prompt's prefill, then one-token steps at its context
-    (the ort flavour's KV cache bound once, in place; the standard graph's fed as arrays)."""
-
-    def __init__(self, path: Path, capacity: int) -> None:
-        so = quiet_options()
-        self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self.names = [o.name for o in self.sess.get_outputs()]
-        self.inputs = {i.name: i.shape for i in self.sess.get_inputs()}
-        self.cache = make_cache([self.inputs], capacity)
-
-    def _run(self, feeds, buffers=None):  # noqa: ANN001, ANN202  (what a KV cache's step calls)
-        if buffers is None:
-            return dict(zip(self.names, self.sess.run(None, feeds)))
-        binding = getattr(self, "_binding", None)
-        if binding is None:
-            binding = self._binding = self.sess.io_binding()
-            for n, v in buffers.items():
-                (binding.bind_ortvalue_input if n in self.inputs else binding.bind_ortvalue_output)(n, v)
-        for n, v in feeds.items():
-            binding.bind_cpu_input(n, v)
-        binding.bind_output("logits", "cpu")
-        self.sess.run_with_iobinding(binding)
-        return {"logits": binding.get_outputs()[-1].numpy()}
-
-    def prefill(self, ids: list[int]) -> np.ndarray:
-        self.cache.truncate(0)
-        return self.cache.step(self._run, ids)
-
-    def stepper(self, ids: list[int]):  # noqa: ANN201
-        """A callable running one token after ``ids`` (the cache cut back to ``ids`` after each run)."""
-        nxt = int(self.prefill(ids)[-1].argmax())
-        return lambda: (self.cache.step(self._run, [nxt]), self.cache.truncate(len(ids)))
-
-
-def _greedy(plain: _Plain, ids: list[int], n: int, eos: int) -> list[int]:
+def _greedy(plain: Plain, ids: list[int], n: int, eos: int) -> list[int]:
     out = [int(plain.prefill(ids)[-1].argmax())]
     while len(out) < n and out[-1] != eos:
         out.append(int(plain.cache.step(plain._run, [out[-1]])[-1].argmax()))
@@ -120,24 +88,23 @@ def blocks_rows(work: Path, float_model: Path, adapter: Path, prompt: list[dict[
               for k in bases}
     chat = Chat.load(float_model)
     ids = chat.prompt_ids(prompt)
-    plain = {k: _Plain(m / "base.onnx", chat.max_seq) for k, m in models.items()}
+    plain = {k: Plain(m / "base.onnx", chat.max_seq, quiet_options()) for k, m in models.items()}  # accuracy
     bundles = {k: compile_bundle(m / "base.onnx", {"listify": adapter}, work / f"b-qv8-{k}", generation="v3",
                                  use_cases=["listify=listify"], force=True) for k, m in models.items()}
     rows: list[Row] = []
-    runners = {}
+    tasks = {}
     for k, b in bundles.items():
-        before = rss()
-        t = time.perf_counter()
-        rt = Runtime.open(b.path, session_options=quiet_options())
-        rows.append(Row(f"open_{k}", (time.perf_counter() - t) * 1e6, None, 1, rss() - before))
-        rt.switch("listify")
-        kv = make_cache(rt.input_shapes, chat.max_seq)
-        nxt = int(kv.step(rt.run, ids)[-1].argmax())
-        runners[f"decode_qv8_{k}"] = lambda kv=kv, rt=rt, nxt=nxt: (kv.step(rt.run, [nxt]), kv.truncate(len(ids)))
-        runners[f"decode_{k}"] = plain[k].stepper(ids)
-        rows.append(measure(f"prefill_{k}", lambda k=k: plain[k].prefill(ids), max(reps // 4, 3), warmup=1))
-    measured, genai_info, skipped = genai_rows(work, ids, reps, also=runners, max_length=chat.max_seq)
+        tasks[k] = plain_task(models[k] / "base.onnx", ids, chat.max_seq, {"decode": f"decode_{k}",
+                                                                            "prefill": f"prefill_{k}"})
+        tasks[f"qv8_{k}"] = runtime_task(b.path, "listify", ids, chat.max_seq, {"decode": f"decode_qv8_{k}",
+                                                                                 "open": f"open_{k}"})
+    peers, skipped = alone_tasks(ids, chat.max_seq)
+    # every decode and prefill row in a process of its own, 4 rounds (quick: 2): one child's p50 moves 10-20 %
+    rows += measure_alone(tasks | peers, 2 * reps, rounds=4 if reps >= 40 else 2)
+    measured, _, why = genai_rows(work, ids, reps, max_length=chat.max_seq,
+                                           taken=[r for t in peers.values() for r in t["rows"].values()])
     rows += measured
+    skipped = skipped or why
     by = {r.name: r for r in rows}
     ref_logits = plain["f32"].prefill(ids).astype(np.float64)
     prompts = [chat.prompt_ids([{"role": "user", "content": p}]) for p in GREEDY_PROMPTS]

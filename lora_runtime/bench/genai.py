@@ -33,7 +33,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -88,14 +88,42 @@ def import_genai():  # noqa: ANN201  (the onnxruntime_genai module)
         raise ImportError(f"onnxruntime-genai is installed but does not load: {e}") from e
 
 
+def alone_tasks(prompt_ids: Sequence[int], max_length: int, *, models: Path | None = None, threads: int = 2
+                ) -> tuple[dict[str, dict], str | None]:
+    """``bench.alone`` tasks for the rows compared with ours (each in a process of its own): decode, prefill and
+    open of fp32 and int4, decode of each LoRA graph with ``qv8`` active; ``({}, reason)`` when GenAI or its models are
+    missing (where GenAI does not import here, $LORA_RUNTIME_GENAI_PYTHON's python must have it)."""
+    from lora_runtime.bench.alone import genai_task
+
+    models = genai_models(models)
+    try:
+        import_genai()
+    except ImportError as e:
+        if not os.environ.get(GENAI_PYTHON_ENV):
+            return {}, f"{e}; or set {GENAI_PYTHON_ENV} to a python that has it"
+    reason = missing_models(models)
+    if reason:
+        return {}, reason
+    ids, paths = [int(i) for i in prompt_ids], folders(models)
+    tasks = {}
+    for p in PRECISIONS:
+        tasks[f"genai_{p}"] = genai_task(paths[p], ids, max_length, {"decode": f"genai_decode_{p}",
+                                                                     "prefill": f"genai_prefill_{p}",
+                                                                     "open": f"genai_open_{p}"}, threads=threads)
+        tasks[f"genai_{p}_qv8"] = genai_task(paths[f"{p}-lora"], ids, max_length, {"decode": f"genai_decode_{p}_qv8"},
+                                             threads=threads, adapter=paths[f"{p}-lora"] / "qv8.onnx_adapter")
+    return tasks, None
+
+
 def genai_rows(work: Path, prompt_ids: Sequence[int], reps: int, *, models: Path | None = None, threads: int = 2,
-               max_length: int = 512, opens: int = 3, also: Mapping[str, Callable[[], object]] | None = None
-               ) -> tuple[list[Row], dict, str | None]:
+               max_length: int = 512, opens: int = 3, also: Mapping[str, Callable[[], object]] | None = None,
+               taken: Collection[str] = ()) -> tuple[list[Row], dict, str | None]:
     """GenAI's rows (see the module doc) and ``also``'s, interleaved; returns ``(rows, info, skipped)``.
 
     ``skipped`` is None, or the one-line reason there are no GenAI rows (GenAI not installed, its models not
     built); ``also``'s rows are then still taken. ``work``: where a child process (``LORA_RUNTIME_GENAI_PYTHON``)
-    leaves its result. ``reps``: timed calls per decode row (prefill rows: a quarter, at least 3)."""
+    leaves its result. ``reps``: timed calls per decode row (prefill rows: a quarter, at least 3). ``taken``: decode,
+    prefill and open rows the caller measures elsewhere (``alone_tasks``): not measured here."""
     models = genai_models(models)
     ids = [int(i) for i in prompt_ids]
     try:
@@ -104,24 +132,53 @@ def genai_rows(work: Path, prompt_ids: Sequence[int], reps: int, *, models: Path
         python = os.environ.get(GENAI_PYTHON_ENV)
         if not python:
             return _also_only(also, reps), {}, f"{e}; or set {GENAI_PYTHON_ENV} to a python that has it"
-        return _in_child(python, Path(work), models, ids, reps, threads, max_length, opens, also)
+        return _in_child(python, Path(work), models, ids, reps, threads, max_length, opens, also, taken)
     reason = missing_models(models)
     if reason:
         return _also_only(also, reps), {}, reason
-    return _measure(models, ids, reps, threads, max_length, opens, also)
+    return _measure(models, ids, reps, threads, max_length, opens, also, taken)
 
 
 def _also_only(also: Mapping[str, Callable[[], object]] | None, reps: int) -> list[Row]:
     return measure_interleaved(dict(also), reps, block=5) if also else []
 
 
+def open_model(og, folder: Path, threads: int):  # noqa: ANN001, ANN201  (og.Model)
+    """GenAI's model in ``folder``, its session on ``threads`` intra-op threads (and one inter-op)."""
+    config = og.Config(str(folder))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    return og.Model(config)
+
+
+def _prefilled(og, model, ids: list[int], max_length: int, adapters=None, adapter: str | None = None):  # noqa: ANN001, ANN202
+    """A generator of ``model`` that has run ``ids`` (with ``adapters``' ``adapter`` active), and its greedy next
+    token."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max_length)
+    gen = og.Generator(model, params)
+    if adapter:
+        gen.set_active_adapter(adapters, adapter)
+    gen.append_tokens(ids)
+    return gen, int(np.argmax(np.asarray(gen.get_logits()).reshape(-1)))
+
+
+def one_generator(og, model, ids: list[int], max_length: int, adapter: Path | None = None):  # noqa: ANN001, ANN201
+    """(generator, greedy next token, what to keep alive with it) of ``model`` (``open_model``) after ``ids``, with
+    the ``.onnx_adapter`` file ``adapter`` active (``bench.alone``'s GenAI tasks)."""
+    adapters = None
+    if adapter is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(adapter), adapter.stem)
+    gen, nxt = _prefilled(og, model, ids, max_length, adapters, adapter.stem if adapter else None)
+    return gen, nxt, adapters
+
+
 class _Decoders:
     """GenAI models, adapters and generators for the rows; ``close`` drops them (models last)."""
 
     def __init__(self, og, models: Path, ids: list[int], threads: int, max_length: int) -> None:  # noqa: ANN001
-        self.og, self.ids, self.max_length = og, ids, max_length
-        self.overlay = json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}})
+        self.og, self.ids, self.max_length, self.threads = og, ids, max_length, threads
         self.paths = folders(models)
         self.models = {role: self.open(path) for role, path in self.paths.items()}
         self.adapters = {}
@@ -134,20 +191,15 @@ class _Decoders:
         self.next_token: dict[str, int] = {}
 
     def open(self, folder: Path):  # noqa: ANN201  (og.Model)
-        config = self.og.Config(str(folder))
-        config.overlay(self.overlay)
-        return self.og.Model(config)
+        return open_model(self.og, folder, self.threads)
 
     def generator(self, key: str, role: str, adapter: str | None = None):  # noqa: ANN201
-        params = self.og.GeneratorParams(self.models[role])
-        params.set_search_options(max_length=self.max_length)
-        gen = self.og.Generator(self.models[role], params)
-        if adapter:
-            gen.set_active_adapter(self.adapters[role.removesuffix("-lora")], adapter)
-        gen.append_tokens(self.ids)
-        self.next_token[key] = int(np.argmax(np.asarray(gen.get_logits()).reshape(-1)))
+        adapters = self.adapters[role.removesuffix("-lora")] if adapter else None
+        gen, self.next_token[key] = _prefilled(self.og, self.models[role], self.ids, self.max_length, adapters,
+                                               adapter)
         self.generators[key] = gen
         return gen
+
 
     def decoder(self, key: str, role: str, adapter: str | None = None) -> Callable[[], None]:
         gen, n = self.generator(key, role, adapter), len(self.ids)
@@ -173,7 +225,7 @@ class _Decoders:
 
 
 def _measure(models: Path, ids: list[int], reps: int, threads: int, max_length: int, opens: int,
-             also: Mapping[str, Callable[[], object]] | None) -> tuple[list[Row], dict, None]:
+             also: Mapping[str, Callable[[], object]] | None, taken: Collection[str]) -> tuple[list[Row], dict, None]:
     og = import_genai()
     d = _Decoders(og, models, ids, threads, max_length)
     try:
@@ -184,9 +236,11 @@ def _measure(models: Path, ids: list[int], reps: int, threads: int, max_length: 
             for a in ADAPTERS:
                 decoders[f"genai_decode_{p}_{a}"] = d.decoder(f"genai_decode_{p}_{a}", f"{p}-lora", a)
         prefills = {f"genai_prefill_{p}": d.prefill(f"genai_prefill_{p}", p) for p in PRECISIONS}
+        decoders = {k: v for k, v in decoders.items() if k not in taken}
+        prefills = {k: v for k, v in prefills.items() if k not in taken}
         rows = measure_interleaved(decoders | dict(also or {}), reps, block=5)
-        rows += measure_interleaved(prefills, max(reps // 4, 3), block=1)
-        rows += _open_rows(d, opens) + _adapter_rows(d, max(reps // 2, 5))
+        rows += measure_interleaved(prefills, max(reps // 4, 3), block=1) if prefills else []
+        rows += _open_rows(d, opens, taken) + _adapter_rows(d, max(reps // 2, 5))
         info = {"genai": {
             "versions": _versions(og), "threads": threads, "max_length": max_length, "context": len(ids),
             "models": {role: str(path) for role, path in d.paths.items()},
@@ -199,9 +253,11 @@ def _measure(models: Path, ids: list[int], reps: int, threads: int, max_length: 
         d.close()
 
 
-def _open_rows(d: _Decoders, opens: int) -> list[Row]:
+def _open_rows(d: _Decoders, opens: int, taken: Collection[str]) -> list[Row]:
     rows = []
     for p in PRECISIONS:
+        if f"genai_open_{p}" in taken:
+            continue
         folder = d.paths[p]
         size = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
         times = []
@@ -239,7 +295,8 @@ def _versions(og) -> dict[str, str]:  # noqa: ANN001
 
 
 def _in_child(python: str, work: Path, models: Path, ids: list[int], reps: int, threads: int, max_length: int,
-              opens: int, also: Mapping[str, Callable[[], object]] | None) -> tuple[list[Row], dict, str | None]:
+              opens: int, also: Mapping[str, Callable[[], object]] | None, taken: Collection[str]
+              ) -> tuple[list[Row], dict, str | None]:
     """The rows from ``python -m lora_runtime.bench.genai`` (another venv's python); ``also`` alone, here."""
     work.mkdir(parents=True, exist_ok=True)
     out = work / "genai-rows.json"
@@ -249,7 +306,7 @@ def _in_child(python: str, work: Path, models: Path, ids: list[int], reps: int, 
     env.pop(GENAI_PYTHON_ENV, None)
     cmd = [python, "-m", "lora_runtime.bench.genai", "--out", str(out), "--models", str(models.resolve()),
            "--reps", str(reps), "--threads", str(threads), "--max-length", str(max_length), "--opens", str(opens),
-           "--ids", ",".join(map(str, ids))]
+           "--ids", ",".join(map(str, ids)), "--taken", ",".join(taken)]
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     except OSError as e:
@@ -277,10 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--opens", type=int, default=3)
+    ap.add_argument("--taken", default="", help="rows measured elsewhere, comma separated")
     a = ap.parse_args(argv)
     ids = [int(x) for x in a.ids.split(",") if x]
     rows, info, skipped = genai_rows(a.out.parent, ids, a.reps, models=a.models, threads=a.threads,
-                                     max_length=a.max_length, opens=a.opens)
+                                     max_length=a.max_length, opens=a.opens,
+                                     taken=[t for t in a.taken.split(",") if t])
     a.out.write_text(json.dumps({"rows": [asdict(r) for r in rows], "info": info, "skipped": skipped}))
     return 0
 
