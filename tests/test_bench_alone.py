@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lora_runtime.bench import genai
-from lora_runtime.bench.alone import Plain, TaskFailed, measure_alone, plain_task, run_task, runtime_task
+from lora_runtime.bench.alone import Plain, TaskFailed, genai_tasks, measure_alone, plain_task, run_task, runtime_task
 
 PROMPT = [{"role": "user", "content": "Give me three tips for better sleep."}]
 
@@ -61,7 +61,7 @@ def test_failing_child_names_its_rows(tmp_path: Path) -> None:
 
 
 def test_genai_tasks_skipped_with_the_reason(tmp_path: Path) -> None:
-    tasks, why = genai.alone_tasks([1, 2, 3], 64, models=tmp_path / "none")
+    tasks, why = genai_tasks([1, 2, 3], 64, models=tmp_path / "none")
     assert tasks == {} and why and "\n" not in why
 
 
@@ -71,7 +71,7 @@ def test_genai_task_in_a_child(prompt_ids: list[int]) -> None:
     models = genai.genai_models()
     if genai.missing_models(models):
         pytest.skip(genai.missing_models(models))
-    tasks, why = genai.alone_tasks(prompt_ids, 256, models=models)
+    tasks, why = genai_tasks(prompt_ids, 256, models=models)
     assert why is None
     assert {r for t in tasks.values() for r in t["rows"].values()} == {
         "genai_decode_fp32", "genai_prefill_fp32", "genai_decode_int4", "genai_prefill_int4",

@@ -24,12 +24,22 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from lora_runtime.bench.genai import (
+    GENAI_PYTHON_ENV,
+    PRECISIONS,
+    folders,
+    genai_models,
+    import_genai,
+    missing_models,
+    one_generator,
+    open_model,
+)
 from lora_runtime.bench.timing import Row, rss
 from lora_runtime.llm.cache import make_cache
 
@@ -89,6 +99,31 @@ def genai_task(folder: Path, ids: list[int], capacity: int, rows: Mapping[str, s
             "threads": threads, "adapter": str(adapter) if adapter else None}
 
 
+def genai_tasks(prompt_ids: Sequence[int], max_length: int, *, models: Path | None = None, threads: int = 2
+                ) -> tuple[dict[str, dict], str | None]:
+    """Tasks for ONNX Runtime GenAI's rows compared with ours (each in a process of its own): decode, prefill and
+    open of fp32 and int4, decode of each LoRA graph with ``qv8`` active; ``({}, reason)`` when GenAI or its models are
+    missing (where GenAI does not import here, $LORA_RUNTIME_GENAI_PYTHON's python must have it)."""
+    models = genai_models(models)
+    try:
+        import_genai()
+    except ImportError as e:
+        if not os.environ.get(GENAI_PYTHON_ENV):
+            return {}, f"{e}; or set {GENAI_PYTHON_ENV} to a python that has it"
+    reason = missing_models(models)
+    if reason:
+        return {}, reason
+    ids, paths = [int(i) for i in prompt_ids], folders(models)
+    tasks = {}
+    for p in PRECISIONS:
+        tasks[f"genai_{p}"] = genai_task(paths[p], ids, max_length, {"decode": f"genai_decode_{p}",
+                                                                     "prefill": f"genai_prefill_{p}",
+                                                                     "open": f"genai_open_{p}"}, threads=threads)
+        tasks[f"genai_{p}_qv8"] = genai_task(paths[f"{p}-lora"], ids, max_length, {"decode": f"genai_decode_{p}_qv8"},
+                                             threads=threads, adapter=paths[f"{p}-lora"] / "qv8.onnx_adapter")
+    return tasks, None
+
+
 def _callables(task: Mapping) -> tuple[dict[str, Callable[[], object]], object, int]:
     """(measurement -> callable, what keeps them alive, ns the open took) for a task, in this process. The open:
     the session (``plain``), ``Runtime.open`` (``runtime``), GenAI's ``og.Model`` (``genai``)."""
@@ -112,8 +147,6 @@ def _callables(task: Mapping) -> tuple[dict[str, Callable[[], object]], object, 
         return {"decode": lambda: (kv.step(rt.run, [nxt]), kv.truncate(len(ids))),
                 "prefill": lambda: (kv.truncate(0), kv.step(rt.run, ids))}, (rt, kv), opened
     if task["kind"] == "genai":
-        from lora_runtime.bench.genai import import_genai, one_generator, open_model
-
         og = import_genai()
         t = time.perf_counter_ns()
         model = open_model(og, Path(task["folder"]), task["threads"])
@@ -156,8 +189,6 @@ def _python(task: Mapping) -> str:
     """The python a task's child runs: this one, or for GenAI tasks where it does not import here,
     $LORA_RUNTIME_GENAI_PYTHON (``bench.genai``)."""
     if task["kind"] == "genai":
-        from lora_runtime.bench.genai import GENAI_PYTHON_ENV, import_genai
-
         try:
             import_genai()
         except ImportError:

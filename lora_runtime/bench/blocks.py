@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_runtime.bench.alone import Plain, measure_alone, plain_task, runtime_task
-from lora_runtime.bench.genai import alone_tasks, genai_rows
+from lora_runtime.bench.alone import Plain, genai_tasks, measure_alone, plain_task, runtime_task
+from lora_runtime.bench.genai import genai_rows
 from lora_runtime.bench.timing import Row, quiet_options
 from lora_runtime.compiler.compile import compile_bundle
 from lora_runtime.llm import GREEDY_PROMPTS, Chat, find_smollm2, import_gguf
@@ -98,7 +98,7 @@ def blocks_rows(work: Path, float_model: Path, adapter: Path, prompt: list[dict[
                                                                             "prefill": f"prefill_{k}"})
         tasks[f"qv8_{k}"] = runtime_task(b.path, "listify", ids, chat.max_seq, {"decode": f"decode_qv8_{k}",
                                                                                  "open": f"open_{k}"})
-    peers, skipped = alone_tasks(ids, chat.max_seq)
+    peers, skipped = genai_tasks(ids, chat.max_seq)
     # every decode and prefill row in a process of its own, 4 rounds (quick: 2): one child's p50 moves 10-20 %
     rows += measure_alone(tasks | peers, 2 * reps, rounds=4 if reps >= 40 else 2)
     measured, _, why = genai_rows(work, ids, reps, max_length=chat.max_seq,

@@ -88,33 +88,6 @@ def import_genai():  # noqa: ANN201  (the onnxruntime_genai module)
         raise ImportError(f"onnxruntime-genai is installed but does not load: {e}") from e
 
 
-def alone_tasks(prompt_ids: Sequence[int], max_length: int, *, models: Path | None = None, threads: int = 2
-                ) -> tuple[dict[str, dict], str | None]:
-    """``bench.alone`` tasks for the rows compared with ours (each in a process of its own): decode, prefill and
-    open of fp32 and int4, decode of each LoRA graph with ``qv8`` active; ``({}, reason)`` when GenAI or its models are
-    missing (where GenAI does not import here, $LORA_RUNTIME_GENAI_PYTHON's python must have it)."""
-    from lora_runtime.bench.alone import genai_task
-
-    models = genai_models(models)
-    try:
-        import_genai()
-    except ImportError as e:
-        if not os.environ.get(GENAI_PYTHON_ENV):
-            return {}, f"{e}; or set {GENAI_PYTHON_ENV} to a python that has it"
-    reason = missing_models(models)
-    if reason:
-        return {}, reason
-    ids, paths = [int(i) for i in prompt_ids], folders(models)
-    tasks = {}
-    for p in PRECISIONS:
-        tasks[f"genai_{p}"] = genai_task(paths[p], ids, max_length, {"decode": f"genai_decode_{p}",
-                                                                     "prefill": f"genai_prefill_{p}",
-                                                                     "open": f"genai_open_{p}"}, threads=threads)
-        tasks[f"genai_{p}_qv8"] = genai_task(paths[f"{p}-lora"], ids, max_length, {"decode": f"genai_decode_{p}_qv8"},
-                                             threads=threads, adapter=paths[f"{p}-lora"] / "qv8.onnx_adapter")
-    return tasks, None
-
-
 def genai_rows(work: Path, prompt_ids: Sequence[int], reps: int, *, models: Path | None = None, threads: int = 2,
                max_length: int = 512, opens: int = 3, also: Mapping[str, Callable[[], object]] | None = None,
                taken: Collection[str] = ()) -> tuple[list[Row], dict, str | None]:
@@ -123,7 +96,7 @@ def genai_rows(work: Path, prompt_ids: Sequence[int], reps: int, *, models: Path
     ``skipped`` is None, or the one-line reason there are no GenAI rows (GenAI not installed, its models not
     built); ``also``'s rows are then still taken. ``work``: where a child process (``LORA_RUNTIME_GENAI_PYTHON``)
     leaves its result. ``reps``: timed calls per decode row (prefill rows: a quarter, at least 3). ``taken``: decode,
-    prefill and open rows the caller measures elsewhere (``alone_tasks``): not measured here."""
+    prefill and open rows the caller measures elsewhere (``bench.alone.genai_tasks``): not measured here."""
     models = genai_models(models)
     ids = [int(i) for i in prompt_ids]
     try:
