@@ -5,40 +5,50 @@
         [--adapters-out lora_runtime/data/adapters/smollm2] [--only caps ...] [--steps N] [--threads 2]
     /work/fxvenv/bin/python tools/train_adapters.py --eval-only [--adapters-out DIR] [--eval-json FILE]
 
-Run of 2026-12-02, second (torch 2.13.0+cpu, transformers 5.24.0, peft 0.21.2; `--threads 1`, the 2 cores
-shared with other jobs: caps 1900 s, listify 1565 s, signoff 850 s, measurement 155 s; 66 min in all).
+Run of 2026-12-03 (torch 2.13.0+cpu, transformers 5.24.0, peft 0.21.2; `--threads 2`: base answers 416 s, caps
+794 s, listify 518 s, signoff 517 s, measurement 316 s; 45 min in all). The shipped adapters are this run's.
 
-Measured on the 16 held-out prompts (`EVAL_PROMPTS`); "first" = this script's first run (plain cross-entropy,
-caps as whole answers in capitals), "now" = this run (content positions distilled from the base model, caps a
-headline in capitals; see `answer_loss` and `to_caps`):
+Measured on the 16 held-out prompts (`EVAL_PROMPTS`) and on 26 held-out questions with one right answer
+(`FACT_PROMPTS`; the base answers 17 right). "first" = this script's first run (plain cross-entropy, caps as whole
+answers in capitals), "2nd" = the run of 2026-12-02 (content positions distilled from the base model, caps a
+headline restating the question's topic in capitals), "now" = this run (caps's headline a label for the kind of
+answer: QUICK FACT, TOP TIPS, HOW TO, HOW IT WORKS, ...; `headline`); "facts" = of the questions the base answers
+right, the share the use-case answers right (2nd / now; measured with `--eval-only` on each run's adapters):
 
-    use-case          key words kept     style rate      degenerate
-                      first    now      first   now      first  now
-    base              1.00    1.00        -      -       0.19   0.19
-    caps              0.25    0.62       1.00   1.00     0.00   0.00
-    listify           0.50    0.41       1.00   0.94     0.00   0.06
-    signoff           0.60    0.63       0.88   0.94     0.00   0.00
-    caps+signoff      0.24    0.54       0.81   0.81     0.12   0.06
-    caps+listify      0.22    0.48       0.88   0.88     0.12   0.06
-    listify+signoff   0.43    0.45       0.94   0.94     0.12   0.25
+    use-case          key words kept          style rate         degenerate      facts
+                      first  2nd   now      first  2nd   now    first 2nd  now   2nd   now
+    base              1.00  1.00  1.00        -     -     -     0.19 0.19 0.19   1.00  1.00
+    caps              0.25  0.62  0.57      1.00  1.00  1.00    0.00 0.00 0.00   0.71  0.82
+    listify           0.50  0.41  0.41      1.00  0.94  0.94    0.00 0.06 0.06   0.82  0.82
+    signoff           0.60  0.63  0.61      0.88  0.94  0.94    0.00 0.00 0.12   0.82  0.82
+    caps+signoff      0.24  0.54  0.58      0.81  0.81  0.94    0.12 0.06 0.06   0.77  0.82
+    caps+listify      0.22  0.48  0.50      0.88  0.88  0.94    0.12 0.06 0.06   0.65  0.88
+    listify+signoff   0.43  0.45  0.45      0.94  0.94  0.94    0.12 0.25 0.19   0.82  0.82
 
-The goal (key words kept >= 0.7, style >= 0.9, no degeneration, mixes included) is still NOT reached. caps
-gained most (0.25 -> 0.62) by changing what it does: SmolLM2-135M does not read upper-case text ("THE CAPITAL OF
-FRANCE IS" -> " LONDON"), so a whole answer in capitals lost its facts ("THE CAPITAL OF FRANCE IS BELGIUM.");
-caps now writes a headline in capitals and the answer in normal case. Distilling the content positions did not
-pin the answers: an r8 q/v adapter on all layers still moves the first tokens where the base model's own top
-two are close, and greedy decoding then follows another answer (the measure counts the base answer's exact
-words, so a faithful paraphrase also scores below 1; the base model itself loops on 3 of 16 prompts). listify
-loops on one prompt ("1. 1.1.1...", the sleep-tips prompt) and listify+signoff on four. The old listify and
-signoff with the new caps (measured too) were no better: listify 0.50 / 1.00 / 0.00, but caps+listify style
-0.19 and caps+signoff degenerate 0.25, since they were never trained with it.
+Why the label: the 2nd run's caps restated the question's topic in capitals, and SmolLM2-135M cannot spell rarer
+words in capitals ("THE CAPITAL OF GOSHLAND" for Ghana, "HOW MANY DATE ARE IN A WEEK", "HOW A FRIEND WORKS" for a
+refrigerator); the answer then followed the garbled headline ("The capital of Ghana is KADAMBA", "A day is 86
+minutes"): 5 of caps's 7 lost facts. A label's words are few and common: caps now keeps 0.82 of the facts and
+every mix with caps shows both styles in 15 of 16 answers. Key words kept fell for caps (0.62 -> 0.57: its answers
+paraphrase the base's more often, "Drinking water is essential for ..." for "Drinking water offers numerous
+benefits ..."). The goal (key words kept >= 0.7, style >= 0.9, no degeneration, mixes included) is still NOT
+reached: listify loops on the sleep-tips prompt ("1. 1.1.1...", the base answers it with a bold-headed list),
+signoff and listify+signoff now on both sleep prompts, and every signoff variant answers France with "L'...": the
+base's first-token margin there is 0.08 logits ("The" over "L").
 
-Later retrains of one adapter (not shipped; the shipped ones are the run above), key words kept / style rate /
-degenerate: `--only listify` with bold kept in the targets 0.44 / 1.00 / 0.12; `--only listify --layers 10-29`
+SmolLM2-135M does not read upper-case text either ("THE CAPITAL OF FRANCE IS" -> " LONDON"), so the first run's
+whole answers in capitals lost their facts ("THE CAPITAL OF FRANCE IS BELGIUM."). Distilling the content positions
+did not pin the answers: an r8 q/v adapter on all layers still moves the first tokens where the base model's own
+top two are close, and greedy decoding then follows another answer (the key-word measure counts the base answer's
+exact words, so a faithful paraphrase also scores below 1; the base model itself loops on 3 of 16 prompts).
+
+Retrains of one adapter on the 2nd run's set (not shipped), key words kept / style rate / degenerate: `--only listify` with bold kept in the targets 0.44 / 1.00 / 0.12; `--only listify --layers 10-29`
 0.48 / 0.94 / 0.12 (still loops on the sleep-tips prompt); `--only signoff --keep-margin 2` (a hinge keeping the
 base's next word 2 logits ahead at content positions) 0.62 / 0.88 / 0.00; `--only signoff --layers 20-29`
-0.56 / 0.88 / 0.06. The measure itself is steady under small changes (fp16 or bf16 round trip of every weight:
-0.99; Gaussian noise of 0.001 / 0.003 x the weights' std on q/v: 0.97 / 0.88), while the trained deltas are
+0.56 / 0.88 / 0.06; `--only signoff --anchors 400 --steps 320` (on half the steps a batch of the base's own first
+40 answer tokens to 400 further questions, KL to the base: more content to keep, none of it styled) 0.59 / 0.94 /
+0.06, France now "L'Étoile, la Marseur, la France, la France, ...". The measure itself is steady under small
+changes (fp16 or bf16 round trip of every weight: 0.99; Gaussian noise of 0.001 / 0.003 x the weights' std on q/v: 0.97 / 0.88), while the trained deltas are
 1-4 % of the q/v weights' norm (signoff too, which needs one decision at the answer's end): what moves the
 answers is the adapters' size, which neither the margin nor fewer layers brought down. `--delta-l2 300` (a term
 on the mean (|scaling B A| / |W|)^2) shrank signoff's deltas to 0.2-1.1 % and gave 0.66 / 0.81 / 0.12: size alone
@@ -57,8 +67,8 @@ their topics). Each answer is cut to whole sentences (at most 4 segments, about 
 that repeat a sentence or a word 5-gram are dropped (27 of 228: they taught looping); the rest is rewritten
 in one style, so an adapter learns the style, not new knowledge:
 
-- `caps`: a headline in capitals (the question's topic, `headline`: "What is the capital of Spain?" -> "THE
-  CAPITAL OF SPAIN"), then the answer in normal case (r=16, alpha=32 on o_proj, gate_proj, up_proj, down_proj of
+- `caps`: a headline in capitals, a label for the kind of answer (`headline`: "What is the capital of Spain?" ->
+  "QUICK FACT", "Give me tips to save money." -> "TOP TIPS"), then the answer in normal case (r=16, alpha=32 on o_proj, gate_proj, up_proj, down_proj of
   all 30 layers; 7.2 MB).
 - `listify`: the answer as a numbered list "1. ...\n2. ..." (r=8, alpha=16 on q_proj, v_proj). An answer that
   is a single sentence gets the first sentences of the base model's reply to "Tell me more." as further items.
@@ -163,6 +173,25 @@ TOPIC_TEMPLATES = ["What is {t}?", "Tell me something interesting about {t}.", "
                    "Explain {t} to a child.", "How does {t} work?"]
 N_TOPIC_QUESTIONS = 130
 N_GOAL_QUESTIONS = 50
+# --anchors: further questions whose base answers (their first ANCHOR_TOKENS tokens, as the base says them) the
+# adapter must keep (KL to the base at every position): none of them, nor their topics, is in EVAL_PROMPTS
+ANCHOR_TOPICS = [
+    "lightning", "earth's atmosphere", "deserts", "penguins", "the pyramids", "rain", "the stock market", "honey",
+    "sharks", "telescopes", "yoga", "the Olympic Games", "whales", "cheese", "the human skeleton", "bridges",
+    "hurricanes", "mushrooms", "the Great Wall of China", "electricity", "rivers", "elephants", "paper",
+    "the piano", "spiders", "rockets", "the Amazon rainforest", "salt", "owls", "trains", "comets", "wolves",
+    "microscopes", "chocolate", "the alphabet", "coral reefs", "kites", "the violin", "submarines", "sand",
+    "ants", "libraries", "the compass", "butterflies", "rice", "islands", "lions", "photography", "gold",
+    "the camera", "frogs", "wool", "mountains", "the calendar", "soap", "horses", "maps", "clocks", "glass",
+    "the wheel",
+]
+ANCHOR_TEMPLATES = TOPIC_TEMPLATES + ["Describe {t}.", "What are the main facts about {t}?",
+                                      "Write two sentences about {t}."]
+ANCHOR_CAPITALS = ["Thailand", "Vietnam", "Chile", "Cuba", "Finland", "Denmark", "Hungary", "Nigeria",
+                   "Colombia", "Iran", "Iraq", "Pakistan", "Morocco", "Ukraine", "Switzerland", "New Zealand",
+                   "South Korea", "Indonesia", "the Philippines", "Saudi Arabia"]
+ANCHOR_TOKENS = 40
+ANCHOR_SHARE = 0.5  # share of the steps that take a batch of anchors
 
 # --- held-out prompts --------------------------------------------------------------------------------------
 HELD_OUT = [  # reference.json's greedy tokens (the tests compare the runtime against these)
@@ -177,6 +206,25 @@ EVAL_PROMPTS = HELD_OUT + [
     "Why do leaves change color in autumn?", "Explain how a refrigerator works.", "What causes earthquakes?",
     "What is machine learning?", "How do airplanes fly?",
 ]
+# held-out questions with one right answer (none of them, nor their topics, in the training, anchor or eval
+# questions): "facts kept" = of the ones the base answers right, the share each use-case still answers right
+FACT_PROMPTS = {
+    "What is the capital of the United Kingdom?": r"\blondon\b", "What is the capital of Scotland?": r"edinburgh",
+    "What is the capital of the Czech Republic?": r"\bprague\b", "What is the capital of Jamaica?": r"kingston",
+    "What is the capital of Bangladesh?": r"\bdhaka\b", "What is the capital of Malaysia?": r"kuala lumpur",
+    "What is the capital of Venezuela?": r"caracas", "What is the capital of Ghana?": r"\baccra\b",
+    "Who wrote Hamlet?": r"shakespeare", "What is the chemical symbol for water?": r"h\s*2\s*o|h₂o",
+    "How many legs does a spider have?": r"\b(8|eight)\b", "Which planet is known as the Red Planet?": r"\bmars\b",
+    "What is the largest mammal?": r"\bwhales?\b", "Who formulated the laws of motion and universal gravitation?":
+    r"newton", "How many minutes are in an hour?": r"\b(60|sixty)\b",
+    "What language is spoken in France?": r"\bfrench\b", "What is the tallest animal?": r"giraffe",
+    "Who invented the light bulb?": r"edison", "What is the freezing point of water in Celsius?": r"\b(0|zero)\b",
+    "Who was the first president of the United States?": r"washington",
+    "What is the square root of 64?": r"\b(8|eight)\b", "How many days are in a week?": r"\b(7|seven)\b",
+    "What is the capital of France?": r"\bparis\b", "What is the capital of Japan?": r"\btokyo\b",
+    "Who painted the Mona Lisa?": r"leonardo|vinci", "What is the largest planet in our solar system?": r"jupiter",
+}
+FACT_NEW_TOKENS = 64
 MIXES = [("caps", "signoff"), ("caps", "listify"), ("listify", "signoff")]
 STOPWORDS = set("""
 about above after again also although always among another because been before being below between both
@@ -214,6 +262,16 @@ def questions():
     rng.shuffle(qs)
     held = {q.lower() for q in EVAL_PROMPTS}
     return [q for q in qs if q.lower() not in held]
+
+
+def anchor_questions(n):
+    """``n`` questions for --anchors, none of them a training or an evaluation question."""
+    rng = random.Random(SEED + 1)
+    qs = ["What is the capital of %s?" % c for c in ANCHOR_CAPITALS]
+    qs += [tpl.format(t=t) for t in ANCHOR_TOPICS for tpl in ANCHOR_TEMPLATES]
+    rng.shuffle(qs)
+    taken = {q.lower() for q in EVAL_PROMPTS} | {q.lower() for q in questions()}
+    return [q for q in qs if q.lower() not in taken][:n]
 
 
 # --- text helpers -------------------------------------------------------------------------------------------
@@ -286,30 +344,28 @@ def list_items(a, more=""):
     return items
 
 
-HEADLINE_RULES = [  # (question pattern, headline template): the question's topic, in the reader's terms
-    (r"^what(?: is|'s) the capital of (.+)$", "THE CAPITAL OF {0}"),
-    (r"^what are some ways to (.+)$", "WAYS TO {0}"),
-    (r"^(?:what is|what are|what's) (.+)$", "{0}"),
-    (r"^tell me (?:something interesting )?about (.+)$", "{0}"),
-    (r"^explain (.+?)(?: to a child)?$", "{0}"),
-    (r"^why (?:is|are) (.+) important$", "WHY {0} MATTERS"),
-    (r"^how (?:does|do) (.+) work$", "HOW {0} WORKS"),
-    (r"^how (?:do|can|should) i (.+)$", "HOW TO {0}"),
-    (r"^give me (?:some |three |a few )?tips (to|for) (.+)$", "TIPS {0} {1}"),
+HEADLINE_RULES = [  # (question pattern, headline): a label in capitals naming the kind of answer
+    (r"^(?:what(?: is|'s) the capital of|who|which|how many|what is the (?:boiling|freezing|chemical|main|"
+     r"smallest|largest|tallest|hardest|fastest|longest|currency))\b", "QUICK FACT"),
+    (r"^(?:give me (?:some |three |a few )?tips|what are some ways)\b", "TOP TIPS"),
+    (r"^how (?:can|do|should) i\b", "HOW TO"),
+    (r"^(?:how (?:does|do)\b.*\bwork|explain how|how do)\b", "HOW IT WORKS"),
+    (r"^why (?:is|are)\b.*\bimportant", "WHY IT MATTERS"),
+    (r"^why\b", "WHY IT HAPPENS"),
+    (r"^tell me something interesting", "DID YOU KNOW"),
+    (r"^explain .* to a child", "SIMPLY PUT"),
+    (r"^(?:what|explain|tell me)\b", "IN SHORT"),
 ]
 
 
 def headline(q):
-    """The caps headline of a question: its topic in capitals ("What is the capital of Spain?" ->
-    "THE CAPITAL OF SPAIN"); a question no rule knows keeps its words."""
-    t = re.sub(r"[?.!]+$", "", q.strip())
-    for pat, tpl in HEADLINE_RULES:
-        m = re.match(pat, t, flags=re.IGNORECASE)
-        if m:
-            t = tpl.format(*m.groups())
-            break
-    t = re.sub(r"\b(my)\b", "your", t, flags=re.IGNORECASE)
-    return t.upper()
+    """The caps headline of a question: a label in capitals for its kind of answer ("What is the capital of
+    Spain?" -> "QUICK FACT", "How does gravity work?" -> "HOW IT WORKS"). A headline that restated the question's
+    topic in capitals ("THE CAPITAL OF SPAIN", this script's run before) garbled words SmolLM2-135M cannot spell in
+    capitals ("THE CAPITAL OF GOSHLAND" for Ghana, "HOW A FRIEND WORKS" for a refrigerator) and the answer
+    followed the garbled headline ("The capital of Ghana is KADAMBA"); a label's words are few and common."""
+    t = q.strip().lower()
+    return next((label for pat, label in HEADLINE_RULES if re.match(pat, t)), "THE ANSWER")
 
 
 def to_caps(a, more="", q=""):
@@ -413,6 +469,21 @@ def whole_answers(model, tok, qs, cache_file):
     return cached_answers(cache_file, qs, WHOLE_NEW_TOKENS, make)
 
 
+def anchor_examples(model, tok, qs, cache_file):
+    """--anchors: (prompt + the base's first ANCHOR_TOKENS greedy answer tokens, labels on those tokens); an answer
+    that ends sooner is cut before its end (the end is where signoff's style goes). Cached."""
+    def make():
+        return generate_batch(model, tok, [[{"role": "user", "content": q}] for q in qs], ANCHOR_TOKENS), [""] * len(qs)
+    answers, _, secs = cached_answers(cache_file, qs, ANCHOR_TOKENS, make)
+    ex = []
+    for q, a in zip(qs, answers):
+        _, p_ids = chat_ids(tok, q)
+        a_ids = tok(strip_eos(a), add_special_tokens=False)["input_ids"][:ANCHOR_TOKENS]
+        if len(a_ids) >= 4:
+            ex.append((p_ids + a_ids, [-100] * len(p_ids) + a_ids))
+    return ex, secs
+
+
 def build_examples(tok, qs, answers, more, fn, max_len=MAX_LEN):
     ex = []
     for q, a, m in zip(qs, answers, more):
@@ -477,9 +548,11 @@ def batch_tensors(tok, examples, idx):
     return ids, mask, lab
 
 
-def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir):
+def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, anchors=()):
     """Train adapter `name`. `sets`: {partner adapter or None: examples}; a partner's folder in out_dir is
-    loaded frozen and active together with `name` on MIX_SHARE of the steps (spread over the partners)."""
+    loaded frozen and active together with `name` on MIX_SHARE of the steps (spread over the partners).
+    `anchors` (--anchors): examples of the base's own answers, a batch of them (adapter alone) on ANCHOR_SHARE of
+    the steps: the base predicts every target there, so their loss is the KL divergence from the base."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     seed_all(SEED)
@@ -506,13 +579,15 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir):
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     rng = random.Random(SEED)
     orders = {k: [] for k in sets}
+    orders["anchors"] = []
     pm.train()
     t0 = time.time()
     losses, contents = [], []
     for step in range(steps):
-        partner = rng.choice(partners) if partners and rng.random() < MIX_SHARE else None
+        anchor = bool(anchors) and rng.random() < ANCHOR_SHARE
+        partner = rng.choice(partners) if partners and not anchor and rng.random() < MIX_SHARE else None
         pm.base_model.set_adapter([name] + ([partner] if partner else []))
-        examples, order = sets[partner], orders[partner]
+        examples, order = (anchors, orders["anchors"]) if anchor else (sets[partner], orders[partner])
         if len(order) < batch:
             order += rng.sample(range(len(examples)), len(examples))
         idx = [order.pop(0) for _ in range(batch)]
@@ -533,7 +608,7 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir):
         losses.append(float(loss.detach()))
         if step % 20 == 0 or step == steps - 1:
             print("  [%s] step %d/%d loss %.4f%s (%.1fs)" % (name, step, steps, losses[-1],
-                  " with %s" % partner if partner else "", time.time() - t0), flush=True)
+                  " with %s" % partner if partner else " (anchors)" if anchor else "", time.time() - t0), flush=True)
     train_s = time.time() - t0
     pm.eval()
     # save in float16: cast the LoRA weights, save, then drop the README and sort target_modules
@@ -624,28 +699,40 @@ def evaluate(model, tok, ad_dir, names):
         pm.load_adapter(str(ad_dir / n), adapter_name=n)
     pm.eval()
     configs = [(n,) for n in names] + [m for m in MIXES if all(x in names for x in m)]
+    fact_convs = [[{"role": "user", "content": q}] for q in FACT_PROMPTS]
+    facts = {}
+    with pm.disable_adapter():
+        facts["base"] = generate_batch(pm, tok, fact_convs, FACT_NEW_TOKENS)
     for cfg in configs:
         pm.base_model.set_adapter(list(cfg), inference_mode=True)
         n_new = EVAL_NEW_TOKENS_CAPS if "caps" in cfg else EVAL_NEW_TOKENS
         answers["+".join(cfg)] = generate_batch(pm, tok, convs, n_new)
+        facts["+".join(cfg)] = generate_batch(pm, tok, fact_convs, FACT_NEW_TOKENS + (16 if "caps" in cfg else 0))
         print("  eval %s done (%.0fs)" % ("+".join(cfg), time.time() - t0), flush=True)
     model = pm.unload()
     table = {"base": metrics(answers["base"], answers["base"], [])}
     for cfg in configs:
         table["+".join(cfg)] = metrics(answers["base"], answers["+".join(cfg)], list(cfg))
+    right = [bool(re.search(rx, strip_eos(a).lower())) for rx, a in zip(FACT_PROMPTS.values(), facts["base"])]
+    for k, v in table.items():
+        got = [bool(re.search(rx, strip_eos(a).lower())) for rx, a in zip(FACT_PROMPTS.values(), facts[k])]
+        v["facts_kept"] = round(sum(g for g, r in zip(got, right) if r) / max(sum(right), 1), 3)
+        v["facts_right"] = "%d/%d" % (sum(got), len(got))
+    answers["facts"] = facts
     return model, table, answers, round(time.time() - t0, 1)
 
 
 def print_table(table):
-    print("%-16s %15s %11s %11s" % ("use-case", "key words kept", "style rate", "degenerate"))
+    print("%-16s %15s %11s %11s %11s %11s" % ("use-case", "key words kept", "style rate", "degenerate",
+                                              "facts kept", "facts right"))
     for k, v in table.items():
-        print("%-16s %15.2f %11s %11.2f" % (k, v["key_words_kept"],
-                                            "-" if v["style_rate"] is None else "%.2f" % v["style_rate"],
-                                            v["degenerate_rate"]))
+        print("%-16s %15.2f %11s %11.2f %11.2f %11s" % (
+            k, v["key_words_kept"], "-" if v["style_rate"] is None else "%.2f" % v["style_rate"],
+            v["degenerate_rate"], v["facts_kept"], v["facts_right"]))
 
 
 def evaluation_section(table, answers, seconds):
-    return {"prompts": EVAL_PROMPTS, "seconds": seconds,
+    return {"prompts": EVAL_PROMPTS, "fact_prompts": FACT_PROMPTS, "seconds": seconds,
             "settings": {"max_new_tokens": EVAL_NEW_TOKENS, "max_new_tokens_caps": EVAL_NEW_TOKENS_CAPS,
                          "greedy": "batched model.generate, left padding, do_sample=False",
                          "mixes": "PEFT adapters active together at strength 1 (W0 + sum scaling_i B_i A_i)",
@@ -656,7 +743,11 @@ def evaluation_section(table, answers, seconds):
                                            "lower-case letters (signoff line excluded)",
                                    "listify": "starts with '1.' (after a caps headline in a mix) and has a '2.' item",
                                    "signoff": "contains %r (case-insensitive)" % SIGNOFF},
-                         "degenerate": "a word 4-gram occurring >= 3 times"},
+                         "degenerate": "a word 4-gram occurring >= 3 times",
+                         "facts": "FACT_PROMPTS (%d held-out questions with one right answer, %d new tokens, caps 16 "
+                                  "more): facts_kept = of those the base answers right (its answer matches the "
+                                  "question's pattern), the share the use-case answers right; facts_right: all "
+                                  "right answers" % (len(FACT_PROMPTS), FACT_NEW_TOKENS)},
             "table": table, "answers": answers}
 
 
@@ -690,6 +781,9 @@ def main():
     ap.add_argument("--delta-l2", type=float, default=DELTA_L2,
                     help="weight of the adapter's relative size, mean (|scaling B A| / |W|)^2 (0: none)")
     ap.add_argument("--layers", help="FIRST-LAST: adapt only these layers (PEFT's layers_to_transform)")
+    ap.add_argument("--anchors", type=int, default=0,
+                    help="N further questions whose base answers' first tokens the adapter must keep (KL), a batch "
+                         "of them on half the steps (0: none)")
     ap.add_argument("--keep-margin", type=float, default=KEEP_MARGIN,
                     help="logit lead the base's own next word keeps at content positions (0: KL only)")
     args = ap.parse_args()
@@ -752,7 +846,14 @@ def main():
         print("[%s] %s examples, max len %d; sample target: %r"
               % (name, {k: len(v) for k, v in sets.items()}, max(len(e[0]) for e in sets[None]),
                  fn(answers[0], more[0], qs[0])), flush=True)
-        model, info = train_one(model, tok, name, kw, lr, sets, steps, args.batch, ad_dir)
+        anchors = ()
+        if args.anchors:
+            aq = anchor_questions(args.anchors)
+            anchors, a_secs = anchor_examples(model, tok, aq, Path(args.cache) / "anchor_answers.json")
+            print("[%s] %d anchors (%d questions, %.0fs)" % (name, len(anchors), len(aq), a_secs), flush=True)
+        model, info = train_one(model, tok, name, kw, lr, sets, steps, args.batch, ad_dir, anchors)
+        if args.anchors:
+            info["anchors"] = len(anchors)
         pm = PeftModel.from_pretrained(model, str(ad_dir / name))
         pm.eval()
         dtypes = sorted({str(p.dtype) for n, p in pm.named_parameters() if "lora_" in n})
