@@ -20,7 +20,7 @@ genai_*                    ONNX Runtime GenAI on the same weights (``bench.genai
                            it or its models are missing)
 =========================  ======================================================================================
 
-Every decode and prefill row, ours and GenAI's, is taken alone (``bench.alone``): in a child process of its own
+Every decode, prefill and open row, ours and GenAI's, is taken alone (``bench.alone``): in a child process of its own
 with ONNX Runtime's default session options, in four rounds that take them in turn. In one process, idle sessions'
 spinning threads slowed whichever ran next, and quiet sessions ran 2-3 ms per token slower than either runtime
 runs alone.
