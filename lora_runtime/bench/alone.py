@@ -200,7 +200,8 @@ class TaskFailed(RuntimeError):
     """A task's child process failed (its last stderr line says why)."""
 
 
-def _child(task: Mapping, calls: int) -> dict[str, list[int]]:
+def _child(task: Mapping, calls: int) -> dict[str, dict]:
+    """``run_task`` in a child process of its own (see the module docstring)."""
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]))
     done = subprocess.run([_python(task), "-m", "lora_runtime.bench.alone", str(calls)], input=json.dumps(task),
