@@ -22,7 +22,8 @@ genai_adapter_load_<a>          ``Adapters.load`` of the ``<a>`` adapter file in
 ==============================  ===================================================================================
 
 Decode and prefill rows are taken round-robin (``measure_interleaved``) with any ``also`` callables the caller
-passes (its own decode rows, say), so ratios between them see the same load.
+passes, so ratios between them see the same load. ``bench --model smollm2`` takes the rows it compares with ours
+alone instead (``bench.alone.genai_tasks``: each in a process of its own) and passes them as ``taken``.
 """
 
 from __future__ import annotations
@@ -172,7 +173,6 @@ class _Decoders:
                                                adapter)
         self.generators[key] = gen
         return gen
-
 
     def decoder(self, key: str, role: str, adapter: str | None = None) -> Callable[[], None]:
         gen, n = self.generator(key, role, adapter), len(self.ids)
