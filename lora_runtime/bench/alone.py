@@ -42,6 +42,7 @@ from lora_runtime.bench.genai import (
 )
 from lora_runtime.bench.timing import Row, rss
 from lora_runtime.llm.cache import make_cache
+from lora_runtime.runtime.switcher import Runtime
 
 WARMUP = 10
 KINDS = ("plain", "runtime", "genai")
@@ -137,8 +138,6 @@ def _callables(task: Mapping) -> tuple[dict[str, Callable[[], object]], object, 
         opened = time.perf_counter_ns() - t
         return {"decode": plain.stepper(ids), "prefill": lambda: plain.prefill(ids)}, plain, opened
     if task["kind"] == "runtime":
-        from lora_runtime.runtime.switcher import Runtime
-
         rt = Runtime.open(task["bundle"], session_options=so)
         opened = time.perf_counter_ns() - t
         rt.switch(task["use_case"])

@@ -88,10 +88,8 @@ def blocks_rows(work: Path, float_model: Path, adapter: Path, prompt: list[dict[
               for k in bases}
     chat = Chat.load(float_model)
     ids = chat.prompt_ids(prompt)
-    plain = {k: Plain(m / "base.onnx", chat.max_seq, quiet_options()) for k, m in models.items()}  # accuracy
     bundles = {k: compile_bundle(m / "base.onnx", {"listify": adapter}, work / f"b-qv8-{k}", generation="v3",
                                  use_cases=["listify=listify"], force=True) for k, m in models.items()}
-    rows: list[Row] = []
     tasks = {}
     for k, b in bundles.items():
         tasks[k] = plain_task(models[k] / "base.onnx", ids, chat.max_seq, {"decode": f"decode_{k}",
@@ -99,13 +97,15 @@ def blocks_rows(work: Path, float_model: Path, adapter: Path, prompt: list[dict[
         tasks[f"qv8_{k}"] = runtime_task(b.path, "listify", ids, chat.max_seq, {"decode": f"decode_qv8_{k}",
                                                                                  "open": f"open_{k}"})
     peers, skipped = genai_tasks(ids, chat.max_seq)
-    # every decode and prefill row in a process of its own, 4 rounds (quick: 2): one child's p50 moves 10-20 %
-    rows += measure_alone(tasks | peers, 2 * reps, rounds=4 if reps >= 40 else 2)
+    # every decode, prefill and open row in a process of its own, 4 rounds (quick: 2): one child's p50 moves 10-20 %
+    rows: list[Row] = measure_alone(tasks | peers, 2 * reps, rounds=4 if reps >= 40 else 2)
     measured, _, why = genai_rows(work, ids, reps, max_length=chat.max_seq,
-                                           taken=[r for t in peers.values() for r in t["rows"].values()])
+                                  taken=[r for t in peers.values() for r in t["rows"].values()])
     rows += measured
     skipped = skipped or why
     by = {r.name: r for r in rows}
+    # accuracy, in this process once the timed children are done (quiet: these sessions only idle between uses)
+    plain = {k: Plain(m / "base.onnx", chat.max_seq, quiet_options()) for k, m in models.items()}
     ref_logits = plain["f32"].prefill(ids).astype(np.float64)
     prompts = [chat.prompt_ids([{"role": "user", "content": p}]) for p in GREEDY_PROMPTS]
     ref_greedy = [_greedy(plain["f32"], p, GREEDY_TOKENS, chat.eos_id) for p in prompts]
