@@ -74,7 +74,9 @@ def describe(bundle: Bundle) -> str:
     lines = [f"bundle {bundle.path}",
              f"  generation {m.generation}; base {m.base.name} ({m.base.dtype}, sha256 {m.base.sha256[:12]}…)",
              f"  {len(m.points)} attachment points, {len(m.slots)} slots, {s['slot_bytes'] / 1e6:.3f} MB of slots, "
-             f"{s['file_bytes'] / 1e6:.3f} MB on disk", "", "  adapters"]
+             f"{s['file_bytes'] / 1e6:.3f} MB on disk", *([
+                 "  base path: with every strength 0 the graph skips its LoRA branches (compile --no-base-path: flat)"]
+                 if m.target.base_path else []), "", "  adapters"]
     for a, info in zip(m.adapters, s["adapters"]):
         cfg = a.config
         pad = (f"patch {info['patch_bytes'] / 1e6:.3f} MB, padding {info['padding_bytes'] / 1e6:.3f} MB "

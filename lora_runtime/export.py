@@ -30,7 +30,17 @@ from lora_runtime.errors import UseCaseError
 from lora_runtime.external_data import inline
 from lora_runtime.graph import GraphEdit
 from lora_runtime.manifest import Manifest
-from lora_runtime.names import GAIN_NODE, PACKED_SLICE, SCALING, BranchNames, GainNames, base_output, lora_a, lora_b
+from lora_runtime.names import (
+    BASE_PATH,
+    GAIN_NODE,
+    PACKED_SLICE,
+    SCALING,
+    BranchNames,
+    GainNames,
+    base_output,
+    lora_a,
+    lora_b,
+)
 from lora_runtime.runtime.session import saved_feeds
 from lora_runtime.staging import check_new_file, new_file, publish_file
 from lora_runtime.tensorfile import read_header
@@ -61,6 +71,42 @@ def use_case_deltas(bundle: Bundle, strengths: Mapping[str, float]) -> dict[str,
             a, b = tf.read(lora_a(p.module), float32=True), tf.read(lora_b(p.module), float32=True)
             deltas[p.module] = (s * float(scaling[i])) * (b.astype(np.float64) @ a)
     return deltas
+
+
+def flatten(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Undo the base-path pass (``compiler.passes.base_path``) in place: the graph with its branches, flat, under
+    its own names again (a graph without it is returned as it is)."""
+    g = model.graph
+    wrapper = next((x for x in g.node if x.op_type == "If" and x.name == BASE_PATH.node), None)
+    if wrapper is None:
+        return model
+    then = next(a.g for a in wrapper.attribute if a.name == "then_branch")
+    cut = len(BASE_PATH.branched)
+
+    def plain(v: str) -> str:  # the then-branch's outputs are the graph's own names under the prefix
+        return v[cut:] if v.startswith(BASE_PATH.branched) else v
+
+    nodes = []
+    for x in then.node:
+        c = onnx.NodeProto()
+        c.CopyFrom(x)
+        c.input[:] = [plain(i) for i in c.input]
+        c.output[:] = [plain(o) for o in c.output]
+        c.name = plain(c.name)
+        nodes.append(c)
+    value_info = []
+    for v in then.value_info:
+        c = onnx.ValueInfoProto()
+        c.CopyFrom(v)
+        c.name = plain(v.name)
+        value_info.append(c)
+    del g.node[:]
+    g.node.extend(nodes)
+    g.value_info.extend(value_info)
+    kept = [t for t in g.initializer if t.name != BASE_PATH.zero]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    return model
 
 
 def strip_branches(model: onnx.ModelProto, manifest: Manifest) -> onnx.ModelProto:
@@ -118,7 +164,7 @@ def merge_use_case(bundle: Bundle, out: str | os.PathLike[str], use_case: str | 
         strengths = m.use_case(use_case).strengths
     deltas = use_case_deltas(bundle, strengths)
     model = onnx.load(str(bundle.file(m.graph)), load_external_data=False)
-    strip_branches(model, m)
+    strip_branches(flatten(model), m)  # (a v3 bundle's base path undone first: the graph with its branches)
     for t in model.graph.initializer:  # read by offset: onnx.load refuses hard-linked data files
         inline(t, bundle.path)
     inits = {t.name: t for t in model.graph.initializer}

@@ -211,6 +211,7 @@ class Target:
     placement: str = ""  # where the nodes ran when the compiler checked, e.g. "all 412 nodes on QNN"
     qnn_ops: dict[str, int] = field(default_factory=dict)  # "FullyConnected ufixed16 x sfixed8" -> count
     decode: DecodeGraph | None = None
+    base_path: bool = False  # v3 on the CPU: with every strength 0 the graph skips its LoRA branches (an If)
 
 
 def saved_holder(module: str, holders: Sequence[str]) -> str | None:

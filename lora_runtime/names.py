@@ -52,6 +52,25 @@ class GainNames:
         return f"{GAIN_NODE}.{self.k}/Mul"
 
 
+
+@dataclass(frozen=True)
+class BasePathNames:
+    """v3 on the CPU: the ``If`` that runs the graph's base path when every strength is 0
+    (``compiler.passes.base_path``), and the prefixes that keep its two subgraphs' values apart."""
+
+    any_active: str = "lora/base_path/any"  # bool scalar: some strength is not 0
+    zero: str = "lora/base_path/zero"  # constant 0.0
+    node: str = "lora/base_path/If"
+    branched: str = "lora/branched/"  # the then-branch: the graph with its LoRA branches
+    base: str = "lora/base/"  # the else-branch: the base path
+
+    def step(self, what: str) -> str:
+        """The tensor (and node) of one step computing ``any_active``: ``abs``, ``max``."""
+        return f"lora/base_path/{what}"
+
+
+BASE_PATH = BasePathNames()
+
 def lora_a(module: str) -> str:
     """PEFT's name of the A (r, in) weight at ``module``."""
     return f"{module}.lora_A.weight"

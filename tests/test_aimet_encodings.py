@@ -22,6 +22,7 @@ from lora_runtime import Runtime, UseCaseError, compile_bundle
 from lora_runtime.cli import main
 from lora_runtime.compiler.options import CompileOptions, QuantOptions
 from lora_runtime.compiler.points import find_candidates
+from lora_runtime.export import flatten
 from lora_runtime.quant import presets
 from lora_runtime.quant.encodings import EncodingsError, EncodingsWarning
 from lora_runtime.quant.overrides import GraphTensors, Targets, match
@@ -56,7 +57,7 @@ def models(tiny, tmp_path_factory):
     out = {"tiny": (tiny.base, tiny.adapters, TINY_USE_CASES, d / "tiny.npz"), "gpt2": gpt2}
     for name, (base, adapters, use_cases, _c) in out.items():
         b = compile_bundle(base, adapters, d / f"{name}_float", generation="v3", use_cases=use_cases)
-        out[name] += (onnx.load(str(b.file("model.onnx")), load_external_data=False).graph,)
+        out[name] += (flatten(onnx.load(str(b.file("model.onnx")), load_external_data=False)).graph,)
     return out
 
 

@@ -34,7 +34,7 @@ from lora_runtime.models.default import DefaultModel, build_default, recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATIONS = ("v1", "v2", "v3")
-STEPS = 6  # how many times compile_bundle calls ``report`` (the ``staged`` fixture checks it)
+STEPS = 7  # how many times compile_bundle calls ``report`` (the ``staged`` fixture checks it)
 KILLS = 6  # random kills per test; each costs one child start (~0.3 s)
 DEADLINE = 12.0  # seconds per random-kill test, whatever the count
 

@@ -12,7 +12,7 @@ from reference import merged_outputs
 
 from lora_runtime import UseCaseError, compile_bundle, run_use_case
 from lora_runtime.demo import demo_use_cases
-from lora_runtime.export import export_ort_adapter, merge_use_case, strip_branches
+from lora_runtime.export import export_ort_adapter, flatten, merge_use_case, strip_branches
 from lora_runtime.names import STRENGTH, BranchNames, GainNames
 
 
@@ -39,7 +39,7 @@ def test_branches_of_a_v3_bundle_compiled_before_gains_were_shared_are_stripped(
     from today's by giving every point its own gain again; strip_branches (what merge runs) leaves the base."""
     b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "b", generation="v3",
                        use_cases=demo_use_cases("v3", list(tiny.adapters)))
-    g = onnx.load(str(b.file(b.manifest.graph)), load_external_data=False)
+    g = flatten(onnx.load(str(b.file(b.manifest.graph)), load_external_data=False))
     consts = {t.name: numpy_helper.to_array(t) for t in g.graph.initializer
               if t.data_location != onnx.TensorProto.EXTERNAL}
     shared = {k.gain: k for k in map(GainNames, range(len(b.manifest.points))) if k.strength_index in consts}

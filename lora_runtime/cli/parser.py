@@ -95,6 +95,9 @@ def parser() -> argparse.ArgumentParser:
                         "--base-weights with --calibration")
     c.add_argument("--no-ort-reference", action="store_true",
                    help="skip comparing with ONNX Runtime's quantize_static of each merged use-case")
+    c.add_argument("--no-base-path", action="store_true",
+                   help="v3 on the CPU: keep the graph flat (by default, with every strength 0 it runs its base path, "
+                        "the LoRA branches skipped: faster tokens, a slower open; see the README)")
     c.add_argument("--copy-base-data", action="store_true",
                    help="copy the base model's external data when it cannot be hard-linked (another filesystem)")
     c.add_argument("--target", default="cpu", choices=["cpu", "htp"],

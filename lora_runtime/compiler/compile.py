@@ -30,6 +30,7 @@ from lora_runtime.compiler.adapter import Adapter
 from lora_runtime.compiler.base import base_float_type, check_adapter_bases, check_structure, link_data, load_base
 from lora_runtime.compiler.htp import htp_stage
 from lora_runtime.compiler.options import CompileOptions, WeightOnlyOptions
+from lora_runtime.compiler.passes.base_path import add_base_paths
 from lora_runtime.compiler.passes.branch import BranchOptions, add_branches
 from lora_runtime.compiler.passes.saved import SavedOptions, swap_saved
 from lora_runtime.compiler.passes.static_shape import StaticShapeOptions, make_static
@@ -171,8 +172,11 @@ def compile_bundle(base: str | os.PathLike[str],
             data_files = []  # the bundle holds every base tensor it needs; the float32 data is not linked
         for rel in data_files:
             link_data(base.parent / rel, tmp / rel, options.copy_base_data)
-        (tmp / GRAPH).write_bytes(model.SerializeToString())
         check_structure(model, base)
+        if options.base_path and gen == "v3" and options.target == "cpu" and q is None and add_base_paths(
+                [g for g in (model, decode) if g is not None], made, say):
+            manifest = dataclasses.replace(manifest, target=dataclasses.replace(manifest.target, base_path=True))
+        (tmp / GRAPH).write_bytes(model.SerializeToString())
         if decode is not None:
             (tmp / DECODE_GRAPH).write_bytes(decode.SerializeToString())
             own.append(DECODE_GRAPH)

@@ -169,6 +169,9 @@ class CompileOptions:
     # a second graph (model_decode.onnx) at these dims instead (e.g. {"sequence": 1}: an LLM's decode step next
     # to its prefill graph), sharing the weights and the encodings
     decode_shapes: Mapping[str, int] = field(default_factory=dict)
+    # v3 on the CPU without encodings: with every strength 0 the graph runs its base path, its LoRA branches
+    # skipped (compiler.passes.base_path); False keeps the graph flat
+    base_path: bool = True
 
     def __post_init__(self) -> None:
         _one_of("generation", self.generation, GENERATIONS)

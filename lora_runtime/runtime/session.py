@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from lora_runtime.bundle import Bundle, open_bundle
 from lora_runtime.errors import InputError, TargetError, UseCaseError
-from lora_runtime.names import STRENGTH
+from lora_runtime.names import BASE_PATH, STRENGTH
 from lora_runtime.runtime import htp
 from lora_runtime.tensorfile import TensorFile, read_header
 
@@ -184,8 +184,10 @@ def run_use_case(bundle: str | os.PathLike[str] | Bundle, use_case: str | None, 
 def ort_message(e: Exception) -> str:
     """ONNX Runtime's error in one line, without its status-code preamble, naming the node when it says which."""
     text = " ".join(str(e).split())
-    node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
+    # the innermost node: a node in a subgraph (a v3 bundle's base path runs the graph inside an If) fails its If too
+    node = ([None] + list(re.finditer(r"running (\w+) node\. Name:'([^']*)'", text)))[-1]
     for marker in ("Status Message: ", "] : "):
         if marker in text:
             text = text.split(marker)[-1]
-    return (f"{node.group(1)} node {node.group(2)!r}: " if node else "") + text[:400]
+    name = node and node.group(2).removeprefix(BASE_PATH.branched).removeprefix(BASE_PATH.base)
+    return (f"{node.group(1)} node {name!r}: " if node else "") + text[:400]
