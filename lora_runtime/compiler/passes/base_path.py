@@ -18,9 +18,8 @@ the branches add exact zeros, so both compute the same outputs. The subgraphs' o
 Not for graphs that already hold subgraphs (their outer-scope reads would need renaming too), for QDQ bundles
 (the base path would skip the sums' requantization: not the same outputs), for points on float16 ops (ONNX Runtime
 rounds a float16 graph differently inside an If: a float16 llama's base path measured 22 dB against PEFT where its
-flat graph has 39 dB) or the HTP (QNN has no ``If``): the
-compiler leaves those flat. ``lora_runtime.export.flatten`` undoes the pass (``merge`` reads the graph with its
-branches).
+flat graph has 39 dB) or the HTP (QNN has no ``If``): the compiler leaves those flat. ``lora_runtime.export.flatten``
+undoes the pass (``merge`` reads the graph with its branches).
 """
 
 from __future__ import annotations
@@ -144,7 +143,7 @@ def _subgraph(g: onnx.GraphProto, nodes: list[onnx.NodeProto], alias: dict[str, 
     return helper.make_graph(out_nodes, name, [], outputs, value_info=value_info)
 
 
-def _live(nodes: list[onnx.NodeProto], wanted: Iterable[str], resolve) -> set[int]:  # noqa: ANN001
+def _live(nodes: list[onnx.NodeProto], wanted: Iterable[str], resolve: Callable[[str], str]) -> set[int]:
     """The ids of the nodes the ``wanted`` values need (reads resolved through ``resolve``)."""
     producer = {o: x for x in nodes for o in x.output if o}
     live: set[int] = set()
@@ -163,6 +162,6 @@ def _live(nodes: list[onnx.NodeProto], wanted: Iterable[str], resolve) -> set[in
     return live
 
 
-def _rename(node: onnx.NodeProto, ren) -> None:  # noqa: ANN001
+def _rename(node: onnx.NodeProto, ren: Callable[[str], str]) -> None:
     node.input[:] = [ren(i) if i else i for i in node.input]
     node.output[:] = [ren(o) if o else o for o in node.output]
