@@ -52,7 +52,6 @@ class GainNames:
         return f"{GAIN_NODE}.{self.k}/Mul"
 
 
-
 @dataclass(frozen=True)
 class BasePathNames:
     """v3 on the CPU: the ``If`` that runs the graph's base path when every strength is 0
@@ -70,6 +69,7 @@ class BasePathNames:
 
 
 BASE_PATH = BasePathNames()
+
 
 def lora_a(module: str) -> str:
     """PEFT's name of the A (r, in) weight at ``module``."""

@@ -59,11 +59,6 @@ GREEDY_TOKENS = 32
 V3NONE = ("f32_ort", "blocks4", "q4_0_blocks4")  # bases of the no-adapter v3 rows (the fast graphs)
 FLAT = "q4_0_blocks4"  # ... and of the flat twin's
 RATIO_GOALS = {"decode_v3none_": 1.03, "decode_qv8_": 1.10}  # issue 19: x of the plain base, by row prefix
-
-
-def ratio_goal(key: str) -> float | None:
-    """The goal of a ratio this module reports (None: none)."""
-    return next((g for prefix, g in RATIO_GOALS.items() if key.startswith(prefix) and "_flat_" not in key), None)
 PEERS = (("decode_f32", "genai_decode_fp32"), ("decode_f32_ort", "genai_decode_fp32"),
          ("decode_blocks0", "genai_decode_int4"), ("decode_blocks4", "genai_decode_int4"),
          ("decode_qv8_blocks4", "genai_decode_int4_qv8"), ("decode_qv8_f32_ort", "genai_decode_fp32_qv8"),
@@ -71,6 +66,11 @@ PEERS = (("decode_f32", "genai_decode_fp32"), ("decode_f32_ort", "genai_decode_f
          ("prefill_blocks0", "genai_prefill_int4"), ("open_blocks4", "genai_open_int4"),
          ("decode_q4_0_blocks4", "genai_decode_int4"), ("prefill_q4_0_blocks4", "genai_prefill_int4"),
          ("open_blocks0", "genai_open_int4"))  # (ours, ONNX Runtime GenAI's), same weights and threads
+
+
+def ratio_goal(key: str) -> float | None:
+    """The goal of a ratio this module reports (None: none)."""
+    return next((g for prefix, g in RATIO_GOALS.items() if key.startswith(prefix) and "_flat_" not in key), None)
 
 
 def _imported(folder: Path, weights: str, level: int, graph: str, pack: bool, source: Path | None = None) -> Path:

@@ -198,7 +198,8 @@ class Runtime:
         return dict(self._state.strengths)
 
     def memory(self) -> dict[str, object]:
-        """Resident bytes: scratch sets, preloaded sets (per adapter), encodings sets and the total."""
+        """Resident bytes: scratch sets, preloaded sets (per adapter), encodings sets and the total. (v3 on the CPU:
+        the group's bytes are the session's own initializers, counted here as its preloaded set.)"""
         with self._lock:
             preloaded = {k: s.nbytes for k, s in self._resident.items()}
             scratch = sum(s.nbytes for s in self._scratch)
