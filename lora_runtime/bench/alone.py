@@ -42,6 +42,7 @@ from lora_runtime.bench.genai import (
 )
 from lora_runtime.bench.timing import Row, rss
 from lora_runtime.llm.cache import make_cache
+from lora_runtime.runtime.bound import Bound, Graph, run_bound
 from lora_runtime.runtime.switcher import Runtime
 
 WARMUP = 10
@@ -58,20 +59,14 @@ class Plain:
         self.names = [o.name for o in self.sess.get_outputs()]
         self.inputs = {i.name: i.shape for i in self.sess.get_inputs()}
         self.cache = make_cache([self.inputs], capacity)
+        # the runtime's own binding of a graph with buffers (``runtime.bound``): the same per-token work as a bundle's
+        self._graph = Graph(self.sess, {i.name: i for i in self.sess.get_inputs()}, self.names)
+        self._bound = Bound(self.sess.io_binding())
 
     def _run(self, feeds, buffers=None):  # noqa: ANN001, ANN202  (what a KV cache's step calls)
         if buffers is None:
             return dict(zip(self.names, self.sess.run(None, feeds)))
-        binding = getattr(self, "_binding", None)
-        if binding is None:
-            binding = self._binding = self.sess.io_binding()
-            for n, v in buffers.items():
-                (binding.bind_ortvalue_input if n in self.inputs else binding.bind_ortvalue_output)(n, v)
-        for n, v in feeds.items():
-            binding.bind_cpu_input(n, v)
-        binding.bind_output("logits", "cpu")
-        self.sess.run_with_iobinding(binding)
-        return {"logits": binding.get_outputs()[-1].numpy()}
+        return run_bound(self._graph, self._bound, feeds, buffers)
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         self.cache.truncate(0)
