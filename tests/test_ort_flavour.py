@@ -67,21 +67,21 @@ def _base(tmp_path, flavour):
     return path, w
 
 
-def _adapter(tmp_path, w):
-    """A PEFT folder: rank 4 on q_proj and v_proj of both layers."""
+def _adapter(tmp_path, w, modules=("q_proj", "v_proj")):
+    """A PEFT folder: rank 4 on ``modules`` (attention's) of both layers."""
     rng = np.random.default_rng(9)
-    folder = tmp_path / "qv"
+    folder = tmp_path / "_".join(modules)
     folder.mkdir()
     tensors = {}
     for i in range(S16.n_layers):
-        for m in ("q_proj", "v_proj"):
+        for m in modules:
             d_in, d_out = w[f"model.layers.{i}.self_attn.{m}.weight"].shape
             key = f"base_model.model.model.layers.{i}.self_attn.{m}"
             tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((4, d_in)) * 0.3).astype(np.float32)
             tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((d_out, 4)) * 0.3).astype(np.float32)
     save_tensors(folder / "adapter_model.safetensors", tensors)
     (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}))
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": list(modules)}))
     return folder
 
 
@@ -119,6 +119,10 @@ def test_the_base_path_writes_the_in_place_cache_like_the_flat_graph(tmp_path):
     rts = {k: Runtime.open(compile_bundle(ort_base, {"qv": qv}, tmp_path / f"b-{k}", CompileOptions(
         "v3", base_path=k == "gated"), use_cases=["qv=qv", "base="]).path) for k in ("gated", "flat")}
     assert rts["gated"].manifest.target.base_path and not rts["flat"].manifest.target.base_path
+    g = onnx.load(str(rts["gated"].bundle.file("model.onnx")), load_external_data=False).graph
+    base_path = next(a.g for a in g.node[-1].attribute if a.name == "else_branch")
+    attention = [n for n in base_path.node if n.op_type == "GroupQueryAttention"]
+    assert attention and all(n.input[1:3] == ["", ""] for n in attention)  # the base path feeds q/k/v packed
     ids = [int(x) for x in np.random.default_rng(6).integers(0, S16.vocab, 9)]
     plain = ort.InferenceSession(str(ort_base), providers=["CPUExecutionProvider"])
     names = [o.name for o in plain.get_outputs()]
@@ -141,6 +145,26 @@ def test_the_base_path_writes_the_in_place_cache_like_the_flat_graph(tmp_path):
     kv = make_cache(rts["gated"].input_shapes, S16.max_seq)
     np.testing.assert_allclose(kv.step(rts["gated"].run, ids), dict(zip(names, plain.run(names, feeds)))["logits"][0],
                                atol=1e-5, rtol=0)
+
+
+def test_attention_reads_q_k_v_packed_where_no_branch_sits_between(tmp_path):
+    """An adapter on o_proj only: no branch on q/k/v, so the bundle feeds attention the packed q/k/v (no Split);
+    its logits equal the standard graph's bundle of the same adapter (plain attention ops, a growing cache)."""
+    ort_base, w = _base(tmp_path, "ort")
+    std_base, _ = _base(tmp_path, "standard")
+    o = _adapter(tmp_path, w, ("o_proj",))
+    rts = {k: Runtime.open(compile_bundle(b, {"o": o}, tmp_path / f"b-{k}", CompileOptions("v3", base_path=False),
+                                          use_cases=["o=o"]).path) for k, b in (("ort", ort_base), ("std", std_base))}
+    g = onnx.load(str(rts["ort"].bundle.file("model.onnx")), load_external_data=False).graph
+    attention = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == S16.n_layers and all(n.input[1:3] == ["", ""] for n in attention)
+    assert not [n for n in g.node if n.op_type == "Split" and "qkv" in n.name]
+    ids = [int(x) for x in np.random.default_rng(8).integers(0, S16.vocab, 10)]
+    logits = {}
+    for k, rt in rts.items():
+        kv = make_cache(rt.input_shapes, S16.max_seq)
+        logits[k] = np.concatenate([kv.step(rt.run, ids[:6])] + [kv.step(rt.run, [t]) for t in ids[6:]])
+    np.testing.assert_allclose(logits["ort"], logits["std"], atol=2e-4, rtol=1e-4)
 
 def test_an_ort_flavour_base_refuses_static_shapes(tmp_path):
     ort_base, w = _base(tmp_path, "ort")

@@ -65,7 +65,10 @@ PEERS = (("decode_f32", "genai_decode_fp32"), ("decode_f32_ort", "genai_decode_f
          ("prefill_f32_ort", "genai_prefill_fp32"), ("prefill_blocks4", "genai_prefill_int4"),
          ("prefill_blocks0", "genai_prefill_int4"), ("open_blocks4", "genai_open_int4"),
          ("decode_q4_0_blocks4", "genai_decode_int4"), ("prefill_q4_0_blocks4", "genai_prefill_int4"),
-         ("open_blocks0", "genai_open_int4"))  # (ours, ONNX Runtime GenAI's), same weights and threads
+         ("open_blocks0", "genai_open_int4"), ("decode_v3none_q4_0_blocks4", "genai_decode_int4"),
+         ("decode_v3none_blocks4", "genai_decode_int4"), ("decode_v3none_f32_ort", "genai_decode_fp32"),
+         ("open_v3_q4_0_blocks4", "genai_open_int4"), ("open_v3_flat_q4_0_blocks4", "genai_open_int4"),
+         )  # (ours, ONNX Runtime GenAI's), same weights and threads; decode_v3none_*: a bundle, q/k/v packed
 
 
 def ratio_goal(key: str) -> float | None:

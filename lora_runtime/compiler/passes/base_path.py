@@ -32,6 +32,7 @@ from onnx import TensorProto, helper
 
 from lora_runtime.compiler.passes import PassResult
 from lora_runtime.compiler.passes.branch import BranchResult
+from lora_runtime.compiler.passes.pack_qkv import drop_unread, pack_qkv
 from lora_runtime.names import BASE_PATH, STRENGTH
 
 
@@ -76,6 +77,7 @@ def add_base_path(model: onnx.ModelProto, options: BasePathOptions) -> BasePathR
     g.node.extend(gate)
     del g.value_info[:]  # moved into the subgraphs, renamed
     g.initializer.append(helper.make_tensor(n.zero, TensorProto.FLOAT, [], [0.0]))
+    drop_unread(g)  # (a packed Split's sizes)
     return BasePathResult(model, len(base.node))
 
 
@@ -99,8 +101,10 @@ def add_base_paths(models: Sequence[onnx.ModelProto], made: BranchResult, say: C
 
 def _subgraph(g: onnx.GraphProto, nodes: list[onnx.NodeProto], alias: dict[str, str], prefix: str,
               outer: set[str], name: str) -> onnx.GraphProto:
-    """``nodes`` with every read of an ``alias`` key redirected to its value, those no output needs dropped, and
-    every value not in ``outer`` renamed with ``prefix``."""
+    """``nodes`` with every read of an ``alias`` key redirected to its value, those no output needs dropped, the
+    attentions whose q/k/v then come straight from their Split fed the packed tensor (``pack_qkv``), and every value
+    not in ``outer`` renamed with ``prefix``."""
+    constants = {t.name: t for t in g.initializer}
 
     def resolve(v: str) -> str:
         while v in alias:
@@ -120,9 +124,11 @@ def _subgraph(g: onnx.GraphProto, nodes: list[onnx.NodeProto], alias: dict[str, 
         c = onnx.NodeProto()
         c.CopyFrom(x)
         c.input[:] = [resolve(i) for i in c.input]
-        _rename(c, ren)
-        c.name = prefix + x.name if x.name else ""
         out_nodes.append(c)
+    out_nodes = pack_qkv(out_nodes, constants)  # (the base path's q/k/v reach attention unbranched)
+    for c in out_nodes:
+        _rename(c, ren)
+        c.name = prefix + c.name if c.name else ""
     outputs = []
     for o, w in zip(g.output, wanted):
         if w in outer:  # an input or initializer passed straight out: a subgraph output must be its own value
