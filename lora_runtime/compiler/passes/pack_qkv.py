@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 import onnx
 from onnx import numpy_helper
 
+from lora_runtime.compiler.passes.emit import consumed
+
 
 def pack_qkv(nodes: Sequence[onnx.NodeProto], constants: Mapping[str, onnx.TensorProto]) -> list[onnx.NodeProto]:
     """``nodes`` with each ``Split -> GroupQueryAttention(q, k, v)`` whose three outputs nothing else reads made
@@ -72,11 +74,8 @@ def pack_attention(model: onnx.ModelProto) -> int:
 
 def drop_unread(g: onnx.GraphProto) -> None:
     """Drop the initializers no node reads (in ``g`` or its subgraphs) that are not graph inputs."""
-    read = {i for n in g.node for i in n.input}
-    for n in g.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                read |= {i for x in a.g.node for i in x.input}
+    read = consumed(g.node).union(*(consumed(a.g.node) for n in g.node for a in n.attribute
+                                     if a.type == onnx.AttributeProto.GRAPH))
     inputs = {i.name for i in g.input}
     kept = [t for t in g.initializer if t.name in read or t.name in inputs]
     if len(kept) != len(g.initializer):
