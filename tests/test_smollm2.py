@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 from conftest import FIXTURES
 
@@ -153,8 +154,11 @@ def test_static_cache_prefill_and_decode_graphs_generate_as_transformers(tmp_pat
     name, folder = next(iter(shipped_adapters().items()))
     b = compile_bundle(model / "base.onnx", {name: folder}, tmp_path / "b",
                        CompileOptions("v3", static_shapes={"sequence": 16}, decode_shapes={"sequence": 1}),
-                       use_cases=["base="])
+                       use_cases=["base=", f"{name}={name}"])
     assert b.manifest.target.decode.static_shapes == {"sequence": 1}
+    assert b.manifest.target.base_path  # both graphs: base-path If in each (use-case "base" runs it)
+    for f in ("model.onnx", "model_decode.onnx"):
+        assert onnx.load(str(b.path / f), load_external_data=False).graph.node[-1].op_type == "If", f
     rt = Runtime.open(b.path)
     assert [s["input_ids"] for s in rt.input_shapes] == [[1, 16], [1, 1]]
     assert rt.input_shapes[0]["past_key.0"] == [1, 3, 80, 64]
@@ -167,6 +171,16 @@ def test_static_cache_prefill_and_decode_graphs_generate_as_transformers(tmp_pat
     with pytest.raises(InputError, match="exceed the model's 80 positions"):
         generate(rt, chat, REF["prompts"][1]["input_ids"], max_new_tokens=40)
     _two_turns_as_fresh(rt, chat, 6)  # the static cache cut back and refilled in chunks
+    # the adapter's branches in both graphs: the tokens of the same bundle compiled flat
+    flat = compile_bundle(model / "base.onnx", {name: folder}, tmp_path / "flat", CompileOptions(
+        "v3", static_shapes={"sequence": 16}, decode_shapes={"sequence": 1}, base_path=False),
+        use_cases=[f"{name}={name}"])
+    assert not flat.manifest.target.base_path
+    ids = REF["prompts"][1]["input_ids"]  # 41 tokens: three prefill chunks, then one-token decode steps
+    base = generate(rt, chat, ids, max_new_tokens=12).ids
+    rt.switch(name)
+    styled = generate(rt, chat, ids, max_new_tokens=12).ids
+    assert styled != base and styled == generate(Runtime.open(flat.path), chat, ids, max_new_tokens=12).ids
 
 
 def _lcp(a: list[int], b: list[int]) -> int:
