@@ -81,6 +81,24 @@ def test_both_paths_give_the_flat_bundles_outputs(bundles, tiny):
                                    atol=1e-4, rtol=0)
 
 
+def test_a_v3_cpu_runtime_keeps_no_copy_of_the_group(bundles, tiny, tmp_path):
+    """The graph's initializers hold a v3 group on the CPU: the runtime makes no arena and no OrtValue for it (none
+    is bound), still counts its bytes as resident, and refuses to fill it; a v1 runtime fills a real set."""
+    for b in bundles.values():
+        rt = Runtime.open(b.path, preload="all")
+        group = rt._state.slots
+        assert group.in_graph and group.arena.nbytes == 0 and not group.values
+        assert rt.memory()["preloaded_bytes"] == {"group": rt.layout.nbytes} and rt.layout.nbytes > 0
+        rt.switch("mix")
+        assert rt._state.slots is group and rt.last_switch.kind == "hot"
+        with pytest.raises(ValueError, match="never filled"):
+            group.fill_from(rt._sources["group"])
+    v1 = Runtime.open(compile_bundle(tiny.base, tiny.adapters, tmp_path / "v1", generation="v1",
+                                     use_cases=["summarize=summarize"]).path)
+    assert not v1._state.slots.in_graph and v1._state.slots.arena.nbytes == v1.layout.nbytes
+    assert set(v1._state.slots.values) == {s.name for s in v1.layout.slots}
+
+
 def test_only_v3_cpu_bundles_without_encodings_get_it(tiny, tmp_path):
     for gen in ("v1", "v2"):
         b = compile_bundle(tiny.base, tiny.adapters, tmp_path / gen, generation=gen)

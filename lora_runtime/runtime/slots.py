@@ -97,12 +97,16 @@ class PatchSource:
 class SlotSet:
     """One arena of slot values and the OrtValues bound to the session."""
 
-    def __init__(self, layout: Layout, holds: str | tuple[str | None, ...] | None = None) -> None:
+    def __init__(self, layout: Layout, holds: str | tuple[str | None, ...] | None = None, *,
+                 in_graph: bool = False) -> None:
+        """``in_graph``: the values are the graph's own initializers (a v3 group on the CPU): no arena, nothing to
+        bind or fill; the set still counts its readers and its bytes."""
         self.layout = layout
-        self.arena = np.empty(layout.nbytes, np.uint8)
+        self.in_graph = in_graph
+        self.arena = np.empty(0 if in_graph else layout.nbytes, np.uint8)
         self.views: dict[str, np.ndarray] = {}
         self.values: dict[str, ort.OrtValue] = {}
-        for s, o in zip(layout.slots, layout.offsets):
+        for s, o in zip(() if in_graph else layout.slots, layout.offsets):
             view = self.arena[o:o + s.nbytes].view(s.numpy_dtype).reshape(s.shape)
             self.views[s.name] = view
             self.values[s.name] = ort.OrtValue.ortvalue_from_numpy(view)
@@ -130,6 +134,8 @@ class SlotSet:
         The header was validated when the source was opened; if the file changed since (inode, size
         or mtime differ), it is validated again before a byte is copied.
         """
+        if self.in_graph:
+            raise ValueError("a set held by the graph's initializers is never filled")
         hook = hook or (lambda _step: None)
         path, fd = source.path, source.fd
         stop = self.nbytes if stop is None else stop

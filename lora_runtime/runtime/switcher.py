@@ -80,7 +80,7 @@ class Runtime:
         # and a v3 switch never changes it), so its LoRA slots are never bound and the set is never filled: ONNX
         # Runtime takes no ~2 inputs per point on every run (SmolLM2 with 3 adapters on 180 points: ~1 ms of a
         # 9-12 ms token) and the weights are in memory once
-        self._group_in_graph = m.generation == "v3" and all(
+        group_in_graph = m.generation == "v3" and all(
             s.get_providers() == ["CPUExecutionProvider"] for s in (session, decode) if s is not None)
         reserved = {s.name for s in m.slots}
         # the bundle's graphs (a static-shape LLM bundle: prefill and decode), one slot set bound to both
@@ -115,8 +115,8 @@ class Runtime:
                                   m.saved_sources(u.strengths))
                          for u in m.use_cases}
         first_adapter = GROUP if m.generation == "v3" else (m.default_adapter or m.adapters[0].name)
-        first = SlotSet(self.layout, first_adapter)
-        if not self._group_in_graph:
+        first = SlotSet(self.layout, first_adapter, in_graph=group_in_graph)
+        if not first.in_graph:
             first.fill_from(self._sources[first_adapter])
         if m.generation == "v3":
             self._resident[GROUP] = first
@@ -367,7 +367,7 @@ class Runtime:
         bound = local.graphs[index]
         b = bound.binding
         if bound.version != state.version:
-            for have, want in (("slots", None if self._group_in_graph else state.slots),
+            for have, want in (("slots", None if state.slots.in_graph else state.slots),
                                ("encodings", state.encodings), ("saved", state.saved)):
                 if want is not None and getattr(bound, have) is not want:
                     for name, value in want.values.items():
