@@ -26,7 +26,8 @@ Nothing comes from a model hub. Steps (each skipped when its output exists, unle
 4. ``<out>/smollm2-<precision>-lora/<name>.onnx_adapter`` (ONNX Runtime's adapter format) for the shipped
    PEFT adapters: ``qv8`` (``listify``: r=8 on q/v) and ``caps16`` (``caps``: r=16 on o/gate/up/down).
    ``B`` carries the LoRA scaling; q and v sit in the packed qkv columns, k's columns are zero; a module the
-   adapter leaves alone gets rank-0 tensors.
+   adapter leaves alone gets rank-0 tensors. ``<name>.onnx_adapter.source`` holds the SHA-256 of the PEFT weights
+   it was made from: a retrained shipped adapter gets its file written again on the next run.
 5. A check, fp32: GenAI's logits for a chat prompt, no adapter active on the LoRA graph == the base graph, and
    with each adapter == PEFT in torch on the same folder (max abs difference printed; it stops above 1e-2).
 
@@ -37,6 +38,7 @@ names (a bundle's slots); GenAI's graph needs names of its own, and this script 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -305,10 +307,16 @@ def main(argv: list[str] | None = None) -> int:
             lora_graph(model, lora)
         shapes = {k: tuple(v) for k, v in json.loads((lora / "lora_modules.json").read_text()).items()}
         for name, folder in ADAPTERS.items():
-            path = lora / f"{name}.onnx_adapter"
+            path, source = lora / f"{name}.onnx_adapter", ADAPTER_DIR / folder
+            stamp = path.with_name(path.name + ".source")  # the PEFT weights it was made from: remade when retrained
+            digest = hashlib.sha256((source / "adapter_model.safetensors").read_bytes()).hexdigest()
+            if path.exists() and (not stamp.is_file() or stamp.read_text().strip() != digest):
+                log(f"      {path.name}: {source} changed since it was written: writing it again")
+                path.unlink()
             if fresh(path, args.force):
-                log(f"[4/5] {ADAPTER_DIR / folder} -> {path}")
-                write_adapter(peft_params(ADAPTER_DIR / folder, shapes, q_size, kv_size), path)
+                log(f"[4/5] {source} -> {path}")
+                write_adapter(peft_params(source, shapes, q_size, kv_size), path)
+                stamp.write_text(digest + "\n")
     if not args.no_check and "fp32" in args.precision:
         log("[5/5] check (fp32)")
         check(out, hf)
