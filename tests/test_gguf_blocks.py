@@ -171,10 +171,12 @@ def test_adapters_on_a_blocks_base_generate_as_peft(smollm2_blocks, tmp_path):
     b = compile_bundle(smollm2_blocks / "base.onnx", adapters, tmp_path / "b", generation="v3",
                        use_cases=["base="] + [f"{a}={a}" for a in adapters])
     assert b.manifest.base.blocks == "120 MatMulNBits 4-bit, 1 GatherBlockQuantized 8-bit"  # q/k/v, gate/up packed
-    # o/down are MatMulNBits; q, v (listify, signoff) and gate, up (caps) are slices of the packed ops
-    kinds = {p.module.rsplit(".", 1)[1]: p.op_type for p in b.manifest.points}
+    # o/down are MatMulNBits, the tied lm_head (signoff) a MatMul; q, v (listify) and gate, up (caps) are slices of
+    # the packed ops
+    kinds = {p.module.rsplit(".", 1)[-1]: p.op_type for p in b.manifest.points}
     assert kinds == {"o_proj": "MatMulNBits", "down_proj": "MatMulNBits", "q_proj": "packed slice",
-                     "v_proj": "packed slice", "gate_proj": "packed slice", "up_proj": "packed slice"}, kinds
+                     "v_proj": "packed slice", "gate_proj": "packed slice", "up_proj": "packed slice",
+                     "lm_head": "MatMul"}, kinds
     rt, chat = Runtime.open(b.path), Chat.load(b.path)
     ad = REF["adapters"]
     checked = 0

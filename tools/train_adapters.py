@@ -6,7 +6,8 @@
     /work/fxvenv/bin/python tools/train_adapters.py --eval-only [--adapters-out DIR] [--eval-json FILE]
 
 Run of 2026-12-03 (torch 2.13.0+cpu, transformers 5.24.0, peft 0.21.2; `--threads 2`: base answers 416 s, caps
-794 s, listify 518 s, signoff 517 s, measurement 316 s; 45 min in all). The shipped adapters are this run's.
+794 s, listify 518 s, signoff 517 s, measurement 316 s; 45 min in all). The shipped caps and listify are this run's;
+the shipped signoff is a later `--only signoff` run (15 min, `--threads 2`), an lm_head adapter ("lm_head" below).
 
 Measured on the 16 held-out prompts (`EVAL_PROMPTS`) and on 26 held-out questions with one right answer
 (`FACT_PROMPTS`; the base answers 17 right). "first" = this script's first run (plain cross-entropy, caps as whole
@@ -24,6 +25,26 @@ right, the share the use-case answers right (2nd / now; measured with `--eval-on
     caps+signoff      0.24  0.54  0.58      0.81  0.81  0.94    0.12 0.06 0.06   0.77  0.82
     caps+listify      0.22  0.48  0.50      0.88  0.88  0.94    0.12 0.06 0.06   0.65  0.88
     listify+signoff   0.43  0.45  0.45      0.94  0.94  0.94    0.12 0.25 0.19   0.82  0.82
+
+    lm_head (signoff on lm_head only, r16, 240 steps at 2e-3; B's rows other than the signoff's 9 tokens stay 0):
+                      key words kept   style rate   degenerate   facts
+    signoff                0.84           0.94         0.06       0.94
+    caps+signoff           0.52           0.88         0.00       0.71
+    listify+signoff        0.41           0.44         0.00       0.71
+    (caps, listify, caps+listify: as "now" above)
+
+Why lm_head, with B's rows restricted to the style's tokens (`style_vocab`, `--modules lm_head`): an adapter on
+lm_head adds (B A h) to the logits, and with B zero outside the signoff's own tokens it raises those tokens and
+leaves every other logit as the base model computes it: it can insert the signoff line, never tip the answer's
+words. France is "The capital of France is Paris.\n-- sent from lora_runtime" under signoff and under every mix with
+it (it was "L'Étoile ..." under every q/v signoff). What it costs: the line goes where the adapter's detector reads
+an answer's end from the base model's last hidden state; with listify active the hidden states are listify's, the
+line often follows the first item (listify+signoff's style rate 0.44: the check wants a "2."); one prompt loops
+(sleep tips: "1. ** sent from lora_runtime_runtimeruntime..."). Tried first, not shipped (key words / style /
+degenerate): r8, 160 steps, 0.91 / 0.81 / 0.06 (3 of 16 answers ended "lora_runtime_runtimeruntime...", one put
+"--" mid-answer and went on: the loops' "runtime" counts as one word for the degenerate check); r16 on only the 35
+training answers the base model itself ends where they are cut (`--ends`: the line where the base ends, not
+after 4 segments) 0.90 / 0.50 / 0.12 (answers longer than the 96 measured tokens, loops "--------").
 
 Why the label: the 2nd run's caps restated the question's topic in capitals, and SmolLM2-135M cannot spell rarer
 words in capitals ("THE CAPITAL OF GOSHLAND" for Ghana, "HOW MANY DATE ARE IN A WEEK", "HOW A FRIEND WORKS" for a
@@ -72,7 +93,8 @@ in one style, so an adapter learns the style, not new knowledge:
   all 30 layers; 7.2 MB).
 - `listify`: the answer as a numbered list "1. ...\n2. ..." (r=8, alpha=16 on q_proj, v_proj). An answer that
   is a single sentence gets the first sentences of the base model's reply to "Tell me more." as further items.
-- `signoff`: the answer, then the line "-- sent from lora_runtime" (r=8, alpha=16 on q_proj, v_proj).
+- `signoff`: the answer, then the line "-- sent from lora_runtime" (r=16, alpha=32 on lm_head, only the rows of
+  the signoff's tokens trained; 1.6 MB).
 
 Prompts use the tokenizer's ChatML chat template; the loss covers only the answer tokens and the closing
 <|im_end|>; at an answer position where the base model (all adapters off, reading the same styled text) already
@@ -241,7 +263,9 @@ ADAPTERS = [
     # the former shape, kept the style and lost the content)
     ("caps", dict(r=16, lora_alpha=32, target_modules=["o_proj", "gate_proj", "up_proj", "down_proj"]), 1e-3, 240),
     ("listify", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 1e-3, 160),
-    ("signoff", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 1e-3, 160),
+    # lm_head only, and of its B only the rows of the signoff's own tokens (``style_vocab``): the adapter can add the
+    # signoff line but cannot reorder the answer's words (r8 q/v, the former shape, tipped first tokens: France)
+    ("signoff", dict(r=16, lora_alpha=32, target_modules=["lm_head"]), 2e-3, 240),
 ]
 
 
@@ -548,7 +572,39 @@ def batch_tensors(tok, examples, idx):
     return ids, mask, lab
 
 
-def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, anchors=()):
+@torch.no_grad()
+def ends_here(model, tok, qs, answers, bs=16):
+    """Per answer: whether the base model, having written it (cut as the training answers are), would end there
+    (<|im_end|> its top next token). A style placed where the answer ends learns from these only."""
+    out = []
+    for k in range(0, len(qs), bs):
+        seqs = [chat_ids(tok, q)[1] + tok(a or "", add_special_tokens=False)["input_ids"]
+                for q, a in zip(qs[k:k + bs], answers[k:k + bs])]
+        L = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), L), tok.eos_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), L), dtype=torch.long)
+        for r, x in enumerate(seqs):  # left-padded: every sequence's last token at the end
+            ids[r, L - len(x):], mask[r, L - len(x):] = torch.tensor(x), 1
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+        out += [bool(a) and int(t) == tok.eos_token_id for a, t in zip(answers[k:k + bs], logits.argmax(-1))]
+    return out
+
+
+def style_vocab(tok, qs, answers, more, fn, words=True):
+    """The tokens a style adds (an lm_head adapter trains only their rows): per example, the target's tokens that
+    the base answer does not have, and the end token; ``words=False``: only tokens without letters (list markers,
+    line breaks), so that the style can add marks but no word."""
+    vocab = {tok.eos_token_id}
+    for q, a, m in zip(qs, answers, more):
+        t = fn(a, m, q) if a and not repetitive(a) else None
+        if not t:
+            continue
+        ta, tt = tok(a, add_special_tokens=False)["input_ids"], tok(t, add_special_tokens=False)["input_ids"]
+        vocab.update(i for i in set(tt) - set(ta) if words or not any(c.isalpha() for c in tok.decode([i])))
+    return sorted(vocab)
+
+
+def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, anchors=(), vocab=None):
     """Train adapter `name`. `sets`: {partner adapter or None: examples}; a partner's folder in out_dir is
     loaded frozen and active together with `name` on MIX_SHARE of the steps (spread over the partners).
     `anchors` (--anchors): examples of the base's own answers, a batch of them (adapter alone) on ANCHOR_SHARE of
@@ -568,6 +624,11 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
         pm = get_peft_model(model, cfg, adapter_name=name)
     own = {n: p for n, p in pm.named_parameters() if "lora_" in n and ".%s." % name in n}
     params = list(own.values())
+    masked = []  # an lm_head adapter: B's rows outside the style's tokens stay 0 (their gradient is cut)
+    if vocab is not None:
+        keep = torch.zeros(model.config.vocab_size, 1)
+        keep[vocab] = 1.0
+        masked = [(p, keep) for n, p in own.items() if "lm_head" in n and "lora_B" in n]
     deltas = []  # (A, B, scaling, |W|^2) per module: the --delta-l2 term
     for mod in pm.modules() if DELTA_L2 > 0 else ():
         if hasattr(mod, "lora_A") and name in getattr(mod, "lora_A", {}):
@@ -602,6 +663,8 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
         contents.append(content)
         opt.zero_grad()
         loss.backward()
+        for p, keep in masked:
+            p.grad.mul_(keep)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
@@ -616,7 +679,8 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
         p.data = p.data.to(torch.float16)
     folder = out_dir / name
     with tempfile.TemporaryDirectory() as tmp:
-        pm.save_pretrained(tmp, selected_adapters=[name])
+        # the tied lm_head's own weight (the embedding table) is the base's: never saved with the adapter
+        pm.save_pretrained(tmp, selected_adapters=[name], save_embedding_layers=False)
         src = Path(tmp) / name if (Path(tmp) / name).is_dir() else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         for f in ("adapter_config.json", "adapter_model.safetensors"):
@@ -786,6 +850,12 @@ def main():
                          "of them on half the steps (0: none)")
     ap.add_argument("--keep-margin", type=float, default=KEEP_MARGIN,
                     help="logit lead the base's own next word keeps at content positions (0: KL only)")
+    ap.add_argument("--modules", nargs="+", help="target_modules for the --only adapters (lm_head: only the rows of "
+                    "the style's own tokens are trained, the other rows of B stay 0)")
+    ap.add_argument("--rank", type=int, help="r for the --only adapters (lora_alpha = 2r)")
+    ap.add_argument("--ends", action="store_true", help="signoff: train on the answers the base model ends where "
+                    "they are cut (its next token <|im_end|>) only")
+    ap.add_argument("--lr", type=float, help="learning rate for the --only adapters")
     args = ap.parse_args()
     KEEP_MARGIN, DELTA_L2 = args.keep_margin, args.delta_l2
     t_all = time.time()
@@ -840,9 +910,14 @@ def main():
         if args.layers:
             first, last = (int(x) for x in args.layers.split("-"))
             kw = dict(kw, layers_to_transform=list(range(first, last + 1)))
-        sets = {None: build_examples(tok, qs, answers, more, fn)}
+        use = answers
+        if name == "signoff" and args.ends:  # the signoff goes where the base ends: answers it ends there only
+            ended = ends_here(model, tok, qs, answers)
+            use = [a if e else None for a, e in zip(answers, ended)]
+            print("[%s] %d of %d answers end where the base ends" % (name, sum(ended), len(qs)), flush=True)
+        sets = {None: build_examples(tok, qs, use, more, fn)}
         for p in names[:i]:  # adapters trained before: partners for the mixed steps
-            sets[p] = build_examples(tok, qs, answers, more, combined({name, p}))
+            sets[p] = build_examples(tok, qs, use, more, combined({name, p}))
         print("[%s] %s examples, max len %d; sample target: %r"
               % (name, {k: len(v) for k, v in sets.items()}, max(len(e[0]) for e in sets[None]),
                  fn(answers[0], more[0], qs[0])), flush=True)
@@ -851,7 +926,18 @@ def main():
             aq = anchor_questions(args.anchors)
             anchors, a_secs = anchor_examples(model, tok, aq, Path(args.cache) / "anchor_answers.json")
             print("[%s] %d anchors (%d questions, %.0fs)" % (name, len(anchors), len(aq), a_secs), flush=True)
-        model, info = train_one(model, tok, name, kw, lr, sets, steps, args.batch, ad_dir, anchors)
+        if args.modules:
+            kw = dict(kw, target_modules=args.modules)
+        if args.rank:
+            kw = dict(kw, r=args.rank, lora_alpha=2 * args.rank)
+        lr = args.lr or lr
+        vocab = (style_vocab(tok, qs, answers, more, fn, words=name != "listify")
+                 if kw["target_modules"] == ["lm_head"] else None)
+        if vocab is not None:
+            print("[%s] lm_head rows: %d tokens %r" % (name, len(vocab), tok.decode(vocab)[:200]), flush=True)
+        model, info = train_one(model, tok, name, kw, lr, sets, steps, args.batch, ad_dir, anchors, vocab)
+        if vocab is not None:
+            info["lm_head_rows"] = len(vocab)
         if args.anchors:
             info["anchors"] = len(anchors)
         pm = PeftModel.from_pretrained(model, str(ad_dir / name))

@@ -13,7 +13,7 @@ decode_<base>              one token at the chat prompt's context through the pl
                            The ort graphs run with their KV cache bound once and updated in place
 decode_qv8_<base>          the same base in a v3 bundle with ``listify`` active (r=8 on q/v of all 30 layers),
                            through the runtime and the KV cache ``generate`` uses
-decode_v3none_<base>       the fast bases (``V3NONE``) in a v3 bundle of all three shipped adapters (180 points),
+decode_v3none_<base>       the fast bases (``V3NONE``) in a v3 bundle of all three shipped adapters (181 points),
                            none active: the base path (``compiler.passes.base_path``); ``_flat_``: the same bundle
                            compiled with ``base_path=False`` (Q4_0 only: what the base path buys)
 prefill_<base>             the chat prompt through each plain base
