@@ -87,8 +87,8 @@ def _adapter(tmp_path, w, modules=("q_proj", "v_proj")):
 
 def test_in_place_cache_through_the_runtime_equals_the_standard_graph(tmp_path):
     """v3 bundles of both flavours with one adapter: prefill, a truncated cache continued (a chat turn kept by
-    PromptCache), one-token steps (the in-place cache's feeds bound and written in place), a chunk again; the
-    in-place cache's buffers are the ones the graph wrote into."""
+    PromptCache), one-token steps, a chunk again after them; the in-place cache's buffers are the ones the graph
+    wrote into."""
     ort_base, w = _base(tmp_path, "ort")
     std_base, _ = _base(tmp_path, "standard")
     qv = _adapter(tmp_path, w)
@@ -103,7 +103,7 @@ def test_in_place_cache_through_the_runtime_equals_the_standard_graph(tmp_path):
         got = [kv.step(run, ids[:6])]
         kv.truncate(4)  # the next turn keeps a prefix, then runs what follows it
         got += [kv.step(run, ids[4:9])] + [kv.step(run, [t]) for t in ids[9:14]]
-        kv.truncate(11)  # back from one-token steps (their feeds bound with the cache) to a chunk, then a step
+        kv.truncate(11)  # from one-token steps back to a chunk (its output shapes held apart), then a step
         got += [kv.step(run, ids[11:13]), kv.step(run, ids[13:14])]
         logits[k] = np.concatenate(got)
     np.testing.assert_allclose(logits["ort"], logits["std"], atol=2e-4, rtol=1e-4)
