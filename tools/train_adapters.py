@@ -850,12 +850,12 @@ def main():
                          "of them on half the steps (0: none)")
     ap.add_argument("--keep-margin", type=float, default=KEEP_MARGIN,
                     help="logit lead the base's own next word keeps at content positions (0: KL only)")
-    ap.add_argument("--modules", nargs="+", help="target_modules for the --only adapters (lm_head: only the rows of "
-                    "the style's own tokens are trained, the other rows of B stay 0)")
-    ap.add_argument("--rank", type=int, help="r for the --only adapters (lora_alpha = 2r)")
+    ap.add_argument("--modules", nargs="+", help="target_modules of every adapter trained (use with --only; lm_head: "
+                    "only the rows of the style's own tokens are trained, the other rows of B stay 0)")
+    ap.add_argument("--rank", type=int, help="r of every adapter trained (use with --only; lora_alpha = 2r)")
     ap.add_argument("--ends", action="store_true", help="signoff: train on the answers the base model ends where "
                     "they are cut (its next token <|im_end|>) only")
-    ap.add_argument("--lr", type=float, help="learning rate for the --only adapters")
+    ap.add_argument("--lr", type=float, help="learning rate of every adapter trained (use with --only)")
     args = ap.parse_args()
     KEEP_MARGIN, DELTA_L2 = args.keep_margin, args.delta_l2
     t_all = time.time()
