@@ -264,7 +264,7 @@ ADAPTERS = [
     ("caps", dict(r=16, lora_alpha=32, target_modules=["o_proj", "gate_proj", "up_proj", "down_proj"]), 1e-3, 240),
     ("listify", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 1e-3, 160),
     # lm_head only, and of its B only the rows of the signoff's own tokens (``style_vocab``): the adapter can add the
-    # signoff line but cannot reorder the answer's words (r8 q/v, the former shape, tipped first tokens: France)
+    # signoff line but never swap a word of the answer for another (r8 q/v, the former shape, tipped first tokens)
     ("signoff", dict(r=16, lora_alpha=32, target_modules=["lm_head"]), 2e-3, 240),
 ]
 
