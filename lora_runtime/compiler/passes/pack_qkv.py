@@ -11,6 +11,7 @@ list, so the base-path pass runs it on its subgraph too.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import onnx
@@ -24,10 +25,7 @@ def pack_qkv(nodes: Sequence[onnx.NodeProto], constants: Mapping[str, onnx.Tenso
     ``GroupQueryAttention(packed, "", "")`` (the Split dropped); ``constants``: the graph's initializers, where the
     Split's sizes are (checked against the attention's heads). The packing nodes are edited in place."""
     producer = {o: n for n in nodes for o in n.output if o}
-    readers: dict[str, int] = {}
-    for n in nodes:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+    readers = Counter(i for n in nodes for i in n.input)
     dropped: set[int] = set()
     for n in nodes:
         if n.op_type != "GroupQueryAttention" or len(n.input) < 3 or not all(n.input[:3]):
@@ -35,7 +33,7 @@ def pack_qkv(nodes: Sequence[onnx.NodeProto], constants: Mapping[str, onnx.Tenso
         split = producer.get(n.input[0])
         if split is None or split.op_type != "Split" or list(split.output) != list(n.input[:3]):
             continue
-        if any(readers.get(o, 0) != 1 for o in split.output) or not _sizes_fit(split, n, constants):
+        if any(readers[o] != 1 for o in split.output) or not _sizes_fit(split, n, constants):
             continue
         n.input[0], n.input[1], n.input[2] = split.input[0], "", ""
         dropped.add(id(split))
