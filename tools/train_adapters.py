@@ -248,6 +248,13 @@ FACT_PROMPTS = {
 }
 FACT_NEW_TOKENS = 64
 MIXES = [("caps", "signoff"), ("caps", "listify"), ("listify", "signoff")]
+# The measure's floor: the base model itself under changes of its prompt that ask for the same answer. Greedy
+# decoding of a 135M model follows another wording after any such change, so these rows say what key words kept
+# and facts kept a faithful rewording scores (an adapter is judged against them, not against 1.0).
+FLOOR = {"base, system 'You are a helpful assistant.'": ("You are a helpful assistant.", ""),
+         "base, system + 'Answer clearly.'": ("You are a helpful AI assistant named SmolLM, trained by Hugging Face. "
+                                              "Answer clearly.", ""),
+         "base, 'Please answer: ' before": (None, "Please answer: ")}
 STOPWORDS = set("""
 about above after again also although always among another because been before being below between both
 but can cannot could does doing down during each even every from further have having here hers herself
@@ -750,6 +757,12 @@ def metrics(base_texts, texts, styles):
             "key_words_kept_per_prompt": [round(k, 2) for k in kept]}
 
 
+def reworded(qs, system, before):
+    """Chat conversations asking ``qs`` with another system prompt and/or words ``before`` each question."""
+    return [[{"role": "system", "content": system}] * bool(system) + [{"role": "user", "content": before + q}]
+            for q in qs]
+
+
 def evaluate(model, tok, ad_dir, names):
     """Greedy answers to EVAL_PROMPTS under base, each adapter and each mix; returns (table, answers)."""
     from peft import PeftModel
@@ -767,6 +780,10 @@ def evaluate(model, tok, ad_dir, names):
     facts = {}
     with pm.disable_adapter():
         facts["base"] = generate_batch(pm, tok, fact_convs, FACT_NEW_TOKENS)
+        for k, (system, before) in FLOOR.items():
+            answers[k] = generate_batch(pm, tok, reworded(EVAL_PROMPTS, system, before), EVAL_NEW_TOKENS)
+            facts[k] = generate_batch(pm, tok, reworded(FACT_PROMPTS, system, before), FACT_NEW_TOKENS)
+        print("  eval floor done (%.0fs)" % (time.time() - t0), flush=True)
     for cfg in configs:
         pm.base_model.set_adapter(list(cfg), inference_mode=True)
         n_new = EVAL_NEW_TOKENS_CAPS if "caps" in cfg else EVAL_NEW_TOKENS
@@ -775,6 +792,7 @@ def evaluate(model, tok, ad_dir, names):
         print("  eval %s done (%.0fs)" % ("+".join(cfg), time.time() - t0), flush=True)
     model = pm.unload()
     table = {"base": metrics(answers["base"], answers["base"], [])}
+    table |= {k: metrics(answers["base"], answers[k], []) for k in FLOOR}
     for cfg in configs:
         table["+".join(cfg)] = metrics(answers["base"], answers["+".join(cfg)], list(cfg))
     right = [bool(re.search(rx, strip_eos(a).lower())) for rx, a in zip(FACT_PROMPTS.values(), facts["base"])]
@@ -787,10 +805,10 @@ def evaluate(model, tok, ad_dir, names):
 
 
 def print_table(table):
-    print("%-16s %15s %11s %11s %11s %11s" % ("use-case", "key words kept", "style rate", "degenerate",
+    print("%-34s %15s %11s %11s %11s %11s" % ("use-case", "key words kept", "style rate", "degenerate",
                                               "facts kept", "facts right"))
     for k, v in table.items():
-        print("%-16s %15.2f %11s %11.2f %11.2f %11s" % (
+        print("%-34s %15.2f %11s %11.2f %11.2f %11s" % (
             k, v["key_words_kept"], "-" if v["style_rate"] is None else "%.2f" % v["style_rate"],
             v["degenerate_rate"], v["facts_kept"], v["facts_right"]))
 
@@ -808,6 +826,8 @@ def evaluation_section(table, answers, seconds):
                                    "listify": "starts with '1.' (after a caps headline in a mix) and has a '2.' item",
                                    "signoff": "contains %r (case-insensitive)" % SIGNOFF},
                          "degenerate": "a word 4-gram occurring >= 3 times",
+                         "floor": {k: {"system": sy or "(the template's default)", "before_question": b}
+                                   for k, (sy, b) in FLOOR.items()},
                          "facts": "FACT_PROMPTS (%d held-out questions with one right answer, %d new tokens, caps 16 "
                                   "more): facts_kept = of those the base answers right (its answer matches the "
                                   "question's pattern), the share the use-case answers right; facts_right: all "
