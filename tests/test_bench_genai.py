@@ -69,3 +69,14 @@ def test_rows_have_times(tmp_path: Path) -> None:
     tokens = info["genai"]["next_token"]
     assert tokens["genai_decode_fp32_lora_none"] == tokens["genai_decode_fp32"]
     assert tokens["genai_decode_int4_lora_none"] == tokens["genai_decode_int4"]
+
+
+def test_goals_against_our_own_base_are_not_put_on_ratios_to_genai() -> None:
+    """A v3 bundle with no adapter has its x1.03 goal against our plain base; the same bundle's ratio to GenAI's
+    decode (and an adapter's to GenAI's adapter) carries no goal of ours, nor does the flat twin."""
+    from lora_runtime.bench.blocks import PEERS, ratio_goal
+
+    assert ratio_goal("decode_v3none_q4_0_blocks4 / decode_q4_0_blocks4") == 1.03
+    assert ratio_goal("decode_qv8_blocks4 / decode_blocks4") == 1.10
+    assert ratio_goal("decode_v3none_flat_q4_0_blocks4 / decode_q4_0_blocks4") is None
+    assert all(ratio_goal(f"{ours} / {theirs}") is None for ours, theirs in PEERS)

@@ -120,3 +120,13 @@ def test_bad_sizes_are_one_line(tmp_path, capsys, argv, message):
     _fails(capsys, [a.format(tmp=tmp_path) for a in argv] + (["--out", str(tmp_path / "d")] if argv[0] == "demo"
                                                               else []), message)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--output-tensor-type", "q8_0"], "--output-tensor-type q8_0 needs --accuracy-level 4"),
+    (["--output-tensor-type", "q4_0", "--weights", "float32"], "only with the file's blocks kept"),
+])
+def test_bad_output_tensor_types_are_one_line(tmp_path, capsys, argv, message):
+    """Refused before anything is read or written (the installed SmolLM2 GGUF is never opened)."""
+    _fails(capsys, ["import-model", *argv, "-o", str(tmp_path / "m")], message)
+    assert list(tmp_path.iterdir()) == []

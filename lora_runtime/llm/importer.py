@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 
 from lora_runtime.errors import BaseModelError, InputError
-from lora_runtime.models.gguf import build_from_gguf
+from lora_runtime.models.gguf import OUTPUT_TYPES, build_from_gguf
 from lora_runtime.models.hf import build_from_hf
 from lora_runtime.models.llama import DATA_FILE, FLAVOUR
 from lora_runtime.models.tokenizer import tokenizer_from_gguf
@@ -44,7 +44,8 @@ def find_smollm2() -> Path:
 
 def import_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048,
                 static_cache: int | None = None, force: bool = False, report: Report | None = None,
-                weights: str = "blocks", accuracy_level: int = 0, graph: str = "auto", pack: bool = True) -> Path:
+                weights: str = "blocks", accuracy_level: int = 0, graph: str = "auto", pack: bool = True,
+                output_type: str | None = None) -> Path:
     """GGUF -> ``out_dir/base.onnx`` with a KV cache, plus ``tokenizer.json`` and ``chat.json``.
 
     ``graph``: ``"ort"``, ONNX Runtime's fused attention (GroupQueryAttention; the KV cache updated in place:
@@ -55,7 +56,9 @@ def import_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
     ``weights="blocks"``: tensors the file holds as Q4_0, Q4_1, Q4_K or Q8_0 stay those blocks (MatMulNBits at
     ``accuracy_level``: 0 computes the file's weights exactly in float, 4 quantizes activations to 8-bit blocks
     as llama.cpp's own dot products do); ``"float32"``: all dequantized, a standard-ONNX graph (what --encodings,
-    --target htp, merge and modules_to_save take).
+    --target htp, merge and modules_to_save take). ``output_type`` (``"q4_0"``, ``"q8_0"``; with kept blocks):
+    lm_head requantized to that GGML type, as ``llama-quantize --output-tensor-type`` does (a tied model's
+    embedding lookup keeps the file's table; ``q8_0`` needs accuracy level 4).
 
     ``static_cache=C``: the fixed-size cache of C slots accelerators deploy (``models.llama.build_llama``); the
     model then sees at most C positions. The folder is written whole and appears in one rename; an existing
@@ -63,20 +66,29 @@ def import_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
     ``report`` is told after each tensor, with the count and an ETA (``lora_runtime.progress.Stage``)."""
     with staging(out_dir, force=force, what="model folder", replaceable=is_model_folder) as tmp:
         _gguf_into(Path(gguf_path), tmp, max_seq=static_cache or max_seq, static_cache=static_cache, report=report,
-                   weights=weights, accuracy_level=accuracy_level, graph=graph, pack=pack)
+                   weights=weights, accuracy_level=accuracy_level, graph=graph, pack=pack, output_type=output_type)
     return Path(out_dir) / "base.onnx"
 
 
 def _gguf_into(gguf_path: Path, out: Path, *, max_seq: int, static_cache: int | None, report: Report | None = None,
-               weights: str = "blocks", accuracy_level: int = 0, graph: str = "auto", pack: bool = True) -> None:
+               weights: str = "blocks", accuracy_level: int = 0, graph: str = "auto", pack: bool = True,
+               output_type: str | None = None) -> None:
     if weights not in WEIGHTS:
         raise InputError(f"weights {weights!r}: one of {', '.join(WEIGHTS)}")
     if accuracy_level not in ACCURACY_LEVELS:
         raise InputError(f"accuracy level {accuracy_level}: one of {', '.join(map(str, ACCURACY_LEVELS))}")
+    head = output_type.upper() if output_type else None
+    if head is not None and head not in OUTPUT_TYPES:
+        raise InputError(f"output tensor type {output_type!r}: one of {', '.join(t.lower() for t in OUTPUT_TYPES)}")
+    if head is not None and weights != "blocks":
+        raise InputError(f"--output-tensor-type {output_type}: only with the file's blocks kept (--weights blocks)")
+    if head == "Q8_0" and accuracy_level != 4:
+        raise InputError("--output-tensor-type q8_0 needs --accuracy-level 4 (ONNX Runtime's 8-bit MatMulNBits "
+                         "has no fast kernel below it)")
     flavour = _flavour(graph, weights == "blocks" and static_cache is None)
     path, model = build_from_gguf(gguf_path, out, kv_cache=True, static_cache=static_cache, max_seq=max_seq,
                                   report=report, keep_blocks=weights == "blocks", accuracy_level=accuracy_level,
-                                  flavour=flavour, pack=pack)
+                                  flavour=flavour, pack=pack, output_type=head)
     tok = tokenizer_from_gguf(model)
     tok.tokenizer.save(str(out / "tokenizer.json"))
     (out / "chat.json").write_text(json.dumps({
@@ -84,6 +96,7 @@ def _gguf_into(gguf_path: Path, out: Path, *, max_seq: int, static_cache: int | 
         "kv_heads": model.shape.n_kv_heads, "head_dim": model.shape.head_dim, "max_seq": model.shape.max_seq,
         "static_cache": static_cache, "chat_template": tok.chat_template, "source": gguf_path.name,
         "weights": weights, "accuracy_level": accuracy_level if weights == "blocks" else None,
+        "output_tensor_type": head.lower() if head else None,
         "graph": built_flavour(path), "packed": pack and built_flavour(path) == "ort"}, indent=1) + "\n")
     _read_only(path.parent / DATA_FILE)
 
@@ -119,14 +132,18 @@ def _hf_into(folder: Path, out: Path, *, max_seq: int, static_cache: int | None,
 
 def import_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, max_seq: int = 2048,
                  static_cache: int | None = None, force: bool = False, report: Report | None = None,
-                 weights: str = "blocks", accuracy_level: int = 0, graph: str = "auto") -> Path:
-    """A GGUF file or a Hugging Face folder (``weights`` and ``accuracy_level``: GGUF only, see
+                 weights: str = "blocks", accuracy_level: int = 0, graph: str = "auto",
+                 output_type: str | None = None) -> Path:
+    """A GGUF file or a Hugging Face folder (``weights``, ``accuracy_level`` and ``output_type``: GGUF only, see
     :func:`import_gguf`; a folder's safetensors are float)."""
     if Path(src).is_dir():
+        if output_type:
+            raise InputError(f"{src}: --output-tensor-type is for GGUF files (a Hugging Face folder's weights are "
+                             "float)")
         return import_hf(src, out_dir, max_seq=max_seq, static_cache=static_cache, force=force, report=report,
                          graph=graph)
     return import_gguf(src, out_dir, max_seq=max_seq, static_cache=static_cache, force=force, report=report,
-                       weights=weights, accuracy_level=accuracy_level, graph=graph)
+                       weights=weights, accuracy_level=accuracy_level, graph=graph, output_type=output_type)
 
 
 def _flavour(graph: str, fast_by_default: bool) -> str:

@@ -162,10 +162,20 @@ def gguf_name(model: GgufModel, name: str) -> str:
     return f"blk.{m.group(1)}.{found}.weight"
 
 
-def blocks_for(model: GgufModel):  # noqa: ANN201  (a lora_runtime.models.llama.KeptBlocks callable)
+OUTPUT_TYPES = ("Q4_0", "Q8_0")  # --output-tensor-type: what lm_head can be requantized to (llama-quantize's flag)
+
+
+def blocks_for(model: GgufModel, output_type: str | None = None):  # noqa: ANN201  (a models.llama.KeptBlocks)
     """The graph builder's kept blocks: a linear weight or the embedding table the file holds as Q4_0, Q4_1 or
-    Q8_0, rows in Hugging Face order (q/k un-permuted); None for every other tensor (read as float32)."""
+    Q8_0, rows in Hugging Face order (q/k un-permuted); None for every other tensor (read as float32).
+
+    ``output_type`` (``"Q4_0"`` or ``"Q8_0"``): lm_head in that type whatever the file holds, as llama.cpp's
+    ``llama-quantize --output-tensor-type`` makes it: the head's values (the tied embedding's, when the file has
+    no ``output.weight``) quantized by gguf's port of llama.cpp's reference quantizer. A tied model's embedding
+    lookup keeps the file's own table. Kept as is when the file already holds the head in that type."""
     s = model.shape
+    if output_type is not None and output_type not in OUTPUT_TYPES:
+        raise BaseModelError(f"output tensor type {output_type!r}: one of {', '.join(OUTPUT_TYPES)}")
 
     def blocks(name: str) -> Blocks | None:
         src = gguf_name(model, name)
@@ -173,6 +183,10 @@ def blocks_for(model: GgufModel):  # noqa: ANN201  (a lora_runtime.models.llama.
         if t is None or len(t.shape) != 2:
             return None
         k, rows = (int(x) for x in t.shape)
+        if name == "lm_head.weight" and output_type not in (None, t.tensor_type.name):
+            gguf = _gguf()
+            raw = gguf.quants.quantize(dequantized(model, src), getattr(gguf.GGMLQuantizationType, output_type))
+            return from_ggml(raw, output_type, rows, k, source=f"{src}@{output_type}")
         b = from_ggml(t.data, t.tensor_type.name, rows, k, source=src)
         if b is None:
             return None
@@ -187,21 +201,27 @@ def blocks_for(model: GgufModel):  # noqa: ANN201  (a lora_runtime.models.llama.
 def build_from_gguf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, kv_cache: bool = True,
                     static_cache: int | None = None, max_seq: int = 2048,
                     report: Callable[[str], None] | None = None, keep_blocks: bool = True,
-                    accuracy_level: int = 0, flavour: str = "standard", pack: bool = True
-                    ) -> tuple[Path, GgufModel]:
+                    accuracy_level: int = 0, flavour: str = "standard", pack: bool = True,
+                    output_type: str | None = None) -> tuple[Path, GgufModel]:
     """Write ``out_dir/base.onnx`` (+ ``base.onnx.data``) from a GGUF; returns the model path and the GGUF.
 
     ``keep_blocks``: weights the file holds as Q4_0, Q4_1, Q4_K or Q8_0 stay those blocks (``models.blocks``:
     MatMulNBits at ``accuracy_level``, the embedding table by GatherBlockQuantized when 8-bit); False:
     everything dequantized to float32. ``flavour``: ``models.llama.build_llama``'s (standard ONNX ops, what
-    --encodings and the HTP take; or ONNX Runtime's fused attention, with q/k/v and gate/up packed by ``pack``)."""
+    --encodings and the HTP take; or ONNX Runtime's fused attention, with q/k/v and gate/up packed by ``pack``).
+    ``output_type``: lm_head requantized to these blocks (:func:`blocks_for`; needs ``keep_blocks``)."""
+    if output_type is not None and not keep_blocks:
+        raise BaseModelError(f"{path}: an output tensor type needs the file's blocks kept (weights 'blocks')")
+    if output_type == "Q8_0" and accuracy_level < 4:  # (an 8-bit head below level 4 would run float: see blocks.py)
+        raise BaseModelError(f"{path}: output tensor type Q8_0 needs accuracy level 4")
     model = open_gguf(path, max_seq=max_seq)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / DATA_FILE, "wb") as data:
         proto = build_llama(model.shape, weights_for(model), data=data, kv_cache=kv_cache, static_cache=static_cache,
                             report=report, name=str(model.metadata.get("general.name", "llama")),
-                            blocks=blocks_for(model) if keep_blocks else None, accuracy_level=accuracy_level,
+                            blocks=blocks_for(model, output_type) if keep_blocks else None,
+                            accuracy_level=accuracy_level,
                             flavour=flavour, pack=pack)
     onnx.save(proto, str(out / "base.onnx"))
     return out / "base.onnx", model
