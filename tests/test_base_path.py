@@ -128,3 +128,20 @@ def test_a_graph_with_a_subgraph_is_left_flat_and_says_why():
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     assert why_not(helper.make_model(g)) == "the graph already has a subgraph (If 'mine')"
     assert BASE_PATH.node != "mine"
+
+
+def test_a_base_with_many_megabytes_per_point_is_left_flat_and_says_why(tiny, tmp_path, monkeypatch):
+    """Where each branch point's module reads BYTES_PER_POINT of weights or more, the base path would prepack every
+    weight twice for nothing: the compiler keeps the graph flat and says so with the figure. The tiny model's weights
+    against a lowered threshold stand in for the 1B's 38 MB per point."""
+    from lora_runtime.compiler.passes import base_path
+
+    said: list[str] = []
+    weights = base_path.weight_bytes(onnx.load(str(tiny.base), load_external_data=False))
+    assert weights > 0
+    monkeypatch.setattr(base_path, "BYTES_PER_POINT", 1)
+    b = compile_bundle(tiny.base, tiny.adapters, tmp_path / "big", CompileOptions("v3"), report=said.append)
+    assert not b.manifest.target.base_path and "If" not in {n.op_type for n in _graph(b).node}
+    assert any(m.startswith("no base path: ") and "MB of base weights per branch point" in m for m in said), said
+    monkeypatch.setattr(base_path, "BYTES_PER_POINT", 2 * weights)  # above the whole graph's (+ the group): again
+    assert compile_bundle(tiny.base, tiny.adapters, tmp_path / "small", CompileOptions("v3")).manifest.target.base_path

@@ -15,7 +15,12 @@ bound output (a KV cache shared between ``past_*`` and ``present_*``) is written
 the branches add exact zeros, so both compute the same outputs. The subgraphs' own values are renamed with
 ``BASE_PATH.branched`` / ``BASE_PATH.base`` (ONNX names are unique across nested graphs); node names likewise.
 
-Not for graphs that already hold subgraphs (their outer-scope reads would need renaming too), for QDQ bundles
+Not for bases whose weights are large per branch point (``BYTES_PER_POINT``): both subgraphs' kernels prepack the
+base weights, so the open pays that twice, and where each point's module reads megabytes per run its four branch
+kernels are noise. The 1B default model with three adapters (4.4 GB, 112 points; 2-core Zen 4 VM): open 5.6-6.5 s
+flat, 7.9-10.8 s with the base path, one 32-token run 0.95-1.0 of the flat graph's with no adapter active; SmolLM2
+(0.5-3 MB per point) decodes x1.35 faster with it. Not for graphs that already hold subgraphs (their outer-scope
+reads would need renaming too), for QDQ bundles
 (the base path would skip the sums' requantization: not the same outputs), for points on float16 ops (ONNX Runtime
 rounds a float16 graph differently inside an If: a float16 llama's base path measured 22 dB against PEFT where its
 flat graph has 39 dB) or the HTP (QNN has no ``If``): the compiler leaves those flat. ``lora_runtime.export.flatten``
@@ -24,6 +29,7 @@ undoes the pass (``merge`` reads the graph with its branches).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +40,8 @@ from lora_runtime.compiler.passes import PassResult
 from lora_runtime.compiler.passes.branch import BranchResult
 from lora_runtime.compiler.passes.pack_qkv import drop_unread, pack_qkv
 from lora_runtime.names import BASE_PATH, STRENGTH
+
+BYTES_PER_POINT = 16 * 2**20  # base weights per branch point from which the base path does not pay (see above)
 
 
 @dataclass(frozen=True)
@@ -83,8 +91,13 @@ def add_base_path(model: onnx.ModelProto, options: BasePathOptions) -> BasePathR
 
 def add_base_paths(models: Sequence[onnx.ModelProto], made: BranchResult, say: Callable[[str], None]) -> bool:
     """The pass on a bundle's graphs (its main graph, and a decode graph), the branches ``made`` by the branch pass;
-    False, with the reason said, when one of them cannot take it (then none does)."""
+    False, with the reason said, when one of them cannot take it (then none does) or the main graph's weights are
+    ``BYTES_PER_POINT`` or more per point."""
     reason = next((r for r in map(why_not, models) if r), None)
+    per_point = weight_bytes(models[0]) / max(len(made.points), 1)
+    if reason is None and per_point >= BYTES_PER_POINT:
+        reason = (f"{per_point / 2**20:.0f} MB of base weights per branch point: the branches cost a run next to "
+                  "nothing, and the base path would prepack every weight a second time at open")
     half = next((t.module for t in made.points.values() if t.base_type != TensorProto.FLOAT), None)
     if half is not None:  # measured: a float16 llama's base path 22 dB against PEFT, its flat graph 39 dB
         reason = (f"{half} computes in float16 (ONNX Runtime's CPU provider runs a float16 graph inside an If with "
@@ -97,6 +110,18 @@ def add_base_paths(models: Sequence[onnx.ModelProto], made: BranchResult, say: C
     done = [add_base_path(m, sums) for m in models]
     say(f"base path: {done[0].nodes} of {total} nodes run while every strength is 0")
     return True
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of a graph's initializers, in its external data (the lengths recorded) or inline."""
+    total = 0
+    for t in model.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        if t.data_location == TensorProto.EXTERNAL and "length" in ext:
+            total += int(ext["length"])
+        else:
+            total += len(t.raw_data) or math.prod(t.dims) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
 
 
 def _subgraph(g: onnx.GraphProto, nodes: list[onnx.NodeProto], alias: dict[str, str], prefix: str,
