@@ -848,7 +848,7 @@ def run_prompts(model, tok, n):
 
 
 def main():
-    global KEEP_MARGIN, DELTA_L2
+    global KEEP_MARGIN, DELTA_L2, MIX_SHARE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", default=str(ROOT / DEFAULT_CACHE))
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="where reference.json goes")
@@ -875,9 +875,13 @@ def main():
     ap.add_argument("--rank", type=int, help="r of every adapter trained (use with --only; lora_alpha = 2r)")
     ap.add_argument("--ends", action="store_true", help="signoff: train on the answers the base model ends where "
                     "they are cut (its next token <|im_end|>) only")
+    ap.add_argument("--partners", nargs="+", choices=[a[0] for a in ADAPTERS],
+                    help="the adapters active with the one trained on the mixed steps (default: those trained "
+                         "before it; with --only, any in --adapters-out)")
+    ap.add_argument("--mix-share", type=float, default=MIX_SHARE, help="share of the steps with a partner active")
     ap.add_argument("--lr", type=float, help="learning rate of every adapter trained (use with --only)")
     args = ap.parse_args()
-    KEEP_MARGIN, DELTA_L2 = args.keep_margin, args.delta_l2
+    KEEP_MARGIN, DELTA_L2, MIX_SHARE = args.keep_margin, args.delta_l2, args.mix_share
     t_all = time.time()
     torch.set_num_threads(args.threads)
     seed_all(SEED)
@@ -936,7 +940,7 @@ def main():
             use = [a if e else None for a, e in zip(answers, ended)]
             print("[%s] %d of %d answers end where the base ends" % (name, sum(ended), len(qs)), flush=True)
         sets = {None: build_examples(tok, qs, use, more, fn)}
-        for p in names[:i]:  # adapters trained before: partners for the mixed steps
+        for p in args.partners or names[:i]:  # adapters trained before: partners for the mixed steps
             sets[p] = build_examples(tok, qs, use, more, combined({name, p}))
         print("[%s] %s examples, max len %d; sample target: %r"
               % (name, {k: len(v) for k, v in sets.items()}, max(len(e[0]) for e in sets[None]),
