@@ -186,8 +186,8 @@ def parser() -> argparse.ArgumentParser:
     ig.add_argument("--output-tensor-type", choices=["q4_0", "q8_0"], default=None,
                     help="lm_head in this GGML type whatever the file holds (llama-quantize's flag; default: as the "
                          "file holds it): q4_0 halves a Q8_0 head's bytes and decodes faster, at an accuracy cost "
-                         "`bench --model smollm2` measures; a tied model's embedding lookup keeps the file's table; "
-                         "q8_0 needs --accuracy-level 4")
+                         "(SmolLM2 at level 4: logits 28.3 -> 21.6 dB against float32); a tied model's embedding "
+                         "lookup keeps the file's table; q8_0 needs --accuracy-level 4")
     ig.add_argument("--graph", choices=["auto", "ort", "standard"], default="auto",
                     help="'ort': ONNX Runtime's fused attention (GroupQueryAttention; the KV cache updated in place), "
                          "the fast CPU graph; 'standard': plain ONNX ops, which --encodings, --target htp and "
