@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 from lora_runtime.errors import BaseModelError
-from lora_runtime.models.blocks import Blocks, from_ggml
+from lora_runtime.models.blocks import BLOCK, Blocks, from_ggml
 from lora_runtime.models.llama import DATA_FILE, LlamaShape, build_llama
 
 LAYER_MODULES = {  # GGUF block tensor -> PEFT module path under model.layers.N (adapters map with it too)
@@ -185,6 +185,9 @@ def blocks_for(model: GgufModel, output_type: str | None = None):  # noqa: ANN20
         k, rows = (int(x) for x in t.shape)
         if name == "lm_head.weight" and output_type not in (None, t.tensor_type.name):
             gguf = _gguf()
+            if k % BLOCK:
+                raise BaseModelError(f"{model.path}: {src} has rows of {k} values, not whole {BLOCK}-value blocks: "
+                                     f"it cannot be {output_type}")
             raw = gguf.quants.quantize(dequantized(model, src), getattr(gguf.GGMLQuantizationType, output_type))
             return from_ggml(raw, output_type, rows, k, source=f"{src}@{output_type}")
         b = from_ggml(t.data, t.tensor_type.name, rows, k, source=src)
