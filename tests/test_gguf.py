@@ -189,6 +189,17 @@ def test_output_tensor_type_refusals(tmp_path):
             build_from_gguf(tmp_path / "tiny.gguf", tmp_path / "onnx", kv_cache=False, max_seq=SHAPE.max_seq, **kw)
 
 
+def test_output_tensor_type_needs_whole_blocks_in_the_head(tmp_path, monkeypatch):
+    """A head whose rows (d_model values) are not whole 32-value blocks cannot be Q4_0: refused by name."""
+    import test_gguf
+
+    monkeypatch.setattr(test_gguf, "SHAPE", dataclasses.replace(SHAPE, d_model=48))
+    _write_gguf(tmp_path / "tiny.gguf", gguf.GGMLQuantizationType.F32, False)
+    with pytest.raises(BaseModelError, match=r"output\.weight has rows of 48 values, not whole 32-value blocks"):
+        build_from_gguf(tmp_path / "tiny.gguf", tmp_path / "onnx", kv_cache=False, max_seq=SHAPE.max_seq,
+                        output_type="Q4_0")
+
+
 def test_unpermute_inverts_llama_cpp_permute():
     w = np.random.default_rng(0).standard_normal((32, 8))
     for heads in (1, 2, 4):
