@@ -45,6 +45,11 @@ class DataWriter:
         return self.tensor(name, value, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
 
 
+def tensor_nbytes(t: TensorProto) -> int:
+    """An initializer's bytes from its shape and type (wherever its data is: inline or external)."""
+    return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
 def read_tensor(t: TensorProto, base_dir: Path) -> np.ndarray:
     """One initializer's values, reading external data by offset (never the whole file)."""
     if t.data_location != TensorProto.EXTERNAL:

@@ -29,7 +29,6 @@ undoes the pass (``merge`` reads the graph with its branches).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +38,7 @@ from onnx import TensorProto, helper
 from lora_runtime.compiler.passes import PassResult
 from lora_runtime.compiler.passes.branch import BranchResult
 from lora_runtime.compiler.passes.pack_qkv import drop_unread, pack_qkv
+from lora_runtime.external_data import tensor_nbytes
 from lora_runtime.names import BASE_PATH, STRENGTH
 
 BYTES_PER_POINT = 16 * 2**20  # base weights per branch point from which the base path does not pay (see above)
@@ -113,15 +113,8 @@ def add_base_paths(models: Sequence[onnx.ModelProto], made: BranchResult, say: C
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
-    """The bytes of a graph's initializers, in its external data (the lengths recorded) or inline."""
-    total = 0
-    for t in model.graph.initializer:
-        ext = {e.key: e.value for e in t.external_data}
-        if t.data_location == TensorProto.EXTERNAL and "length" in ext:
-            total += int(ext["length"])
-        else:
-            total += len(t.raw_data) or math.prod(t.dims) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return total
+    """The bytes of a graph's initializers (inline or in external data)."""
+    return sum(map(tensor_nbytes, model.graph.initializer))
 
 
 def _subgraph(g: onnx.GraphProto, nodes: list[onnx.NodeProto], alias: dict[str, str], prefix: str,

@@ -44,7 +44,7 @@ from onnx.reference import ReferenceEvaluator
 from lora_runtime.compiler.passes import PassResult
 from lora_runtime.compiler.passes.rms_norm import fuse_rms_norms
 from lora_runtime.errors import TargetError
-from lora_runtime.external_data import read_tensor
+from lora_runtime.external_data import read_tensor, tensor_nbytes
 from lora_runtime.graph import GraphEdit, consumers
 
 MASK_THRESHOLD = -1e4
@@ -148,7 +148,7 @@ def _fold(g: onnx.GraphProto, shapes: Mapping[str, tuple[int, ...]], o: StaticSh
         if name in values:
             return values[name]
         t = inits.get(name)
-        if t is None or _nbytes(t) > o.max_fold_bytes:
+        if t is None or tensor_nbytes(t) > o.max_fold_bytes:
             return None
         values[name] = read_tensor(t, o.base_dir)
         return values[name]
@@ -196,10 +196,6 @@ def _evaluate(node: onnx.NodeProto, args: list[np.ndarray | None]) -> list[np.nd
         return [np.asarray(r) for r in ev.run(None, feeds)]
     except Exception:  # noqa: BLE001  (an op the reference cannot run: the node simply stays)
         return None
-
-
-def _nbytes(t: TensorProto) -> int:
-    return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
 def _htp_forms(g: onnx.GraphProto, shapes: dict[str, tuple[int, ...]], base_dir: Path) -> int:
