@@ -169,13 +169,12 @@ def blocks_for(model: GgufModel, output_type: str | None = None):  # noqa: ANN20
     """The graph builder's kept blocks: a linear weight or the embedding table the file holds as Q4_0, Q4_1 or
     Q8_0, rows in Hugging Face order (q/k un-permuted); None for every other tensor (read as float32).
 
-    ``output_type`` (``"Q4_0"`` or ``"Q8_0"``): lm_head in that type whatever the file holds, as llama.cpp's
-    ``llama-quantize --output-tensor-type`` makes it: the head's values (the tied embedding's, when the file has
-    no ``output.weight``) quantized by gguf's port of llama.cpp's reference quantizer. A tied model's embedding
-    lookup keeps the file's own table. Kept as is when the file already holds the head in that type."""
+    ``output_type`` (one of ``OUTPUT_TYPES``, checked by :func:`build_from_gguf`): lm_head in that type whatever
+    the file holds, as llama.cpp's ``llama-quantize --output-tensor-type`` makes it: the head's values (the tied
+    embedding's, when the file has no ``output.weight``) quantized by gguf's port of llama.cpp's reference
+    quantizer. A tied model's embedding lookup keeps the file's own table. Kept as is when the file already holds
+    the head in that type."""
     s = model.shape
-    if output_type is not None and output_type not in OUTPUT_TYPES:
-        raise BaseModelError(f"output tensor type {output_type!r}: one of {', '.join(OUTPUT_TYPES)}")
 
     def blocks(name: str) -> Blocks | None:
         src = gguf_name(model, name)
@@ -213,6 +212,8 @@ def build_from_gguf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str
     everything dequantized to float32. ``flavour``: ``models.llama.build_llama``'s (standard ONNX ops, what
     --encodings and the HTP take; or ONNX Runtime's fused attention, with q/k/v and gate/up packed by ``pack``).
     ``output_type``: lm_head requantized to these blocks (:func:`blocks_for`; needs ``keep_blocks``)."""
+    if output_type is not None and output_type not in OUTPUT_TYPES:
+        raise BaseModelError(f"output tensor type {output_type!r}: one of {', '.join(OUTPUT_TYPES)}")
     if output_type is not None and not keep_blocks:
         raise BaseModelError(f"{path}: an output tensor type needs the file's blocks kept (weights 'blocks')")
     if output_type == "Q8_0" and accuracy_level < 4:  # (an 8-bit head below level 4 would run float: see blocks.py)
