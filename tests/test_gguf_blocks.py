@@ -141,10 +141,14 @@ def test_smollm2_with_its_blocks_kept_is_the_file_s_own_weights(smollm2_blocks, 
     import of the same file, greedy tokens as transformers'."""
     graph = onnx.load(str(smollm2_blocks / "base.onnx"), load_external_data=False).graph
     ops = Counter(n.op_type for n in graph.node)
-    # q/k/v and gate/up packed: one MatMulNBits each, split back per module (a Split naming its modules)
+    # q/k/v and gate/up packed: one MatMulNBits each; gate/up split back per module (a Split naming its modules),
+    # q/k/v read packed by the attention, which records the Split a compile puts back
     assert ops["MatMulNBits"] == 4 * 30 and ops["GatherBlockQuantized"] == 1
     packed = [json.loads(n.doc_string.split(" ", 1)[1])["modules"] for n in graph.node if n.op_type == "Split"]
-    assert len(packed) == 2 * 30 and packed[0] == [f"model.layers.0.self_attn.{m}_proj" for m in "qkv"]
+    assert len(packed) == 30 and packed[0] == [f"model.layers.0.mlp.{m}_proj" for m in ("gate", "up")]
+    qkv = [json.loads(json.loads(n.doc_string.split(" ", 1)[1])["doc"].split(" ", 1)[1])["modules"]
+           for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(qkv) == 30 and qkv[0] == [f"model.layers.0.self_attn.{m}_proj" for m in "qkv"]
     assert ops["GroupQueryAttention"] == 30 and not ops["Softmax"]  # the default import's graph: ort
     made = json.loads((smollm2_blocks / "chat.json").read_text())
     assert (made["weights"], made["graph"]) == ("blocks", "ort")

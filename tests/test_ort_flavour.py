@@ -182,12 +182,20 @@ def test_an_ort_flavour_base_packs_qkv_and_gate_up_and_merge_refuses_their_slice
     (equal to the standard graph: the test above); merge, which rewrites whole weights, refuses them in one line."""
     from lora_runtime.errors import UseCaseError
     from lora_runtime.export import merge_use_case
+    from lora_runtime.models.packing import unpack_qkv
 
     ort_base, w = _base(tmp_path, "ort")
     g = onnx.load(str(ort_base)).graph
+    attention = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == S16.n_layers and all(list(n.input[1:3]) == ["", ""] for n in attention)  # read packed
+    assert [n.op_type for n in g.node if n.output[0] in {a.input[0] for a in attention}] == ["MatMul"] * S16.n_layers
+    assert sum(n.op_type == "Split" for n in g.node) == S16.n_layers  # gate/up only
+    assert sum(n.op_type == "MatMul" for n in g.node) == 4 * S16.n_layers + 1  # qkv, o, gate_up, down; lm_head
+    assert unpack_qkv(g) == S16.n_layers  # what a compile does first: every module's slice a tensor again
     splits = [n for n in g.node if n.op_type == "Split"]
     assert len(splits) == 2 * S16.n_layers and all(n.doc_string.startswith("lora_runtime.packed ") for n in splits)
-    assert sum(n.op_type == "MatMul" for n in g.node) == 4 * S16.n_layers + 1  # qkv, o, gate_up, down; lm_head
+    assert all(list(n.input[:3]) == list(s.output) for n, s in zip(
+        [n for n in g.node if n.op_type == "GroupQueryAttention"], [s for s in splits if "qkv" in s.input[0]]))
     b = compile_bundle(ort_base, {"qv": _adapter(tmp_path, w)}, tmp_path / "b", generation="v2", use_cases=["qv=qv"])
     assert {p.op_type for p in b.manifest.points} == {"packed slice"}
     with pytest.raises(UseCaseError, match=r"slices of packed ops .* --graph standard"):

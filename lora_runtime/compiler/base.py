@@ -24,6 +24,7 @@ from lora_runtime.compiler.adapter import Adapter
 from lora_runtime.compiler.points import find_candidates
 from lora_runtime.errors import BaseMismatchWarning, BaseModelError
 from lora_runtime.external_data import location
+from lora_runtime.models.packing import unpack_qkv
 from lora_runtime.names import MANIFEST
 
 ORT_DEFAULT_DOMAIN_OPS = {"SimplifiedLayerNormalization"}
@@ -43,6 +44,7 @@ def load_base(path: Path) -> tuple[onnx.ModelProto, list[str]]:
         raise BaseModelError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from e
     if not model.graph.node:
         raise BaseModelError(f"{path}: the graph has no nodes (truncated or not an ONNX model)")
+    unpack_qkv(model.graph)  # an import's attentions read q/k/v packed: each module's slice a tensor again
     data_files: list[str] = []
     for t in model.graph.initializer:
         rel = location(t)

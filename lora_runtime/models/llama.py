@@ -31,6 +31,7 @@ from onnx import TensorProto, helper
 from lora_runtime.errors import BaseModelError, InputError
 from lora_runtime.models.blocks import MS_DOMAIN, KeptWriter
 from lora_runtime.models.llama_graph import DATA_FILE, GraphWriter, KeptBlocks, Weights
+from lora_runtime.models.packing import pack_qkv
 from lora_runtime.names import CACHE_SLOTS, KV_PAIRS
 from lora_runtime.progress import Stage
 
@@ -138,7 +139,9 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
     after this run, minus one) and ``total_sequence_length`` () int32; ``past_key.<i>`` may be a buffer of any
     length bound as ``present_key.<i>`` too (the KV cache updated in place). ``"standard"``: plain ONNX ops only
     (what other targets and the QDQ passes take). The ort flavour packs q/k/v and gate/up into one op each
-    (``pack``; ``GraphWriter.packed_linear``), split back per module, where LoRA attaches to each module's slice.
+    (``pack``; ``GraphWriter.packed_linear``), split back per module, where LoRA attaches to each module's slice;
+    each attention then reads its q/k/v packed (``models.packing``: the Split is recorded on it, and a compile
+    puts it back).
 
     ``blocks`` (with ``data``): a weight the source holds as quantized blocks it can keep (``models.blocks``)
     becomes ``MatMulNBits`` (``accuracy_level`` 0: float compute) or ``GatherBlockQuantized`` over those
@@ -252,6 +255,10 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
                                                         [1, s.n_kv_heads, past, hd]))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}", TensorProto.FLOAT,
                                                          [1, s.n_kv_heads, present, hd]))
+    if ort_flavour and pack:  # attentions read q/k/v packed, as bundles do (a compile splits them again)
+        g.nodes = pack_qkv(g.nodes, {t.name: t for t in g.inits})
+        read = {i for n in g.nodes for i in n.input}
+        g.inits = [t for t in g.inits if t.name in read]
     graph = helper.make_graph(g.nodes, name, inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", s.opset)] + ([helper.make_opsetid(MS_DOMAIN, 1)] if g.kept or ort_flavour else [])
     model = helper.make_model(graph, opset_imports=opsets,
