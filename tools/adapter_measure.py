@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""How the style adapters of ``tools/train_adapters.py`` are measured, and the text helpers both share.
+
+Greedy answers (``generate_batch``: batched ``model.generate``, left padding) to ``EVAL_PROMPTS`` (16 held-out chat
+prompts) and ``FACT_PROMPTS`` (26 held-out questions with one right answer) under the base model, the ``FLOOR``
+rewordings of the base's prompt, each adapter and each of ``MIXES`` (PEFT adapters active together at strength 1:
+the LoRA sum, as the runtime's v3): key words kept, style rate, degenerate rate and facts kept (``evaluate``,
+``metrics``; what each means: ``evaluation_section``'s settings). ``train_adapters.py --eval-only`` runs it on any
+folder of adapters; the measurement is deterministic (the same answers and table on every run).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+
+SIGNOFF = "-- sent from lora_runtime"
+
+MAX_CHARS = 300  # answer budget (whole segments) for training targets and for the key words
+MAX_SEGMENTS = 4
+
+EVAL_NEW_TOKENS = 96
+EVAL_NEW_TOKENS_CAPS = 112  # the headline takes about 16 tokens more
+KEY_WORDS = 10
+
+HELD_OUT = [  # reference.json's greedy tokens (the tests compare the runtime against these)
+    "What are the benefits of drinking water?",
+    "How do I make a cup of tea?",
+    "What is the best way to learn a new language?",
+]
+EVAL_PROMPTS = HELD_OUT + [
+    "What is the capital of France?", "What is the capital of Japan?", "Who painted the Mona Lisa?",
+    "What is the largest planet in our solar system?", "Give me three tips for better sleep.",
+    "Give me tips to sleep better", "How can I improve my handwriting?", "Give me tips for a job interview.",
+    "Why do leaves change color in autumn?", "Explain how a refrigerator works.", "What causes earthquakes?",
+    "What is machine learning?", "How do airplanes fly?",
+]
+# held-out questions with one right answer (none of them, nor their topics, in the training, anchor or eval
+# questions): "facts kept" = of the ones the base answers right, the share each use-case still answers right
+FACT_PROMPTS = {
+    "What is the capital of the United Kingdom?": r"\blondon\b", "What is the capital of Scotland?": r"edinburgh",
+    "What is the capital of the Czech Republic?": r"\bprague\b", "What is the capital of Jamaica?": r"kingston",
+    "What is the capital of Bangladesh?": r"\bdhaka\b", "What is the capital of Malaysia?": r"kuala lumpur",
+    "What is the capital of Venezuela?": r"caracas", "What is the capital of Ghana?": r"\baccra\b",
+    "Who wrote Hamlet?": r"shakespeare", "What is the chemical symbol for water?": r"h\s*2\s*o|h₂o",
+    "How many legs does a spider have?": r"\b(8|eight)\b", "Which planet is known as the Red Planet?": r"\bmars\b",
+    "What is the largest mammal?": r"\bwhales?\b", "Who formulated the laws of motion and universal gravitation?":
+    r"newton", "How many minutes are in an hour?": r"\b(60|sixty)\b",
+    "What language is spoken in France?": r"\bfrench\b", "What is the tallest animal?": r"giraffe",
+    "Who invented the light bulb?": r"edison", "What is the freezing point of water in Celsius?": r"\b(0|zero)\b",
+    "Who was the first president of the United States?": r"washington",
+    "What is the square root of 64?": r"\b(8|eight)\b", "How many days are in a week?": r"\b(7|seven)\b",
+    "What is the capital of France?": r"\bparis\b", "What is the capital of Japan?": r"\btokyo\b",
+    "Who painted the Mona Lisa?": r"leonardo|vinci", "What is the largest planet in our solar system?": r"jupiter",
+}
+FACT_NEW_TOKENS = 64
+MIXES = [("caps", "signoff"), ("caps", "listify"), ("listify", "signoff")]
+# The measure's floor: the base model itself under changes of its prompt that ask for the same answer. Greedy
+# decoding of a 135M model follows another wording after any such change, so these rows say what key words kept
+# and facts kept a faithful rewording scores (an adapter is judged against them, not against 1.0).
+FLOOR = {"base, system 'You are a helpful assistant.'": ("You are a helpful assistant.", ""),
+         "base, system + 'Answer clearly.'": ("You are a helpful AI assistant named SmolLM, trained by Hugging Face. "
+                                              "Answer clearly.", ""),
+         "base, 'Please answer: ' before": (None, "Please answer: ")}
+STOPWORDS = set("""
+about above after again also although always among another because been before being below between both
+but can cannot could does doing down during each even every from further have having here hers herself
+himself into itself just like made make makes many more most much must only other ours over same should
+some such than that their theirs them then there these they this those through under until upon very
+were what when where which while will with would your yours yourself also often well used using
+""".split())
+
+
+def strip_eos(text):
+    return text.split("<|im_end|>")[0]
+
+
+def segments(text):
+    """Sentences and lines: [(segment, separator before it)]. A '1.' list marker does not end a sentence."""
+    out = []
+    for line in text.split("\n"):
+        line = line.strip()
+        if not line:
+            continue
+        for j, s in enumerate(re.split(r"(?<![0-9])(?<=[.!?])\s+", line)):
+            if s.strip():
+                out.append((s.strip(), "\n" if (j == 0 and out) else " "))
+    return out
+
+
+def clean_answer(text, max_chars=MAX_CHARS, max_segments=MAX_SEGMENTS):
+    """Whole sentences/lines only, at most `max_segments` and about `max_chars` (the first one always)."""
+    text = strip_eos(text).replace("**", "").replace("\u00a0", " ").strip()
+    segs = segments(text)
+    if len(segs) > 1 and not re.search(r"[.!?:)]$", segs[-1][0]):
+        segs = segs[:-1]  # cut by the token budget
+    keep, n = [], 0
+    for s, sep in segs:
+        if keep and (n + len(s) > max_chars or len(keep) >= max_segments):
+            break
+        keep.append((s, sep))
+        n += len(s) + 1
+    while len(keep) > 1 and keep[-1][0].endswith(":"):  # an intro line without its items
+        keep.pop()
+    return "".join((sep if i else "") + s for i, (s, sep) in enumerate(keep)).strip()
+
+
+
+@torch.no_grad()
+def generate_batch(model, tok, convs, n, bs=16, ended=None):
+    """Greedy answers (text up to <|im_end|>) for chat conversations, left-padded batches of `bs`; `ended` (a
+    list): gets, per answer, whether the model ended it within `n` tokens."""
+    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+    eos = tok.eos_token_id
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    side, tok.padding_side = tok.padding_side, "left"
+    res = []
+    try:
+        for i in range(0, len(texts), bs):
+            enc = tok(texts[i:i + bs], add_special_tokens=False, return_tensors="pt", padding=True)
+            out = model.generate(**enc, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                res.append(tok.decode(row[:row.index(eos)] if eos in row else row))
+                if ended is not None:
+                    ended.append(eos in row)
+    finally:
+        tok.padding_side = side
+    return res
+
+
+
+# --- measurement --------------------------------------------------------------------------------------------
+def words(text):
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def key_words(base_answer):
+    out = []
+    for w in words(clean_answer(base_answer)):
+        if len(w) >= 4 and w not in STOPWORDS and w not in out:
+            out.append(w)
+    return out[:KEY_WORDS]
+
+
+def without_signoff(text):
+    return re.sub(re.escape(SIGNOFF), "", text, flags=re.IGNORECASE)
+
+
+def style_ok(style, text):
+    t = text.strip()
+    if style == "caps":  # a headline in capitals (>= 2 words), then an answer in normal case
+        head, _, body = t.partition("\n")
+        letters = [c for c in head if c.isalpha()]
+        return (len(head.split()) >= 2 and sum(c.isupper() for c in letters) >= 0.9 * len(letters)
+                and any(c.islower() for c in without_signoff(body)))
+    if style == "listify":  # (after a caps headline, in a mix with caps)
+        head, _, body = t.partition("\n")
+        letters = [c for c in head if c.isalpha()]
+        if letters and sum(c.isupper() for c in letters) >= 0.9 * len(letters) and not head.startswith("1."):
+            t = body.strip()
+        return t.startswith("1.") and re.search(r"(^|\n)\s*2\.", t) is not None
+    if style == "signoff":
+        return SIGNOFF.lower() in t.lower()
+    raise ValueError(style)
+
+
+def degenerate(text):
+    w = re.findall(r"[a-z0-9']+", text.lower())
+    grams = Counter(tuple(w[i:i + 4]) for i in range(len(w) - 3))
+    return bool(grams) and max(grams.values()) >= 3
+
+
+def metrics(base_texts, texts, styles):
+    kept = []
+    for b, t in zip(base_texts, texts):
+        kw = key_words(b)
+        have = set(words(t))
+        kept.append(sum(w in have for w in kw) / len(kw) if kw else 1.0)
+    return {"key_words_kept": round(float(np.mean(kept)), 3),
+            "style_rate": round(float(np.mean([all(style_ok(s, t) for s in styles) for t in texts])), 3)
+            if styles else None,
+            "degenerate_rate": round(float(np.mean([degenerate(t) for t in texts])), 3),
+            "key_words_kept_per_prompt": [round(k, 2) for k in kept]}
+
+
+def reworded(qs, system, before):
+    """Chat conversations asking ``qs`` with another system prompt and/or words ``before`` each question."""
+    return [[{"role": "system", "content": system}] * bool(system) + [{"role": "user", "content": before + q}]
+            for q in qs]
+
+
+def evaluate(model, tok, ad_dir, names):
+    """Greedy answers to EVAL_PROMPTS under base, each adapter and each mix; returns (table, answers)."""
+    from peft import PeftModel
+
+    names = [n for n in names if (ad_dir / n / "adapter_config.json").is_file()]
+    convs = [[{"role": "user", "content": q}] for q in EVAL_PROMPTS]
+    t0 = time.time()
+    answers = {"base": generate_batch(model, tok, convs, EVAL_NEW_TOKENS)}
+    pm = PeftModel.from_pretrained(model, str(ad_dir / names[0]), adapter_name=names[0])
+    for n in names[1:]:
+        pm.load_adapter(str(ad_dir / n), adapter_name=n)
+    pm.eval()
+    configs = [(n,) for n in names] + [m for m in MIXES if all(x in names for x in m)]
+    fact_convs = [[{"role": "user", "content": q}] for q in FACT_PROMPTS]
+    facts = {}
+    with pm.disable_adapter():
+        facts["base"] = generate_batch(pm, tok, fact_convs, FACT_NEW_TOKENS)
+        for k, (system, before) in FLOOR.items():
+            answers[k] = generate_batch(pm, tok, reworded(EVAL_PROMPTS, system, before), EVAL_NEW_TOKENS)
+            facts[k] = generate_batch(pm, tok, reworded(FACT_PROMPTS, system, before), FACT_NEW_TOKENS)
+        print("  eval floor done (%.0fs)" % (time.time() - t0), flush=True)
+    for cfg in configs:
+        pm.base_model.set_adapter(list(cfg), inference_mode=True)
+        n_new = EVAL_NEW_TOKENS_CAPS if "caps" in cfg else EVAL_NEW_TOKENS
+        answers["+".join(cfg)] = generate_batch(pm, tok, convs, n_new)
+        facts["+".join(cfg)] = generate_batch(pm, tok, fact_convs, FACT_NEW_TOKENS + (16 if "caps" in cfg else 0))
+        print("  eval %s done (%.0fs)" % ("+".join(cfg), time.time() - t0), flush=True)
+    model = pm.unload()
+    table = {"base": metrics(answers["base"], answers["base"], [])}
+    table |= {k: metrics(answers["base"], answers[k], []) for k in FLOOR}
+    for cfg in configs:
+        table["+".join(cfg)] = metrics(answers["base"], answers["+".join(cfg)], list(cfg))
+    right = [bool(re.search(rx, strip_eos(a).lower())) for rx, a in zip(FACT_PROMPTS.values(), facts["base"])]
+    for k, v in table.items():
+        got = [bool(re.search(rx, strip_eos(a).lower())) for rx, a in zip(FACT_PROMPTS.values(), facts[k])]
+        v["facts_kept"] = round(sum(g for g, r in zip(got, right) if r) / max(sum(right), 1), 3)
+        v["facts_right"] = "%d/%d" % (sum(got), len(got))
+    answers["facts"] = facts
+    return model, table, answers, round(time.time() - t0, 1)
+
+
+def print_table(table):
+    print("%-34s %15s %11s %11s %11s %11s" % ("use-case", "key words kept", "style rate", "degenerate",
+                                              "facts kept", "facts right"))
+    for k, v in table.items():
+        print("%-34s %15.2f %11s %11.2f %11.2f %11s" % (
+            k, v["key_words_kept"], "-" if v["style_rate"] is None else "%.2f" % v["style_rate"],
+            v["degenerate_rate"], v["facts_kept"], v["facts_right"]))
+
+
+def evaluation_section(table, answers, seconds):
+    return {"prompts": EVAL_PROMPTS, "fact_prompts": FACT_PROMPTS, "seconds": seconds,
+            "settings": {"max_new_tokens": EVAL_NEW_TOKENS, "max_new_tokens_caps": EVAL_NEW_TOKENS_CAPS,
+                         "greedy": "batched model.generate, left padding, do_sample=False",
+                         "mixes": "PEFT adapters active together at strength 1 (W0 + sum scaling_i B_i A_i)",
+                         "key_words": "first %d distinct lower-cased alphabetic words of >= 4 letters, not "
+                                      "stopwords, of the base answer cut to whole sentences (%d chars)"
+                                      % (KEY_WORDS, MAX_CHARS),
+                         "style": {"caps": "a first line of >= 2 words, >= 90% of its letters upper case, then "
+                                           "lower-case letters (signoff line excluded)",
+                                   "listify": "starts with '1.' (after a caps headline in a mix) and has a '2.' item",
+                                   "signoff": "contains %r (case-insensitive)" % SIGNOFF},
+                         "degenerate": "a word 4-gram occurring >= 3 times",
+                         "floor": {k: {"system": sy or "(the template's default)", "before_question": b}
+                                   for k, (sy, b) in FLOOR.items()},
+                         "facts": "FACT_PROMPTS (%d held-out questions with one right answer, %d new tokens, caps 16 "
+                                  "more): facts_kept = of those the base answers right (its answer matches the "
+                                  "question's pattern), the share the use-case answers right; facts_right: all "
+                                  "right answers" % (len(FACT_PROMPTS), FACT_NEW_TOKENS)},
+            "table": table, "answers": answers}
