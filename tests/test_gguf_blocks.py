@@ -151,7 +151,7 @@ def test_smollm2_with_its_blocks_kept_is_the_file_s_own_weights(smollm2_blocks, 
     assert len(qkv) == 30 and qkv[0] == [f"model.layers.0.self_attn.{m}_proj" for m in "qkv"]
     assert ops["GroupQueryAttention"] == 30 and not ops["Softmax"]  # the default import's graph: ort
     made = json.loads((smollm2_blocks / "chat.json").read_text())
-    assert (made["weights"], made["graph"]) == ("blocks", "ort")
+    assert (made["weights"], made["graph"], made["packed_attention"]) == ("blocks", "ort", True)
     size = (smollm2_blocks / "base.onnx.data").stat().st_size
     # the 4-bit layers and the 8-bit table at an eighth and a quarter of float32; the tied head is float32 at
     # accuracy level 0 (an 8-bit MatMulNBits below level 4 has no fast kernel): 35 % of the float import in all

@@ -93,7 +93,8 @@ def _imported(folder: Path, weights: str, level: int, graph: str, pack: bool, he
     made = json.loads(stamp.read_text()) if stamp.is_file() else {}
     packed = pack and graph == "ort"
     if (made.get("weights"), made.get("accuracy_level") or 0, made.get("graph"), made.get("packed", False),
-            made.get("output_tensor_type")) != (weights, level, graph, packed, head):
+            made.get("packed_attention", False), made.get("output_tensor_type")) != (weights, level, graph, packed,
+                                                                                      packed, head):
         import_gguf(source or find_smollm2(), folder, max_seq=512, weights=weights, accuracy_level=level, graph=graph,
                     pack=pack, output_type=head, force=True)
     return folder

@@ -20,6 +20,7 @@ from lora_runtime.errors import BaseModelError, InputError
 from lora_runtime.models.gguf import OUTPUT_TYPES, build_from_gguf
 from lora_runtime.models.hf import build_from_hf
 from lora_runtime.models.llama import DATA_FILE, FLAVOUR
+from lora_runtime.models.packing import UNPACK
 from lora_runtime.models.tokenizer import tokenizer_from_gguf
 from lora_runtime.staging import staging
 
@@ -97,7 +98,8 @@ def _gguf_into(gguf_path: Path, out: Path, *, max_seq: int, static_cache: int | 
         "static_cache": static_cache, "chat_template": tok.chat_template, "source": gguf_path.name,
         "weights": weights, "accuracy_level": accuracy_level if weights == "blocks" else None,
         "output_tensor_type": head.lower() if head else None,
-        "graph": built_flavour(path), "packed": pack and built_flavour(path) == "ort"}, indent=1) + "\n")
+        "graph": built_flavour(path), "packed": pack and built_flavour(path) == "ort",
+        "packed_attention": pack and packed_attentions(path) > 0}, indent=1) + "\n")
     _read_only(path.parent / DATA_FILE)
 
 
@@ -157,6 +159,13 @@ def built_flavour(model: Path) -> str:
     """The flavour an imported ``base.onnx`` was built in (its metadata; "standard" for older imports)."""
     m = onnx.load(str(model), load_external_data=False)
     return next((p.value for p in m.metadata_props if p.key == FLAVOUR), "standard")
+
+
+def packed_attentions(model: Path) -> int:
+    """How many attentions of an imported ``base.onnx`` read their q/k/v packed (``models.packing``; 0 for imports
+    before stop 31, which kept the Splits)."""
+    m = onnx.load(str(model), load_external_data=False)
+    return sum(n.op_type == "GroupQueryAttention" and n.doc_string.startswith(UNPACK) for n in m.graph.node)
 
 
 def is_model_folder(path: Path) -> bool:
