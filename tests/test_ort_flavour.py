@@ -169,40 +169,6 @@ def test_attention_reads_q_k_v_packed_where_no_branch_sits_between(tmp_path):
         logits[k] = np.concatenate([kv.step(rt.run, ids[:6])] + [kv.step(rt.run, [t]) for t in ids[6:]])
     np.testing.assert_allclose(logits["ort"], logits["std"], atol=2e-4, rtol=1e-4)
 
-def test_a_packed_op_gets_one_branch_for_all_its_modules(tmp_path):
-    """v3 with two adapters (q only; q and v) at two strengths: one branch on the packed q/k/v output (A side by side,
-    B stacked with zeros for k), attention reads it packed, the slots are the graph's initializers only (ONNX
-    Runtime folds the Concat/Pad/Transpose of them); logits equal the standard graph's per-module branches."""
-    ort_base, w = _base(tmp_path, "ort")
-    std_base, _ = _base(tmp_path, "standard")
-    adapters = {"q": _adapter(tmp_path, w, ("q_proj",)), "qv": _adapter(tmp_path, w)}
-    rts = {k: Runtime.open(compile_bundle(b, adapters, tmp_path / f"b-{k}", CompileOptions("v3", base_path=False),
-                                          use_cases=["mix=q:0.7,qv:-1.3", "qv=qv"]).path)
-           for k, b in (("ort", ort_base), ("std", std_base))}
-    g = onnx.load(str(rts["ort"].bundle.file("model.onnx")), load_external_data=False).graph
-    assert not [n for n in g.node if n.op_type == "Split" and "qkv" in n.input[0]]
-    attention = [n for n in g.node if n.op_type == "GroupQueryAttention"]
-    assert len(attention) == S16.n_layers and all(n.input[1:3] == ["", ""] for n in attention)
-    assert sum(n.name.endswith("qkv_packed.out.lora/MatMulA") for n in g.node) == S16.n_layers
-    inputs = {i.name for i in g.input}
-    assert not [n for n in inputs if "lora_A" in n or "lora_B" in n]
-    assert any("q_proj.lora_A" in t.name for t in g.initializer)
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(rts["ort"].bundle.file("model.onnx")), so, providers=["CPUExecutionProvider"])
-    folded = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph
-    assert not [n for n in folded.node if n.op_type in ("Pad", "Transpose") or n.name.endswith(("ConcatA", "ConcatB"))]
-    assert sum(n.name.endswith("ConcatGain") for n in folded.node) == 1  # the gains' (strengths): one per run
-    ids = [int(x) for x in np.random.default_rng(4).integers(0, S16.vocab, 10)]
-    for u in ("mix", "qv"):
-        logits = {}
-        for k, rt in rts.items():
-            rt.switch(u)
-            kv = make_cache(rt.input_shapes, S16.max_seq)
-            logits[k] = np.concatenate([kv.step(rt.run, ids[:6])] + [kv.step(rt.run, [t]) for t in ids[6:]])
-        np.testing.assert_allclose(logits["ort"], logits["std"], atol=2e-4, rtol=1e-4, err_msg=u)
-
-
 def test_an_ort_flavour_base_refuses_static_shapes(tmp_path):
     ort_base, w = _base(tmp_path, "ort")
     with pytest.raises(BaseModelError, match="fused graph .* --graph standard"):

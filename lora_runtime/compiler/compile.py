@@ -32,7 +32,7 @@ from lora_runtime.compiler.htp import htp_stage
 from lora_runtime.compiler.options import CompileOptions, WeightOnlyOptions
 from lora_runtime.compiler.passes.base_path import add_base_paths
 from lora_runtime.compiler.passes.branch import BranchOptions, add_branches
-from lora_runtime.compiler.passes.pack_branches import pack_graph
+from lora_runtime.compiler.passes.pack_qkv import pack_attention
 from lora_runtime.compiler.passes.saved import SavedOptions, swap_saved
 from lora_runtime.compiler.passes.static_shape import StaticShapeOptions, make_static
 from lora_runtime.compiler.passes.weight_only import WeightOnlyPassOptions, module_weights, quantize_weights
@@ -175,8 +175,9 @@ def compile_bundle(base: str | os.PathLike[str],
             link_data(base.parent / rel, tmp / rel, options.copy_base_data)
         check_structure(model, base)
         graphs = [g for g in (model, decode) if g is not None and options.target == "cpu" and q is None]
-        sums = [pack_graph(g, made, gen == "v3") for g in graphs]  # packed ops: one branch, attention reads packed
-        if graphs and options.base_path and gen == "v3" and add_base_paths(graphs, made, say, sums[0]):
+        for g in graphs:
+            pack_attention(g)  # attentions whose q/k/v no branch touches read them packed
+        if graphs and options.base_path and gen == "v3" and add_base_paths(graphs, made, say):
             manifest = dataclasses.replace(manifest, target=dataclasses.replace(manifest.target, base_path=True))
         (tmp / GRAPH).write_bytes(model.SerializeToString())
         if decode is not None:

@@ -10,9 +10,6 @@ names; no pass finds a node by parsing a name.
 ``saved``          whole-module slots for PEFT's ``modules_to_save`` (classifier heads); creates their slot names
 ``weight_only``    base linear weights to ``MatMulNBits`` (``--base-weights``); creates ``QuantizedWeight``
 ``qdq``            QDQ with encodings (``--encodings``): base weights int8, activations Q/DQ, LoRA weights
-``pack_branches``  v3 on the CPU: one branch per packed op (q/k/v, gate/up) instead of one per module slice
-``pack_qkv``       attention reads q/k/v packed where no branch sits between
-``base_path``      v3 on the CPU: the graph without its branches while every strength is 0, in an ``If``
 =================  ==========================================================================================
 """
 

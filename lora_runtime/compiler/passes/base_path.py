@@ -89,10 +89,8 @@ def add_base_path(model: onnx.ModelProto, options: BasePathOptions) -> BasePathR
     return BasePathResult(model, len(base.node))
 
 
-def add_base_paths(models: Sequence[onnx.ModelProto], made: BranchResult, say: Callable[[str], None],
-                   sums: Mapping[str, str] | None = None) -> bool:
-    """The pass on a bundle's graphs (its main graph, and a decode graph), the branches ``made`` by the branch pass
-    (``sums``: each branch's output -> its base output, when a pass after it merged branches; default ``made``'s);
+def add_base_paths(models: Sequence[onnx.ModelProto], made: BranchResult, say: Callable[[str], None]) -> bool:
+    """The pass on a bundle's graphs (its main graph, and a decode graph), the branches ``made`` by the branch pass;
     False, with the reason said, when one of them cannot take it (then none does) or the main graph's weights are
     ``BYTES_PER_POINT`` or more per point."""
     reason = next((r for r in map(why_not, models) if r), None)
@@ -107,7 +105,7 @@ def add_base_paths(models: Sequence[onnx.ModelProto], made: BranchResult, say: C
     if reason is not None:
         say(f"no base path: {reason}")
         return False
-    sums = BasePathOptions(dict(sums) if sums is not None else {t.out: t.base_out for t in made.points.values()})
+    sums = BasePathOptions({t.out: t.base_out for t in made.points.values()})
     total = len(models[0].graph.node)
     done = [add_base_path(m, sums) for m in models]
     say(f"base path: {done[0].nodes} of {total} nodes run while every strength is 0")
