@@ -190,6 +190,7 @@ def test_an_ort_flavour_base_packs_qkv_and_gate_up_and_merge_refuses_their_slice
     assert len(attention) == S16.n_layers and all(list(n.input[1:3]) == ["", ""] for n in attention)  # read packed
     assert [n.op_type for n in g.node if n.output[0] in {a.input[0] for a in attention}] == ["MatMul"] * S16.n_layers
     assert sum(n.op_type == "Split" for n in g.node) == S16.n_layers  # gate/up only
+    assert {t.name for t in g.initializer} <= {i for n in g.node for i in n.input}  # no q/k/v sizes left unread
     assert sum(n.op_type == "MatMul" for n in g.node) == 4 * S16.n_layers + 1  # qkv, o, gate_up, down; lm_head
     assert unpack_qkv(g) == S16.n_layers  # what a compile does first: every module's slice a tensor again
     splits = [n for n in g.node if n.op_type == "Split"]

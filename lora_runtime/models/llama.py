@@ -256,9 +256,10 @@ def build_llama(s: LlamaShape, weights: Weights, *, data: BinaryIO | None = None
             outputs.append(helper.make_tensor_value_info(f"present_{kind}", TensorProto.FLOAT,
                                                          [1, s.n_kv_heads, present, hd]))
     if ort_flavour and pack:  # attentions read q/k/v packed, as bundles do (a compile splits them again)
+        split = {n.input[1] for n in g.nodes if n.op_type == "Split" and len(n.input) > 1}
         g.nodes = pack_qkv(g.nodes, {t.name: t for t in g.inits})
         read = {i for n in g.nodes for i in n.input}
-        g.inits = [t for t in g.inits if t.name in read]
+        g.inits = [t for t in g.inits if t.name in read or t.name not in split]  # the dropped Splits' sizes
     graph = helper.make_graph(g.nodes, name, inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", s.opset)] + ([helper.make_opsetid(MS_DOMAIN, 1)] if g.kept or ort_flavour else [])
     model = helper.make_model(graph, opset_imports=opsets,
