@@ -92,14 +92,16 @@ def _gguf_into(gguf_path: Path, out: Path, *, max_seq: int, static_cache: int | 
                                   flavour=flavour, pack=pack, output_type=head)
     tok = tokenizer_from_gguf(model)
     tok.tokenizer.save(str(out / "tokenizer.json"))
+    built = onnx.load(str(path), load_external_data=False)  # the graph only: its flavour and packed attentions
+    built_as = built_flavour(built)
     (out / "chat.json").write_text(json.dumps({
         "template": "chatml", "default_system": tok.default_system, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
         "kv_heads": model.shape.n_kv_heads, "head_dim": model.shape.head_dim, "max_seq": model.shape.max_seq,
         "static_cache": static_cache, "chat_template": tok.chat_template, "source": gguf_path.name,
         "weights": weights, "accuracy_level": accuracy_level if weights == "blocks" else None,
         "output_tensor_type": head.lower() if head else None,
-        "graph": built_flavour(path), "packed": pack and built_flavour(path) == "ort",
-        "packed_attention": pack and packed_attentions(path) > 0}, indent=1) + "\n")
+        "graph": built_as, "packed": pack and built_as == "ort", "packed_attention": packed_attentions(built) > 0},
+        indent=1) + "\n")
     _read_only(path.parent / DATA_FILE)
 
 
@@ -128,7 +130,8 @@ def _hf_into(folder: Path, out: Path, *, max_seq: int, static_cache: int | None,
         "eos_id": eos[0] if isinstance(eos, list) else eos, "bos_id": cfg.get("bos_token_id"),
         "kv_heads": shape.n_kv_heads, "head_dim": shape.head_dim, "max_seq": shape.max_seq,
         "static_cache": static_cache, "chat_template": _hf_template(tok_cfg), "source": folder.name,
-        "weights": "float32", "graph": built_flavour(path)}, indent=1) + "\n")
+        "weights": "float32",
+        "graph": built_flavour(onnx.load(str(path), load_external_data=False))}, indent=1) + "\n")
     _read_only(path.parent / DATA_FILE)
 
 
@@ -155,17 +158,15 @@ def _flavour(graph: str, fast_by_default: bool) -> str:
     return ("auto" if fast_by_default else "standard") if graph == "auto" else graph
 
 
-def built_flavour(model: Path) -> str:
+def built_flavour(model: onnx.ModelProto) -> str:
     """The flavour an imported ``base.onnx`` was built in (its metadata; "standard" for older imports)."""
-    m = onnx.load(str(model), load_external_data=False)
-    return next((p.value for p in m.metadata_props if p.key == FLAVOUR), "standard")
+    return next((p.value for p in model.metadata_props if p.key == FLAVOUR), "standard")
 
 
-def packed_attentions(model: Path) -> int:
+def packed_attentions(model: onnx.ModelProto) -> int:
     """How many attentions of an imported ``base.onnx`` read their q/k/v packed (``models.packing``; 0 for imports
     before stop 31, which kept the Splits)."""
-    m = onnx.load(str(model), load_external_data=False)
-    return sum(n.op_type == "GroupQueryAttention" and n.doc_string.startswith(UNPACK) for n in m.graph.node)
+    return sum(n.op_type == "GroupQueryAttention" and n.doc_string.startswith(UNPACK) for n in model.graph.node)
 
 
 def is_model_folder(path: Path) -> bool:
