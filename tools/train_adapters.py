@@ -7,7 +7,8 @@
 
 Run of 2026-12-03 (torch 2.13.0+cpu, transformers 5.24.0, peft 0.21.2; `--threads 2`: base answers 416 s, caps
 794 s, listify 518 s, signoff 517 s, measurement 316 s; 45 min in all). The shipped caps and listify are this run's;
-the shipped signoff is a later `--only signoff` run (15 min, `--threads 2`), an lm_head adapter ("lm_head" below).
+the shipped signoff is a later `--only signoff` run (2026-12-04, 14 min, `--threads 2`), an lm_head adapter
+("lm_head" below) trained with caps or listify active on 0.6 of its steps (`MIX_SHARES`).
 
 Measured on the 16 held-out prompts (`EVAL_PROMPTS`) and on 26 held-out questions with one right answer
 (`FACT_PROMPTS`; the base answers 17 right). "first" = this script's first run (plain cross-entropy, caps as whole
@@ -26,11 +27,13 @@ right, the share the use-case answers right (2nd / now; measured with `--eval-on
     caps+listify      0.22  0.48  0.50      0.88  0.88  0.94    0.12 0.06 0.06   0.65  0.88
     listify+signoff   0.43  0.45  0.45      0.94  0.94  0.94    0.12 0.25 0.19   0.82  0.82
 
-    lm_head (signoff on lm_head only, r16, 240 steps at 2e-3; B's rows other than the signoff's 9 tokens stay 0):
+    lm_head (signoff on lm_head only, r16, 240 steps at 2e-3; B's rows other than the signoff's 9 tokens stay 0;
+    a partner active on 0.3 of the steps, then 0.6, the shipped one):
                       key words kept   style rate   degenerate   facts
-    signoff                0.84           0.94         0.06       0.94
-    caps+signoff           0.52           0.88         0.00       0.71
-    listify+signoff        0.41           0.44         0.00       0.71
+                        0.3    0.6      0.3   0.6   0.3   0.6    0.3   0.6
+    signoff             0.84   0.91     0.94  0.94  0.06  0.06   0.94  0.94
+    caps+signoff        0.52   0.52     0.88  0.88  0.00  0.00   0.71  0.71
+    listify+signoff     0.41   0.42     0.44  0.81  0.00  0.00   0.71  0.71
     (caps, listify, caps+listify: as "now" above)
 
 Why lm_head, with B's rows restricted to the style's tokens (`style_vocab`, `--modules lm_head`): an adapter on
@@ -39,8 +42,16 @@ leaves every other logit as the base model computes it: it can insert the signof
 words. France is "The capital of France is Paris.\n-- sent from lora_runtime" under signoff and under every mix with
 it (it was "L'Étoile ..." under every q/v signoff). What it costs: the line goes where the adapter's detector reads
 an answer's end from the base model's last hidden state; with listify active the hidden states are listify's, the
-line often follows the first item (listify+signoff's style rate 0.44: the check wants a "2."); one prompt loops
-(sleep tips: "1. ** sent from lora_runtime_runtimeruntime..."). Tried first, not shipped (key words / style /
+line often followed the first item (listify+signoff's style rate 0.44: the check wants a "2.") until signoff was
+trained with a partner on 0.6 of its steps instead of 0.3 (0.81; the three left end a one-item list or "1. 1."),
+and one prompt looped (sleep tips: "1. ** sent from lora_runtime_runtimeruntime...", gone at 0.6: that answer
+runs past the 96 measured tokens without the line). Not shipped either: caps on lm_head (`--only caps --modules
+lm_head --rank 16 --lr 2e-3`, B's 30 label-token rows): 0.40 / 0.56 / 0.06, the base model follows "HOW TO" with
+a list and the adapter raises label tokens inside it ("HOW TO\n1. **TOP\n2. **BEG\n3. **BEG ..."), and with signoff,
+two lm_head adapters, 13 of 16 answers end at the headline; listify at strength 0.7 / 0.85 (lora_alpha scaled,
+`--eval-only`): at 0.7 sleep tips lists but France turns "101111...", at 0.85 sleep tips still loops (degenerate
+0.19 / 0.12 against 0.06).
+Tried first, not shipped (key words / style /
 degenerate): r8, 160 steps, 0.91 / 0.81 / 0.06 (3 of 16 answers ended "lora_runtime_runtimeruntime...", one put
 "--" mid-answer and went on: the loops' "runtime" counts as one word for the degenerate check); r16 on only the 35
 training answers the base model itself ends where they are cut (`--ends`: the line where the base ends, not
@@ -100,7 +111,7 @@ Prompts use the tokenizer's ChatML chat template; the loss covers only the answe
 <|im_end|>; at an answer position where the base model (all adapters off, reading the same styled text) already
 predicts the target token, the loss is the KL divergence from the base model's distribution, elsewhere
 cross-entropy (`answer_loss`). Mixes: adapters are trained in order (caps, listify, signoff); on a share of the
-steps (`MIX_SHARE`) an adapter trained before is active too (frozen, strength 1) and the target is the combined
+steps (`MIX_SHARE`, signoff's in `MIX_SHARES`) an adapter trained before is active too (frozen, strength 1) and the target is the combined
 style, so that the runtime's sum W0 + sum_i s_i * scaling_i * B_i A_i of two adapters shows both styles.
 
 Adapters are saved with `save_pretrained` after casting the LoRA weights to float16 (the safetensors hold
@@ -167,6 +178,9 @@ BASE_NEW_TOKENS = 80  # base answers for training data (then cut to whole senten
 WHOLE_NEW_TOKENS = 224  # --whole-answers: the base's answers to their own end (longer ones are dropped)
 MAX_LEN = 288  # prompt + target tokens (a longer example is dropped)
 MIX_SHARE = 0.3
+# signoff (an lm_head adapter) decides where an answer ends from the last hidden state, which a partner changes: at
+# 0.3 it ended listify's lists after their first item (listify+signoff's style 0.44), at 0.6 it does so on 3 of 16
+MIX_SHARES = {"signoff": 0.6}
 DELTA_L2 = 0.0  # --delta-l2: weight of the mean (|scaling B A| / |W|)^2 over the adapter's modules
 KEEP_MARGIN = 0.0  # --keep-margin: at content positions, also a hinge keeping the target this far above the rest
 
@@ -516,9 +530,10 @@ def style_vocab(tok, qs, answers, more, fn, words=True):
     return sorted(vocab)
 
 
-def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, anchors=(), vocab=None):
+def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, anchors=(), vocab=None,
+              mix_share=MIX_SHARE):
     """Train adapter `name`. `sets`: {partner adapter or None: examples}; a partner's folder in out_dir is
-    loaded frozen and active together with `name` on MIX_SHARE of the steps (spread over the partners).
+    loaded frozen and active together with `name` on `mix_share` of the steps (spread over the partners).
     `anchors` (--anchors): examples of the base's own answers, a batch of them (adapter alone) on ANCHOR_SHARE of
     the steps: the base predicts every target there, so their loss is the KL divergence from the base."""
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -558,7 +573,7 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
     losses, contents = [], []
     for step in range(steps):
         anchor = bool(anchors) and rng.random() < ANCHOR_SHARE
-        partner = rng.choice(partners) if partners and not anchor and rng.random() < MIX_SHARE else None
+        partner = rng.choice(partners) if partners and not anchor and rng.random() < mix_share else None
         pm.base_model.set_adapter([name] + ([partner] if partner else []))
         examples, order = (anchors, orders["anchors"]) if anchor else (sets[partner], orders[partner])
         if len(order) < batch:
@@ -621,7 +636,7 @@ def run_prompts(model, tok, n):
 
 
 def main():
-    global KEEP_MARGIN, DELTA_L2, MIX_SHARE
+    global KEEP_MARGIN, DELTA_L2
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", default=str(ROOT / DEFAULT_CACHE))
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="where reference.json goes")
@@ -651,10 +666,11 @@ def main():
     ap.add_argument("--partners", nargs="+", choices=[a[0] for a in ADAPTERS],
                     help="the adapters active with the one trained on the mixed steps (default: those trained "
                          "before it; with --only, any in --adapters-out)")
-    ap.add_argument("--mix-share", type=float, default=MIX_SHARE, help="share of the steps with a partner active")
+    ap.add_argument("--mix-share", type=float, help="share of the steps with a partner active (default: "
+                    "MIX_SHARES, else %s)" % MIX_SHARE)
     ap.add_argument("--lr", type=float, help="learning rate of every adapter trained (use with --only)")
     args = ap.parse_args()
-    KEEP_MARGIN, DELTA_L2, MIX_SHARE = args.keep_margin, args.delta_l2, args.mix_share
+    KEEP_MARGIN, DELTA_L2 = args.keep_margin, args.delta_l2
     t_all = time.time()
     torch.set_num_threads(args.threads)
     seed_all(SEED)
@@ -693,7 +709,7 @@ def main():
         "training": {"seed": SEED, "batch": args.batch, "questions": len(qs), "threads": args.threads,
                      "base_answer_seconds": gen_s, "base_new_tokens": BASE_NEW_TOKENS,
                      "answer_max_chars": MAX_CHARS, "answer_max_segments": MAX_SEGMENTS, "max_len": MAX_LEN,
-                     "mix_share": MIX_SHARE, "signoff_line": SIGNOFF},
+                     "mix_share": MIX_SHARE, "signoff_line": SIGNOFF},  # each adapter's own: its entry
         "base": run_prompts(model, tok, GREEDY_ADAPTER),
         "adapters": {},
     }
@@ -732,7 +748,9 @@ def main():
                  if kw["target_modules"] == ["lm_head"] else None)
         if vocab is not None:
             print("[%s] lm_head rows: %d tokens %r" % (name, len(vocab), tok.decode(vocab)[:200]), flush=True)
-        model, info = train_one(model, tok, name, kw, lr, sets, steps, args.batch, ad_dir, anchors, vocab)
+        share = MIX_SHARES.get(name, MIX_SHARE) if args.mix_share is None else args.mix_share
+        model, info = train_one(model, tok, name, kw, lr, sets, steps, args.batch, ad_dir, anchors, vocab, share)
+        info["mix_share"] = share
         if vocab is not None:
             info["lm_head_rows"] = len(vocab)
         if args.anchors:
