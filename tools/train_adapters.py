@@ -43,18 +43,17 @@ words. France is "The capital of France is Paris.\n-- sent from lora_runtime" un
 it (it was "L'Étoile ..." under every q/v signoff). What it costs: the line goes where the adapter's detector reads
 an answer's end from the base model's last hidden state; with listify active the hidden states are listify's, the
 line often followed the first item (listify+signoff's style rate 0.44: the check wants a "2.") until signoff was
-trained with a partner on 0.6 of its steps instead of 0.3 (0.81; the three left end a one-item list or "1. 1."),
-and one prompt looped (sleep tips: "1. ** sent from lora_runtime_runtimeruntime...", gone at 0.6: that answer
-runs past the 96 measured tokens without the line). Not shipped either: caps on lm_head (`--only caps --modules
-lm_head --rank 16 --lr 2e-3`, B's 30 label-token rows): 0.40 / 0.56 / 0.06, the base model follows "HOW TO" with
-a list and the adapter raises label tokens inside it ("HOW TO\n1. **TOP\n2. **BEG\n3. **BEG ..."), and with signoff,
-two lm_head adapters, 13 of 16 answers end at the headline; listify at strength 0.7 / 0.85 (lora_alpha scaled,
-`--eval-only`): at 0.7 sleep tips lists but France turns "101111...", at 0.85 sleep tips still loops (degenerate
-0.19 / 0.12 against 0.06).
-Tried first, not shipped (key words / style /
-degenerate): r8, 160 steps, 0.91 / 0.81 / 0.06 (3 of 16 answers ended "lora_runtime_runtimeruntime...", one put
-"--" mid-answer and went on: the loops' "runtime" counts as one word for the degenerate check); r16 on only the 35
-training answers the base model itself ends where they are cut (`--ends`: the line where the base ends, not
+trained with a partner on 0.6 of its steps instead of 0.3 (0.81; the three left: a one-item list, and listify's
+own "1. 1." and "1. Preparation:\n1. Research:"), and one prompt looped (sleep tips: "1. ** sent from
+lora_runtime_runtimeruntime...", gone at 0.6: that answer runs past the 96 measured tokens without the line).
+Not shipped either: caps on lm_head (`--only caps --modules lm_head --rank 16 --lr 2e-3`, B's 30 label-token
+rows): 0.40 / 0.56 / 0.06, the base model follows "HOW TO" with a list and the adapter raises label tokens inside
+it ("HOW TO\n1. **TOP\n2. **BEG\n3. **BEG ..."), and with signoff, two lm_head adapters, 13 of 16 answers end at
+the headline; listify at strength 0.7 / 0.85 (lora_alpha scaled, `--eval-only`): at 0.7 sleep tips lists but
+France turns "101111...", at 0.85 sleep tips still loops (degenerate 0.19 / 0.12 against 0.06). Tried first, not
+shipped (key words / style / degenerate): r8, 160 steps, 0.91 / 0.81 / 0.06 (3 of 16 answers ended
+"lora_runtime_runtimeruntime...", one put "--" mid-answer and went on: the loops' "runtime" counts as one word for
+the degenerate check); r16 on only the 35 training answers the base model itself ends where they are cut (`--ends`: the line where the base ends, not
 after 4 segments) 0.90 / 0.50 / 0.12 (answers longer than the 96 measured tokens, loops "--------").
 
 Why the label: the 2nd run's caps restated the question's topic in capitals, and SmolLM2-135M cannot spell rarer
@@ -111,8 +110,9 @@ Prompts use the tokenizer's ChatML chat template; the loss covers only the answe
 <|im_end|>; at an answer position where the base model (all adapters off, reading the same styled text) already
 predicts the target token, the loss is the KL divergence from the base model's distribution, elsewhere
 cross-entropy (`answer_loss`). Mixes: adapters are trained in order (caps, listify, signoff); on a share of the
-steps (`MIX_SHARE`, signoff's in `MIX_SHARES`) an adapter trained before is active too (frozen, strength 1) and the target is the combined
-style, so that the runtime's sum W0 + sum_i s_i * scaling_i * B_i A_i of two adapters shows both styles.
+steps (`MIX_SHARE`, signoff's in `MIX_SHARES`) an adapter trained before is active too (frozen, strength 1) and
+the target is the combined style, so that the runtime's sum W0 + sum_i s_i * scaling_i * B_i A_i of two adapters
+shows both styles.
 
 Adapters are saved with `save_pretrained` after casting the LoRA weights to float16 (the safetensors hold
 F16), without the PEFT README, under `--adapters-out` (default `lora_runtime/data/adapters/smollm2/<name>/`:
@@ -179,7 +179,7 @@ WHOLE_NEW_TOKENS = 224  # --whole-answers: the base's answers to their own end (
 MAX_LEN = 288  # prompt + target tokens (a longer example is dropped)
 MIX_SHARE = 0.3
 # signoff (an lm_head adapter) decides where an answer ends from the last hidden state, which a partner changes: at
-# 0.3 it ended listify's lists after their first item (listify+signoff's style 0.44), at 0.6 it does so on 3 of 16
+# 0.3 it ended listify's lists after their first item (listify+signoff's style 0.44), at 0.6 both show in 13 of 16
 MIX_SHARES = {"signoff": 0.6}
 DELTA_L2 = 0.0  # --delta-l2: weight of the mean (|scaling B A| / |W|)^2 over the adapter's modules
 KEEP_MARGIN = 0.0  # --keep-margin: at content positions, also a hinge keeping the target this far above the rest
