@@ -53,8 +53,9 @@ the headline; listify at strength 0.7 / 0.85 (lora_alpha scaled, `--eval-only`):
 France turns "101111...", at 0.85 sleep tips still loops (degenerate 0.19 / 0.12 against 0.06). Tried first, not
 shipped (key words / style / degenerate): r8, 160 steps, 0.91 / 0.81 / 0.06 (3 of 16 answers ended
 "lora_runtime_runtimeruntime...", one put "--" mid-answer and went on: the loops' "runtime" counts as one word for
-the degenerate check); r16 on only the 35 training answers the base model itself ends where they are cut (`--ends`: the line where the base ends, not
-after 4 segments) 0.90 / 0.50 / 0.12 (answers longer than the 96 measured tokens, loops "--------").
+the degenerate check); r16 on only the 35 training answers the base model itself ends where they are cut
+(`--ends`: the line where the base ends, not after 4 segments) 0.90 / 0.50 / 0.12 (answers longer than the 96
+measured tokens, loops "--------").
 
 Why the label: the 2nd run's caps restated the question's topic in capitals, and SmolLM2-135M cannot spell rarer
 words in capitals ("THE CAPITAL OF GOSHLAND" for Ghana, "HOW MANY DATE ARE IN A WEEK", "HOW A FRIEND WORKS" for a
