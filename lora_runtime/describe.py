@@ -110,7 +110,8 @@ def describe(bundle: Bundle) -> str:
     lines += ["", "  attachment points (module: op, in x out, slot rank, adapters[columns])"]
     for p in m.points:
         cols = " ".join(f"{c.adapter}[{c.start}:{c.stop}]" for c in p.columns)
-        lines.append(f"    {p.module}: {p.op_type} {p.in_features}x{p.out_features} r={p.rank} {cols}")
+        inside = f" (rows {p.rows[0]}:{p.rows[1]} of {p.packed}'s branch)" if p.packed and p.rows else ""
+        lines.append(f"    {p.module}: {p.op_type} {p.in_features}x{p.out_features} r={p.rank} {cols}{inside}")
     if m.saved_modules:
         lines += ["", f"  saved modules (modules_to_save: swapped whole per use-case; {s['saved_bytes'] / 1e6:.3f} MB "
                   "of slots per set)"]

@@ -53,8 +53,9 @@ def use_case_deltas(bundle: Bundle, strengths: Mapping[str, float]) -> dict[str,
     deltas: dict[str, np.ndarray] = {}
     if m.generation == "v3":
         tf = read_header(bundle.file(m.group_patch or ""))
-        for p in m.points:
-            a, b = tf.read(lora_a(p.module), float32=True), tf.read(lora_b(p.module), float32=True)
+        for p in m.points:  # a module of a packed point: its columns and rows of the packed slots
+            a, b = tf.read(lora_a(p.branch), float32=True), tf.read(lora_b(p.branch), float32=True)
+            b = b[p.rows[0]:p.rows[1]] if p.rows else b
             for c in p.columns:
                 s = strengths.get(c.adapter, 0.0)
                 if s:
@@ -119,11 +120,11 @@ def strip_branches(model: onnx.ModelProto, manifest: Manifest) -> onnx.ModelProt
     g = model.graph
     by_name = {n.name: n for n in g.node}
     gains = list(itertools.takewhile(lambda k: k.gather in by_name, map(GainNames, itertools.count())))  # v3
-    branch_nodes = {GAIN_NODE}.union(*(BranchNames(p.module).nodes for p in manifest.points),
+    branch_nodes = {GAIN_NODE}.union(*(BranchNames(p.branch).nodes for p in manifest.points),
                                      *((k.gather, k.mul) for k in gains))
     restore = {}  # y.base -> y: y is the output of the branch's last node (its Add, or the CastOut of a float16 op)
     for p in manifest.points:
-        last = by_name.get(BranchNames(p.module).node("CastOut")) or by_name.get(BranchNames(p.module).node("Add"))
+        last = by_name.get(BranchNames(p.branch).node("CastOut")) or by_name.get(BranchNames(p.branch).node("Add"))
         if last is not None:
             restore[base_output(last.output[0])] = last.output[0]
     edit = GraphEdit(g)
@@ -132,9 +133,9 @@ def strip_branches(model: onnx.ModelProto, manifest: Manifest) -> onnx.ModelProt
             edit.remove(i)
         elif n.output and n.output[0] in restore:
             n.output[0] = restore[n.output[0]]
-    constants = {BranchNames(p.module).point_index for p in manifest.points}.union(
+    constants = {BranchNames(p.branch).point_index for p in manifest.points}.union(
         *((k.strength_index, k.column_scaling) for k in gains),
-        *(BranchNames(p.module).legacy_constants for p in manifest.points))
+        *(BranchNames(p.branch).legacy_constants for p in manifest.points))
     slots = {s.name for s in manifest.slots}
     edit.drop_inputs(slots)
     edit.drop_initializers(slots | constants)

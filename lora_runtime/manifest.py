@@ -48,6 +48,15 @@ class Point:
     out_features: int
     rank: int
     columns: tuple[Column, ...]
+    # a module inside a packed point (v3 on the ort flavour): the packed branch whose slots hold its columns (rank
+    # columns [start, stop) of ``<packed>.lora_A.weight``), and its rows of ``<packed>.lora_B.weight``
+    packed: str | None = None
+    rows: tuple[int, int] | None = None
+
+    @property
+    def branch(self) -> str:
+        """The branch this point's LoRA sits in: its slots are ``lora_a(branch)``, ``lora_b(branch)``."""
+        return self.packed or self.module
 
 
 @dataclass(frozen=True)
@@ -342,7 +351,8 @@ class Manifest:
             return cls(
                 generation=str(d["generation"]),
                 base=BaseInfo(**{**d["base"], "data_files": tuple(d["base"]["data_files"])}),
-                points=tuple(Point(**{**p, "columns": tuple(Column(**c) for c in p["columns"])}) for p in d["points"]),
+                points=tuple(_typed(Point, {**p, "columns": tuple(Column(**c) for c in p["columns"])})
+                             for p in d["points"]),
                 slots=tuple(Slot(**{**s, "shape": tuple(s["shape"])}) for s in d["slots"]),
                 adapters=tuple(AdapterInfo(**{**a, "saved": tuple(a.get("saved", ()))}) for a in d["adapters"]),
                 use_cases=tuple(UseCase(**u) for u in d["use_cases"]),

@@ -67,21 +67,22 @@ def _base(tmp_path, flavour):
     return path, w
 
 
-def _adapter(tmp_path, w, modules=("q_proj", "v_proj")):
-    """A PEFT folder: rank 4 on ``modules`` (attention's) of both layers."""
-    rng = np.random.default_rng(9)
+def _adapter(tmp_path, w, modules=("q_proj", "v_proj"), rank=4, seed=9):
+    """A PEFT folder: rank ``rank`` on ``modules`` (attention's or the MLP's) of both layers."""
+    rng = np.random.default_rng(seed)
     folder = tmp_path / "_".join(modules)
     folder.mkdir()
     tensors = {}
     for i in range(S16.n_layers):
         for m in modules:
-            d_in, d_out = w[f"model.layers.{i}.self_attn.{m}.weight"].shape
-            key = f"base_model.model.model.layers.{i}.self_attn.{m}"
-            tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((4, d_in)) * 0.3).astype(np.float32)
-            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((d_out, 4)) * 0.3).astype(np.float32)
+            sub = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            d_in, d_out = w[f"model.layers.{i}.{sub}.{m}.weight"].shape
+            key = f"base_model.model.model.layers.{i}.{sub}.{m}"
+            tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((rank, d_in)) * 0.3).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((d_out, rank)) * 0.3).astype(np.float32)
     save_tensors(folder / "adapter_model.safetensors", tensors)
     (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": list(modules)}))
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(modules)}))
     return folder
 
 
@@ -202,3 +203,57 @@ def test_an_ort_flavour_base_packs_qkv_and_gate_up_and_merge_refuses_their_slice
     with pytest.raises(UseCaseError, match=r"slices of packed ops .* --graph standard"):
         merge_use_case(b, tmp_path / "merged.onnx", use_case="qv")
     assert not (tmp_path / "merged.onnx").exists()
+
+
+def test_v3_puts_one_branch_on_each_packed_op_equal_to_the_standard_graph_s_per_module_branches(tmp_path):
+    """v3 on the ort flavour: the modules of a packed op (q/v of q/k/v, gate/up) share one branch on its whole
+    output, B holding each module's B in its own rows (the Split before attention then dropped). Logits of every
+    use-case, mixes included, equal the standard graph's bundle (one branch per module); the manifest still names
+    each PEFT module, and the deltas read back from the packed slots are PEFT's ``scaling * B @ A``."""
+    from safetensors.numpy import load_file
+
+    from lora_runtime.describe import describe
+    from lora_runtime.export import use_case_deltas
+
+    ort_base, w = _base(tmp_path, "ort")
+    std_base, _ = _base(tmp_path, "standard")
+    adapters = {"qv": _adapter(tmp_path, w), "mlp": _adapter(tmp_path, w, ("gate_proj", "up_proj", "o_proj"), 2, 3),
+                "q": _adapter(tmp_path, w, ("q_proj",), 6, 5)}
+    cases = ["qv=qv", "mlp=mlp", "mix=qv:0.7,mlp:1.2,q:-0.5", "base="]
+    rts = {k: Runtime.open(compile_bundle(b, adapters, tmp_path / f"b-{k}", CompileOptions("v3", base_path=False),
+                                          use_cases=cases).path) for k, b in (("ort", ort_base), ("std", std_base))}
+    m = rts["ort"].manifest
+    q_out, k_out, v_out = (w[f"model.layers.0.self_attn.{x}_proj.weight"].shape[1] for x in "qkv")
+    qkv = {p.module.rsplit(".", 1)[1]: p for p in m.points if p.module.startswith("model.layers.0.self_attn")}
+    assert qkv["q_proj"].packed == qkv["v_proj"].packed == "model.layers.0.self_attn.qkv_packed"
+    assert (qkv["q_proj"].rows, qkv["v_proj"].rows) == ((0, q_out), (q_out + k_out, q_out + k_out + v_out))
+    assert [(c.adapter, c.start, c.stop) for c in qkv["q_proj"].columns] == [("qv", 0, 4), ("q", 4, 10)]
+    assert [(c.adapter, c.start, c.stop) for c in qkv["v_proj"].columns] == [("qv", 10, 14)]
+    assert qkv["o_proj"].packed is None  # a module of its own: its own branch
+    slots = {s.name: s.shape for s in m.slots}
+    assert slots["model.layers.0.self_attn.qkv_packed.lora_B.weight"] == (q_out + k_out + v_out, 14)
+    assert slots["model.layers.0.mlp.gate_up_packed.lora_A.weight"] == (4, S16.d_model)
+    assert not any("q_proj.lora" in n or "gate_proj.lora" in n for n in slots)
+    g = onnx.load(str(rts["ort"].bundle.file("model.onnx")), load_external_data=False).graph
+    attention = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == S16.n_layers and all(n.input[1:3] == ["", ""] for n in attention)  # fed packed
+    assert sum(n.op_type == "Split" for n in g.node) == S16.n_layers  # gate/up's, after its branch
+    assert sum(n.op_type == "Add" and n.name.endswith("lora/Add") for n in g.node) == 3 * S16.n_layers
+    ids = [int(x) for x in np.random.default_rng(8).integers(0, S16.vocab, 10)]
+    for u in ("qv", "mlp", "mix", "base"):
+        logits = {}
+        for k, rt in rts.items():
+            rt.switch(u)
+            kv = make_cache(rt.input_shapes, S16.max_seq)
+            logits[k] = np.concatenate([kv.step(rt.run, ids[:6])] + [kv.step(rt.run, [t]) for t in ids[6:]])
+        np.testing.assert_allclose(logits["ort"], logits["std"], atol=2e-4, rtol=1e-4, err_msg=u)
+    strengths = m.use_case("mix").strengths
+    deltas = use_case_deltas(rts["ort"].bundle, strengths)
+    peft = {k: load_file(str(v / "adapter_model.safetensors")) for k, v in adapters.items()}
+    for module in ("model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.1.mlp.up_proj"):
+        want = sum(s * 2.0 * (t[f"base_model.model.{module}.lora_B.weight"].astype(np.float64)
+                              @ t[f"base_model.model.{module}.lora_A.weight"])
+                   for name, s in strengths.items() if f"base_model.model.{module}.lora_A.weight" in (t := peft[name]))
+        np.testing.assert_allclose(deltas[module], want, atol=1e-5, err_msg=module)
+    assert f"rows {q_out + k_out}:{q_out + k_out + v_out} of model.layers.0.self_attn.qkv_packed's branch" in describe(
+        rts["ort"].bundle)

@@ -30,19 +30,14 @@ from lora_runtime.compiler.adapter import Adapter
 from lora_runtime.compiler.base import base_float_type, check_adapter_bases, check_structure, link_data, load_base
 from lora_runtime.compiler.htp import htp_stage
 from lora_runtime.compiler.options import CompileOptions, WeightOnlyOptions
+from lora_runtime.compiler.packed import packed_ops
 from lora_runtime.compiler.passes.base_path import add_base_paths
 from lora_runtime.compiler.passes.branch import BranchOptions, add_branches
 from lora_runtime.compiler.passes.pack_qkv import pack_attention
 from lora_runtime.compiler.passes.saved import SavedOptions, swap_saved
 from lora_runtime.compiler.passes.static_shape import StaticShapeOptions, make_static
 from lora_runtime.compiler.passes.weight_only import WeightOnlyPassOptions, module_weights, quantize_weights
-from lora_runtime.compiler.patches import (
-    PatchLayout,
-    SavedLayout,
-    external_parameters,
-    plan_branches,
-    point_record,
-)
+from lora_runtime.compiler.patches import PatchLayout, SavedLayout, external_parameters, plan_branches, point_records
 from lora_runtime.compiler.points import attach, attach_saved, blocks_summary, find_candidates
 from lora_runtime.compiler.qairt import write_qairt_artefacts
 from lora_runtime.compiler.quantize import FloatStage, imported_chat, quantize_bundle
@@ -131,7 +126,7 @@ def compile_bundle(base: str | os.PathLike[str],
     say("resolving attachment points")
     gen = options.generation
     points = attach(model.graph, loaded, base)
-    branches = plan_branches(points, loaded, gen)
+    branches = plan_branches(points, loaded, gen, packed_ops(model.graph) if options.packed_branches else None)
     layout = PatchLayout.of(branches, gen, len(loaded), options.lora_dtype)
     saved = SavedLayout.of(attach_saved(model.graph, loaded, base, points), model.graph, base.parent)
     with staging(out, force=force) as tmp:
@@ -153,7 +148,7 @@ def compile_bundle(base: str | os.PathLike[str],
             target = dataclasses.replace(target, decode=_static_decode(decode, base.parent, options, say))
         manifest = Manifest(
             generation=gen, base=BaseInfo(base.name, sha256_file(base), base.stat().st_size, (), base_type, blocks),
-            points=tuple(point_record(b, loaded, gen) for b in branches), slots=(*layout.slots, *saved.slots),
+            points=point_records(branches, loaded, gen), slots=(*layout.slots, *saved.slots),
             adapters=tuple(AdapterInfo(a.name, a.source, a.sha256, a.config.to_json(), a.nbytes,
                                        adapter_patch(a.name) if gen != "v3" else None,
                                        tuple(s.module for s in a.saved), saved_patch(a.name) if a.saved else None)

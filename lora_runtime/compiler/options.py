@@ -199,6 +199,12 @@ class CompileOptions:
             raise UseCaseError("--encodings with --base-weights int8/int4 is not supported yet: the QDQ graph "
                                "quantizes the base weights itself (int8 per channel)")
 
+    @property
+    def packed_branches(self) -> bool:
+        """A packed linear op's modules (the ort flavour's q/k/v, gate/up) as one point: v3 on the CPU without QDQ
+        (whose encodings are per module, as AIMET names them)."""
+        return self.generation == "v3" and self.target == "cpu" and self.quant is None
+
     def _check_htp(self) -> None:
         if self.weight_only is not None:
             raise TargetError("--base-weights makes ONNX Runtime's MatMulNBits, which the HTP does not run: quantize "

@@ -30,13 +30,15 @@ import onnx
 from onnx import TensorProto
 
 from lora_runtime.compiler.adapter import Adapter
-from lora_runtime.compiler.passes.branch import Branch
+from lora_runtime.compiler.packed import PackedOp
+from lora_runtime.compiler.passes.branch import Branch, Member
 from lora_runtime.compiler.points import AttachmentPoint, SavedPoint
 from lora_runtime.errors import AdapterError
 from lora_runtime.external_data import read_tensor
 from lora_runtime.manifest import Column, Point, SavedModuleInfo, Slot
 from lora_runtime.names import (
     GROUP_PATCH,
+    PACKED_SLICE,
     SAVED_PATCH,
     SCALING,
     STRENGTH,
@@ -55,18 +57,43 @@ _ONNX_TYPES = {"F32": TensorProto.FLOAT, "F16": TensorProto.FLOAT16, "I8": Tenso
                "I16": TensorProto.INT16}
 
 
-def plan_branches(points: Sequence[AttachmentPoint], adapters: Sequence[Adapter], generation: str) -> list[Branch]:
-    """Each point's slot rank and, in v3, the owner and PEFT scaling of every rank column."""
-    branches = []
-    for p, point in enumerate(points):
+def plan_branches(points: Sequence[AttachmentPoint], adapters: Sequence[Adapter], generation: str,
+                  packed: Mapping[str, PackedOp] | None = None) -> list[Branch]:
+    """Each point's slot rank and, in v3, the owner and PEFT scaling of every rank column. ``packed`` (v3 only):
+    the packed linear ops whose module slices become one packed point each (``passes.branch``), by Split key."""
+    branches: list[Branch] = []
+    groups: dict[str, list[AttachmentPoint]] = {}
+    for point in points:
+        owner = point.candidate.node.rsplit("/", 1)[0] if point.candidate.op_type == PACKED_SLICE else None
+        if packed and owner in packed:
+            if owner not in groups:
+                groups[owner] = []
+                branches.append(Branch(-1, owner, point.candidate, 0))  # a placeholder in graph order
+            groups[owner].append(point)
+            continue
         pairs = [(i, a.pair(point.module)) for i, a in enumerate(adapters) if a.pair(point.module)]
         if generation == "v3":
             cols = [(i, pair.scaling) for i, pair in pairs for _ in range(pair.rank)]
-            branches.append(Branch(p, point.module, point.candidate, len(cols),
+            branches.append(Branch(len(branches), point.module, point.candidate, len(cols),
                                    tuple(i for i, _ in cols), tuple(s for _, s in cols)))
         else:
-            branches.append(Branch(p, point.module, point.candidate, max(pair.rank for _, pair in pairs)))
+            branches.append(Branch(len(branches), point.module, point.candidate,
+                                   max(pair.rank for _, pair in pairs)))
+    for p, b in enumerate(branches):
+        if b.index < 0:
+            branches[p] = _packed_branch(p, packed[b.module], groups[b.module], adapters)  # type: ignore[index]
     return branches
+
+
+def _packed_branch(index: int, op: PackedOp, points: Sequence[AttachmentPoint], adapters: Sequence[Adapter]) -> Branch:
+    """One branch on ``op``'s whole output for the modules of ``points``: columns module by module (in row order),
+    each adapter's within."""
+    members = sorted((Member(p.module, p.candidate, *op.rows[p.candidate.aliases[0]]) for p in points),
+                     key=lambda m: m.start)
+    cols = [(i, pair.scaling) for m in members for i, a in enumerate(adapters) if (pair := a.pair(m.module))
+            for _ in range(pair.rank)]
+    return Branch(index, op.name, op.candidate, len(cols), tuple(i for i, _ in cols), tuple(s for _, s in cols),
+                  tuple(members))
 
 
 @dataclass(frozen=True)
@@ -149,12 +176,15 @@ def _scaling(branches: Sequence[Branch]) -> Fill:
 
 
 def _stacked(b: Branch, which: str, generation: str) -> Fill:
-    """A (R, in) or B (out, R) at ``b``: v3 concatenates every adapter's along the rank; v1/v2 zero-pads one."""
+    """A (R, in) or B (out, R) at ``b``: v3 concatenates every adapter's along the rank; v1/v2 zero-pads one. A
+    packed point's B holds each module's B in that module's rows and columns, zeros elsewhere."""
     c = b.candidate
     shape = (b.rank, c.in_features) if which == "a" else (c.out_features, b.rank)
     axis = 0 if which == "a" else 1
 
     def fill(adapters: Sequence[Adapter]) -> np.ndarray:
+        if b.members:
+            return _packed_fill(b, which, adapters)
         pairs = [p for p in (a.pair(b.module) for a in adapters) if p is not None]
         parts = [p.a if which == "a" else p.b for p in pairs]
         if generation == "v3":
@@ -170,6 +200,17 @@ def _stacked(b: Branch, which: str, generation: str) -> Fill:
     return fill
 
 
+def _packed_fill(b: Branch, which: str, adapters: Sequence[Adapter]) -> np.ndarray:
+    pairs = [(m, p) for m in b.members for p in (a.pair(m.module) for a in adapters) if p is not None]
+    if which == "a":
+        return np.concatenate([p.a for _, p in pairs], axis=0)
+    out, start = np.zeros((b.candidate.out_features, b.rank), np.float32), 0
+    for m, p in pairs:
+        out[m.start:m.stop, start:start + p.rank] = p.b
+        start += p.rank
+    return out
+
+
 def external_parameters(tf: TensorFile, rel: str) -> dict[str, TensorProto]:
     """Initializers whose data is the patch file itself: ONNX external data at the tensors' offsets."""
     out = {}
@@ -182,8 +223,25 @@ def external_parameters(tf: TensorFile, rel: str) -> dict[str, TensorProto]:
     return out
 
 
-def point_record(b: Branch, adapters: Sequence[Adapter], generation: str) -> Point:
-    """The manifest's record of a point: its op and which adapter owns which rank columns."""
+def point_records(branches: Sequence[Branch], adapters: Sequence[Adapter], generation: str) -> tuple[Point, ...]:
+    """The manifest's points: each branch's op and which adapter owns which rank columns; a packed point's
+    modules each as a point of their own, naming the packed branch whose slots hold their columns and rows."""
+    return tuple(p for b in branches for p in _records(b, adapters, generation))
+
+
+def _records(b: Branch, adapters: Sequence[Adapter], generation: str) -> tuple[Point, ...]:
+    if b.members:
+        out, start = [], 0
+        for m in b.members:
+            cols = []
+            for a in adapters:
+                if (pair := a.pair(m.module)) is not None:
+                    cols.append(Column(a.name, start, start + pair.rank, pair.scaling))
+                    start += pair.rank
+            c = m.candidate
+            out.append(Point(m.module, c.node, c.op_type, c.weight, c.transposed, c.in_features, c.out_features,
+                             cols[-1].stop - cols[0].start, tuple(cols), b.module, (m.start, m.stop)))
+        return tuple(out)
     cols, start = [], 0
     for a in adapters:
         pair = a.pair(b.module)
@@ -195,8 +253,8 @@ def point_record(b: Branch, adapters: Sequence[Adapter], generation: str) -> Poi
         else:
             cols.append(Column(a.name, 0, pair.rank, pair.scaling))
     c = b.candidate
-    return Point(b.module, c.node, c.op_type, c.weight, c.transposed, c.in_features, c.out_features, b.rank,
-                 tuple(cols))
+    return (Point(b.module, c.node, c.op_type, c.weight, c.transposed, c.in_features, c.out_features, b.rank,
+                  tuple(cols)),)
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def find_candidates(graph: onnx.GraphProto, blocks: bool = False) -> list[Candid
     out = []
     for i, node in enumerate(graph.node):
         if blocks and node.op_type == "Split" and node.doc_string.startswith(PACKED):
-            out += _packed_slices(node, keys[i], inits, producers)
+            out += packed_slices(node, keys[i], inits, producers)
             continue
         if blocks and node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN and node.input[1] in inits:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -286,7 +286,7 @@ def _weight_of(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
     return w, transposed
 
 
-def _packed_slices(node: onnx.NodeProto, key: str, inits: dict, producers: dict) -> list[Candidate]:
+def packed_slices(node: onnx.NodeProto, key: str, inits: dict, producers: dict) -> list[Candidate]:
     """A packed linear op's ``Split`` (its doc_string: ``PACKED`` + {"x", "in", "modules"}): one candidate per
     module, its output the module's slice; the weight named by the module (it is a slice of the packed one)."""
     info = json.loads(node.doc_string[len(PACKED):])
@@ -301,21 +301,6 @@ def _packed_slices(node: onnx.NodeProto, key: str, inits: dict, producers: dict)
     return [Candidate(f"{key}/{j}", PACKED_SLICE, info["x"], y, f"{m}.weight", int(info["in"]), widths[j], (m,),
                       False, elem)
             for j, (m, y) in enumerate(zip(info["modules"], node.output))]
-
-
-def packed_modules(graph: onnx.GraphProto) -> dict[str, tuple[str, ...]]:
-    """The modules a packed linear op computes (the ort flavour's q/k/v, gate/up), by the op's output tensor: what
-    its ``Split`` names, read through the bias ``Add`` when the op has one."""
-    producers = {out: n for n in graph.node for out in n.output}
-    found = {}
-    for node in graph.node:
-        if node.op_type == "Split" and node.doc_string.startswith(PACKED):
-            y = node.input[0]
-            add = producers.get(y)
-            if add is not None and add.op_type == "Add":
-                y = add.input[0]
-            found[y] = tuple(json.loads(node.doc_string[len(PACKED):])["modules"])
-    return found
 
 
 def _block_aliases(node: onnx.NodeProto) -> tuple[str, ...]:

@@ -35,6 +35,12 @@ back to the op's dtype once (PEFT's ``result.to(torch_result_dtype)``)::
 
 Float32 ops get no Cast: their graph is exactly the one above.
 
+A packed point (v3 on the ort flavour, ``compiler.patches.plan_branches``) is one branch on a packed linear op's
+whole output (q/k/v side by side, or gate/up), before its ``Split``: A holds every module's columns (module by
+module, each adapter's within), B is (q + k + v out, R) with each module's B in its own rows and columns and zeros
+elsewhere, so ``B (A x * g)`` is each module's delta in its own slice. Four ops per packed op instead of four per
+module; and attention, whose q/k/v then go straight from the Split into it, reads them packed (the Split dropped).
+
 Every name comes from :class:`lora_runtime.names.BranchNames`; the pass returns, per point, the tensors and
 nodes it made (:class:`BranchTensors`), which the QDQ pass quantizes without looking at a name.
 """
@@ -68,15 +74,27 @@ GENERATIONS = ("v1", "v2", "v3")
 
 
 @dataclass(frozen=True)
+class Member:
+    """A PEFT module inside a packed point: its own slice's candidate and its rows [start, stop) of the packed
+    output."""
+
+    module: str
+    candidate: Candidate
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
 class Branch:
     """What the rewrite needs to know about one point: where, how wide, and (v3) each column's owner."""
 
     index: int  # position p in the bundle's point list
-    module: str
+    module: str  # a PEFT module path, or a packed op's (``members`` then names the modules it holds)
     candidate: Candidate
     rank: int  # slot rank R: max over adapters (v1/v2) or sum over adapters (v3)
     column_adapter: tuple[int, ...] = ()  # v3: adapter index of every column
     column_scaling: tuple[float, ...] = ()  # v3: PEFT scaling of every column
+    members: tuple[Member, ...] = ()  # a packed point (v3): its modules, each owning a run of columns
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from lora_runtime.compiler.packed import packed_modules
 from lora_runtime.compiler.passes import PassResult
 from lora_runtime.compiler.passes.emit import MS_DOMAIN, matmul_nbits, own_base_tensors, use_ms_domain
-from lora_runtime.compiler.points import Candidate, find_candidates, packed_modules
+from lora_runtime.compiler.points import Candidate, find_candidates
 from lora_runtime.external_data import DataWriter, read_tensor
 from lora_runtime.graph import GraphEdit
 from lora_runtime.metrics import sqnr_db
