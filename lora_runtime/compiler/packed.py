@@ -31,7 +31,7 @@ class PackedOp:
 
 def packed_ops(graph: onnx.GraphProto) -> dict[str, PackedOp]:
     """Every packed linear op of an ort-flavour graph, by the key of its ``Split`` (the owner of its modules'
-    slices, :func:`_packed_slices`)."""
+    slices, :func:`~lora_runtime.compiler.points.packed_slices`)."""
     inits = {t.name: t for t in graph.initializer}
     producers = {out: n for n in graph.node for out in n.output}
     keys = node_keys(graph)
