@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -207,10 +208,12 @@ def _child(task: Mapping, calls: int) -> dict[str, dict]:
 
 
 def measure_alone(tasks: Mapping[str, Mapping], calls: int, rounds: int = 2,
-                  on_round: Callable[[int], None] | None = None) -> list[Row]:
+                  on_round: Callable[[int], None] | None = None, by_round: dict[str, list[float]] | None = None
+                  ) -> list[Row]:
     """Each task's rows, every task in a child process of its own per round; ``calls`` timed decode calls per row
     in all (split over the rounds, at least 3 per round). p50 and p99 over all rounds' calls (an open row: one
-    per round); bytes: the last round's."""
+    per round); bytes: the last round's. ``by_round``: filled with each row's p50 (us) in each round, in order
+    (what :func:`paired` compares)."""
     names = list(tasks)
     times: dict[str, list[int]] = {}
     nbytes: dict[str, int] = {}
@@ -220,11 +223,37 @@ def measure_alone(tasks: Mapping[str, Mapping], calls: int, rounds: int = 2,
             got = _child(tasks[name], per_round)
             for row, t in got["times"].items():
                 times.setdefault(row, []).extend(t)
+                if by_round is not None:
+                    by_round.setdefault(row, []).append(float(np.percentile(t, 50) / 1e3))
             nbytes |= got["bytes"]
         if on_round:
             on_round(r)
     return [Row(row, float(np.percentile(t, 50) / 1e3), float(np.percentile(t, 99) / 1e3), len(t), nbytes.get(row))
             for row, t in times.items()]
+
+
+@dataclass(frozen=True)
+class Paired:
+    """One row against another, round by round: the median of the rounds' ratios of their p50s, and the quartiles."""
+
+    value: float
+    q25: float
+    q75: float
+    rounds: int
+
+
+def paired(by_round: Mapping[str, Sequence[float]], num: str, den: str) -> Paired | None:
+    """``num`` / ``den`` from :func:`measure_alone`'s ``by_round`` (None unless both rows have every round).
+
+    Why rounds: this VM's speed drifts 10-30 % over minutes, and the p50 of all rounds' calls pooled moves with
+    whichever round ran fast; two rows taken in the same round (seconds apart) drift together, so each round's
+    ratio cancels it, and the median of the rounds' ratios is the figure a goal is judged on (the quartiles say how
+    far one round's ratio strays)."""
+    a, b = by_round.get(num), by_round.get(den)
+    if not a or not b or len(a) != len(b):
+        return None
+    r = np.asarray(a, np.float64) / np.asarray(b, np.float64)
+    return Paired(float(np.median(r)), float(np.percentile(r, 25)), float(np.percentile(r, 75)), len(r))
 
 
 def main(argv: list[str] | None = None) -> int:

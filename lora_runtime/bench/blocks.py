@@ -27,9 +27,11 @@ genai_*                    ONNX Runtime GenAI on the same weights (``bench.genai
 =========================  ======================================================================================
 
 Every decode, prefill and open row, ours and GenAI's, is taken alone (``bench.alone``): in a child process of its own
-with ONNX Runtime's default session options, in four rounds that take them in turn. In one process, idle sessions'
-spinning threads slowed whichever ran next, and quiet sessions ran 2-3 ms per token slower than either runtime
-runs alone.
+with ONNX Runtime's default session options, in ``ROUNDS`` rounds that take them in turn. In one process, idle
+sessions' spinning threads slowed whichever ran next, and quiet sessions ran 2-3 ms per token slower than either
+runtime runs alone. A ratio of two such rows is the median of the rounds' ratios (``bench.alone.paired``; the report
+gives the quartiles beside it): this VM's speed drifts 10-30 % over minutes, and a ratio of p50s pooled over all
+rounds moved from x0.95 to x1.17 between two runs of the same graphs.
 
 Accuracy of each blocks import against the float32 one (logit SQNR over the prompt, greedy tokens agreeing on
 held-out prompts) goes in the report's ``accuracy_text``.
@@ -43,7 +45,15 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_runtime.bench.alone import Plain, genai_tasks, measure_alone, plain_task, runtime_task
+from lora_runtime.bench.alone import (
+    Paired,
+    Plain,
+    genai_tasks,
+    measure_alone,
+    paired,
+    plain_task,
+    runtime_task,
+)
 from lora_runtime.bench.genai import genai_rows
 from lora_runtime.bench.timing import Row, quiet_options
 from lora_runtime.compiler.compile import compile_bundle
@@ -63,6 +73,7 @@ GREEDY_TOKENS = 32
 # bases of the no-adapter v3 rows (the fast graphs)
 V3NONE = ("f32_ort", "blocks4", "q4_0_blocks4", "q4_0_blocks4_head4")
 FLAT = "q4_0_blocks4"  # ... and of the flat twin's
+ROUNDS = 6  # of the alone rows (quick: 2); the ratios are the median of the rounds' (``bench.alone.paired``)
 RATIO_GOALS = {"decode_v3none_": 1.03, "decode_qv8_": 1.10}  # issue 19: x of the plain base, by row prefix
 PEERS = (("decode_f32", "genai_decode_fp32"), ("decode_f32_ort", "genai_decode_fp32"),
          ("decode_blocks0", "genai_decode_int4"), ("decode_blocks4", "genai_decode_int4"),
@@ -108,9 +119,10 @@ def _greedy(plain: Plain, ids: list[int], n: int, eos: int) -> list[int]:
 
 
 def blocks_rows(work: Path, float_model: Path, adapters: Mapping[str, Path], prompt: list[dict[str, str]], reps: int
-                ) -> tuple[list[Row], dict[str, dict[str, str]], dict[str, float]]:
-    """(rows, accuracy text, ratios) for the imports in ``BASES``; ``float_model`` is the bench's float32 import,
-    ``adapters`` the shipped ones (``listify`` for the qv8 rows, all for the v3 rows with none active)."""
+                ) -> tuple[list[Row], dict[str, dict[str, str]], dict[str, float], dict[str, Paired]]:
+    """(rows, accuracy text, ratios, their spread over the rounds) for the imports in ``BASES``; ``float_model`` is
+    the bench's float32 import, ``adapters`` the shipped ones (``listify`` for the qv8 rows, all for the v3 rows with
+    none active)."""
     missing = {k: f"{f} is missing: make it with tools/make_q4_0_gguf.py" for k, f in SOURCES.items()
                if not f.is_file()}
     bases = [k for k in BASES if k not in missing]
@@ -136,13 +148,25 @@ def blocks_rows(work: Path, float_model: Path, adapters: Mapping[str, Path], pro
         tasks[f"v3none_{k}"] = runtime_task(b.path, "base", ids, chat.max_seq, {"decode": f"decode_v3none_{k}",
                                                                                  "open": f"open_v3_{k}"})
     peers, skipped = genai_tasks(ids, chat.max_seq)
-    # every decode, prefill and open row in a process of its own, 4 rounds (quick: 2): one child's p50 moves 10-20 %
-    rows: list[Row] = measure_alone(tasks | peers, 2 * reps, rounds=4 if reps >= 40 else 2)
+    # every decode, prefill and open row in a process of its own, ROUNDS rounds (quick: 2): one child's p50 moves
+    # 10-20 %, so the ratios are the median of the rounds' (``bench.alone.paired``)
+    by_round: dict[str, list[float]] = {}
+    rows: list[Row] = measure_alone(tasks | peers, 3 * reps, rounds=ROUNDS if reps >= 40 else 2, by_round=by_round)
     measured, _, why = genai_rows(work, ids, reps, max_length=chat.max_seq,
                                   taken=[r for t in peers.values() for r in t["rows"].values()])
     rows += measured
     skipped = skipped or why
     by = {r.name: r for r in rows}
+    spread: dict[str, Paired] = {}
+
+    def ratio(num: str, den: str) -> float:
+        """``num`` / ``den``: the median of the rounds' ratios where both were taken alone, else of pooled p50s."""
+        p = paired(by_round, num, den)
+        if p is None:
+            return by[num].p50_us / by[den].p50_us
+        spread[f"{num} / {den}"] = p
+        return p.value
+
     # accuracy, in this process once the timed children are done (quiet: these sessions only idle between uses)
     plain = {k: Plain(m / "base.onnx", chat.max_seq, quiet_options()) for k, m in models.items()}
     ref_logits = plain["f32"].prefill(ids).astype(np.float64)
@@ -158,28 +182,24 @@ def blocks_rows(work: Path, float_model: Path, adapters: Mapping[str, Path], pro
                                   GREEDY_TOKENS)
         accuracy[f"decode_{k} vs decode_f32: logit SQNR dB / greedy tokens agreeing "
                  f"({len(prompts)} prompts x {GREEDY_TOKENS})"] = {"base": f"{sqnr:.1f} / {greedy:.0%}"}
-    ratios = {f"decode_{k} / decode_f32": by[f"decode_{k}"].p50_us / by["decode_f32"].p50_us for k in bases
-              if k != "f32"}
-    ratios["decode_f32_ort / decode_f32"] = by["decode_f32_ort"].p50_us / by["decode_f32"].p50_us
-    ratios["decode_blocks0 / decode_blocks0_std"] = by["decode_blocks0"].p50_us / by["decode_blocks0_std"].p50_us
-    ratios["decode_blocks4 / decode_blocks4_unpacked"] = (by["decode_blocks4"].p50_us
-                                                         / by["decode_blocks4_unpacked"].p50_us)
-    ratios |= {f"decode_qv8_{k} / decode_{k}": by[f"decode_qv8_{k}"].p50_us / by[f"decode_{k}"].p50_us
-               for k in bases}
+    ratios = {f"decode_{k} / decode_f32": ratio(f"decode_{k}", "decode_f32") for k in bases if k != "f32"}
+    ratios["decode_f32_ort / decode_f32"] = ratio("decode_f32_ort", "decode_f32")
+    ratios["decode_blocks0 / decode_blocks0_std"] = ratio("decode_blocks0", "decode_blocks0_std")
+    ratios["decode_blocks4 / decode_blocks4_unpacked"] = ratio("decode_blocks4", "decode_blocks4_unpacked")
+    ratios |= {f"decode_qv8_{k} / decode_{k}": ratio(f"decode_qv8_{k}", f"decode_{k}") for k in bases}
     ratios |= {f"decode_v3none_{k} / decode_{k.removeprefix('flat_')}":
-               by[f"decode_v3none_{k}"].p50_us / by[f"decode_{k.removeprefix('flat_')}"].p50_us for k in v3}
-    ratios |= {f"prefill_{k} / prefill_f32": by[f"prefill_{k}"].p50_us / by["prefill_f32"].p50_us
+               ratio(f"decode_v3none_{k}", f"decode_{k.removeprefix('flat_')}") for k in v3}
+    ratios |= {f"prefill_{k} / prefill_f32": ratio(f"prefill_{k}", "prefill_f32")
                for k in bases if k != "f32"}
     if "decode_q4_0_blocks4" in by:  # what Q4_1's exact minimum costs; what the 8-bit head costs
-        ratios["decode_blocks4 / decode_q4_0_blocks4"] = (by["decode_blocks4"].p50_us
-                                                         / by["decode_q4_0_blocks4"].p50_us)
-        ratios["decode_q4_0_blocks4_head4 / decode_q4_0_blocks4"] = (by["decode_q4_0_blocks4_head4"].p50_us
-                                                                     / by["decode_q4_0_blocks4"].p50_us)
+        ratios["decode_blocks4 / decode_q4_0_blocks4"] = ratio("decode_blocks4", "decode_q4_0_blocks4")
+        ratios["decode_q4_0_blocks4_head4 / decode_q4_0_blocks4"] = ratio("decode_q4_0_blocks4_head4",
+                                                                           "decode_q4_0_blocks4")
     accuracy |= {f"decode_{k} skipped": {"reason": why} for k, why in missing.items()}
     if skipped is None:  # ONNX Runtime GenAI on the same weights, in the same interleaved rounds
         for ours, theirs in PEERS:
             if ours in by and theirs in by:
-                ratios[f"{ours} / {theirs}"] = by[ours].p50_us / by[theirs].p50_us
+                ratios[f"{ours} / {theirs}"] = ratio(ours, theirs)
     else:
         accuracy["ONNX Runtime GenAI rows skipped"] = {"reason": skipped}
-    return rows, accuracy, ratios
+    return rows, accuracy, ratios, spread

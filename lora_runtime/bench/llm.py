@@ -182,7 +182,7 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
         for name, folder in ad.items():
             size = (folder / "adapter_model.safetensors").stat().st_size
             rows.append(Row(f"adapter_bytes_{name}", None, None, 1, size))
-        blocks, blocks_accuracy, blocks_ratios = blocks_rows(work, model_dir, ad, PROMPT, reps)
+        blocks, blocks_accuracy, blocks_ratios, blocks_spread = blocks_rows(work, model_dir, ad, PROMPT, reps)
         rows += blocks
         bar.step("GGUF blocks kept")
         bar.step("done")
@@ -218,6 +218,7 @@ def run_bench_smollm2(work: Path | None = None, quick: bool = False) -> dict:
                                            "met": by["hot_switch"].p50_us <= 10}
     report["ratios"] |= compile_cost_ratios(by)
     report["ratios"] |= {k: {"value": v, "goal": None if g is None else f"<= {g}", "met": None if g is None else v <= g}
+                         | ({"rounds": f"{s.q25:.3g}-{s.q75:.3g} ({s.rounds})"} if (s := blocks_spread.get(k)) else {})
                          for k, v in blocks_ratios.items() for g in [ratio_goal(k)]}
     speed = by["decode_blocks4"].p50_us / 1e3
     report["ratios"]["decode_blocks4 (ms) vs llama.cpp's Q4_1 decode"] = {
