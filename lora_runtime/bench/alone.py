@@ -11,7 +11,8 @@ each round) so the machine's drift hits them alike.
 
 A task is a JSON-able dict: ``kind`` (``plain``: an imported LLM's base graph in a bare ONNX Runtime session;
 ``runtime``: a bundle through :class:`Runtime` with a use-case and the KV cache ``generate`` uses; ``genai``: an
-ONNX Runtime GenAI model folder, optionally with an adapter), its paths, the prompt ``ids``, the KV
+ONNX Runtime GenAI model folder, optionally with an adapter; ``llamacpp``: llama.cpp's ``llama-bench`` on a GGUF
+file, ``bench.llamacpp``), its paths, the prompt ``ids``, the KV
 ``capacity``, and ``rows``: the row name of each measurement it takes (``decode``: one token at the prompt's
 context, the same every time; ``prefill``: the whole prompt; ``open``: the process's first open of the model).
 The child runs ``python -m lora_runtime.bench.alone`` with the task on stdin and prints the times (ns) as JSON.
@@ -41,13 +42,14 @@ from lora_runtime.bench.genai import (
     one_generator,
     open_model,
 )
+from lora_runtime.bench.llamacpp import run_llama_bench
 from lora_runtime.bench.timing import Row, rss
 from lora_runtime.llm.cache import make_cache
 from lora_runtime.runtime.bound import Bound, Graph, run_bound
 from lora_runtime.runtime.switcher import Runtime
 
 WARMUP = 10
-KINDS = ("plain", "runtime", "genai")
+KINDS = ("plain", "runtime", "genai", "llamacpp")
 
 
 class Plain:
@@ -196,7 +198,13 @@ class TaskFailed(RuntimeError):
 
 
 def _child(task: Mapping, calls: int) -> dict[str, dict]:
-    """``run_task`` in a child process of its own (see the module docstring)."""
+    """``run_task`` in a child process of its own (see the module docstring); a ``llamacpp`` task's child is
+    ``llama-bench`` itself (``bench.llamacpp``)."""
+    if task["kind"] == "llamacpp":
+        try:
+            return run_llama_bench(task, calls)
+        except RuntimeError as e:
+            raise TaskFailed(f"{', '.join(task['rows'].values())}: {e}") from e
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]))
     done = subprocess.run([_python(task), "-m", "lora_runtime.bench.alone", str(calls)], input=json.dumps(task),

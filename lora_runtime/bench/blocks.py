@@ -24,6 +24,8 @@ open_<base>                ``Runtime.open`` of each v3 bundle, the first in its 
                            three-adapter bundles
 genai_*                    ONNX Runtime GenAI on the same weights (``bench.genai``; skipped, with the reason, when
                            it or its models are missing)
+llamacpp_*                 llama.cpp's ``llama-bench`` on the same GGUF files, the shipped Q4_1 and the Q4_0 one
+                           (``bench.llamacpp``; skipped, with the reason, when it is not installed)
 =========================  ======================================================================================
 
 Every decode, prefill and open row, ours and GenAI's, is taken alone (``bench.alone``): in a child process of its own
@@ -55,6 +57,7 @@ from lora_runtime.bench.alone import (
     runtime_task,
 )
 from lora_runtime.bench.genai import genai_rows
+from lora_runtime.bench.llamacpp import find_llama_bench, llamacpp_task
 from lora_runtime.bench.timing import Row, quiet_options
 from lora_runtime.compiler.compile import compile_bundle
 from lora_runtime.compiler.options import CompileOptions
@@ -89,10 +92,19 @@ PEERS = (("decode_f32", "genai_decode_fp32"), ("decode_f32_ort", "genai_decode_f
          )  # (ours, ONNX Runtime GenAI's), same weights and threads; decode_v3none_*: a bundle, q/k/v packed
 
 
+# (ours, llama.cpp's on the same file): the shipped Q4_1 file and the Q4_0 one (its 8-bit head, as the file holds it)
+LLAMACPP = (("decode_blocks4", "llamacpp_decode_q4_1"), ("decode_blocks0", "llamacpp_decode_q4_1"),
+            ("decode_q4_0_blocks4", "llamacpp_decode_q4_0"), ("prefill_blocks4", "llamacpp_prefill_q4_1"),
+            ("prefill_q4_0_blocks4", "llamacpp_prefill_q4_0"))
+
+
 def ratio_goal(key: str) -> float | None:
     """The goal of a ratio this module reports (None: none). ``RATIO_GOALS`` are against our own plain base: a ratio
-    to ONNX Runtime GenAI's row with the same prefix has none of them."""
-    if "_flat_" in key or " / genai_" in key:
+    to ONNX Runtime GenAI's row with the same prefix has none of them. Decode against llama.cpp on the same file:
+    <= 1 (issue 19)."""
+    if " / llamacpp_decode_" in key:
+        return 1.0
+    if "_flat_" in key or " / genai_" in key or " / llamacpp_" in key:
         return None
     return next((g for prefix, g in RATIO_GOALS.items() if key.startswith(prefix)), None)
 
@@ -148,6 +160,12 @@ def blocks_rows(work: Path, float_model: Path, adapters: Mapping[str, Path], pro
         tasks[f"v3none_{k}"] = runtime_task(b.path, "base", ids, chat.max_seq, {"decode": f"decode_v3none_{k}",
                                                                                  "open": f"open_v3_{k}"})
     peers, skipped = genai_tasks(ids, chat.max_seq)
+    exe, no_llamacpp = find_llama_bench()
+    files = {"q4_1": find_smollm2()} | ({"q4_0": Q4_0_GGUF} if Q4_0_GGUF.is_file() else {})
+    if exe:
+        peers |= {f"llamacpp_{k}": llamacpp_task(exe, f, len(ids), {"decode": f"llamacpp_decode_{k}",
+                                                                     "prefill": f"llamacpp_prefill_{k}"})
+                  for k, f in files.items()}
     # every decode, prefill and open row in a process of its own, ROUNDS rounds (quick: 2): one child's p50 moves
     # 10-20 %, so the ratios are the median of the rounds' (``bench.alone.paired``)
     by_round: dict[str, list[float]] = {}
@@ -202,4 +220,7 @@ def blocks_rows(work: Path, float_model: Path, adapters: Mapping[str, Path], pro
                 ratios[f"{ours} / {theirs}"] = ratio(ours, theirs)
     else:
         accuracy["ONNX Runtime GenAI rows skipped"] = {"reason": skipped}
+    ratios |= {f"{ours} / {theirs}": ratio(ours, theirs) for ours, theirs in LLAMACPP if ours in by and theirs in by}
+    if no_llamacpp:
+        accuracy["llama.cpp rows skipped"] = {"reason": no_llamacpp}
     return rows, accuracy, ratios, spread
