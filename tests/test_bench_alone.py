@@ -117,3 +117,6 @@ def test_the_table_shows_a_ratio_s_rounds() -> None:
     row = next(line for line in lines if line.startswith("decode_qv8_x / decode_x"))
     assert row.split()[3:] == ["1.08", "<=", "1.1", "yes", "1.02-1.15", "(6)"]
     assert next(line for line in lines if line.startswith("other")).split() == ["other", "2"]
+    assert "rounds: quartiles" in lines[lines.index(row) - 1]
+    del report["ratios"]["decode_qv8_x / decode_x"]  # no ratio taken in rounds: no such column
+    assert "rounds" not in format_table(report)

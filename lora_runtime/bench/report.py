@@ -77,7 +77,8 @@ def format_table(report: dict) -> str:
         lines += ["", f"accuracy: {what}: " + ", ".join(f"{k} {v:.1f}" for k, v in values.items())]
     for what, values in report.get("accuracy_text", {}).items():
         lines += ["", f"accuracy: {what}: " + ", ".join(f"{k} {v}" for k, v in values.items())]
-    lines += ["", f"{'ratio (p50)':<40} {'value':>10} {'goal':>10} {'met':>5}  {'rounds: quartiles (n)'}"]
+    rounds = "  rounds: quartiles (n)" if any("rounds" in v for v in report["ratios"].values()) else ""
+    lines += ["", f"{'ratio (p50)':<40} {'value':>10} {'goal':>10} {'met':>5}{rounds}"]
     for name, v in report["ratios"].items():
         met = "" if v["met"] is None else ("yes" if v["met"] else "NO")
         lines.append(f"{name:<40} {v['value']:>10.4g} {v['goal'] or '':>10} {met:>5}  {v.get('rounds', '')}".rstrip())
