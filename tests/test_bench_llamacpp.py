@@ -80,3 +80,28 @@ def test_a_failing_llama_bench_is_reported_by_its_rows(tmp_path: Path) -> None:
 def test_goals_against_llama_cpp() -> None:
     assert ratio_goal("decode_blocks4 / llamacpp_decode_q4_1") == 1.0
     assert ratio_goal("prefill_blocks4 / llamacpp_prefill_q4_1") is None
+
+
+def test_a_peer_that_fails_is_dropped_with_its_rows_and_why(tmp_path: Path) -> None:
+    """A peer (``optional``) whose second round fails: its first round's rows go too (the rounds stay paired), the
+    reason is kept, and the other tasks' rows are all there."""
+    good = _stand_in(tmp_path, f"print(open({str(FIXTURE)!r}).read())")
+    flaky_dir = tmp_path / "flaky"
+    flaky_dir.mkdir()
+    count = flaky_dir / "count"
+    flaky = _stand_in(flaky_dir, "import sys, pathlib\n"
+                                 f"c = pathlib.Path({str(count)!r})\n"
+                                 "n = int(c.read_text()) if c.exists() else 0\n"
+                                 "c.write_text(str(n + 1))\n"
+                                 "if n:\n"
+                                 "    print('error: unknown argument: -o', file=sys.stderr); sys.exit(1)\n"
+                                 f"print(open({str(FIXTURE)!r}).read())")
+    tasks = {"ours": llamacpp_task(str(good), tmp_path / "a.gguf", 38, {"decode": "decode_x"}),
+             "peer": llamacpp_task(str(flaky), tmp_path / "b.gguf", 38, {"decode": "llamacpp_decode_x"})}
+    by_round: dict[str, list[float]] = {}
+    dropped: dict[str, str] = {}
+    rows = measure_alone(tasks, 12, rounds=3, by_round=by_round, optional={"peer"}, dropped=dropped)
+    assert [r.name for r in rows] == ["decode_x"] and rows[0].runs == 9  # 3 samples x 3 rounds
+    assert set(by_round) == {"decode_x"} and len(by_round["decode_x"]) == 3
+    assert set(dropped) == {"peer"} and "unknown argument: -o" in dropped["peer"]
+    assert count.read_text() == "2"  # not run again once dropped

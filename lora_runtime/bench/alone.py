@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,19 +216,33 @@ def _child(task: Mapping, calls: int) -> dict[str, dict]:
 
 
 def measure_alone(tasks: Mapping[str, Mapping], calls: int, rounds: int = 2,
-                  on_round: Callable[[int], None] | None = None, by_round: dict[str, list[float]] | None = None
-                  ) -> list[Row]:
+                  on_round: Callable[[int], None] | None = None, by_round: dict[str, list[float]] | None = None,
+                  optional: Collection[str] = (), dropped: dict[str, str] | None = None) -> list[Row]:
     """Each task's rows, every task in a child process of its own per round; ``calls`` timed decode calls per row
     in all (split over the rounds, at least 3 per round). p50 and p99 over all rounds' calls (an open row: one
     per round); bytes: the last round's. ``by_round``: filled with each row's p50 (us) in each round, in order
-    (what :func:`paired` compares)."""
+    (what :func:`paired` compares). A task named in ``optional`` (a peer's: GenAI, llama.cpp) that fails is dropped
+    with all its rows, and why goes in ``dropped``; any other task's failure raises :class:`TaskFailed`."""
     names = list(tasks)
     times: dict[str, list[int]] = {}
     nbytes: dict[str, int] = {}
     per_round = max(-(-calls // rounds), 3)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            got = _child(tasks[name], per_round)
+            if dropped is not None and name in dropped:
+                continue
+            try:
+                got = _child(tasks[name], per_round)
+            except TaskFailed as e:
+                if name not in optional or dropped is None:
+                    raise
+                dropped[name] = str(e)
+                for row in tasks[name]["rows"].values():
+                    times.pop(row, None)
+                    nbytes.pop(row, None)
+                    if by_round is not None:
+                        by_round.pop(row, None)
+                continue
             for row, t in got["times"].items():
                 times.setdefault(row, []).extend(t)
                 if by_round is not None:

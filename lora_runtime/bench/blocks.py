@@ -169,7 +169,9 @@ def blocks_rows(work: Path, float_model: Path, adapters: Mapping[str, Path], pro
     # every decode, prefill and open row in a process of its own, ROUNDS rounds (quick: 2): one child's p50 moves
     # 10-20 %, so the ratios are the median of the rounds' (``bench.alone.paired``)
     by_round: dict[str, list[float]] = {}
-    rows: list[Row] = measure_alone(tasks | peers, 3 * reps, rounds=ROUNDS if reps >= 40 else 2, by_round=by_round)
+    dropped: dict[str, str] = {}  # a peer whose child failed (an incompatible llama-bench, ...): its rows skipped
+    rows: list[Row] = measure_alone(tasks | peers, 3 * reps, rounds=ROUNDS if reps >= 40 else 2, by_round=by_round,
+                                    optional=set(peers), dropped=dropped)
     measured, _, why = genai_rows(work, ids, reps, max_length=chat.max_seq,
                                   taken=[r for t in peers.values() for r in t["rows"].values()])
     rows += measured
@@ -223,4 +225,5 @@ def blocks_rows(work: Path, float_model: Path, adapters: Mapping[str, Path], pro
     ratios |= {f"{ours} / {theirs}": ratio(ours, theirs) for ours, theirs in LLAMACPP if ours in by and theirs in by}
     if no_llamacpp:
         accuracy["llama.cpp rows skipped"] = {"reason": no_llamacpp}
+    accuracy |= {f"{name} rows skipped": {"reason": why} for name, why in dropped.items()}
     return rows, accuracy, ratios, spread
