@@ -161,8 +161,8 @@ def blocks_rows(work: Path, float_model: Path, adapters: Mapping[str, Path], pro
                                                                                  "open": f"open_v3_{k}"})
     peers, skipped = genai_tasks(ids, chat.max_seq)
     exe, no_llamacpp = find_llama_bench()
-    files = {"q4_1": find_smollm2()} | ({"q4_0": Q4_0_GGUF} if Q4_0_GGUF.is_file() else {})
     if exe:
+        files = {"q4_1": find_smollm2()} | ({"q4_0": Q4_0_GGUF} if Q4_0_GGUF.is_file() else {})
         peers |= {f"llamacpp_{k}": llamacpp_task(exe, f, len(ids), {"decode": f"llamacpp_decode_{k}",
                                                                      "prefill": f"llamacpp_prefill_{k}"})
                   for k, f in files.items()}
