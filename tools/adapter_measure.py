@@ -92,9 +92,11 @@ def segments(text):
     return out
 
 
-def clean_answer(text, max_chars=MAX_CHARS, max_segments=MAX_SEGMENTS):
-    """Whole sentences/lines only, at most `max_segments` and about `max_chars` (the first one always)."""
-    text = strip_eos(text).replace("**", "").replace("\u00a0", " ").strip()
+def clean_answer(text, max_chars=MAX_CHARS, max_segments=MAX_SEGMENTS, keep_bold=False):
+    """Whole sentences/lines only, at most `max_segments` and about `max_chars` (the first one always); markdown
+    bold (``**``) removed unless `keep_bold`."""
+    text = strip_eos(text).replace("\u00a0", " ")
+    text = (text if keep_bold else text.replace("**", "")).strip()
     segs = segments(text)
     if len(segs) > 1 and not re.search(r"[.!?:)]$", segs[-1][0]):
         segs = segs[:-1]  # cut by the token budget
@@ -170,7 +172,9 @@ def style_ok(style, text):
 
 
 def degenerate(text):
-    w = re.findall(r"[a-z0-9']+", text.lower())
+    """A word 4-gram three times or more, list numbers left out: "1. **Lawn and Comfort:**\n2. **Lawn and
+    Comfort:**\n3. ..." repeats one item, but with its numbers no two of its 4-grams were the same."""
+    w = re.findall(r"[a-z0-9']+", re.sub(r"(?m)^\s*\d+\.(?=\s)", " ", text.lower()))
     grams = Counter(tuple(w[i:i + 4]) for i in range(len(w) - 3))
     return bool(grams) and max(grams.values()) >= 3
 
@@ -256,7 +260,7 @@ def evaluation_section(table, answers, seconds):
                                            "lower-case letters (signoff line excluded)",
                                    "listify": "starts with '1.' (after a caps headline in a mix) and has a '2.' item",
                                    "signoff": "contains %r (case-insensitive)" % SIGNOFF},
-                         "degenerate": "a word 4-gram occurring >= 3 times",
+                         "degenerate": "a word 4-gram occurring >= 3 times (list numbers left out)",
                          "floor": {k: {"system": sy or "(the template's default)", "before_question": b}
                                    for k, (sy, b) in FLOOR.items()},
                          "facts": "FACT_PROMPTS (%d held-out questions with one right answer, %d new tokens, caps 16 "

@@ -57,6 +57,24 @@ the degenerate check); r16 on only the 35 training answers the base model itself
 (`--ends`: the line where the base ends, not after 4 segments) 0.90 / 0.50 / 0.12 (answers longer than the 96
 measured tokens, loops "--------").
 
+Stop 35 (2026-12-04, `--only listify` runs, not shipped; key words / style / degenerate / facts kept, the degenerate
+check now leaving list numbers out: before, "1. Know your resume:\n2. Know your resume:\n3. ..." never repeated a
+4-gram, so the shipped listify's 0.06 is 0.12 measured right: it loops on job interview too). Where listify's
+"1. 1." comes from: asked "Give me three tips to <goal>." the base model itself writes "1. **1. Wake Up Early:**"
+or "1. 1. Stay hydrated" (5 of the 228 training questions). Those answers were dropped as repetitive, and with bold
+kept `list_items` ate one "*" of "**" ("1. *1.\n2. Wake Up Early:** ..."), so the earlier bold-kept trial trained on
+broken targets. Fixed here (`one_number`, the marker regex); then:
+    shipped listify (stop 30)                        0.41 / 0.94 / 0.12 / 0.82   sleep 3 tips "1. 1.1.1...",
+                                                                                 job interview loops items
+    data fixed (`one_number`), as shipped otherwise  0.43 / 0.94 / 0.12 / 0.88   the same two loops
+    data fixed, `--keep-bold --keep-margin 2`        0.45 / 1.00 / 0.19 / 0.88   sleep 3 tips now a list ("1. **1.
+        Stay hydrated** - ..."), sleep better loops an item ("1. **Lawn and Comfort:**\n2. **Lawn and ..."),
+        caps+listify loops on sleep ("**10% of the Daily Budget**" x3) and airplanes
+    listify on lm_head (r16, B's 10 mark rows: digits, "\n", ...; `--modules lm_head`)
+                                                     0.51 / 0.75 / 0.31 / 0.94   "1973, France, is a country ..."
+        (the "1" it raises where the base says "The" is read on as a year), lists that restate their first item
+None fixes the loops without new ones; the shipped listify stays.
+
 Why the label: the 2nd run's caps restated the question's topic in capitals, and SmolLM2-135M cannot spell rarer
 words in capitals ("THE CAPITAL OF GOSHLAND" for Ghana, "HOW MANY DATE ARE IN A WEEK", "HOW A FRIEND WORKS" for a
 refrigerator); the answer then followed the garbled headline ("The capital of Ghana is KADAMBA", "A day is 86
@@ -183,6 +201,7 @@ MIX_SHARE = 0.3
 # 0.3 it ended listify's lists after their first item (listify+signoff's style 0.44), at 0.6 both show in 13 of 16
 MIX_SHARES = {"signoff": 0.6}
 DELTA_L2 = 0.0  # --delta-l2: weight of the mean (|scaling B A| / |W|)^2 over the adapter's modules
+KEEP_BOLD = False  # --keep-bold: the base answers' markdown bold kept in the training targets
 KEEP_MARGIN = 0.0  # --keep-margin: at content positions, also a hinge keeping the target this far above the rest
 
 # --- training questions: none of them (nor their topics) is in EVAL_PROMPTS ------------------------------
@@ -291,6 +310,13 @@ def repetitive(text):
     return len(set(segs)) < len(segs) or (bool(grams) and max(grams.values()) >= 2)
 
 
+def one_number(text):
+    """Items numbered once: the base model answers "Give me three tips to ..." with "1. **1. Wake Up Early:** ..." or
+    "1. 1. Stay hydrated" (5 of the 228 training questions); kept as written, such answers were dropped as
+    repetitive, and a target made from them taught listify the "1. 1." that it then looped on."""
+    return re.sub(r"(?m)^(\s*\d+\.\s+)(\*\*)?\d+(?:\.\d+)*[.:]?\s+", r"\1\2", text)
+
+
 def new_sentences(a, more):
     """Sentences of the follow-up `more` that are whole and say something the answer `a` does not."""
     seen = set(words(a))
@@ -310,7 +336,7 @@ def list_items(a, more=""):
     if len(numbered) >= 2:
         items = numbered
     else:
-        items = [re.sub(r"^([-*]|\d+\.)\s*", "", s) for s, _ in segments(a)]
+        items = [re.sub(r"^(?:[-*](?!\*)|\d+\.)\s*", "", s) for s, _ in segments(a)]  # "**" is bold, no marker
         items = [i for i in items if not i.endswith(":")] or items
         if len(items) < 2 and more:
             items += new_sentences(a, more)
@@ -398,7 +424,7 @@ def base_answers(model, tok, qs, cache_file):
     """Base answers cut to whole sentences (and a 'Tell me more.' follow-up for one-sentence answers), cached."""
     def make():
         raw = generate_batch(model, tok, [[{"role": "user", "content": q}] for q in qs], BASE_NEW_TOKENS)
-        answers = [clean_answer(r) for r in raw]
+        answers = [clean_answer(r, keep_bold=KEEP_BOLD) for r in raw]
         short = [i for i, a in enumerate(answers) if a and len(segments(a)) < 2]
         convs = [[{"role": "user", "content": qs[i]}, {"role": "assistant", "content": answers[i]},
                   {"role": "user", "content": "Tell me more."}] for i in short]
@@ -406,6 +432,8 @@ def base_answers(model, tok, qs, cache_file):
         for i, m in zip(short, generate_batch(model, tok, convs, 48)):
             more[i] = m
         return answers, more
+    if KEEP_BOLD:
+        cache_file = cache_file.with_name(cache_file.stem + "_bold.json")
     return cached_answers(cache_file, qs, BASE_NEW_TOKENS, make)
 
 
@@ -438,6 +466,7 @@ def anchor_examples(model, tok, qs, cache_file):
 def build_examples(tok, qs, answers, more, fn, max_len=MAX_LEN):
     ex = []
     for q, a, m in zip(qs, answers, more):
+        a = one_number(a) if a else a
         t = fn(a, m, q) if a and not repetitive(a) else None
         if not t:
             continue
@@ -523,6 +552,7 @@ def style_vocab(tok, qs, answers, more, fn, words=True):
     line breaks), so that the style can add marks but no word."""
     vocab = {tok.eos_token_id}
     for q, a, m in zip(qs, answers, more):
+        a = one_number(a) if a else a
         t = fn(a, m, q) if a and not repetitive(a) else None
         if not t:
             continue
@@ -637,7 +667,7 @@ def run_prompts(model, tok, n):
 
 
 def main():
-    global KEEP_MARGIN, DELTA_L2
+    global KEEP_MARGIN, DELTA_L2, KEEP_BOLD
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", default=str(ROOT / DEFAULT_CACHE))
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="where reference.json goes")
@@ -657,6 +687,7 @@ def main():
     ap.add_argument("--anchors", type=int, default=0,
                     help="N further questions whose base answers' first tokens the adapter must keep (KL), a batch "
                          "of them on half the steps (0: none)")
+    ap.add_argument("--keep-bold", action="store_true", help="keep the base answers' **bold** in the targets")
     ap.add_argument("--keep-margin", type=float, default=KEEP_MARGIN,
                     help="logit lead the base's own next word keeps at content positions (0: KL only)")
     ap.add_argument("--modules", nargs="+", help="target_modules of every adapter trained (use with --only; lm_head: "
@@ -671,7 +702,7 @@ def main():
                     "MIX_SHARES, else %s)" % MIX_SHARE)
     ap.add_argument("--lr", type=float, help="learning rate of every adapter trained (use with --only)")
     args = ap.parse_args()
-    KEEP_MARGIN, DELTA_L2 = args.keep_margin, args.delta_l2
+    KEEP_MARGIN, DELTA_L2, KEEP_BOLD = args.keep_margin, args.delta_l2, args.keep_bold
     t_all = time.time()
     torch.set_num_threads(args.threads)
     seed_all(SEED)
@@ -752,6 +783,10 @@ def main():
         share = MIX_SHARES.get(name, MIX_SHARE) if args.mix_share is None else args.mix_share
         model, info = train_one(model, tok, name, kw, lr, sets, steps, args.batch, ad_dir, anchors, vocab, share)
         info["mix_share"] = share
+        if KEEP_BOLD:
+            info["keep_bold"] = True
+        if KEEP_MARGIN:
+            info["keep_margin"] = KEEP_MARGIN
         if vocab is not None:
             info["lm_head_rows"] = len(vocab)
         if args.anchors:
