@@ -73,7 +73,8 @@ broken targets. Fixed here (`one_number`, the marker regex); then:
     listify on lm_head (r16, B's 10 mark rows: digits, "\n", ...; `--modules lm_head`)
                                                      0.51 / 0.75 / 0.31 / 0.94   "1973, France, is a country ..."
         (the "1" it raises where the base says "The" is read on as a year), lists that restate their first item
-None fixes the loops without new ones; the shipped listify stays.
+None fixes the loops without new ones; the shipped listify stays (a rerun of this script now trains on the fixed
+data: it gives the second row, not the shipped adapter).
 
 Why the label: the 2nd run's caps restated the question's topic in capitals, and SmolLM2-135M cannot spell rarer
 words in capitals ("THE CAPITAL OF GOSHLAND" for Ghana, "HOW MANY DATE ARE IN A WEEK", "HOW A FRIEND WORKS" for a
