@@ -314,7 +314,8 @@ def repetitive(text):
 def one_number(text):
     """Items numbered once: the base model answers "Give me three tips to ..." with "1. **1. Wake Up Early:** ..." or
     "1. 1. Stay hydrated" (5 of the 228 training questions); kept as written, such answers were dropped as
-    repetitive, and a target made from them taught listify the "1. 1." that it then looped on."""
+    repetitive, and a target made from them taught listify the "1. 1." that it then looped on. Applied to the base
+    answers once, in ``main``."""
     return re.sub(r"(?m)^(\s*\d+\.\s+)(\*\*)?\d+(?:\.\d+)*[.:]?\s+", r"\1\2", text)
 
 
@@ -467,7 +468,6 @@ def anchor_examples(model, tok, qs, cache_file):
 def build_examples(tok, qs, answers, more, fn, max_len=MAX_LEN):
     ex = []
     for q, a, m in zip(qs, answers, more):
-        a = one_number(a) if a else a
         t = fn(a, m, q) if a and not repetitive(a) else None
         if not t:
             continue
@@ -553,7 +553,6 @@ def style_vocab(tok, qs, answers, more, fn, words=True):
     line breaks), so that the style can add marks but no word."""
     vocab = {tok.eos_token_id}
     for q, a, m in zip(qs, answers, more):
-        a = one_number(a) if a else a
         t = fn(a, m, q) if a and not repetitive(a) else None
         if not t:
             continue
@@ -731,6 +730,7 @@ def main():
     else:
         answers, more, gen_s = base_answers(model, tok, qs, Path(args.cache) / "train_answers.json")
     print("base answers for %d questions (%.1fs); e.g. %r" % (len(qs), gen_s, answers[0]))
+    answers = [one_number(a) if a else a for a in answers]  # for the examples, style_vocab and ends_here alike
 
     ref_path = out / "reference.json"
     ref = json.loads(ref_path.read_text()) if ref_path.exists() else {}

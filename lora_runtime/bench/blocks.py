@@ -216,13 +216,11 @@ def blocks_rows(work: Path, float_model: Path, adapters: Mapping[str, Path], pro
         ratios["decode_q4_0_blocks4_head4 / decode_q4_0_blocks4"] = ratio("decode_q4_0_blocks4_head4",
                                                                            "decode_q4_0_blocks4")
     accuracy |= {f"decode_{k} skipped": {"reason": why} for k, why in missing.items()}
-    if skipped is None:  # ONNX Runtime GenAI on the same weights, in the same interleaved rounds
-        for ours, theirs in PEERS:
-            if ours in by and theirs in by:
-                ratios[f"{ours} / {theirs}"] = ratio(ours, theirs)
-    else:
+    if skipped is not None:
         accuracy["ONNX Runtime GenAI rows skipped"] = {"reason": skipped}
-    ratios |= {f"{ours} / {theirs}": ratio(ours, theirs) for ours, theirs in LLAMACPP if ours in by and theirs in by}
+    # ONNX Runtime GenAI and llama.cpp on the same weights, in the same interleaved rounds
+    peer_pairs = (PEERS if skipped is None else ()) + LLAMACPP
+    ratios |= {f"{ours} / {theirs}": ratio(ours, theirs) for ours, theirs in peer_pairs if ours in by and theirs in by}
     if no_llamacpp:
         accuracy["llama.cpp rows skipped"] = {"reason": no_llamacpp}
     accuracy |= {f"{name} rows skipped": {"reason": why} for name, why in dropped.items()}
