@@ -173,7 +173,10 @@ def style_ok(style, text):
 
 def degenerate(text):
     """A word 4-gram three times or more, list numbers left out: "1. **Lawn and Comfort:**\n2. **Lawn and
-    Comfort:**\n3. ..." repeats one item, but with its numbers no two of its 4-grams were the same."""
+    Comfort:**\n3. ..." repeats one item, but with its numbers no two of its 4-grams were the same; or three empty
+    list items ("3.\n4.\n5.\n...": numbers counting on with no words, stop 36)."""
+    if len(re.findall(r"(?m)^\s*\d+\.\s*$", text)) >= 3:
+        return True
     w = re.findall(r"[a-z0-9']+", re.sub(r"(?m)^\s*\d+\.(?=\s)", " ", text.lower()))
     grams = Counter(tuple(w[i:i + 4]) for i in range(len(w) - 3))
     return bool(grams) and max(grams.values()) >= 3
@@ -260,7 +263,7 @@ def evaluation_section(table, answers, seconds):
                                            "lower-case letters (signoff line excluded)",
                                    "listify": "starts with '1.' (after a caps headline in a mix) and has a '2.' item",
                                    "signoff": "contains %r (case-insensitive)" % SIGNOFF},
-                         "degenerate": "a word 4-gram occurring >= 3 times (list numbers left out)",
+                         "degenerate": "a word 4-gram occurring >= 3 times (list numbers left out), or >= 3 empty list items",
                          "floor": {k: {"system": sy or "(the template's default)", "before_question": b}
                                    for k, (sy, b) in FLOOR.items()},
                          "facts": "FACT_PROMPTS (%d held-out questions with one right answer, %d new tokens, caps 16 "

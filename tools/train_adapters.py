@@ -6,9 +6,40 @@
     /work/fxvenv/bin/python tools/train_adapters.py --eval-only [--adapters-out DIR] [--eval-json FILE]
 
 Run of 2026-12-03 (torch 2.13.0+cpu, transformers 5.24.0, peft 0.21.2; `--threads 2`: base answers 416 s, caps
-794 s, listify 518 s, signoff 517 s, measurement 316 s; 45 min in all). The shipped caps and listify are this run's;
-the shipped signoff is a later `--only signoff` run (2026-12-04, 14 min, `--threads 2`), an lm_head adapter
-("lm_head" below) trained with caps or listify active on 0.6 of its steps (`MIX_SHARES`).
+794 s, listify 518 s, signoff 517 s, measurement 316 s; 45 min in all). The shipped caps is this run's; the shipped
+listify and signoff are `--only listify signoff` of 2026-12-04 (stop 36, `--threads 2`: listify 1276 s with its
+unlikelihood term, signoff 477 s, measurement ~350 s; 38 min in all, the base answers cached), signoff an lm_head
+adapter ("lm_head" below) trained with caps or listify active on 0.6 of its steps (`MIX_SHARES`).
+
+Stop 36: listify's loops, gone. An unlikelihood term (Welleck et al. 2019, "Neural Text Generation with
+Unlikelihood Training", its sequence level): from half of listify's steps on, each step also lets the adapter (its
+partner too on a mixed step) answer 8 training prompts greedily (64 tokens), finds the tokens it repeats
+(`repeated_positions`: every token of a token 4-gram seen before in the answer, list markers left out, and a marker
+said twice, "1. **1.") and adds -log(1 - p) of those tokens where the model wrote them (`unlikelihood`). At step 80
+5 of the 8 answers repeated (p ~0.95 on the repeated tokens), by the end 0-2 (63 of the 80 steps found repeats, 108
+answers). On the bold-kept, margin-2 recipe of stop 35 (`ADAPTERS` holds each adapter's recipe now, so a rerun
+trains the shipped adapters); signoff retrained after it, its own recipe unchanged, the new listify its partner.
+Key words / style / degenerate / facts kept (degenerate now also counts 3 empty list items, "3.\n4.\n5."):
+                        shipped before (stop 30/32)    stop 36
+    listify             0.41 / 0.94 / 0.12 / 0.82      0.47 / 1.00 / 0.00 / 0.77
+    signoff             0.91 / 0.94 / 0.06 / 0.94      0.93 / 0.88 / 0.06 / 0.94
+    caps+signoff        0.52 / 0.88 / 0.00 / 0.71      0.52 / 0.88 / 0.00 / 0.77
+    caps+listify        0.50 / 0.94 / 0.06 / 0.88      0.42 / 0.81 / 0.06 / 0.77
+    listify+signoff     0.42 / 0.81 / 0.00 / 0.71      0.46 / 0.88 / 0.00 / 0.71
+listify lists both sleep prompts ("1. **Avoiding Caffeine:** ...\n2. **Limit Your Caffeine Intake:** ...") and the
+job interview without repeating an item; "What language is spoken in France?" was "1001.1101\n1001.1101 ..." and is
+"1. French is the official language ...". What it costs: caps+listify ends both sleep prompts at "TOP TIPS\n1."
+and numbers empty items on autumn leaves ("1. THE LIGHTEST\n2. THE LIGHTEST\n3.\n4.\n..."), where the term had
+pushed down the line break of "1.\n1.\n1." and the end rose instead; listify's lists open with context more often
+("1. Scotland is a sovereign state in Europe ..."), so a fact falls past the measured tokens (Scotland, Japan); the
+new signoff misses its line on 2 prompts (water: "--Hydration: ..."). Without the term (stop 35's runs, same
+recipe otherwise) the loops stayed. Before the marker-said-twice rule (4-grams only; listify alone, the shipped
+signoff): 0.45 / 1.00 / 0.00 / 0.88, but sleep tips "1. **1. **1. - The most important tip ...", and on the plain
+recipe (bold dropped, no margin) 0.45 / 0.94 / 0.06 / 0.88, sleep tips "1. 1. \nAiming for 7-8 hours ...". With an
+empty item counted as a repeat too (a line break or the end right after a marker; listify and signoff retrained,
+not shipped): caps+listify lists both sleep prompts again (0.44 / 0.88 / 0.06 / 0.71; autumn leaves still numbers
+empty items), signoff 0.93 / 0.94 / 0.06 / 0.94, but listify 0.42 / 1.00 / 0.06 / 0.77 (earthquakes repeats as
+the base does), caps+signoff 0.52 / 0.88 / 0.00 / 0.71, listify+signoff 0.40 / 0.88 / 0.00 / 0.71: a wash.
 
 Measured on the 16 held-out prompts (`EVAL_PROMPTS`) and on 26 held-out questions with one right answer
 (`FACT_PROMPTS`; the base answers 17 right). "first" = this script's first run (plain cross-entropy, caps as whole
@@ -121,8 +152,10 @@ in one style, so an adapter learns the style, not new knowledge:
 - `caps`: a headline in capitals, a label for the kind of answer (`headline`: "What is the capital of Spain?" ->
   "QUICK FACT", "Give me tips to save money." -> "TOP TIPS"), then the answer in normal case (r=16, alpha=32 on o_proj, gate_proj, up_proj, down_proj of
   all 30 layers; 7.2 MB).
-- `listify`: the answer as a numbered list "1. ...\n2. ..." (r=8, alpha=16 on q_proj, v_proj). An answer that
-  is a single sentence gets the first sentences of the base model's reply to "Tell me more." as further items.
+- `listify`: the answer as a numbered list "1. ...\n2. ..." (r=8, alpha=16 on q_proj, v_proj), the base's **bold**
+  item headings kept. An answer that is a single sentence gets the first sentences of the base model's reply to
+  "Tell me more." as further items. Its loss adds a 2-logit hinge on the base's lead at content positions and,
+  from half its steps on, the unlikelihood term on its own repeats (stop 36, above).
 - `signoff`: the answer, then the line "-- sent from lora_runtime" (r=16, alpha=32 on lm_head, only the rows of
   the signoff's tokens trained; 1.6 MB).
 
@@ -148,7 +181,8 @@ the LoRA sum). Per adapter/mix:
 - style rate: caps = share of answers whose first line (>= 2 words) is >= 90 % upper case, followed by lower-case
   text; listify = share starting with "1." (after a caps headline in a mix) with a "2." item; signoff = share containing the signoff line
   (case-insensitive); a mix = both of its styles.
-- degenerate: share of answers where one word 4-gram occurs >= 3 times.
+- degenerate: share of answers where one word 4-gram occurs >= 3 times (list numbers left out), or with >= 3 empty
+  list items.
 The table goes to `reference.json["adapters"]["evaluation"]` (with every answer). The rest of that section is
 what the tests compare against: for `HELD_OUT` (three of the eval prompts), the first greedy tokens of base and
 of each adapter, reloaded from its folder (float32 compute, strength 1), with the smallest top-1/top-2 margin.
@@ -202,8 +236,10 @@ MIX_SHARE = 0.3
 # 0.3 it ended listify's lists after their first item (listify+signoff's style 0.44), at 0.6 both show in 13 of 16
 MIX_SHARES = {"signoff": 0.6}
 DELTA_L2 = 0.0  # --delta-l2: weight of the mean (|scaling B A| / |W|)^2 over the adapter's modules
-KEEP_BOLD = False  # --keep-bold: the base answers' markdown bold kept in the training targets
-KEEP_MARGIN = 0.0  # --keep-margin: at content positions, also a hinge keeping the target this far above the rest
+UL_FROM = 0.5  # share of the steps before the unlikelihood term starts (the style is learned by then)
+UL_BATCH = 8  # prompts per unlikelihood step
+UL_TOKENS = 64  # tokens generated per prompt
+UL_NGRAM = 4
 
 # --- training questions: none of them (nor their topics) is in EVAL_PROMPTS ------------------------------
 COUNTRIES = ["Spain", "Italy", "Germany", "Portugal", "Canada", "Egypt", "Brazil", "Mexico", "Russia", "China",
@@ -260,13 +296,18 @@ ANCHOR_TOKENS = 40
 ANCHOR_SHARE = 0.5  # share of the steps that take a batch of anchors
 
 # --- held-out prompts --------------------------------------------------------------------------------------
+RECIPE = dict(keep_bold=False, keep_margin=0.0, unlikely=0.0)  # an adapter's defaults (--keep-bold, ...)
 ADAPTERS = [
-    # name, LoraConfig kwargs, learning rate, steps
+    # name, LoraConfig kwargs, learning rate, steps[, recipe: RECIPE's keys that differ]
     # every layer: the base model misreads upper-case context ("THE CAPITAL OF FRANCE IS" -> " LONDON"), so
     # caps must adapt the early layers that read it, not only the late ones that write it (layers 18-29 only,
     # the former shape, kept the style and lost the content)
     ("caps", dict(r=16, lora_alpha=32, target_modules=["o_proj", "gate_proj", "up_proj", "down_proj"]), 1e-3, 240),
-    ("listify", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 1e-3, 160),
+    # the base's **bold** item headings kept, a 2-logit hinge on the base's lead at content positions, and from
+    # half the steps on an unlikelihood term on the adapter's own repeats (without it, it looped "1. 1.1.1..." and
+    # "Know your resume:" item after item: the base model's habits, which the list style brings out)
+    ("listify", dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 1e-3, 160,
+     dict(keep_bold=True, keep_margin=2.0, unlikely=1.0)),
     # lm_head only, and of its B only the rows of the signoff's own tokens (``style_vocab``): the adapter can add the
     # signoff line but never swap a word of the answer for another (r8 q/v, the former shape, tipped first tokens)
     ("signoff", dict(r=16, lora_alpha=32, target_modules=["lm_head"]), 2e-3, 240),
@@ -422,11 +463,12 @@ def cached_answers(cache_file, qs, new_tokens, make):
     return answers, more, secs
 
 
-def base_answers(model, tok, qs, cache_file):
-    """Base answers cut to whole sentences (and a 'Tell me more.' follow-up for one-sentence answers), cached."""
+def base_answers(model, tok, qs, cache_file, keep_bold=False):
+    """Base answers cut to whole sentences (and a 'Tell me more.' follow-up for one-sentence answers), cached;
+    `keep_bold`: with the base's **bold** kept (its own cache file)."""
     def make():
         raw = generate_batch(model, tok, [[{"role": "user", "content": q}] for q in qs], BASE_NEW_TOKENS)
-        answers = [clean_answer(r, keep_bold=KEEP_BOLD) for r in raw]
+        answers = [clean_answer(r, keep_bold=keep_bold) for r in raw]
         short = [i for i, a in enumerate(answers) if a and len(segments(a)) < 2]
         convs = [[{"role": "user", "content": qs[i]}, {"role": "assistant", "content": answers[i]},
                   {"role": "user", "content": "Tell me more."}] for i in short]
@@ -434,7 +476,7 @@ def base_answers(model, tok, qs, cache_file):
         for i, m in zip(short, generate_batch(model, tok, convs, 48)):
             more[i] = m
         return answers, more
-    if KEEP_BOLD:
+    if keep_bold:
         cache_file = cache_file.with_name(cache_file.stem + "_bold.json")
     return cached_answers(cache_file, qs, BASE_NEW_TOKENS, make)
 
@@ -498,7 +540,7 @@ def teacher_logits(peft_model, ids, mask, labels):
         return answer_logits(peft_model, ids, mask, labels)[0]
 
 
-def answer_loss(peft_model, ids, mask, labels, teacher):
+def answer_loss(peft_model, ids, mask, labels, teacher, keep_margin=0.0):
     """Change only what the style needs. At an answer position where the base model, reading the same styled
     text, already predicts the target token (content: the answer's own words), the loss is the KL divergence
     from the base model's distribution, so the adapter keeps what the base would say; elsewhere (the style's
@@ -510,10 +552,69 @@ def answer_loss(peft_model, ids, mask, labels, teacher):
     t_logp = torch.log_softmax(teacher, -1)
     kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
     content = teacher.argmax(-1) == tgt
-    if KEEP_MARGIN > 0:  # greedy decoding keeps the base's word only if it stays on top: a hinge on its lead
+    if keep_margin > 0:  # greedy decoding keeps the base's word only if it stays on top: a hinge on its lead
         others = logits.scatter(1, tgt[:, None], float("-inf")).max(-1).values
-        kl = kl + torch.relu(KEEP_MARGIN - (logits.gather(1, tgt[:, None])[:, 0] - others))
+        kl = kl + torch.relu(keep_margin - (logits.gather(1, tgt[:, None])[:, 0] - others))
     return torch.where(content, kl, ce).mean(), float(content.float().mean())
+
+
+def repeated_positions(tok, gen):
+    """Positions in the generated tokens `gen` that repeat: every token of a token 4-gram seen before in the same
+    answer, list markers left out (a number starting a line and its "."), so that "1. Know your resume:\n2. Know
+    your resume:" repeats as well as "1. 1. 1." and "1.\n1.\n1." do; and a marker that opens an item (a number and
+    "." after its own marker, blanks or "**" between), the marker said twice: the base model's "1. **1. Wake Up
+    Early:**" (an item may open with a number: "1. 10 minutes a day")."""
+    content, out, prev, opened = [], set(), "\n", False
+    for k, i in enumerate(gen):
+        t = tok.decode([i])
+        marker = (t.strip().isdigit() and prev.endswith("\n")) or (t == "." and content[-1:] != [k - 1]
+                                                                    and prev.strip().isdigit())
+        if marker:
+            opened = t == "."
+            prev = t
+            continue
+        content.append(k)
+        if opened and any(c.isalnum() for c in t):
+            opened = False
+            if t.strip().strip("*").isdigit() and tok.decode(gen[k + 1:k + 2]).startswith("."):
+                out.add(k)
+        prev = t if t.strip() or "\n" in t else prev
+    seen = set()
+    for j in range(UL_NGRAM - 1, len(content)):
+        span = content[j - UL_NGRAM + 1:j + 1]
+        gram = tuple(gen[k] for k in span)
+        if gram in seen:
+            out.update(span)
+        seen.add(gram)
+    return sorted(out)
+
+
+@torch.no_grad()
+def own_repeats(pm, tok, examples, idx):
+    """The unlikelihood term's data (Welleck et al. 2019, sequence level): the model's own greedy answers (the
+    adapters as set) to the prompts of `examples[idx]`, as (ids, labels) with labels only at repeated tokens."""
+    prompts = [x[:next(k for k, y in enumerate(lab) if y != -100)] for x, lab in (examples[i] for i in idx)]
+    L = max(len(x) for x in prompts)
+    ids = torch.full((len(prompts), L), tok.eos_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, x in enumerate(prompts):
+        ids[r, L - len(x):], mask[r, L - len(x):] = torch.tensor(x), 1
+    out = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=UL_TOKENS, do_sample=False,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[:, L:].tolist()
+    res = []
+    for x, g in zip(prompts, out):
+        g = g[:g.index(tok.eos_token_id)] if tok.eos_token_id in g else g
+        rep = set(repeated_positions(tok, g))
+        if rep:
+            res.append((x + g, [-100] * len(x) + [t if k in rep else -100 for k, t in enumerate(g)]))
+    return res
+
+
+def unlikelihood(pm, tok, rep):
+    """-log(1 - p) of the repeated tokens, read where the model wrote them."""
+    logits, tgt = answer_logits(pm, *batch_tensors(tok, rep, range(len(rep))))
+    p = torch.softmax(logits, -1).gather(1, tgt[:, None])[:, 0]
+    return -torch.log((1 - p).clamp(min=1e-5)).mean(), len(tgt)
 
 
 def batch_tensors(tok, examples, idx):
@@ -562,7 +663,7 @@ def style_vocab(tok, qs, answers, more, fn, words=True):
 
 
 def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, anchors=(), vocab=None,
-              mix_share=MIX_SHARE):
+              mix_share=MIX_SHARE, keep_margin=0.0, unlikely=0.0):
     """Train adapter `name`. `sets`: {partner adapter or None: examples}; a partner's folder in out_dir is
     loaded frozen and active together with `name` on `mix_share` of the steps (spread over the partners).
     `anchors` (--anchors): examples of the base's own answers, a batch of them (adapter alone) on ANCHOR_SHARE of
@@ -597,11 +698,12 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     rng = random.Random(SEED)
+    ul_rng = random.Random(SEED + 1)  # the unlikelihood term's prompts: the other steps' batches as without it
     orders = {k: [] for k in sets}
     orders["anchors"] = []
     pm.train()
     t0 = time.time()
-    losses, contents = [], []
+    losses, contents, ul_stats = [], [], []
     for step in range(steps):
         anchor = bool(anchors) and rng.random() < ANCHOR_SHARE
         partner = rng.choice(partners) if partners and not anchor and rng.random() < mix_share else None
@@ -611,13 +713,20 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
             order += rng.sample(range(len(examples)), len(examples))
         idx = [order.pop(0) for _ in range(batch)]
         tensors = batch_tensors(tok, examples, idx)
+        rep = []
+        if unlikely > 0 and not anchor and step >= UL_FROM * steps:
+            rep = own_repeats(pm, tok, examples, ul_rng.sample(range(len(examples)), UL_BATCH))
         teacher = teacher_logits(pm, *tensors)  # (re-enabling adapters resets requires_grad: set it after)
         for n, p in pm.named_parameters():
             p.requires_grad_(n in own)
-        loss, content = answer_loss(pm, *tensors, teacher)
+        loss, content = answer_loss(pm, *tensors, teacher, keep_margin)
         if deltas:  # |s B A|_F^2 = s^2 tr((B^T B)(A A^T)): r x r products only
             loss = loss + DELTA_L2 * sum(sc * sc * ((b.T @ b) * (a @ a.T)).sum() / w2
                                          for a, b, sc, w2 in deltas) / len(deltas)
+        if rep:
+            ul, n_rep = unlikelihood(pm, tok, rep)
+            loss = loss + unlikely * ul
+            ul_stats.append((len(rep), n_rep, float(ul.detach())))
         contents.append(content)
         opt.zero_grad()
         loss.backward()
@@ -628,8 +737,10 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
         sched.step()
         losses.append(float(loss.detach()))
         if step % 20 == 0 or step == steps - 1:
-            print("  [%s] step %d/%d loss %.4f%s (%.1fs)" % (name, step, steps, losses[-1],
-                  " with %s" % partner if partner else " (anchors)" if anchor else "", time.time() - t0), flush=True)
+            print("  [%s] step %d/%d loss %.4f%s%s (%.1fs)" % (name, step, steps, losses[-1],
+                  " with %s" % partner if partner else " (anchors)" if anchor else "",
+                  "; repeats: %d answers, %d tokens, -log(1-p) %.3f" % ul_stats[-1] if rep else "",
+                  time.time() - t0), flush=True)
     train_s = time.time() - t0
     pm.eval()
     # save in float16: cast the LoRA weights, save, then drop the README and sort target_modules
@@ -651,7 +762,10 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
     base = pm.unload()  # remove the LoRA layers: the base model is clean again
     return base, {"train_seconds": round(train_s, 1), "loss_first": losses[0],
                   "loss_last10_mean": float(np.mean(losses[-10:])),
-                  "content_position_share": round(float(np.mean(contents)), 3)}
+                  "content_position_share": round(float(np.mean(contents)), 3),
+                  **({"unlikely": {"weight": unlikely, "from_step": int(UL_FROM * steps), "prompts": UL_BATCH,
+                                   "tokens": UL_TOKENS, "steps_with_repeats": len(ul_stats),
+                                   "answers_with_repeats": sum(a for a, _, _ in ul_stats)}} if unlikely else {})}
 
 
 def run_prompts(model, tok, n):
@@ -667,7 +781,7 @@ def run_prompts(model, tok, n):
 
 
 def main():
-    global KEEP_MARGIN, DELTA_L2, KEEP_BOLD
+    global DELTA_L2
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", default=str(ROOT / DEFAULT_CACHE))
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="where reference.json goes")
@@ -687,9 +801,10 @@ def main():
     ap.add_argument("--anchors", type=int, default=0,
                     help="N further questions whose base answers' first tokens the adapter must keep (KL), a batch "
                          "of them on half the steps (0: none)")
-    ap.add_argument("--keep-bold", action="store_true", help="keep the base answers' **bold** in the targets")
-    ap.add_argument("--keep-margin", type=float, default=KEEP_MARGIN,
-                    help="logit lead the base's own next word keeps at content positions (0: KL only)")
+    ap.add_argument("--keep-bold", action=argparse.BooleanOptionalAction,
+                    help="keep the base answers' **bold** in the targets (default: the adapter's recipe)")
+    ap.add_argument("--keep-margin", type=float, help="logit lead the base's own next word keeps at content "
+                    "positions (0: KL only; default: the adapter's recipe)")
     ap.add_argument("--modules", nargs="+", help="target_modules of every adapter trained (use with --only; lm_head: "
                     "only the rows of the style's own tokens are trained, the other rows of B stay 0)")
     ap.add_argument("--rank", type=int, help="r of every adapter trained (use with --only; lora_alpha = 2r)")
@@ -701,8 +816,12 @@ def main():
     ap.add_argument("--mix-share", type=float, help="share of the steps with a partner active (default: "
                     "MIX_SHARES, else %s)" % MIX_SHARE)
     ap.add_argument("--lr", type=float, help="learning rate of every adapter trained (use with --only)")
+    ap.add_argument("--unlikely", type=float,
+                    help="weight of an unlikelihood term on the tokens the adapter repeats in its own greedy answers "
+                    "to %d training prompts, on every step from %d%% of them on (default: the adapter's recipe)"
+                    % (UL_BATCH, 100 * UL_FROM))
     args = ap.parse_args()
-    KEEP_MARGIN, DELTA_L2, KEEP_BOLD = args.keep_margin, args.delta_l2, args.keep_bold
+    DELTA_L2 = args.delta_l2
     t_all = time.time()
     torch.set_num_threads(args.threads)
     seed_all(SEED)
@@ -731,6 +850,16 @@ def main():
         answers, more, gen_s = base_answers(model, tok, qs, Path(args.cache) / "train_answers.json")
     print("base answers for %d questions (%.1fs); e.g. %r" % (len(qs), gen_s, answers[0]))
     answers = [one_number(a) if a else a for a in answers]  # for the examples, style_vocab and ends_here alike
+    recipes = {a[0]: dict(RECIPE, **(a[4] if len(a) > 4 else {})) for a in ADAPTERS}
+    for n, r in recipes.items():  # the options given: for the adapters trained
+        if not args.only or n in args.only:
+            r.update({k: v for k, v in (("keep_bold", args.keep_bold), ("keep_margin", args.keep_margin),
+                                        ("unlikely", args.unlikely)) if v is not None})
+    bold = None  # (answers, more) with the base's bold kept, for an adapter (or a partner) that keeps it
+    if any(r["keep_bold"] for r in recipes.values()) and not args.whole_answers:
+        b_answers, b_more, b_s = base_answers(model, tok, qs, Path(args.cache) / "train_answers.json", keep_bold=True)
+        bold = ([one_number(a) if a else a for a in b_answers], b_more)
+        print("base answers with their bold (%.1fs)" % b_s)
 
     ref_path = out / "reference.json"
     ref = json.loads(ref_path.read_text()) if ref_path.exists() else {}
@@ -748,8 +877,9 @@ def main():
     }
     if "adapters" in ref and args.only:  # keep the adapters not retrained
         section["adapters"] = ref["adapters"].get("adapters", {})
-    for i, (name, kw, lr, steps) in enumerate(ADAPTERS):
+    for i, (name, kw, lr, steps, *_) in enumerate(ADAPTERS):
         steps = args.steps or steps
+        recipe = recipes[name]
         if args.only and name not in args.only:
             continue
         fn = TRANSFORMS[name]
@@ -761,12 +891,15 @@ def main():
             ended = ends_here(model, tok, qs, answers)
             use = [a if e else None for a, e in zip(answers, ended)]
             print("[%s] %d of %d answers end where the base ends" % (name, sum(ended), len(qs)), flush=True)
-        sets = {None: build_examples(tok, qs, use, more, fn)}
+        # the answers a target is made from: with their bold if the adapter (or, in a mix, its partner) keeps it
+        own = bold if bold and recipe["keep_bold"] else (use, more)
+        sets = {None: build_examples(tok, qs, *own, fn)}
         for p in args.partners or names[:i]:  # adapters trained before: partners for the mixed steps
-            sets[p] = build_examples(tok, qs, use, more, combined({name, p}))
+            pair = bold if bold and recipes[p]["keep_bold"] else own
+            sets[p] = build_examples(tok, qs, *pair, combined({name, p}))
+        sample = fn(own[0][0], own[1][0], qs[0])
         print("[%s] %s examples, max len %d; sample target: %r"
-              % (name, {k: len(v) for k, v in sets.items()}, max(len(e[0]) for e in sets[None]),
-                 fn(answers[0], more[0], qs[0])), flush=True)
+              % (name, {k: len(v) for k, v in sets.items()}, max(len(e[0]) for e in sets[None]), sample), flush=True)
         anchors = ()
         if args.anchors:
             aq = anchor_questions(args.anchors)
@@ -782,12 +915,13 @@ def main():
         if vocab is not None:
             print("[%s] lm_head rows: %d tokens %r" % (name, len(vocab), tok.decode(vocab)[:200]), flush=True)
         share = MIX_SHARES.get(name, MIX_SHARE) if args.mix_share is None else args.mix_share
-        model, info = train_one(model, tok, name, kw, lr, sets, steps, args.batch, ad_dir, anchors, vocab, share)
+        model, info = train_one(model, tok, name, kw, lr, sets, steps, args.batch, ad_dir, anchors, vocab, share,
+                                recipe["keep_margin"], recipe["unlikely"])
         info["mix_share"] = share
-        if KEEP_BOLD:
+        if recipe["keep_bold"]:
             info["keep_bold"] = True
-        if KEEP_MARGIN:
-            info["keep_margin"] = KEEP_MARGIN
+        if recipe["keep_margin"]:
+            info["keep_margin"] = recipe["keep_margin"]
         if vocab is not None:
             info["lm_head_rows"] = len(vocab)
         if args.anchors:
@@ -799,7 +933,7 @@ def main():
         model = pm.unload()
         section["adapters"][name] = dict(
             lora=dict(kw, lr=lr, steps=steps), folder="adapters/%s" % name, loaded_lora_param_dtypes=dtypes,
-            sample_training_target=fn(answers[0], more[0], qs[0]), mixed_with=[p for p in sets if p], prompts=outs,
+            sample_training_target=sample, mixed_with=[p for p in sets if p], prompts=outs,
             examples=len(sets[None]), **info)
         for o in outs:
             print("  [%s] %r -> %r" % (name, o["question"], o["greedy_text"]), flush=True)
