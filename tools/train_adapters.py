@@ -818,7 +818,7 @@ def main():
     ap.add_argument("--lr", type=float, help="learning rate of every adapter trained (use with --only)")
     ap.add_argument("--unlikely", type=float,
                     help="weight of an unlikelihood term on the tokens the adapter repeats in its own greedy answers "
-                    "to %d training prompts, on every step from %d%% of them on (default: the adapter's recipe)"
+                    "to %d training prompts, on every step from %d %%%% of its steps on (default: the adapter's recipe)"
                     % (UL_BATCH, 100 * UL_FROM))
     args = ap.parse_args()
     DELTA_L2 = args.delta_l2
