@@ -28,7 +28,7 @@ Key words / style / degenerate / facts kept (degenerate now also counts 3 empty 
     listify+signoff     0.42 / 0.81 / 0.00 / 0.71      0.46 / 0.88 / 0.00 / 0.71
 listify lists both sleep prompts ("1. **Avoiding Caffeine:** ...\n2. **Limit Your Caffeine Intake:** ...") and the
 job interview without repeating an item; "What language is spoken in France?" was "1001.1101\n1001.1101 ..." and is
-"1. French is the official language ...". What it costs: caps+listify ends both sleep prompts at "TOP TIPS\n1."
+"1. French is the official language ..." (facts answers that loop: listify 2 -> 0, caps+listify 2 -> 1). What it costs: caps+listify ends both sleep prompts at "TOP TIPS\n1."
 and numbers empty items on autumn leaves ("1. THE LIGHTEST\n2. THE LIGHTEST\n3.\n4.\n..."), where the term had
 pushed down the line break of "1.\n1.\n1." and the end rose instead; listify's lists open with context more often
 ("1. Scotland is a sovereign state in Europe ..."), so a fact falls past the measured tokens (Scotland, Japan); the
