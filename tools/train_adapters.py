@@ -104,8 +104,8 @@ broken targets. Fixed here (`one_number`, the marker regex); then:
     listify on lm_head (r16, B's 10 mark rows: digits, "\n", ...; `--modules lm_head`)
                                                      0.51 / 0.75 / 0.31 / 0.94   "1973, France, is a country ..."
         (the "1" it raises where the base says "The" is read on as a year), lists that restate their first item
-None fixes the loops without new ones; the shipped listify stays (a rerun of this script now trains on the fixed
-data: it gives the second row, not the shipped adapter).
+None fixes the loops without new ones; the shipped listify stayed then (stop 36, above, replaced it; a rerun of
+this script trains stop 36's recipe).
 
 Why the label: the 2nd run's caps restated the question's topic in capitals, and SmolLM2-135M cannot spell rarer
 words in capitals ("THE CAPITAL OF GOSHLAND" for Ghana, "HOW MANY DATE ARE IN A WEEK", "HOW A FRIEND WORKS" for a
@@ -594,13 +594,9 @@ def own_repeats(pm, tok, examples, idx):
     """The unlikelihood term's data (Welleck et al. 2019, sequence level): the model's own greedy answers (the
     adapters as set) to the prompts of `examples[idx]`, as (ids, labels) with labels only at repeated tokens."""
     prompts = [x[:next(k for k, y in enumerate(lab) if y != -100)] for x, lab in (examples[i] for i in idx)]
-    L = max(len(x) for x in prompts)
-    ids = torch.full((len(prompts), L), tok.eos_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, x in enumerate(prompts):
-        ids[r, L - len(x):], mask[r, L - len(x):] = torch.tensor(x), 1
+    ids, mask = left_padded(tok, prompts)
     out = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=UL_TOKENS, do_sample=False,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[:, L:].tolist()
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[:, ids.shape[1]:].tolist()
     res = []
     for x, g in zip(prompts, out):
         g = g[:g.index(tok.eos_token_id)] if tok.eos_token_id in g else g
@@ -615,6 +611,16 @@ def unlikelihood(pm, tok, rep):
     logits, tgt = answer_logits(pm, *batch_tensors(tok, rep, range(len(rep))))
     p = torch.softmax(logits, -1).gather(1, tgt[:, None])[:, 0]
     return -torch.log((1 - p).clamp(min=1e-5)).mean(), len(tgt)
+
+
+def left_padded(tok, seqs):
+    """(ids, mask) of token lists padded on the left: every sequence's last token at the end."""
+    L = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), L), tok.eos_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for r, x in enumerate(seqs):
+        ids[r, L - len(x):], mask[r, L - len(x):] = torch.tensor(x), 1
+    return ids, mask
 
 
 def batch_tensors(tok, examples, idx):
@@ -638,11 +644,7 @@ def ends_here(model, tok, qs, answers, bs=16):
     for k in range(0, len(qs), bs):
         seqs = [chat_ids(tok, q)[1] + tok(a or "", add_special_tokens=False)["input_ids"]
                 for q, a in zip(qs[k:k + bs], answers[k:k + bs])]
-        L = max(len(x) for x in seqs)
-        ids = torch.full((len(seqs), L), tok.eos_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), L), dtype=torch.long)
-        for r, x in enumerate(seqs):  # left-padded: every sequence's last token at the end
-            ids[r, L - len(x):], mask[r, L - len(x):] = torch.tensor(x), 1
+        ids, mask = left_padded(tok, seqs)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
         out += [bool(a) and int(t) == tok.eos_token_id for a, t in zip(answers[k:k + bs], logits.argmax(-1))]
     return out
