@@ -57,7 +57,8 @@ FACT_PROMPTS = {
     "What is the capital of France?": r"\bparis\b", "What is the capital of Japan?": r"\btokyo\b",
     "Who painted the Mona Lisa?": r"leonardo|vinci", "What is the largest planet in our solar system?": r"jupiter",
 }
-FACT_NEW_TOKENS = 64
+FACT_NEW_TOKENS = 64  # "facts kept": the fact said within the first 64 tokens (caps 16 more)
+FACT_WHOLE_TOKENS = 192  # "facts kept, whole answer": anywhere in it (a list may open with context, the fact later)
 MIXES = [("caps", "signoff"), ("caps", "listify"), ("listify", "signoff")]
 # The measure's floor: the base model itself under changes of its prompt that ask for the same answer. Greedy
 # decoding of a 135M model follows another wording after any such change, so these rows say what key words kept
@@ -113,9 +114,9 @@ def clean_answer(text, max_chars=MAX_CHARS, max_segments=MAX_SEGMENTS, keep_bold
 
 
 @torch.no_grad()
-def generate_batch(model, tok, convs, n, bs=16, ended=None):
+def generate_batch(model, tok, convs, n, bs=16, ended=None, rows=None):
     """Greedy answers (text up to <|im_end|>) for chat conversations, left-padded batches of `bs`; `ended` (a
-    list): gets, per answer, whether the model ended it within `n` tokens."""
+    list): gets, per answer, whether the model ended it within `n` tokens; `rows` (a list): its token ids."""
     texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
     eos = tok.eos_token_id
     if tok.pad_token_id is None:
@@ -127,9 +128,13 @@ def generate_batch(model, tok, convs, n, bs=16, ended=None):
             enc = tok(texts[i:i + bs], add_special_tokens=False, return_tensors="pt", padding=True)
             out = model.generate(**enc, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos)
             for row in out[:, enc["input_ids"].shape[1]:].tolist():
-                res.append(tok.decode(row[:row.index(eos)] if eos in row else row))
+                done = eos in row
+                row = row[:row.index(eos)] if done else row
+                res.append(tok.decode(row))
+                if rows is not None:
+                    rows.append(row)
                 if ended is not None:
-                    ended.append(eos in row)
+                    ended.append(done)
     finally:
         tok.padding_side = side
     return res
@@ -174,8 +179,14 @@ def style_ok(style, text):
 def degenerate(text):
     """A word 4-gram three times or more, list numbers left out: "1. **Lawn and Comfort:**\n2. **Lawn and
     Comfort:**\n3. ..." repeats one item, but with its numbers no two of its 4-grams were the same; or three empty
-    list items ("3.\n4.\n5.\n...": numbers counting on with no words, stop 36)."""
-    if len(re.findall(r"(?m)^\s*\d+\.\s*$", text)) >= 3:
+    list items ("3.\n4.\n5.\n...": numbers counting on with no words, stop 36); or one character 16 times in a
+    row ("------...", "1.0000...") or one line three times, its list number left out ("- \n- \n- ", "Know your
+    resume:"): no words to repeat (stop 37)."""
+    if len(re.findall(r"(?m)^\s*\d+\.\s*$", text)) >= 3 or re.search(r"(\S)\1{15}", text):
+        return True
+    lines = Counter(re.sub(r"^\d+\.(?=\s|$)", "", line.strip()).strip() for line in text.split("\n"))
+    lines.pop("", None)
+    if lines and max(lines.values()) >= 3:
         return True
     w = re.findall(r"[a-z0-9']+", re.sub(r"(?m)^\s*\d+\.(?=\s)", " ", text.lower()))
     grams = Counter(tuple(w[i:i + 4]) for i in range(len(w) - 3))
@@ -215,40 +226,53 @@ def evaluate(model, tok, ad_dir, names):
     pm.eval()
     configs = [(n,) for n in names] + [m for m in MIXES if all(x in names for x in m)]
     fact_convs = [[{"role": "user", "content": q}] for q in FACT_PROMPTS]
-    facts = {}
+    facts, whole = {}, {}
+
+    def ask(key, convs, n_early):  # one greedy run to the whole answer; its first `n_early` tokens as well
+        rows = []
+        whole[key] = generate_batch(pm, tok, convs, FACT_WHOLE_TOKENS, rows=rows)
+        facts[key] = [tok.decode(r[:n_early]) for r in rows]
+
     with pm.disable_adapter():
-        facts["base"] = generate_batch(pm, tok, fact_convs, FACT_NEW_TOKENS)
+        ask("base", fact_convs, FACT_NEW_TOKENS)
         for k, (system, before) in FLOOR.items():
             answers[k] = generate_batch(pm, tok, reworded(EVAL_PROMPTS, system, before), EVAL_NEW_TOKENS)
-            facts[k] = generate_batch(pm, tok, reworded(FACT_PROMPTS, system, before), FACT_NEW_TOKENS)
+            ask(k, reworded(FACT_PROMPTS, system, before), FACT_NEW_TOKENS)
         print("  eval floor done (%.0fs)" % (time.time() - t0), flush=True)
     for cfg in configs:
         pm.base_model.set_adapter(list(cfg), inference_mode=True)
         n_new = EVAL_NEW_TOKENS_CAPS if "caps" in cfg else EVAL_NEW_TOKENS
         answers["+".join(cfg)] = generate_batch(pm, tok, convs, n_new)
-        facts["+".join(cfg)] = generate_batch(pm, tok, fact_convs, FACT_NEW_TOKENS + (16 if "caps" in cfg else 0))
+        ask("+".join(cfg), fact_convs, FACT_NEW_TOKENS + (16 if "caps" in cfg else 0))
         print("  eval %s done (%.0fs)" % ("+".join(cfg), time.time() - t0), flush=True)
     model = pm.unload()
     table = {"base": metrics(answers["base"], answers["base"], [])}
     table |= {k: metrics(answers["base"], answers[k], []) for k in FLOOR}
     for cfg in configs:
         table["+".join(cfg)] = metrics(answers["base"], answers["+".join(cfg)], list(cfg))
-    right = [bool(re.search(rx, strip_eos(a).lower())) for rx, a in zip(FACT_PROMPTS.values(), facts["base"])]
+
+    def said(texts):
+        return [bool(re.search(rx, strip_eos(a).lower())) for rx, a in zip(FACT_PROMPTS.values(), texts)]
+
+    right = said(facts["base"])  # the questions the base answers right, within the first tokens
     for k, v in table.items():
-        got = [bool(re.search(rx, strip_eos(a).lower())) for rx, a in zip(FACT_PROMPTS.values(), facts[k])]
+        got, got_whole = said(facts[k]), said(whole[k])
         v["facts_kept"] = round(sum(g for g, r in zip(got, right) if r) / max(sum(right), 1), 3)
+        v["facts_kept_whole"] = round(sum(g for g, r in zip(got_whole, right) if r) / max(sum(right), 1), 3)
         v["facts_right"] = "%d/%d" % (sum(got), len(got))
     answers["facts"] = facts
+    answers["facts_whole"] = whole
     return model, table, answers, round(time.time() - t0, 1)
 
 
 def print_table(table):
-    print("%-34s %15s %11s %11s %11s %11s" % ("use-case", "key words kept", "style rate", "degenerate",
-                                              "facts kept", "facts right"))
+    print("%-34s %15s %11s %11s %11s %11s %11s" % ("use-case", "key words kept", "style rate", "degenerate",
+                                                   "facts kept", "facts right", "whole answ."))
     for k, v in table.items():
-        print("%-34s %15.2f %11s %11.2f %11.2f %11s" % (
+        print("%-34s %15.2f %11s %11.2f %11.2f %11s %11s" % (
             k, v["key_words_kept"], "-" if v["style_rate"] is None else "%.2f" % v["style_rate"],
-            v["degenerate_rate"], v["facts_kept"], v["facts_right"]))
+            v["degenerate_rate"], v["facts_kept"], v["facts_right"],
+            "%.2f" % v["facts_kept_whole"] if "facts_kept_whole" in v else "-"))
 
 
 def evaluation_section(table, answers, seconds):
@@ -263,11 +287,14 @@ def evaluation_section(table, answers, seconds):
                                            "lower-case letters (signoff line excluded)",
                                    "listify": "starts with '1.' (after a caps headline in a mix) and has a '2.' item",
                                    "signoff": "contains %r (case-insensitive)" % SIGNOFF},
-                         "degenerate": "a word 4-gram occurring >= 3 times (list numbers left out), or >= 3 empty list items",
+                         "degenerate": ("a word 4-gram occurring >= 3 times (list numbers left out), >= 3 empty list "
+                                        "items, one character 16 times in a row, or one line 3 times"),
                          "floor": {k: {"system": sy or "(the template's default)", "before_question": b}
                                    for k, (sy, b) in FLOOR.items()},
                          "facts": "FACT_PROMPTS (%d held-out questions with one right answer, %d new tokens, caps 16 "
                                   "more): facts_kept = of those the base answers right (its answer matches the "
                                   "question's pattern), the share the use-case answers right; facts_right: all "
-                                  "right answers" % (len(FACT_PROMPTS), FACT_NEW_TOKENS)},
+                                  "right answers; facts_kept_whole: the same questions, the use-case's answer read "
+                                  "to its end (<= %d tokens)" % (len(FACT_PROMPTS), FACT_NEW_TOKENS,
+                                                                FACT_WHOLE_TOKENS)},
             "table": table, "answers": answers}
