@@ -9,139 +9,9 @@ Run of 2026-12-03 (torch 2.13.0+cpu, transformers 5.24.0, peft 0.21.2; `--thread
 794 s, listify 518 s, signoff 517 s, measurement 316 s; 45 min in all). The shipped caps is this run's; the shipped
 listify and signoff are `--only listify signoff` of 2026-12-04 (stop 36, `--threads 2`: listify 1276 s with its
 unlikelihood term, signoff 477 s, measurement ~350 s; 38 min in all, the base answers cached), signoff an lm_head
-adapter ("lm_head" below) trained with caps or listify active on 0.6 of its steps (`MIX_SHARES`).
+adapter (why lm_head: tools/adapter_trials.md) trained with caps or listify active on 0.6 of its steps (`MIX_SHARES`).
 
-Stop 36: listify's loops, gone. An unlikelihood term (Welleck et al. 2019, "Neural Text Generation with
-Unlikelihood Training", its sequence level): from half of listify's steps on, each step also lets the adapter (its
-partner too on a mixed step) answer 8 training prompts greedily (64 tokens), finds the tokens it repeats
-(`repeated_positions`: every token of a token 4-gram seen before in the answer, list markers left out, and a marker
-said twice, "1. **1.") and adds -log(1 - p) of those tokens where the model wrote them (`unlikelihood`). At step 80
-5 of the 8 answers repeated (p ~0.95 on the repeated tokens), by the end 0-2 (63 of the 80 steps found repeats, 108
-answers). On the bold-kept, margin-2 recipe of stop 35 (`ADAPTERS` holds each adapter's recipe now, so a rerun
-trains the shipped adapters); signoff retrained after it, its own recipe unchanged, the new listify its partner.
-Key words / style / degenerate / facts kept (degenerate now also counts 3 empty list items, "3.\n4.\n5."):
-                        shipped before (stop 30/32)    stop 36
-    listify             0.41 / 0.94 / 0.12 / 0.82      0.47 / 1.00 / 0.00 / 0.77
-    signoff             0.91 / 0.94 / 0.06 / 0.94      0.93 / 0.88 / 0.06 / 0.94
-    caps+signoff        0.52 / 0.88 / 0.00 / 0.71      0.52 / 0.88 / 0.00 / 0.77
-    caps+listify        0.50 / 0.94 / 0.06 / 0.88      0.42 / 0.81 / 0.06 / 0.77
-    listify+signoff     0.42 / 0.81 / 0.00 / 0.71      0.46 / 0.88 / 0.00 / 0.71
-listify lists both sleep prompts ("1. **Avoiding Caffeine:** ...\n2. **Limit Your Caffeine Intake:** ...") and the
-job interview without repeating an item; "What language is spoken in France?" was "1001.1101\n1001.1101 ..." and is
-"1. French is the official language ..." (facts answers that loop: listify 2 -> 0, caps+listify 2 -> 1). What it costs: caps+listify ends both sleep prompts at "TOP TIPS\n1."
-and numbers empty items on autumn leaves ("1. THE LIGHTEST\n2. THE LIGHTEST\n3.\n4.\n..."), where the term had
-pushed down the line break of "1.\n1.\n1." and the end rose instead; listify's lists open with context more often
-("1. Scotland is a sovereign state in Europe ..."), so a fact falls past the measured tokens (Scotland, Japan); the
-new signoff misses its line on 2 prompts (water: "--Hydration: ..."). Without the term (stop 35's runs, same
-recipe otherwise) the loops stayed. Before the marker-said-twice rule (4-grams only; listify alone, the shipped
-signoff): 0.45 / 1.00 / 0.00 / 0.88, but sleep tips "1. **1. **1. - The most important tip ...", and on the plain
-recipe (bold dropped, no margin) 0.45 / 0.94 / 0.06 / 0.88, sleep tips "1. 1. \nAiming for 7-8 hours ...". With an
-empty item counted as a repeat too (a line break or the end right after a marker; listify and signoff retrained,
-not shipped): caps+listify lists both sleep prompts again (0.44 / 0.88 / 0.06 / 0.71; autumn leaves still numbers
-empty items), signoff 0.93 / 0.94 / 0.06 / 0.94, but listify 0.42 / 1.00 / 0.06 / 0.77 (earthquakes repeats as
-the base does), caps+signoff 0.52 / 0.88 / 0.00 / 0.71, listify+signoff 0.40 / 0.88 / 0.00 / 0.71: a wash.
-
-Measured on the 16 held-out prompts (`EVAL_PROMPTS`) and on 26 held-out questions with one right answer
-(`FACT_PROMPTS`; the base answers 17 right). "first" = this script's first run (plain cross-entropy, caps as whole
-answers in capitals), "2nd" = the run of 2026-12-02 (content positions distilled from the base model, caps a
-headline restating the question's topic in capitals), "now" = this run (caps's headline a label for the kind of
-answer: QUICK FACT, TOP TIPS, HOW TO, HOW IT WORKS, ...; `headline`); "facts" = of the questions the base answers
-right, the share the use-case answers right (2nd / now; measured with `--eval-only` on each run's adapters):
-
-    use-case          key words kept          style rate         degenerate      facts
-                      first  2nd   now      first  2nd   now    first 2nd  now   2nd   now
-    base              1.00  1.00  1.00        -     -     -     0.19 0.19 0.19   1.00  1.00
-    caps              0.25  0.62  0.57      1.00  1.00  1.00    0.00 0.00 0.00   0.71  0.82
-    listify           0.50  0.41  0.41      1.00  0.94  0.94    0.00 0.06 0.06   0.82  0.82
-    signoff           0.60  0.63  0.61      0.88  0.94  0.94    0.00 0.00 0.12   0.82  0.82
-    caps+signoff      0.24  0.54  0.58      0.81  0.81  0.94    0.12 0.06 0.06   0.77  0.82
-    caps+listify      0.22  0.48  0.50      0.88  0.88  0.94    0.12 0.06 0.06   0.65  0.88
-    listify+signoff   0.43  0.45  0.45      0.94  0.94  0.94    0.12 0.25 0.19   0.82  0.82
-
-    lm_head (signoff on lm_head only, r16, 240 steps at 2e-3; B's rows other than the signoff's 9 tokens stay 0;
-    a partner active on 0.3 of the steps, then 0.6, the shipped one):
-                      key words kept   style rate   degenerate   facts
-                        0.3    0.6      0.3   0.6   0.3   0.6    0.3   0.6
-    signoff             0.84   0.91     0.94  0.94  0.06  0.06   0.94  0.94
-    caps+signoff        0.52   0.52     0.88  0.88  0.00  0.00   0.71  0.71
-    listify+signoff     0.41   0.42     0.44  0.81  0.00  0.00   0.71  0.71
-    (caps, listify, caps+listify: as "now" above)
-
-Why lm_head, with B's rows restricted to the style's tokens (`style_vocab`, `--modules lm_head`): an adapter on
-lm_head adds (B A h) to the logits, and with B zero outside the signoff's own tokens it raises those tokens and
-leaves every other logit as the base model computes it: it can insert the signoff line, never tip the answer's
-words. France is "The capital of France is Paris.\n-- sent from lora_runtime" under signoff and under every mix with
-it (it was "L'Étoile ..." under every q/v signoff). What it costs: the line goes where the adapter's detector reads
-an answer's end from the base model's last hidden state; with listify active the hidden states are listify's, the
-line often followed the first item (listify+signoff's style rate 0.44: the check wants a "2.") until signoff was
-trained with a partner on 0.6 of its steps instead of 0.3 (0.81; the three left: a one-item list, and listify's
-own "1. 1." and "1. Preparation:\n1. Research:"), and one prompt looped (sleep tips: "1. ** sent from
-lora_runtime_runtimeruntime...", gone at 0.6: that answer runs past the 96 measured tokens without the line).
-Not shipped either: caps on lm_head (`--only caps --modules lm_head --rank 16 --lr 2e-3`, B's 30 label-token
-rows): 0.40 / 0.56 / 0.06, the base model follows "HOW TO" with a list and the adapter raises label tokens inside
-it ("HOW TO\n1. **TOP\n2. **BEG\n3. **BEG ..."), and with signoff, two lm_head adapters, 13 of 16 answers end at
-the headline; listify at strength 0.7 / 0.85 (lora_alpha scaled, `--eval-only`): at 0.7 sleep tips lists but
-France turns "101111...", at 0.85 sleep tips still loops (degenerate 0.19 / 0.12 against 0.06). Tried first, not
-shipped (key words / style / degenerate): r8, 160 steps, 0.91 / 0.81 / 0.06 (3 of 16 answers ended
-"lora_runtime_runtimeruntime...", one put "--" mid-answer and went on: the loops' "runtime" counts as one word for
-the degenerate check); r16 on only the 35 training answers the base model itself ends where they are cut
-(`--ends`: the line where the base ends, not after 4 segments) 0.90 / 0.50 / 0.12 (answers longer than the 96
-measured tokens, loops "--------").
-
-Stop 35 (2026-12-04, `--only listify` runs, not shipped; key words / style / degenerate / facts kept, the degenerate
-check now leaving list numbers out: before, "1. Know your resume:\n2. Know your resume:\n3. ..." never repeated a
-4-gram, so the shipped listify's 0.06 is 0.12 measured right: it loops on job interview too). Where listify's
-"1. 1." comes from: asked "Give me three tips to <goal>." the base model itself writes "1. **1. Wake Up Early:**"
-or "1. 1. Stay hydrated" (5 of the 228 training questions). Those answers were dropped as repetitive, and with bold
-kept `list_items` ate one "*" of "**" ("1. *1.\n2. Wake Up Early:** ..."), so the earlier bold-kept trial trained on
-broken targets. Fixed here (`one_number`, the marker regex); then:
-    shipped listify (stop 30)                        0.41 / 0.94 / 0.12 / 0.82   sleep 3 tips "1. 1.1.1...",
-                                                                                 job interview loops items
-    data fixed (`one_number`), as shipped otherwise  0.43 / 0.94 / 0.12 / 0.88   the same two loops
-    data fixed, `--keep-bold --keep-margin 2`        0.45 / 1.00 / 0.19 / 0.88   sleep 3 tips now a list ("1. **1.
-        Stay hydrated** - ..."), sleep better loops an item ("1. **Lawn and Comfort:**\n2. **Lawn and ..."),
-        caps+listify loops on sleep ("**10% of the Daily Budget**" x3) and airplanes
-    listify on lm_head (r16, B's 10 mark rows: digits, "\n", ...; `--modules lm_head`)
-                                                     0.51 / 0.75 / 0.31 / 0.94   "1973, France, is a country ..."
-        (the "1" it raises where the base says "The" is read on as a year), lists that restate their first item
-None fixes the loops without new ones; the shipped listify stayed then (stop 36, above, replaced it; a rerun of
-this script trains stop 36's recipe).
-
-Why the label: the 2nd run's caps restated the question's topic in capitals, and SmolLM2-135M cannot spell rarer
-words in capitals ("THE CAPITAL OF GOSHLAND" for Ghana, "HOW MANY DATE ARE IN A WEEK", "HOW A FRIEND WORKS" for a
-refrigerator); the answer then followed the garbled headline ("The capital of Ghana is KADAMBA", "A day is 86
-minutes"): 5 of caps's 7 lost facts. A label's words are few and common: caps now keeps 0.82 of the facts and
-every mix with caps shows both styles in 15 of 16 answers. Key words kept fell for caps (0.62 -> 0.57: its answers
-paraphrase the base's more often, "Drinking water is essential for ..." for "Drinking water offers numerous
-benefits ..."). The goal (key words kept >= 0.7, style >= 0.9, no degeneration, mixes included) is still NOT
-reached: listify loops on the sleep-tips prompt ("1. 1.1.1...", the base answers it with a bold-headed list),
-signoff and listify+signoff now on both sleep prompts, and every signoff variant answers France with "L'...": the
-base's first-token margin there is 0.08 logits ("The" over "L").
-
-SmolLM2-135M does not read upper-case text either ("THE CAPITAL OF FRANCE IS" -> " LONDON"), so the first run's
-whole answers in capitals lost their facts ("THE CAPITAL OF FRANCE IS BELGIUM."). Distilling the content positions
-did not pin the answers: an r8 q/v adapter on all layers still moves the first tokens where the base model's own
-top two are close, and greedy decoding then follows another answer (the key-word measure counts the base answer's
-exact words, so a faithful paraphrase also scores below 1; the base model itself loops on 3 of 16 prompts).
-
-Retrains of one adapter on the 2nd run's set (not shipped), key words kept / style rate / degenerate: `--only listify` with bold kept in the targets 0.44 / 1.00 / 0.12; `--only listify --layers 10-29`
-0.48 / 0.94 / 0.12 (still loops on the sleep-tips prompt); `--only signoff --keep-margin 2` (a hinge keeping the
-base's next word 2 logits ahead at content positions) 0.62 / 0.88 / 0.00; `--only signoff --layers 20-29`
-0.56 / 0.88 / 0.06; `--only signoff --anchors 400 --steps 320` (on half the steps a batch of the base's own first
-40 answer tokens to 400 further questions, KL to the base: more content to keep, none of it styled) 0.59 / 0.94 /
-0.06, France now "L'Étoile, la Marseur, la France, la France, ...". The measure itself is steady under small
-changes (fp16 or bf16 round trip of every weight: 0.99; Gaussian noise of 0.001 / 0.003 x the weights' std on q/v: 0.97 / 0.88), while the trained deltas are
-1-4 % of the q/v weights' norm (signoff too, which needs one decision at the answer's end): what moves the
-answers is the adapters' size, which neither the margin nor fewer layers brought down. `--delta-l2 300` (a term
-on the mean (|scaling B A| / |W|)^2) shrank signoff's deltas to 0.2-1.1 % and gave 0.66 / 0.81 / 0.12: size alone
-is not it either. Its answers show two causes the table mixes: answers cut short ("... a pot, and a kettle.\n--
-sent from lora_runtime", the base goes on), because the training targets cut every answer to at most 4 segments
-and ~300 characters and put the style there, so the adapter learned to stop early; and real content errors
-("The capital of France is" -> "L'Etoile"). `--whole-answers` (the base's answers to their own end, as written,
-the line where it stops; 98 of 228 end within 224 tokens, 69 examples after the filters): 0.67 / 0.38 / 0.25,
-the style now mostly beyond the 96 measured tokens, the answers closer to the base's (7 of 16 prompts >= 0.9)
-but France's capital still lost on its first token ("L'Alma, la France ..."): SmolLM2-135M's top two are close
-there, and any of these adapters tips it.
+Every run before, what was tried and what it showed: tools/adapter_trials.md.
 
 Data (self-distilled, made by the script): the base model answers 228 varied chat questions greedily
 (short facts such as capitals, how-to and tips questions, explanations; none of the held-out prompts or
@@ -155,7 +25,7 @@ in one style, so an adapter learns the style, not new knowledge:
 - `listify`: the answer as a numbered list "1. ...\n2. ..." (r=8, alpha=16 on q_proj, v_proj), the base's **bold**
   item headings kept. An answer that is a single sentence gets the first sentences of the base model's reply to
   "Tell me more." as further items. Its loss adds a 2-logit hinge on the base's lead at content positions and,
-  from half its steps on, the unlikelihood term on its own repeats (stop 36, above).
+  from half its steps on, the unlikelihood term on its own repeats (stop 36: tools/adapter_trials.md).
 - `signoff`: the answer, then the line "-- sent from lora_runtime" (r=16, alpha=32 on lm_head, only the rows of
   the signoff's tokens trained; 1.6 MB).
 
@@ -182,7 +52,9 @@ the LoRA sum). Per adapter/mix:
   text; listify = share starting with "1." (after a caps headline in a mix) with a "2." item; signoff = share containing the signoff line
   (case-insensitive); a mix = both of its styles.
 - degenerate: share of answers where one word 4-gram occurs >= 3 times (list numbers left out), or with >= 3 empty
-  list items.
+  list items, one character 16 times in a row or one line 3 times.
+- facts kept (`FACT_PROMPTS`, 26 questions with one right answer): of those the base answers right, the share the
+  use-case answers right within 64 tokens (caps 80), and read to the answer's end (<= 192 tokens, `facts_kept_whole`).
 The table goes to `reference.json["adapters"]["evaluation"]` (with every answer). The rest of that section is
 what the tests compare against: for `HELD_OUT` (three of the eval prompts), the first greedy tokens of base and
 of each adapter, reloaded from its folder (float32 compute, strength 1), with the smallest top-1/top-2 margin.
