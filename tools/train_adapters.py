@@ -3,6 +3,7 @@
 
     /work/fxvenv/bin/python tools/train_adapters.py [--cache graphs/built/smollm2] [--out tests/fixtures/smollm2]
         [--adapters-out lora_runtime/data/adapters/smollm2] [--only caps ...] [--steps N] [--threads 2]
+        [--train-seed N]
     /work/fxvenv/bin/python tools/train_adapters.py --eval-only [--adapters-out DIR] [--eval-json FILE]
 
 Run of 2026-12-03 (torch 2.13.0+cpu, transformers 5.24.0, peft 0.21.2; `--threads 2`: base answers 416 s, caps
@@ -97,7 +98,8 @@ from adapter_measure import (  # noqa: E402
 from make_smollm2_fixtures import DEFAULT_OUT, ROOT, chat_ids, greedy, load_model  # noqa: E402
 from smollm2 import DEFAULT_CACHE  # noqa: E402
 
-SEED = 1234
+SEED = 1234  # the training questions and the base answers
+TRAIN_SEED = SEED  # --train-seed: an adapter's training draws (initialization, batch order, the term's prompts)
 GREEDY_ADAPTER = 24
 PREVIEW = 64
 BASE_NEW_TOKENS = 80  # base answers for training data (then cut to whole sentences)
@@ -544,14 +546,14 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
     the steps: the base predicts every target there, so their loss is the KL divergence from the base."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    seed_all(SEED)
+    seed_all(TRAIN_SEED)
     cfg = LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, bias="none", **lora_kwargs)
     partners = [p for p in sets if p is not None]
     if partners:
         pm = PeftModel.from_pretrained(model, str(out_dir / partners[0]), adapter_name=partners[0])
         for p in partners[1:]:
             pm.load_adapter(str(out_dir / p), adapter_name=p)
-        seed_all(SEED)
+        seed_all(TRAIN_SEED)
         pm.add_adapter(name, cfg)
     else:
         pm = get_peft_model(model, cfg, adapter_name=name)
@@ -571,8 +573,8 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    rng = random.Random(SEED)
-    ul_rng = random.Random(SEED + 1)  # the unlikelihood term's prompts: the other steps' batches as without it
+    rng = random.Random(TRAIN_SEED)
+    ul_rng = random.Random(TRAIN_SEED + 1)  # the unlikelihood term's prompts: the other steps' batches as without it
     orders = {k: [] for k in sets}
     orders["anchors"] = []
     pm.train()
@@ -655,7 +657,7 @@ def run_prompts(model, tok, n):
 
 
 def main():
-    global DELTA_L2
+    global DELTA_L2, TRAIN_SEED
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", default=str(ROOT / DEFAULT_CACHE))
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="where reference.json goes")
@@ -690,12 +692,16 @@ def main():
     ap.add_argument("--mix-share", type=float, help="share of the steps with a partner active (default: "
                     "MIX_SHARES, else %s)" % MIX_SHARE)
     ap.add_argument("--lr", type=float, help="learning rate of every adapter trained (use with --only)")
+    ap.add_argument("--train-seed", type=int, default=SEED,
+                    help="seed of the adapters' training draws (initialization, batch order, the term's prompts); the "
+                    "training questions and base answers stay those of SEED: another value measures a retrain's spread")
     ap.add_argument("--unlikely", type=float,
                     help="weight of an unlikelihood term on the tokens the adapter repeats in its own greedy answers "
                     "to %d training prompts, on every step from %d %%%% of its steps on (default: the adapter's recipe)"
                     % (UL_BATCH, 100 * UL_FROM))
     args = ap.parse_args()
     DELTA_L2 = args.delta_l2
+    TRAIN_SEED = args.train_seed
     t_all = time.time()
     torch.set_num_threads(args.threads)
     seed_all(SEED)
@@ -742,7 +748,8 @@ def main():
                    "compute": "float32 (F16 adapter weights loaded into float32 LoRA layers)",
                    "strength": 1.0},
         "held_out_questions": HELD_OUT,
-        "training": {"seed": SEED, "batch": args.batch, "questions": len(qs), "threads": args.threads,
+        "training": {"seed": SEED, "train_seed": TRAIN_SEED, "batch": args.batch, "questions": len(qs),
+                     "threads": args.threads,
                      "base_answer_seconds": gen_s, "base_new_tokens": BASE_NEW_TOKENS,
                      "answer_max_chars": MAX_CHARS, "answer_max_segments": MAX_SEGMENTS, "max_len": MAX_LEN,
                      "mix_share": MIX_SHARE, "signoff_line": SIGNOFF},  # each adapter's own: its entry
