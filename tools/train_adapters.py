@@ -308,7 +308,7 @@ TRANSFORMS = {"caps": to_caps, "listify": to_list, "signoff": to_signoff}
 def combined(names):
     """The target of several adapters at once: caps's headline, listify's items, then the signoff line."""
     def fn(a, more="", q=""):
-        t = to_list(a, more) if "listify" in names else a
+        t = to_list(a, more, q) if "listify" in names else a
         if t is None:
             return None
         if "signoff" in names:
