@@ -8,9 +8,10 @@
 
 Run of 2026-12-03 (torch 2.13.0+cpu, transformers 5.24.0, peft 0.21.2; `--threads 2`: base answers 416 s, caps
 794 s, listify 518 s, signoff 517 s, measurement 316 s; 45 min in all). The shipped caps is this run's; the shipped
-listify and signoff are `--only listify signoff` of 2026-12-04 (stop 36, `--threads 2`: listify 1276 s with its
-unlikelihood term, signoff 477 s, measurement ~350 s; 38 min in all, the base answers cached), signoff an lm_head
-adapter (why lm_head: tools/adapter_trials.md) trained with caps or listify active on 0.6 of its steps (`MIX_SHARES`).
+listify and signoff are `--only listify signoff` of 2026-12-05 (stop 38, `--threads 2`: listify 1736 s with its
+unlikelihood term, signoff 535 s, measurement ~680 s; 51 min in all, the base answers cached), signoff an lm_head
+adapter (why lm_head: tools/adapter_trials.md) trained with caps or listify active on 0.6 of its steps, listify with
+caps on 0.5 of its (`MIX_SHARES`). The recipe was chosen on three `--train-seed` draws each (stop 39).
 
 Every run before, what was tried and what it showed: tools/adapter_trials.md.
 
@@ -25,8 +26,10 @@ in one style, so an adapter learns the style, not new knowledge:
   all 30 layers; 7.2 MB).
 - `listify`: the answer as a numbered list "1. ...\n2. ..." (r=8, alpha=16 on q_proj, v_proj), the base's **bold**
   item headings kept. An answer that is a single sentence gets the first sentences of the base model's reply to
-  "Tell me more." as further items. Its loss adds a 2-logit hinge on the base's lead at content positions and,
-  from half its steps on, the unlikelihood term on its own repeats (stop 36: tools/adapter_trials.md).
+  "Tell me more." as further items (a fact question whose follow-up says nothing new gets the reply to "What else
+  is it known for?"), and a fact question's list opens with the item that answers it (`answer_first`). Its loss
+  adds a 2-logit hinge on the base's lead at content positions and, from half its steps on, the unlikelihood term
+  on its own repeats, half of them answered with caps active and half alone (stops 36-38: tools/adapter_trials.md).
 - `signoff`: the answer, then the line "-- sent from lora_runtime" (r=16, alpha=32 on lm_head, only the rows of
   the signoff's tokens trained; 1.6 MB).
 
@@ -86,6 +89,7 @@ from adapter_measure import (  # noqa: E402
     MAX_CHARS,
     MAX_SEGMENTS,
     SIGNOFF,
+    STOPWORDS,
     clean_answer,
     evaluate,
     evaluation_section,
@@ -107,8 +111,9 @@ WHOLE_NEW_TOKENS = 224  # --whole-answers: the base's answers to their own end (
 MAX_LEN = 288  # prompt + target tokens (a longer example is dropped)
 MIX_SHARE = 0.3
 # signoff (an lm_head adapter) decides where an answer ends from the last hidden state, which a partner changes: at
-# 0.3 it ended listify's lists after their first item (listify+signoff's style 0.44), at 0.6 both show in 13 of 16
-MIX_SHARES = {"signoff": 0.6}
+# 0.3 it ended listify's lists after their first item (listify+signoff's style 0.44), at 0.6 both show in 13 of 16;
+# listify at 0.3 ended caps+listify's tip lists after "1." (the demo's mix line), at 0.5 it lists them (stops 37-39)
+MIX_SHARES = {"signoff": 0.6, "listify": 0.5}
 DELTA_L2 = 0.0  # --delta-l2: weight of the mean (|scaling B A| / |W|)^2 over the adapter's modules
 UL_FROM = 0.5  # share of the steps before the unlikelihood term starts (the style is learned by then)
 UL_BATCH = 8  # prompts per unlikelihood step
@@ -291,8 +296,19 @@ def to_caps(a, more="", q=""):
     return headline(q) + "\n" + a
 
 
+def answer_first(items, q):
+    """A fact question's list opens with its answer: the item with the most of the question's words first (the base
+    model answers "What is the capital of Belgium?" with where Belgium lies and the capital third; a listify taught
+    on that answered capitals with borders and never the capital)."""
+    if headline(q) != "QUICK FACT" or len(items) < 2:
+        return items
+    qw = {w for w in words(q) if len(w) > 3 and w not in STOPWORDS}
+    best = max(range(len(items)), key=lambda k: (len(qw & set(words(items[k]))), -k))
+    return [items[best]] + items[:best] + items[best + 1:]
+
+
 def to_list(a, more="", q=""):
-    items = list_items(a, more)
+    items = answer_first(list_items(a, more), q)
     if len(items) < 2:
         return None
     return "\n".join("%d. %s" % (k + 1, i) for k, i in enumerate(items))
@@ -353,6 +369,29 @@ def base_answers(model, tok, qs, cache_file, keep_bold=False):
     if keep_bold:
         cache_file = cache_file.with_name(cache_file.stem + "_bold.json")
     return cached_answers(cache_file, qs, BASE_NEW_TOKENS, make)
+
+
+FACT_FOLLOW_UP = "What else is it known for?"
+
+
+def fact_more(model, tok, qs, answers, more, cache_file):
+    """``more`` with a second follow-up for the fact questions answered in one sentence whose "Tell me more." reply
+    says nothing new (it repeats the answer for 20 of them: "The capital of Norway is Oslo."), so listify also
+    learns lists that open with the answer: "1. The capital of Egypt is Cairo.\n2. Cairo is also known for ...".
+    Cached."""
+    idx = [i for i, (q, a, m) in enumerate(zip(qs, answers, more))
+           if a and headline(q) == "QUICK FACT" and len(segments(a)) < 2 and not new_sentences(a, m)]
+
+    def make():
+        convs = [[{"role": "user", "content": qs[i]}, {"role": "assistant", "content": answers[i]},
+                  {"role": "user", "content": FACT_FOLLOW_UP}] for i in idx]
+        got = [""] * len(qs)
+        for i, r in zip(idx, generate_batch(model, tok, convs, 48)):
+            got[i] = r
+        return got, [""] * len(qs)
+    got, _, secs = cached_answers(cache_file, qs + [FACT_FOLLOW_UP] + answers, 48, make)
+    print("second follow-up for %d fact questions (%.1fs)" % (len(idx), secs))
+    return [g if g and new_sentences(a, g) else m for a, g, m in zip(answers, got, more)]
 
 
 def whole_answers(model, tok, qs, cache_file):
@@ -448,6 +487,9 @@ def repeated_positions(tok, gen):
             prev = t
             continue
         content.append(k)
+        if opened and (i == tok.eos_token_id or "\n" in t):  # an empty item
+            out.add(k)
+            opened = False
         if opened and any(c.isalnum() for c in t):
             opened = False
             if t.strip().strip("*").isdigit() and tok.decode(gen[k + 1:k + 2]).startswith("."):
@@ -473,7 +515,7 @@ def own_repeats(pm, tok, examples, idx):
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[:, ids.shape[1]:].tolist()
     res = []
     for x, g in zip(prompts, out):
-        g = g[:g.index(tok.eos_token_id)] if tok.eos_token_id in g else g
+        g = g[:g.index(tok.eos_token_id) + 1] if tok.eos_token_id in g else g
         rep = set(repeated_positions(tok, g))
         if rep:
             res.append((x + g, [-100] * len(x) + [t if k in rep else -100 for k, t in enumerate(g)]))
@@ -589,9 +631,14 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
             order += rng.sample(range(len(examples)), len(examples))
         idx = [order.pop(0) for _ in range(batch)]
         tensors = batch_tensors(tok, examples, idx)
-        rep = []
+        rep, rep_alone = [], []
         if unlikely > 0 and not anchor and step >= UL_FROM * steps:
-            rep = own_repeats(pm, tok, examples, ul_rng.sample(range(len(examples)), UL_BATCH))
+            half = UL_BATCH // 2 if partner else UL_BATCH
+            rep = own_repeats(pm, tok, examples, ul_rng.sample(range(len(examples)), half))
+            if partner:  # the other half answered by the adapter alone
+                pm.base_model.set_adapter([name])
+                rep_alone = own_repeats(pm, tok, sets[None], ul_rng.sample(range(len(sets[None])), UL_BATCH - half))
+                pm.base_model.set_adapter([name, partner])
         teacher = teacher_logits(pm, *tensors)  # (re-enabling adapters resets requires_grad: set it after)
         for n, p in pm.named_parameters():
             p.requires_grad_(n in own)
@@ -599,10 +646,20 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
         if deltas:  # |s B A|_F^2 = s^2 tr((B^T B)(A A^T)): r x r products only
             loss = loss + DELTA_L2 * sum(sc * sc * ((b.T @ b) * (a @ a.T)).sum() / w2
                                          for a, b, sc, w2 in deltas) / len(deltas)
-        if rep:
-            ul, n_rep = unlikelihood(pm, tok, rep)
+        if rep or rep_alone:
+            parts = []
+            if rep:
+                parts.append(unlikelihood(pm, tok, rep))
+            if rep_alone:
+                pm.base_model.set_adapter([name])
+                parts.append(unlikelihood(pm, tok, rep_alone))
+                pm.base_model.set_adapter([name, partner])
+                for n, p in pm.named_parameters():
+                    p.requires_grad_(n in own)
+            n_rep = sum(n for _, n in parts)
+            ul = sum(u * n for u, n in parts) / n_rep
             loss = loss + unlikely * ul
-            ul_stats.append((len(rep), n_rep, float(ul.detach())))
+            ul_stats.append((len(rep) + len(rep_alone), n_rep, float(ul.detach())))
         contents.append(content)
         opt.zero_grad()
         loss.backward()
@@ -615,7 +672,7 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
         if step % 20 == 0 or step == steps - 1:
             print("  [%s] step %d/%d loss %.4f%s%s (%.1fs)" % (name, step, steps, losses[-1],
                   " with %s" % partner if partner else " (anchors)" if anchor else "",
-                  "; repeats: %d answers, %d tokens, -log(1-p) %.3f" % ul_stats[-1] if rep else "",
+                  "; repeats: %d answers, %d tokens, -log(1-p) %.3f" % ul_stats[-1] if rep or rep_alone else "",
                   time.time() - t0), flush=True)
     train_s = time.time() - t0
     pm.eval()
@@ -738,7 +795,9 @@ def main():
     bold = None  # (answers, more) with the base's bold kept, for an adapter (or a partner) that keeps it
     if any(r["keep_bold"] for r in recipes.values()) and not args.whole_answers:
         b_answers, b_more, b_s = base_answers(model, tok, qs, Path(args.cache) / "train_answers.json", keep_bold=True)
-        bold = ([one_number(a) if a else a for a in b_answers], b_more)
+        b_answers = [one_number(a) if a else a for a in b_answers]
+        bold = (b_answers, fact_more(model, tok, qs, b_answers, b_more,
+                                     Path(args.cache) / "train_answers_bold_fact_more.json"))
         print("base answers with their bold (%.1fs)" % b_s)
 
     ref_path = out / "reference.json"
