@@ -112,7 +112,7 @@ MAX_LEN = 288  # prompt + target tokens (a longer example is dropped)
 MIX_SHARE = 0.3
 # signoff (an lm_head adapter) decides where an answer ends from the last hidden state, which a partner changes: at
 # 0.3 it ended listify's lists after their first item (listify+signoff's style 0.44), at 0.6 both show in 13 of 16;
-# listify at 0.3 ended caps+listify's tip lists after "1." (the demo's mix line), at 0.5 it lists them (stops 37-39)
+# listify at 0.3 ended caps+listify's three tips at "1." (the demo's mix line), at 0.5 a tip follows (stops 37-39)
 MIX_SHARES = {"signoff": 0.6, "listify": 0.5}
 DELTA_L2 = 0.0  # --delta-l2: weight of the mean (|scaling B A| / |W|)^2 over the adapter's modules
 UL_FROM = 0.5  # share of the steps before the unlikelihood term starts (the style is learned by then)
@@ -476,7 +476,8 @@ def repeated_positions(tok, gen):
     answer, list markers left out (a number starting a line and its "."), so that "1. Know your resume:\n2. Know
     your resume:" repeats as well as "1. 1. 1." and "1.\n1.\n1." do; and a marker that opens an item (a number and
     "." after its own marker, blanks or "**" between), the marker said twice: the base model's "1. **1. Wake Up
-    Early:**" (an item may open with a number: "1. 10 minutes a day")."""
+    Early:**" (an item may open with a number: "1. 10 minutes a day"); and the token that leaves an item empty (a
+    newline or the end right after "3.")."""
     content, out, prev, opened = [], set(), "\n", False
     for k, i in enumerate(gen):
         t = tok.decode([i])
