@@ -353,6 +353,20 @@ def cached_answers(cache_file, qs, new_tokens, make):
     return answers, more, secs
 
 
+FOLLOW_UP_TOKENS = 48
+
+
+def follow_up(model, tok, qs, answers, idx, text):
+    """The base model's greedy replies to the follow-up `text` after its answers ``answers[i]`` to ``qs[i]``, for
+    ``i`` in `idx` ("" elsewhere)."""
+    convs = [[{"role": "user", "content": qs[i]}, {"role": "assistant", "content": answers[i]},
+              {"role": "user", "content": text}] for i in idx]
+    got = [""] * len(qs)
+    for i, r in zip(idx, generate_batch(model, tok, convs, FOLLOW_UP_TOKENS)):
+        got[i] = r
+    return got
+
+
 def base_answers(model, tok, qs, cache_file, keep_bold=False):
     """Base answers cut to whole sentences (and a 'Tell me more.' follow-up for one-sentence answers), cached;
     `keep_bold`: with the base's **bold** kept (its own cache file)."""
@@ -360,12 +374,7 @@ def base_answers(model, tok, qs, cache_file, keep_bold=False):
         raw = generate_batch(model, tok, [[{"role": "user", "content": q}] for q in qs], BASE_NEW_TOKENS)
         answers = [clean_answer(r, keep_bold=keep_bold) for r in raw]
         short = [i for i, a in enumerate(answers) if a and len(segments(a)) < 2]
-        convs = [[{"role": "user", "content": qs[i]}, {"role": "assistant", "content": answers[i]},
-                  {"role": "user", "content": "Tell me more."}] for i in short]
-        more = [""] * len(qs)
-        for i, m in zip(short, generate_batch(model, tok, convs, 48)):
-            more[i] = m
-        return answers, more
+        return answers, follow_up(model, tok, qs, answers, short, "Tell me more.")
     if keep_bold:
         cache_file = cache_file.with_name(cache_file.stem + "_bold.json")
     return cached_answers(cache_file, qs, BASE_NEW_TOKENS, make)
@@ -383,13 +392,8 @@ def fact_more(model, tok, qs, answers, more, cache_file):
            if a and headline(q) == "QUICK FACT" and len(segments(a)) < 2 and not new_sentences(a, m)]
 
     def make():
-        convs = [[{"role": "user", "content": qs[i]}, {"role": "assistant", "content": answers[i]},
-                  {"role": "user", "content": FACT_FOLLOW_UP}] for i in idx]
-        got = [""] * len(qs)
-        for i, r in zip(idx, generate_batch(model, tok, convs, 48)):
-            got[i] = r
-        return got, [""] * len(qs)
-    got, _, secs = cached_answers(cache_file, qs + [FACT_FOLLOW_UP] + answers, 48, make)
+        return follow_up(model, tok, qs, answers, idx, FACT_FOLLOW_UP), [""] * len(qs)
+    got, _, secs = cached_answers(cache_file, qs + [FACT_FOLLOW_UP] + answers, FOLLOW_UP_TOKENS, make)
     print("second follow-up for %d fact questions (%.1fs)" % (len(idx), secs))
     return [g if g and new_sentences(a, g) else m for a, g, m in zip(answers, got, more)]
 
