@@ -119,6 +119,8 @@ UL_FROM = 0.5  # share of the steps before the unlikelihood term starts (the sty
 UL_BATCH = 8  # prompts per unlikelihood step
 UL_TOKENS = 64  # tokens generated per prompt
 UL_NGRAM = 4
+EARLY_WORDS = 3  # signoff's line written before the answer has this many words came too soon
+UL_TOKENS_LM_HEAD = 32  # an lm_head style's term: its too-early lines are within the first tokens
 
 # --- training questions: none of them (nor their topics) is in EVAL_PROMPTS ------------------------------
 COUNTRIES = ["Spain", "Italy", "Germany", "Portugal", "Canada", "Egypt", "Brazil", "Mexico", "Russia", "China",
@@ -189,7 +191,7 @@ ADAPTERS = [
      dict(keep_bold=True, keep_margin=2.0, unlikely=1.0)),
     # lm_head only, and of its B only the rows of the signoff's own tokens (``style_vocab``): the adapter can add the
     # signoff line but never swap a word of the answer for another (r8 q/v, the former shape, tipped first tokens)
-    ("signoff", dict(r=16, lora_alpha=32, target_modules=["lm_head"]), 2e-3, 240),
+    ("signoff", dict(r=16, lora_alpha=32, target_modules=["lm_head"]), 2e-3, 240, dict(unlikely=1.0)),
 ]
 
 
@@ -510,18 +512,45 @@ def repeated_positions(tok, gen):
     return sorted(out)
 
 
+def answer_words(text):
+    """Words (two letters or more) of an answer so far, a caps headline (a first line in upper case) not counted."""
+    lines = text.split("\n")
+    if lines[0].strip().isupper():
+        lines = lines[1:]
+    return len(re.findall(r"[A-Za-z]{2,}", "\n".join(lines)))
+
+
+def early_or_repeated(tok, gen, vocab):
+    """An lm_head style's (signoff's) unlikelihood positions in its own greedy tokens `gen`. Only its own tokens
+    (``vocab``, the rows it trains: lowering another token could only raise them): where they repeat or leave a list
+    item empty (``repeated_positions``: the newline of "1.\n-- sent ..."), and the token that starts its line
+    (any word of it: "-- sent ...", " sent from ...", " lora_runtime") before the answer has EARLY_WORDS words:
+    "QUICK FACT\n-- sent from ...", "1. sent from ...", "1921:\n-- sent ..."."""
+    vocab = set(vocab)
+    out = {k for k in repeated_positions(tok, gen) if gen[k] in vocab}
+    starts = [SIGNOFF[i:i + 6] for i in range(len(SIGNOFF)) if i == 0 or SIGNOFF[i - 1] == " "]
+    for k, i in enumerate(gen):
+        if i in vocab and tok.decode(gen[k:]).lstrip(" ").startswith(tuple(starts)):
+            if answer_words(tok.decode(gen[:k])) < EARLY_WORDS:
+                out.add(k)
+            break
+    return sorted(out)
+
+
 @torch.no_grad()
-def own_repeats(pm, tok, examples, idx):
+def own_repeats(pm, tok, examples, idx, vocab=None):
     """The unlikelihood term's data (Welleck et al. 2019, sequence level): the model's own greedy answers (the
-    adapters as set) to the prompts of `examples[idx]`, as (ids, labels) with labels only at repeated tokens."""
+    adapters as set) to the prompts of `examples[idx]`, as (ids, labels) with labels only at repeated tokens
+    (an lm_head style, `vocab` its rows: ``early_or_repeated``)."""
     prompts = [x[:next(k for k, y in enumerate(lab) if y != -100)] for x, lab in (examples[i] for i in idx)]
     ids, mask = left_padded(tok, prompts)
-    out = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=UL_TOKENS, do_sample=False,
+    n_new = UL_TOKENS if vocab is None else UL_TOKENS_LM_HEAD
+    out = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[:, ids.shape[1]:].tolist()
     res = []
     for x, g in zip(prompts, out):
         g = g[:g.index(tok.eos_token_id) + 1] if tok.eos_token_id in g else g
-        rep = set(repeated_positions(tok, g))
+        rep = set(repeated_positions(tok, g) if vocab is None else early_or_repeated(tok, g, vocab))
         if rep:
             res.append((x + g, [-100] * len(x) + [t if k in rep else -100 for k, t in enumerate(g)]))
     return res
@@ -639,10 +668,11 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
         rep, rep_alone = [], []
         if unlikely > 0 and not anchor and step >= UL_FROM * steps:
             half = UL_BATCH // 2 if partner else UL_BATCH
-            rep = own_repeats(pm, tok, examples, ul_rng.sample(range(len(examples)), half))
+            rep = own_repeats(pm, tok, examples, ul_rng.sample(range(len(examples)), half), vocab)
             if partner:  # the other half answered by the adapter alone
                 pm.base_model.set_adapter([name])
-                rep_alone = own_repeats(pm, tok, sets[None], ul_rng.sample(range(len(sets[None])), UL_BATCH - half))
+                rep_alone = own_repeats(pm, tok, sets[None], ul_rng.sample(range(len(sets[None])), UL_BATCH - half),
+                                        vocab)
                 pm.base_model.set_adapter([name, partner])
         teacher = teacher_logits(pm, *tensors)  # (re-enabling adapters resets requires_grad: set it after)
         for n, p in pm.named_parameters():
@@ -702,7 +732,8 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
                   "loss_last10_mean": float(np.mean(losses[-10:])),
                   "content_position_share": round(float(np.mean(contents)), 3),
                   **({"unlikely": {"weight": unlikely, "from_step": int(UL_FROM * steps), "prompts": UL_BATCH,
-                                   "tokens": UL_TOKENS, "steps_with_repeats": len(ul_stats),
+                                   "tokens": UL_TOKENS if vocab is None else UL_TOKENS_LM_HEAD,
+                                   "steps_with_repeats": len(ul_stats),
                                    "answers_with_repeats": sum(a for a, _, _ in ul_stats)}} if unlikely else {})}
 
 
