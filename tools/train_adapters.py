@@ -8,10 +8,11 @@
 
 Run of 2026-12-03 (torch 2.13.0+cpu, transformers 5.24.0, peft 0.21.2; `--threads 2`: base answers 416 s, caps
 794 s, listify 518 s, signoff 517 s, measurement 316 s; 45 min in all). The shipped caps is this run's; the shipped
-listify and signoff are `--only listify signoff` of 2026-12-05 (stop 38, `--threads 2`: listify 1736 s with its
-unlikelihood term, signoff 535 s, measurement ~680 s; 51 min in all, the base answers cached), signoff an lm_head
-adapter (why lm_head: tools/adapter_trials.md) trained with caps or listify active on 0.6 of its steps, listify with
-caps on 0.5 of its (`MIX_SHARES`). The recipe was chosen on three `--train-seed` draws each (stop 39).
+listify is `--only listify signoff` of 2026-12-05 (stop 38, `--threads 2`: listify 1736 s with its unlikelihood term,
+measurement ~680 s; 51 min in all, the base answers cached), the shipped signoff `--only signoff --threads 1` of
+2026-12-05 (stop 40, beside two other runs: 3146 s with its unlikelihood term), signoff an lm_head adapter (why
+lm_head: tools/adapter_trials.md) trained with caps or listify active on 0.6 of its steps, listify with caps on 0.5
+of its (`MIX_SHARES`). The recipes were chosen on three `--train-seed` draws each (stops 39, 40).
 
 Every run before, what was tried and what it showed: tools/adapter_trials.md.
 
@@ -31,7 +32,9 @@ in one style, so an adapter learns the style, not new knowledge:
   adds a 2-logit hinge on the base's lead at content positions and, from half its steps on, the unlikelihood term
   on its own repeats, half of them answered with caps active and half alone (stops 36-38: tools/adapter_trials.md).
 - `signoff`: the answer, then the line "-- sent from lora_runtime" (r=16, alpha=32 on lm_head, only the rows of
-  the signoff's tokens trained; 1.6 MB).
+  the signoff's tokens trained; 1.6 MB). From half its steps on, an unlikelihood term on its own tokens in its own
+  greedy answers (`early_or_repeated`): where they repeat or leave a list item empty, and the token that starts
+  its line before the answer has `EARLY_WORDS` words ("QUICK FACT\n-- sent ...", "1. sent from ...", stop 40).
 
 Prompts use the tokenizer's ChatML chat template; the loss covers only the answer tokens and the closing
 <|im_end|>; at an answer position where the base model (all adapters off, reading the same styled text) already
