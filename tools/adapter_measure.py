@@ -6,7 +6,9 @@ prompts) and ``FACT_PROMPTS`` (26 held-out questions with one right answer) unde
 rewordings of the base's prompt, each adapter and each of ``MIXES`` (PEFT adapters active together at strength 1:
 the LoRA sum, as the runtime's v3): key words kept, style rate, degenerate rate and facts kept (``evaluate``,
 ``metrics``; what each means: ``evaluation_section``'s settings). ``train_adapters.py --eval-only`` runs it on any
-folder of adapters; the measurement is deterministic (the same answers and table on every run).
+folder of adapters; the measurement is deterministic (the same answers and table on every run). ``validate``
+(``--eval-only --split validation``): the same use-cases on a validation split written after the recipes were
+chosen (``VALIDATION_PROMPTS``, ``VALIDATION_FACTS``): style rate, empty-or-looping answers, facts kept.
 """
 
 from __future__ import annotations
@@ -57,6 +59,26 @@ FACT_PROMPTS = {
     "What is the square root of 64?": r"\b(8|eight)\b", "How many days are in a week?": r"\b(7|seven)\b",
     "What is the capital of France?": r"\bparis\b", "What is the capital of Japan?": r"\btokyo\b",
     "Who painted the Mona Lisa?": r"leonardo|vinci", "What is the largest planet in our solar system?": r"jupiter",
+}
+# the validation split (stop 40): written after the recipes were chosen on the prompts above, none of these (nor
+# their topics) in the training, anchor, eval or fact questions; `--eval-only --split validation` measures them
+VALIDATION_PROMPTS = [
+    "Give me three tips for staying hydrated.", "Give me tips to focus while reading.",
+    "How can I keep my bike in good shape?", "Give me tips for a long car trip.",
+    "What are some ways to stay warm in winter?", "Why do cats purr?", "Explain how a microwave oven works.",
+    "What causes thunder?", "What is a black hole?", "How do fish breathe underwater?",
+    "Give me three tips for writing an email.", "How can I make my garden grow?",
+    "What is the water cycle?", "Why is the sky blue?",
+]
+VALIDATION_FACTS = {  # capitals: none in the training's COUNTRIES, ANCHOR_CAPITALS or FACT_PROMPTS
+    "What is the capital of Romania?": r"bucharest", "What is the capital of Ethiopia?": r"addis",
+    "What is the capital of Nepal?": r"kathmandu", "What is the capital of Iceland?": r"reykjav",
+    "What is the capital of Bulgaria?": r"\bsofia\b", "What is the capital of Senegal?": r"\bdakar\b",
+    "What is the capital of Croatia?": r"zagreb", "What is the capital of Mongolia?": r"ulaanbaatar|ulan bator",
+    "Who wrote Pride and Prejudice?": r"austen", "How many planets are in our solar system?": r"\b(8|eight)\b",
+    "What is the chemical symbol for iron?": r"\bfe\b", "How many sides does a triangle have?": r"\b(3|three)\b",
+    "Which planet is closest to the Sun?": r"mercury", "Who painted The Starry Night?": r"gogh",
+    "How many seconds are in a minute?": r"\b(60|sixty)\b", "What is the largest country by area?": r"russia",
 }
 FACT_NEW_TOKENS = 64  # "facts kept": the fact said within the first 64 tokens (caps 16 more)
 FACT_WHOLE_TOKENS = 192  # "facts kept, whole answer": anywhere in it (a list may open with context, the fact later)
@@ -194,6 +216,20 @@ def degenerate(text):
     return bool(grams) and max(grams.values()) >= 3
 
 
+def empty_answer(text):
+    """Fewer than 4 words once a caps headline, list numbers and the signoff line are taken out: "TOP TIPS\n1.",
+    "1. sent from lora_runtime"."""
+    lines = [ln for ln in text.split("\n")
+             if ln.strip() and SIGNOFF not in ln and not (ln.isupper() and len(ln.split()) <= 4)]
+    body = re.sub(r"(?m)^\s*\d+\.\s*", " ", "\n".join(lines)).replace("**", "").replace("sent from lora_runtime", "")
+    return len(re.findall(r"[A-Za-z]{2,}", body)) < 4
+
+
+def empty_or_looping(texts):
+    """How many of the answers are degenerate or empty (the README's "empty or looping" counts)."""
+    return sum(degenerate(t) or empty_answer(t) for t in texts)
+
+
 def metrics(base_texts, texts, styles):
     kept = []
     for b, t in zip(base_texts, texts):
@@ -264,6 +300,45 @@ def evaluate(model, tok, ad_dir, names):
     answers["facts"] = facts
     answers["facts_whole"] = whole
     return model, table, answers, round(time.time() - t0, 1)
+
+
+def validate(model, tok, ad_dir, names):
+    """The validation split: greedy answers to ``VALIDATION_PROMPTS`` and ``VALIDATION_FACTS`` (as ``evaluate`` asks
+    its own) under the base model, each adapter and each mix; per use-case the style rate, the empty-or-looping
+    answers (prompts, facts) and the facts kept. Returns (model, table, answers, seconds)."""
+    from peft import PeftModel
+
+    names = [n for n in names if (ad_dir / n / "adapter_config.json").is_file()]
+    convs = [[{"role": "user", "content": q}] for q in VALIDATION_PROMPTS]
+    fconvs = [[{"role": "user", "content": q}] for q in VALIDATION_FACTS]
+    t0 = time.time()
+    answers = {"base": generate_batch(model, tok, convs, EVAL_NEW_TOKENS)}
+    facts = {"base": generate_batch(model, tok, fconvs, FACT_NEW_TOKENS)}
+    pm = PeftModel.from_pretrained(model, str(ad_dir / names[0]), adapter_name=names[0])
+    for n in names[1:]:
+        pm.load_adapter(str(ad_dir / n), adapter_name=n)
+    pm.eval()
+    configs = [(n,) for n in names] + [m for m in MIXES if all(x in names for x in m)]
+    for cfg in configs:
+        pm.base_model.set_adapter(list(cfg), inference_mode=True)
+        caps = "caps" in cfg
+        answers["+".join(cfg)] = generate_batch(pm, tok, convs, EVAL_NEW_TOKENS_CAPS if caps else EVAL_NEW_TOKENS)
+        facts["+".join(cfg)] = generate_batch(pm, tok, fconvs, FACT_NEW_TOKENS + CAPS_HEADLINE_TOKENS * caps)
+        print("  validation %s done (%.0fs)" % ("+".join(cfg), time.time() - t0), flush=True)
+    model = pm.unload()
+
+    def said(texts):
+        return [bool(re.search(rx, strip_eos(a).lower())) for rx, a in zip(VALIDATION_FACTS.values(), texts)]
+
+    right = said(facts["base"])
+    table = {}
+    for k in answers:
+        styles = k.split("+") if k != "base" else []
+        table[k] = {"style_rate": round(float(np.mean([all(style_ok(s, t) for s in styles) for t in answers[k]])), 3)
+                    if styles else None,
+                    "empty_or_looping": [empty_or_looping(answers[k]), empty_or_looping(facts[k])],
+                    "facts_kept": "%d/%d" % (sum(g and r for g, r in zip(said(facts[k]), right)), sum(right))}
+    return model, table, {"prompts": answers, "facts": facts}, round(time.time() - t0, 1)
 
 
 def print_table(table):

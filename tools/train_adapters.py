@@ -5,6 +5,7 @@
         [--adapters-out lora_runtime/data/adapters/smollm2] [--only caps ...] [--steps N] [--threads 2]
         [--train-seed N]
     /work/fxvenv/bin/python tools/train_adapters.py --eval-only [--adapters-out DIR] [--eval-json FILE]
+        [--split validation]
 
 Run of 2026-12-03 (torch 2.13.0+cpu, transformers 5.24.0, peft 0.21.2; `--threads 2`: base answers 416 s, caps
 794 s, listify 518 s, signoff 517 s, measurement 316 s; 45 min in all). The shipped caps is this run's; the shipped
@@ -93,6 +94,8 @@ from adapter_measure import (  # noqa: E402
     MAX_SEGMENTS,
     SIGNOFF,
     STOPWORDS,
+    VALIDATION_FACTS,
+    VALIDATION_PROMPTS,
     clean_answer,
     evaluate,
     evaluation_section,
@@ -100,6 +103,7 @@ from adapter_measure import (  # noqa: E402
     print_table,
     segments,
     strip_eos,
+    validate,
     words,
 )
 from make_smollm2_fixtures import DEFAULT_OUT, ROOT, chat_ids, greedy, load_model  # noqa: E402
@@ -765,6 +769,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster when the cores are busy)")
     ap.add_argument("--eval-only", action="store_true", help="only measure the adapters in --adapters-out")
     ap.add_argument("--eval-json", help="also write the measurement (table and answers) to this file")
+    ap.add_argument("--split", choices=["eval", "validation"], default="eval",
+                    help="with --eval-only: the held-out prompts the recipes were chosen on (eval), or the "
+                    "validation split written after (style, empty-or-looping answers, facts kept)")
     ap.add_argument("--whole-answers", action="store_true",
                     help="train on the base's answers to their own end, as written (not cut to 4 segments)")
     ap.add_argument("--delta-l2", type=float, default=DELTA_L2,
@@ -810,6 +817,17 @@ def main():
     model, tok, _ = load_model(args.cache)
     for p in model.parameters():
         p.requires_grad_(False)
+    if args.eval_only and args.split == "validation":
+        model, table, answers, secs = validate(model, tok, ad_dir, names)
+        print("%-20s %10s %22s %11s" % ("use-case", "style", "empty or looping", "facts kept"))
+        for k, v in table.items():
+            print("%-20s %10s %22s %11s" % (k, "-" if v["style_rate"] is None else "%.2f" % v["style_rate"],
+                                            "%d + %d" % tuple(v["empty_or_looping"]), v["facts_kept"]))
+        if args.eval_json:
+            Path(args.eval_json).write_text(json.dumps(
+                {"prompts": VALIDATION_PROMPTS, "fact_prompts": VALIDATION_FACTS, "seconds": secs, "table": table,
+                 "answers": answers}, indent=1, ensure_ascii=False) + "\n")
+        return
     if args.eval_only:
         model, table, answers, secs = evaluate(model, tok, ad_dir, names)
         print_table(table)
