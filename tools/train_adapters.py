@@ -803,6 +803,8 @@ def main():
                     "to %d training prompts, on every step from %d %%%% of its steps on (default: the adapter's recipe)"
                     % (UL_BATCH, 100 * UL_FROM))
     args = ap.parse_args()
+    if args.split == "validation" and not args.eval_only:
+        ap.error("--split validation measures adapters already trained: use it with --eval-only")
     DELTA_L2 = args.delta_l2
     TRAIN_SEED = args.train_seed
     t_all = time.time()
