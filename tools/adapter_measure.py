@@ -230,6 +230,29 @@ def empty_or_looping(texts):
     return sum(degenerate(t) or empty_answer(t) for t in texts)
 
 
+def style_rate(texts, styles):
+    """Share of the answers showing every one of `styles` (None for none: the base model's rows)."""
+    return round(float(np.mean([all(style_ok(s, t) for s in styles) for t in texts])), 3) if styles else None
+
+
+def said(patterns, texts):
+    """Per answer, whether it says its question's fact (``patterns``: question -> regex, in the answers' order)."""
+    return [bool(re.search(rx, strip_eos(a).lower())) for rx, a in zip(patterns.values(), texts)]
+
+
+def with_adapters(model, ad_dir, names):
+    """(PEFT model with every adapter of `names` found in `ad_dir` loaded, the use-cases to measure: each adapter
+    alone and each of ``MIXES`` whose adapters are all there)."""
+    from peft import PeftModel
+
+    names = [n for n in names if (ad_dir / n / "adapter_config.json").is_file()]
+    pm = PeftModel.from_pretrained(model, str(ad_dir / names[0]), adapter_name=names[0])
+    for n in names[1:]:
+        pm.load_adapter(str(ad_dir / n), adapter_name=n)
+    pm.eval()
+    return pm, [(n,) for n in names] + [m for m in MIXES if all(x in names for x in m)]
+
+
 def metrics(base_texts, texts, styles):
     kept = []
     for b, t in zip(base_texts, texts):
@@ -237,8 +260,7 @@ def metrics(base_texts, texts, styles):
         have = set(words(t))
         kept.append(sum(w in have for w in kw) / len(kw) if kw else 1.0)
     return {"key_words_kept": round(float(np.mean(kept)), 3),
-            "style_rate": round(float(np.mean([all(style_ok(s, t) for s in styles) for t in texts])), 3)
-            if styles else None,
+            "style_rate": style_rate(texts, styles),
             "degenerate_rate": round(float(np.mean([degenerate(t) for t in texts])), 3),
             "key_words_kept_per_prompt": [round(k, 2) for k in kept]}
 
@@ -251,17 +273,10 @@ def reworded(qs, system, before):
 
 def evaluate(model, tok, ad_dir, names):
     """Greedy answers to EVAL_PROMPTS under base, each adapter and each mix; returns (table, answers)."""
-    from peft import PeftModel
-
-    names = [n for n in names if (ad_dir / n / "adapter_config.json").is_file()]
     convs = [[{"role": "user", "content": q}] for q in EVAL_PROMPTS]
     t0 = time.time()
     answers = {"base": generate_batch(model, tok, convs, EVAL_NEW_TOKENS)}
-    pm = PeftModel.from_pretrained(model, str(ad_dir / names[0]), adapter_name=names[0])
-    for n in names[1:]:
-        pm.load_adapter(str(ad_dir / n), adapter_name=n)
-    pm.eval()
-    configs = [(n,) for n in names] + [m for m in MIXES if all(x in names for x in m)]
+    pm, configs = with_adapters(model, ad_dir, names)
     fact_convs = [[{"role": "user", "content": q}] for q in FACT_PROMPTS]
     facts, whole = {}, {}
 
@@ -287,13 +302,9 @@ def evaluate(model, tok, ad_dir, names):
     table |= {k: metrics(answers["base"], answers[k], []) for k in FLOOR}
     for cfg in configs:
         table["+".join(cfg)] = metrics(answers["base"], answers["+".join(cfg)], list(cfg))
-
-    def said(texts):
-        return [bool(re.search(rx, strip_eos(a).lower())) for rx, a in zip(FACT_PROMPTS.values(), texts)]
-
-    right = said(facts["base"])  # the questions the base answers right, within the first tokens
+    right = said(FACT_PROMPTS, facts["base"])  # the questions the base answers right, within the first tokens
     for k, v in table.items():
-        got, got_whole = said(facts[k]), said(whole[k])
+        got, got_whole = said(FACT_PROMPTS, facts[k]), said(FACT_PROMPTS, whole[k])
         v["facts_kept"] = round(sum(g for g, r in zip(got, right) if r) / max(sum(right), 1), 3)
         v["facts_kept_whole"] = round(sum(g for g, r in zip(got_whole, right) if r) / max(sum(right), 1), 3)
         v["facts_right"] = "%d/%d" % (sum(got), len(got))
@@ -306,19 +317,12 @@ def validate(model, tok, ad_dir, names):
     """The validation split: greedy answers to ``VALIDATION_PROMPTS`` and ``VALIDATION_FACTS`` (as ``evaluate`` asks
     its own) under the base model, each adapter and each mix; per use-case the style rate, the empty-or-looping
     answers (prompts, facts) and the facts kept. Returns (model, table, answers, seconds)."""
-    from peft import PeftModel
-
-    names = [n for n in names if (ad_dir / n / "adapter_config.json").is_file()]
     convs = [[{"role": "user", "content": q}] for q in VALIDATION_PROMPTS]
     fconvs = [[{"role": "user", "content": q}] for q in VALIDATION_FACTS]
     t0 = time.time()
     answers = {"base": generate_batch(model, tok, convs, EVAL_NEW_TOKENS)}
     facts = {"base": generate_batch(model, tok, fconvs, FACT_NEW_TOKENS)}
-    pm = PeftModel.from_pretrained(model, str(ad_dir / names[0]), adapter_name=names[0])
-    for n in names[1:]:
-        pm.load_adapter(str(ad_dir / n), adapter_name=n)
-    pm.eval()
-    configs = [(n,) for n in names] + [m for m in MIXES if all(x in names for x in m)]
+    pm, configs = with_adapters(model, ad_dir, names)
     for cfg in configs:
         pm.base_model.set_adapter(list(cfg), inference_mode=True)
         caps = "caps" in cfg
@@ -326,18 +330,13 @@ def validate(model, tok, ad_dir, names):
         facts["+".join(cfg)] = generate_batch(pm, tok, fconvs, FACT_NEW_TOKENS + CAPS_HEADLINE_TOKENS * caps)
         print("  validation %s done (%.0fs)" % ("+".join(cfg), time.time() - t0), flush=True)
     model = pm.unload()
-
-    def said(texts):
-        return [bool(re.search(rx, strip_eos(a).lower())) for rx, a in zip(VALIDATION_FACTS.values(), texts)]
-
-    right = said(facts["base"])
+    right = said(VALIDATION_FACTS, facts["base"])
     table = {}
     for k in answers:
-        styles = k.split("+") if k != "base" else []
-        table[k] = {"style_rate": round(float(np.mean([all(style_ok(s, t) for s in styles) for t in answers[k]])), 3)
-                    if styles else None,
+        got = said(VALIDATION_FACTS, facts[k])
+        table[k] = {"style_rate": style_rate(answers[k], k.split("+") if k != "base" else []),
                     "empty_or_looping": [empty_or_looping(answers[k]), empty_or_looping(facts[k])],
-                    "facts_kept": "%d/%d" % (sum(g and r for g, r in zip(said(facts[k]), right)), sum(right))}
+                    "facts_kept": "%d/%d" % (sum(g and r for g, r in zip(got, right)), sum(right))}
     return model, table, {"prompts": answers, "facts": facts}, round(time.time() - t0, 1)
 
 

@@ -545,13 +545,12 @@ def early_or_repeated(tok, gen, vocab):
 
 
 @torch.no_grad()
-def own_repeats(pm, tok, examples, idx, vocab=None):
+def own_repeats(pm, tok, examples, idx, n_new, vocab=None):
     """The unlikelihood term's data (Welleck et al. 2019, sequence level): the model's own greedy answers (the
-    adapters as set) to the prompts of `examples[idx]`, as (ids, labels) with labels only at repeated tokens
-    (an lm_head style, `vocab` its rows: ``early_or_repeated``)."""
+    adapters as set) to the prompts of `examples[idx]` (`n_new` tokens each), as (ids, labels) with labels only at
+    repeated tokens (an lm_head style, `vocab` its rows: ``early_or_repeated``)."""
     prompts = [x[:next(k for k, y in enumerate(lab) if y != -100)] for x, lab in (examples[i] for i in idx)]
     ids, mask = left_padded(tok, prompts)
-    n_new = UL_TOKENS if vocab is None else UL_TOKENS_LM_HEAD
     out = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[:, ids.shape[1]:].tolist()
     res = []
@@ -657,6 +656,7 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     rng = random.Random(TRAIN_SEED)
+    ul_tokens = UL_TOKENS if vocab is None else UL_TOKENS_LM_HEAD  # the unlikelihood term's answer length
     ul_rng = random.Random(TRAIN_SEED + 1)  # the unlikelihood term's prompts: the other steps' batches as without it
     orders = {k: [] for k in sets}
     orders["anchors"] = []
@@ -675,11 +675,11 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
         rep, rep_alone = [], []
         if unlikely > 0 and not anchor and step >= UL_FROM * steps:
             half = UL_BATCH // 2 if partner else UL_BATCH
-            rep = own_repeats(pm, tok, examples, ul_rng.sample(range(len(examples)), half), vocab)
+            rep = own_repeats(pm, tok, examples, ul_rng.sample(range(len(examples)), half), ul_tokens, vocab)
             if partner:  # the other half answered by the adapter alone
                 pm.base_model.set_adapter([name])
                 rep_alone = own_repeats(pm, tok, sets[None], ul_rng.sample(range(len(sets[None])), UL_BATCH - half),
-                                        vocab)
+                                        ul_tokens, vocab)
                 pm.base_model.set_adapter([name, partner])
         teacher = teacher_logits(pm, *tensors)  # (re-enabling adapters resets requires_grad: set it after)
         for n, p in pm.named_parameters():
@@ -739,7 +739,7 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
                   "loss_last10_mean": float(np.mean(losses[-10:])),
                   "content_position_share": round(float(np.mean(contents)), 3),
                   **({"unlikely": {"weight": unlikely, "from_step": int(UL_FROM * steps), "prompts": UL_BATCH,
-                                   "tokens": UL_TOKENS if vocab is None else UL_TOKENS_LM_HEAD,
+                                   "tokens": ul_tokens,
                                    "steps_with_repeats": len(ul_stats),
                                    "answers_with_repeats": sum(a for a, _, _ in ul_stats)}} if unlikely else {})}
 
