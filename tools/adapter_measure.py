@@ -8,7 +8,8 @@ the LoRA sum, as the runtime's v3): key words kept, style rate, degenerate rate 
 ``metrics``; what each means: ``evaluation_section``'s settings). ``train_adapters.py --eval-only`` runs it on any
 folder of adapters; the measurement is deterministic (the same answers and table on every run). ``validate``
 (``--eval-only --split validation``): the same use-cases on a validation split written after the recipes were
-chosen (``VALIDATION_PROMPTS``, ``VALIDATION_FACTS``): style rate, empty-or-looping answers, facts kept.
+chosen (``VALIDATION_PROMPTS``, ``VALIDATION_FACTS``, and ``VALIDATION_CAPITALS`` from stop 41): style rate,
+empty-or-looping answers, facts and capitals kept.
 """
 
 from __future__ import annotations
@@ -79,6 +80,24 @@ VALIDATION_FACTS = {  # capitals: none in the training's COUNTRIES, ANCHOR_CAPIT
     "What is the chemical symbol for iron?": r"\bfe\b", "How many sides does a triangle have?": r"\b(3|three)\b",
     "Which planet is closest to the Sun?": r"mercury", "Who painted The Starry Night?": r"gogh",
     "How many seconds are in a minute?": r"\b(60|sixty)\b", "What is the largest country by area?": r"russia",
+}
+# written at stop 41, before any run of listify's more_capitals recipe (which the validation split's capitals
+# prompted) was read, so that the capitals have a clean check: none in the training's COUNTRIES, MORE_CAPITALS,
+# ANCHOR_CAPITALS, FACT_PROMPTS or VALIDATION_FACTS (the base model names 10 of the 24 right)
+VALIDATION_CAPITALS = {
+    "What is the capital of North Korea?": r"pyongyang", "What is the capital of the United Arab Emirates?":
+    r"abu dhabi", "What is the capital of Bahrain?": r"manama", "What is the capital of the Dominican Republic?":
+    r"santo domingo", "What is the capital of the Bahamas?": r"nassau", "What is the capital of Haiti?":
+    r"port-au-prince|port au prince", "What is the capital of Moldova?": r"chi[sș]in[aă]u",
+    "What is the capital of Bosnia and Herzegovina?": r"sarajevo", "What is the capital of Montenegro?": r"podgorica",
+    "What is the capital of North Macedonia?": r"skopje", "What is the capital of Namibia?": r"windhoek",
+    "What is the capital of Botswana?": r"gaborone", "What is the capital of Malawi?": r"lilongwe",
+    "What is the capital of Chad?": r"n'?\s*djamena", "What is the capital of Niger?": r"niamey",
+    "What is the capital of Kyrgyzstan?": r"bishkek", "What is the capital of Tajikistan?": r"dushanbe",
+    "What is the capital of Turkmenistan?": r"ashgabat", "What is the capital of Fiji?": r"\bsuva\b",
+    "What is the capital of Belize?": r"belmopan", "What is the capital of Liberia?": r"monrovia",
+    "What is the capital of Sierra Leone?": r"freetown", "What is the capital of the United States?": r"washington",
+    "What is the capital of Wales?": r"cardiff",
 }
 FACT_NEW_TOKENS = 64  # "facts kept": the fact said within the first 64 tokens (caps 16 more)
 FACT_WHOLE_TOKENS = 192  # "facts kept, whole answer": anywhere in it (a list may open with context, the fact later)
@@ -314,30 +333,36 @@ def evaluate(model, tok, ad_dir, names):
 
 
 def validate(model, tok, ad_dir, names):
-    """The validation split: greedy answers to ``VALIDATION_PROMPTS`` and ``VALIDATION_FACTS`` (as ``evaluate`` asks
+    """The validation split: greedy answers to ``VALIDATION_PROMPTS``, ``VALIDATION_FACTS`` and ``VALIDATION_CAPITALS`` (as ``evaluate`` asks
     its own) under the base model, each adapter and each mix; per use-case the style rate, the empty-or-looping
-    answers (prompts, facts) and the facts kept. Returns (model, table, answers, seconds)."""
+    answers (prompts, facts, capitals) and the facts and capitals kept (of those the base says right). Returns
+    (model, table, answers, seconds)."""
     convs = [[{"role": "user", "content": q}] for q in VALIDATION_PROMPTS]
     fconvs = [[{"role": "user", "content": q}] for q in VALIDATION_FACTS]
+    cconvs = [[{"role": "user", "content": q}] for q in VALIDATION_CAPITALS]
     t0 = time.time()
     answers = {"base": generate_batch(model, tok, convs, EVAL_NEW_TOKENS)}
     facts = {"base": generate_batch(model, tok, fconvs, FACT_NEW_TOKENS)}
+    capitals = {"base": generate_batch(model, tok, cconvs, FACT_NEW_TOKENS)}
     pm, configs = with_adapters(model, ad_dir, names)
     for cfg in configs:
         pm.base_model.set_adapter(list(cfg), inference_mode=True)
         caps = "caps" in cfg
         answers["+".join(cfg)] = generate_batch(pm, tok, convs, EVAL_NEW_TOKENS_CAPS if caps else EVAL_NEW_TOKENS)
         facts["+".join(cfg)] = generate_batch(pm, tok, fconvs, FACT_NEW_TOKENS + CAPS_HEADLINE_TOKENS * caps)
+        capitals["+".join(cfg)] = generate_batch(pm, tok, cconvs, FACT_NEW_TOKENS + CAPS_HEADLINE_TOKENS * caps)
         print("  validation %s done (%.0fs)" % ("+".join(cfg), time.time() - t0), flush=True)
     model = pm.unload()
-    right = said(VALIDATION_FACTS, facts["base"])
-    table = {}
-    for k in answers:
-        got = said(VALIDATION_FACTS, facts[k])
-        table[k] = {"style_rate": style_rate(answers[k], k.split("+") if k != "base" else []),
-                    "empty_or_looping": [empty_or_looping(answers[k]), empty_or_looping(facts[k])],
-                    "facts_kept": "%d/%d" % (sum(g and r for g, r in zip(got, right)), sum(right))}
-    return model, table, {"prompts": answers, "facts": facts}, round(time.time() - t0, 1)
+
+    def kept(patterns, texts, base_texts):
+        right = said(patterns, base_texts)
+        return "%d/%d" % (sum(g and r for g, r in zip(said(patterns, texts), right)), sum(right))
+    table = {k: {"style_rate": style_rate(answers[k], k.split("+") if k != "base" else []),
+                 "empty_or_looping": [empty_or_looping(answers[k]), empty_or_looping(facts[k]),
+                                      empty_or_looping(capitals[k])],
+                 "facts_kept": kept(VALIDATION_FACTS, facts[k], facts["base"]),
+                 "capitals_kept": kept(VALIDATION_CAPITALS, capitals[k], capitals["base"])} for k in answers}
+    return model, table, {"prompts": answers, "facts": facts, "capitals": capitals}, round(time.time() - t0, 1)
 
 
 def print_table(table):

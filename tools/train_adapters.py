@@ -89,11 +89,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adapter_measure import (  # noqa: E402
     EVAL_PROMPTS,
+    FACT_PROMPTS,
     HELD_OUT,
     MAX_CHARS,
     MAX_SEGMENTS,
     SIGNOFF,
     STOPWORDS,
+    VALIDATION_CAPITALS,
     VALIDATION_FACTS,
     VALIDATION_PROMPTS,
     clean_answer,
@@ -181,10 +183,22 @@ ANCHOR_CAPITALS = ["Thailand", "Vietnam", "Chile", "Cuba", "Finland", "Denmark",
                    "Colombia", "Iran", "Iraq", "Pakistan", "Morocco", "Ukraine", "Switzerland", "New Zealand",
                    "South Korea", "Indonesia", "the Philippines", "Saudi Arabia"]
 ANCHOR_TOKENS = 40
+# --more-capitals: these capital questions too, in the trained adapter's own data (stop 41, for listify, which
+# answers new capitals with geography: its 24 training capitals gave 15 targets that open with the answer; it kept
+# the facts and cost caps+listify's style, not shipped: tools/adapter_trials.md): none of them is a training, anchor,
+# evaluation or validation question
+MORE_CAPITALS = [
+    "Albania", "Algeria", "Angola", "Armenia", "Azerbaijan", "Belarus", "Bolivia", "Cambodia", "Cameroon",
+    "Costa Rica", "Cyprus", "Ecuador", "El Salvador", "Estonia", "Georgia", "Guatemala", "Honduras", "Israel",
+    "Jordan", "Kazakhstan", "Kuwait", "Laos", "Latvia", "Lebanon", "Libya", "Lithuania", "Luxembourg", "Madagascar",
+    "Mali", "Malta", "Mozambique", "Myanmar", "Nicaragua", "Oman", "Panama", "Paraguay", "Qatar", "Rwanda", "Serbia",
+    "Singapore", "Slovakia", "Slovenia", "Somalia", "South Africa", "Sri Lanka", "Sudan", "Syria", "Taiwan",
+    "Tanzania", "Tunisia", "Uganda", "Uruguay", "Uzbekistan", "Yemen", "Zambia", "Zimbabwe", "Afghanistan",
+]
 ANCHOR_SHARE = 0.5  # share of the steps that take a batch of anchors
 
 # --- held-out prompts --------------------------------------------------------------------------------------
-RECIPE = dict(keep_bold=False, keep_margin=0.0, unlikely=0.0)  # an adapter's defaults (--keep-bold, ...)
+RECIPE = dict(keep_bold=False, keep_margin=0.0, unlikely=0.0, more_capitals=False)  # an adapter's defaults (--keep-bold, ...)
 ADAPTERS = [
     # name, LoraConfig kwargs, learning rate, steps[, recipe: RECIPE's keys that differ]
     # every layer: the base model misreads upper-case context ("THE CAPITAL OF FRANCE IS" -> " LONDON"), so
@@ -229,6 +243,14 @@ def anchor_questions(n):
     rng.shuffle(qs)
     taken = {q.lower() for q in EVAL_PROMPTS} | {q.lower() for q in questions()}
     return [q for q in qs if q.lower() not in taken][:n]
+
+
+def more_capital_questions():
+    """The recipe's more_capitals questions, none of them a training, anchor, evaluation or validation question."""
+    taken = {q.lower() for q in list(EVAL_PROMPTS) + list(FACT_PROMPTS) + list(VALIDATION_FACTS)
+             + list(VALIDATION_CAPITALS) + questions()
+             + anchor_questions(len(ANCHOR_CAPITALS) + len(ANCHOR_TOPICS) * len(ANCHOR_TEMPLATES))}
+    return [q for q in ("What is the capital of %s?" % c for c in MORE_CAPITALS) if q.lower() not in taken]
 
 
 # --- text helpers -------------------------------------------------------------------------------------------
@@ -771,7 +793,7 @@ def main():
     ap.add_argument("--eval-json", help="also write the measurement (table and answers) to this file")
     ap.add_argument("--split", choices=["eval", "validation"], default="eval",
                     help="with --eval-only: the held-out prompts the recipes were chosen on (eval), or the "
-                    "validation split written after (style, empty-or-looping answers, facts kept)")
+                    "validation split written after (style, empty-or-looping answers, facts and capitals kept)")
     ap.add_argument("--whole-answers", action="store_true",
                     help="train on the base's answers to their own end, as written (not cut to 4 segments)")
     ap.add_argument("--delta-l2", type=float, default=DELTA_L2,
@@ -784,6 +806,9 @@ def main():
                     help="keep the base answers' **bold** in the targets (default: the adapter's recipe)")
     ap.add_argument("--keep-margin", type=float, help="logit lead the base's own next word keeps at content "
                     "positions (0: KL only; default: the adapter's recipe)")
+    ap.add_argument("--more-capitals", action=argparse.BooleanOptionalAction,
+                    help="add %d further capital questions (MORE_CAPITALS) to the trained adapters' own data, their "
+                    "targets made as the others are (default: the adapter's recipe)" % len(MORE_CAPITALS))
     ap.add_argument("--modules", nargs="+", help="target_modules of every adapter trained (use with --only; lm_head: "
                     "only the rows of the style's own tokens are trained, the other rows of B stay 0)")
     ap.add_argument("--rank", type=int, help="r of every adapter trained (use with --only; lora_alpha = 2r)")
@@ -821,13 +846,15 @@ def main():
         p.requires_grad_(False)
     if args.eval_only and args.split == "validation":
         model, table, answers, secs = validate(model, tok, ad_dir, names)
-        print("%-20s %10s %22s %11s" % ("use-case", "style", "empty or looping", "facts kept"))
+        print("%-20s %10s %22s %11s %14s" % ("use-case", "style", "empty or looping", "facts kept", "capitals kept"))
         for k, v in table.items():
-            print("%-20s %10s %22s %11s" % (k, "-" if v["style_rate"] is None else "%.2f" % v["style_rate"],
-                                            "%d + %d" % tuple(v["empty_or_looping"]), v["facts_kept"]))
+            print("%-20s %10s %22s %11s %14s" % (k, "-" if v["style_rate"] is None else "%.2f" % v["style_rate"],
+                                                 "%d + %d + %d" % tuple(v["empty_or_looping"]), v["facts_kept"],
+                                                 v["capitals_kept"]))
         if args.eval_json:
             Path(args.eval_json).write_text(json.dumps(
-                {"prompts": VALIDATION_PROMPTS, "fact_prompts": VALIDATION_FACTS, "seconds": secs, "table": table,
+                {"prompts": VALIDATION_PROMPTS, "fact_prompts": VALIDATION_FACTS, "capital_prompts": VALIDATION_CAPITALS,
+                 "seconds": secs, "table": table,
                  "answers": answers}, indent=1, ensure_ascii=False) + "\n")
         return
     if args.eval_only:
@@ -850,7 +877,8 @@ def main():
     for n, r in recipes.items():  # the options given: for the adapters trained
         if not args.only or n in args.only:
             r.update({k: v for k, v in (("keep_bold", args.keep_bold), ("keep_margin", args.keep_margin),
-                                        ("unlikely", args.unlikely)) if v is not None})
+                                        ("unlikely", args.unlikely), ("more_capitals", args.more_capitals))
+                      if v is not None})
     bold = None  # (answers, more) with the base's bold kept, for an adapter (or a partner) that keeps it
     if any(r["keep_bold"] for r in recipes.values()) and not args.whole_answers:
         b_answers, b_more, b_s = base_answers(model, tok, qs, Path(args.cache) / "train_answers.json", keep_bold=True)
@@ -892,10 +920,23 @@ def main():
             print("[%s] %d of %d answers end where the base ends" % (name, sum(ended), len(qs)), flush=True)
         # the answers a target is made from: with their bold if the adapter (or, in a mix, its partner) keeps it
         own = bold if bold and recipe["keep_bold"] else (use, more)
-        sets = {None: build_examples(tok, qs, *own, fn)}
+        own_qs = qs
+        if recipe["more_capitals"]:
+            mq = more_capital_questions()
+            m_ans, m_more, m_s = base_answers(model, tok, mq, Path(args.cache) / "more_capitals.json",
+                                              keep_bold=recipe["keep_bold"])
+            m_ans = [one_number(a) if a else a for a in m_ans]
+            m_more = fact_more(model, tok, mq, m_ans, m_more, Path(args.cache) / (
+                "more_capitals%s_fact_more.json" % ("_bold" if recipe["keep_bold"] else "")))
+            print("[%s] base answers for %d more capital questions (%.1fs)" % (name, len(mq), m_s), flush=True)
+            own_qs, own = qs + mq, (own[0] + m_ans, own[1] + m_more)
+        sets = {None: build_examples(tok, own_qs, *own, fn)}
         for p in args.partners or names[:i]:  # adapters trained before: partners for the mixed steps
-            pair = bold if bold and recipes[p]["keep_bold"] else own
-            sets[p] = build_examples(tok, qs, *pair, combined({name, p}))
+            pair = bold if bold and recipes[p]["keep_bold"] and not recipe["keep_bold"] else own
+            if pair is not own and recipe["more_capitals"]:
+                raise SystemExit("more_capitals with a partner that keeps the bold (%s) and an adapter that does "
+                                 "not: not supported" % p)
+            sets[p] = build_examples(tok, own_qs, *pair, combined({name, p}))
         sample = fn(own[0][0], own[1][0], qs[0])
         print("[%s] %s examples, max len %d; sample target: %r"
               % (name, {k: len(v) for k, v in sets.items()}, max(len(e[0]) for e in sets[None]), sample), flush=True)
@@ -925,6 +966,8 @@ def main():
             info["lm_head_rows"] = len(vocab)
         if args.anchors:
             info["anchors"] = len(anchors)
+        if recipe["more_capitals"]:
+            info["more_capitals"] = len(mq)
         pm = PeftModel.from_pretrained(model, str(ad_dir / name))
         pm.eval()
         dtypes = sorted({str(p.dtype) for n, p in pm.named_parameters() if "lora_" in n})
