@@ -183,6 +183,7 @@ ANCHOR_CAPITALS = ["Thailand", "Vietnam", "Chile", "Cuba", "Finland", "Denmark",
                    "Colombia", "Iran", "Iraq", "Pakistan", "Morocco", "Ukraine", "Switzerland", "New Zealand",
                    "South Korea", "Indonesia", "the Philippines", "Saudi Arabia"]
 ANCHOR_TOKENS = 40
+ANCHOR_SHARE = 0.5  # share of the steps that take a batch of anchors
 # --more-capitals: these capital questions too, in the trained adapter's own data (stop 41, for listify, which
 # answers new capitals with geography: its 24 training capitals gave 15 targets that open with the answer; it kept
 # the facts and cost caps+listify's style, not shipped: tools/adapter_trials.md): none of them is a training, anchor,
@@ -195,10 +196,10 @@ MORE_CAPITALS = [
     "Singapore", "Slovakia", "Slovenia", "Somalia", "South Africa", "Sri Lanka", "Sudan", "Syria", "Taiwan",
     "Tanzania", "Tunisia", "Uganda", "Uruguay", "Uzbekistan", "Yemen", "Zambia", "Zimbabwe", "Afghanistan",
 ]
-ANCHOR_SHARE = 0.5  # share of the steps that take a batch of anchors
 
 # --- held-out prompts --------------------------------------------------------------------------------------
-RECIPE = dict(keep_bold=False, keep_margin=0.0, unlikely=0.0, more_capitals=False)  # an adapter's defaults (--keep-bold, ...)
+# an adapter's defaults (--keep-bold, --keep-margin, --unlikely, --more-capitals)
+RECIPE = dict(keep_bold=False, keep_margin=0.0, unlikely=0.0, more_capitals=False)
 ADAPTERS = [
     # name, LoraConfig kwargs, learning rate, steps[, recipe: RECIPE's keys that differ]
     # every layer: the base model misreads upper-case context ("THE CAPITAL OF FRANCE IS" -> " LONDON"), so
@@ -246,7 +247,7 @@ def anchor_questions(n):
 
 
 def more_capital_questions():
-    """The recipe's more_capitals questions, none of them a training, anchor, evaluation or validation question."""
+    """--more-capitals' questions, none of them a training, anchor, evaluation or validation question."""
     taken = {q.lower() for q in list(EVAL_PROMPTS) + list(FACT_PROMPTS) + list(VALIDATION_FACTS)
              + list(VALIDATION_CAPITALS) + questions()
              + anchor_questions(len(ANCHOR_CAPITALS) + len(ANCHOR_TOPICS) * len(ANCHOR_TEMPLATES))}
@@ -934,8 +935,8 @@ def main():
         for p in args.partners or names[:i]:  # adapters trained before: partners for the mixed steps
             pair = bold if bold and recipes[p]["keep_bold"] and not recipe["keep_bold"] else own
             if pair is not own and recipe["more_capitals"]:
-                raise SystemExit("more_capitals with a partner that keeps the bold (%s) and an adapter that does "
-                                 "not: not supported" % p)
+                raise SystemExit("--more-capitals for %s: its partner %s keeps the base's bold and %s does not "
+                                 "(not supported)" % (name, p, name))
             sets[p] = build_examples(tok, own_qs, *pair, combined({name, p}))
         sample = fn(own[0][0], own[1][0], qs[0])
         print("[%s] %s examples, max len %d; sample target: %r"
