@@ -333,36 +333,33 @@ def evaluate(model, tok, ad_dir, names):
 
 
 def validate(model, tok, ad_dir, names):
-    """The validation split: greedy answers to ``VALIDATION_PROMPTS``, ``VALIDATION_FACTS`` and ``VALIDATION_CAPITALS`` (as ``evaluate`` asks
-    its own) under the base model, each adapter and each mix; per use-case the style rate, the empty-or-looping
+    """The validation split: greedy answers to ``VALIDATION_PROMPTS``, ``VALIDATION_FACTS`` and
+    ``VALIDATION_CAPITALS`` (as ``evaluate`` asks its own) under the base model, each adapter and each mix; per use-case the style rate, the empty-or-looping
     answers (prompts, facts, capitals) and the facts and capitals kept (of those the base says right). Returns
     (model, table, answers, seconds)."""
     convs = [[{"role": "user", "content": q}] for q in VALIDATION_PROMPTS]
-    fconvs = [[{"role": "user", "content": q}] for q in VALIDATION_FACTS]
-    cconvs = [[{"role": "user", "content": q}] for q in VALIDATION_CAPITALS]
+    sets = {"facts": VALIDATION_FACTS, "capitals": VALIDATION_CAPITALS}  # question -> regex of the right answer
+    fconvs = {s: [[{"role": "user", "content": q}] for q in qs] for s, qs in sets.items()}
     t0 = time.time()
-    answers = {"base": generate_batch(model, tok, convs, EVAL_NEW_TOKENS)}
-    facts = {"base": generate_batch(model, tok, fconvs, FACT_NEW_TOKENS)}
-    capitals = {"base": generate_batch(model, tok, cconvs, FACT_NEW_TOKENS)}
+    answers = {"prompts": {"base": generate_batch(model, tok, convs, EVAL_NEW_TOKENS)}}
+    answers |= {s: {"base": generate_batch(model, tok, c, FACT_NEW_TOKENS)} for s, c in fconvs.items()}
     pm, configs = with_adapters(model, ad_dir, names)
     for cfg in configs:
         pm.base_model.set_adapter(list(cfg), inference_mode=True)
-        caps = "caps" in cfg
-        answers["+".join(cfg)] = generate_batch(pm, tok, convs, EVAL_NEW_TOKENS_CAPS if caps else EVAL_NEW_TOKENS)
-        facts["+".join(cfg)] = generate_batch(pm, tok, fconvs, FACT_NEW_TOKENS + CAPS_HEADLINE_TOKENS * caps)
-        capitals["+".join(cfg)] = generate_batch(pm, tok, cconvs, FACT_NEW_TOKENS + CAPS_HEADLINE_TOKENS * caps)
-        print("  validation %s done (%.0fs)" % ("+".join(cfg), time.time() - t0), flush=True)
+        caps, k = "caps" in cfg, "+".join(cfg)
+        answers["prompts"][k] = generate_batch(pm, tok, convs, EVAL_NEW_TOKENS_CAPS if caps else EVAL_NEW_TOKENS)
+        for s, c in fconvs.items():
+            answers[s][k] = generate_batch(pm, tok, c, FACT_NEW_TOKENS + CAPS_HEADLINE_TOKENS * caps)
+        print("  validation %s done (%.0fs)" % (k, time.time() - t0), flush=True)
     model = pm.unload()
 
-    def kept(patterns, texts, base_texts):
-        right = said(patterns, base_texts)
-        return "%d/%d" % (sum(g and r for g, r in zip(said(patterns, texts), right)), sum(right))
-    table = {k: {"style_rate": style_rate(answers[k], k.split("+") if k != "base" else []),
-                 "empty_or_looping": [empty_or_looping(answers[k]), empty_or_looping(facts[k]),
-                                      empty_or_looping(capitals[k])],
-                 "facts_kept": kept(VALIDATION_FACTS, facts[k], facts["base"]),
-                 "capitals_kept": kept(VALIDATION_CAPITALS, capitals[k], capitals["base"])} for k in answers}
-    return model, table, {"prompts": answers, "facts": facts, "capitals": capitals}, round(time.time() - t0, 1)
+    def kept(s, k):  # of the questions of set `s` the base answers right, how many use-case `k` does
+        right = said(sets[s], answers[s]["base"])
+        return "%d/%d" % (sum(g and r for g, r in zip(said(sets[s], answers[s][k]), right)), sum(right))
+    table = {k: {"style_rate": style_rate(answers["prompts"][k], k.split("+") if k != "base" else []),
+                 "empty_or_looping": [empty_or_looping(answers[s][k]) for s in ("prompts", *sets)],
+                 **{"%s_kept" % s: kept(s, k) for s in sets}} for k in answers["prompts"]}
+    return model, table, answers, round(time.time() - t0, 1)
 
 
 def print_table(table):

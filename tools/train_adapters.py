@@ -430,6 +430,16 @@ def fact_more(model, tok, qs, answers, more, cache_file):
     return [g if g and new_sentences(a, g) else m for a, g, m in zip(answers, got, more)]
 
 
+def fact_answers(model, tok, qs, cache_file, keep_bold=False):
+    """``base_answers`` with ``one_number`` applied and ``fact_more``'s second follow-up (cached beside them, in
+    ``<stem>[_bold]_fact_more.json``): the answers listify's targets are made from. Returns (answers, more,
+    seconds the base answers took)."""
+    answers, more, secs = base_answers(model, tok, qs, cache_file, keep_bold=keep_bold)
+    answers = [one_number(a) if a else a for a in answers]
+    fm = cache_file.with_name(cache_file.stem + ("_bold" if keep_bold else "") + "_fact_more.json")
+    return answers, fact_more(model, tok, qs, answers, more, fm), secs
+
+
 def whole_answers(model, tok, qs, cache_file):
     """--whole-answers: the base model's greedy answers to its own end, as it wrote them (None where it did not end
     within WHOLE_NEW_TOKENS), cached."""
@@ -882,10 +892,8 @@ def main():
                       if v is not None})
     bold = None  # (answers, more) with the base's bold kept, for an adapter (or a partner) that keeps it
     if any(r["keep_bold"] for r in recipes.values()) and not args.whole_answers:
-        b_answers, b_more, b_s = base_answers(model, tok, qs, Path(args.cache) / "train_answers.json", keep_bold=True)
-        b_answers = [one_number(a) if a else a for a in b_answers]
-        bold = (b_answers, fact_more(model, tok, qs, b_answers, b_more,
-                                     Path(args.cache) / "train_answers_bold_fact_more.json"))
+        b_answers, b_more, b_s = fact_answers(model, tok, qs, Path(args.cache) / "train_answers.json", keep_bold=True)
+        bold = (b_answers, b_more)
         print("base answers with their bold (%.1fs)" % b_s)
 
     ref_path = out / "reference.json"
@@ -924,11 +932,8 @@ def main():
         own_qs = qs
         if recipe["more_capitals"]:
             mq = more_capital_questions()
-            m_ans, m_more, m_s = base_answers(model, tok, mq, Path(args.cache) / "more_capitals.json",
+            m_ans, m_more, m_s = fact_answers(model, tok, mq, Path(args.cache) / "more_capitals.json",
                                               keep_bold=recipe["keep_bold"])
-            m_ans = [one_number(a) if a else a for a in m_ans]
-            m_more = fact_more(model, tok, mq, m_ans, m_more, Path(args.cache) / (
-                "more_capitals%s_fact_more.json" % ("_bold" if recipe["keep_bold"] else "")))
             print("[%s] base answers for %d more capital questions (%.1fs)" % (name, len(mq), m_s), flush=True)
             own_qs, own = qs + mq, (own[0] + m_ans, own[1] + m_more)
         sets = {None: build_examples(tok, own_qs, *own, fn)}
