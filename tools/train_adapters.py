@@ -198,8 +198,8 @@ MORE_CAPITALS = [
 ]
 
 # --- held-out prompts --------------------------------------------------------------------------------------
-# an adapter's defaults (--keep-bold, --keep-margin, --unlikely, --more-capitals)
-RECIPE = dict(keep_bold=False, keep_margin=0.0, unlikely=0.0, more_capitals=False)
+# an adapter's defaults (--keep-bold, --keep-margin, --unlikely, --more-capitals, --line-lift)
+RECIPE = dict(keep_bold=False, keep_margin=0.0, unlikely=0.0, more_capitals="none", line_lift=0.0)
 ADAPTERS = [
     # name, LoraConfig kwargs, learning rate, steps[, recipe: RECIPE's keys that differ]
     # every layer: the base model misreads upper-case context ("THE CAPITAL OF FRANCE IS" -> " LONDON"), so
@@ -483,13 +483,16 @@ def build_examples(tok, qs, answers, more, fn, max_len=MAX_LEN):
 
 
 # --- training -----------------------------------------------------------------------------------------------
-def answer_logits(peft_model, ids, mask, labels):
-    """Logits at the answer positions only (the tied lm_head runs only there) and their target tokens."""
+def answer_logits(peft_model, ids, mask, labels, hidden=False):
+    """Logits at the answer positions only (the tied lm_head runs only there) and their target tokens; ``hidden``:
+    also the last hidden states there and the tokens read there (each position's current token)."""
     inner = peft_model.base_model.model  # LlamaForCausalLM with LoRA layers injected
     h = inner.model(input_ids=ids, attention_mask=mask).last_hidden_state
     tgt = labels[:, 1:]
     sel = tgt != -100
-    return inner.lm_head(h[:, :-1][sel]).float(), tgt[sel]
+    hs = h[:, :-1][sel]
+    out = inner.lm_head(hs).float(), tgt[sel]
+    return out + (hs, ids[:, :-1][sel]) if hidden else out
 
 
 @torch.no_grad()
@@ -499,13 +502,25 @@ def teacher_logits(peft_model, ids, mask, labels):
         return answer_logits(peft_model, ids, mask, labels)[0]
 
 
-def answer_loss(peft_model, ids, mask, labels, teacher, keep_margin=0.0):
+def off_line_lift(peft_model, name, h, cur, line):
+    """An lm_head style's (signoff's) added logits on its line's tokens after the first, at the positions where the
+    token read is not the one before it in the line (" sent" anywhere but after "--"), relu'd and averaged: the
+    shipped signoff lifts " sent" by 9 or more logits at a tenth of its training answers' positions (by 14 after
+    "1. **", by 20 after "--"), which wins where the base's own next word is weak ("1. ** sent from ...")."""
+    lm = peft_model.base_model.model.lm_head
+    lift = lm.lora_A[name](h) @ lm.lora_B[name].weight[line[1:]].T * lm.scaling[name]
+    off = cur[:, None] != torch.tensor(line[:-1])[None, :]
+    return (torch.relu(lift.float()) * off).sum() / off.sum()
+
+
+def answer_loss(peft_model, ids, mask, labels, teacher, keep_margin=0.0, lift=None):
     """Change only what the style needs. At an answer position where the base model, reading the same styled
     text, already predicts the target token (content: the answer's own words), the loss is the KL divergence
     from the base model's distribution, so the adapter keeps what the base would say; elsewhere (the style's
     tokens: a headline, list markers, the signoff line, where the answer ends) cross-entropy on the target.
-    Plain cross-entropy everywhere moved the content too: the key words kept were 0.25-0.60."""
-    logits, tgt = answer_logits(peft_model, ids, mask, labels)
+    Plain cross-entropy everywhere moved the content too: the key words kept were 0.25-0.60. ``lift``: (weight,
+    adapter, line tokens): ``off_line_lift`` added."""
+    logits, tgt, h, cur = answer_logits(peft_model, ids, mask, labels, hidden=True)
     logp = torch.log_softmax(logits, -1)
     ce = -logp.gather(1, tgt[:, None])[:, 0]
     t_logp = torch.log_softmax(teacher, -1)
@@ -514,7 +529,11 @@ def answer_loss(peft_model, ids, mask, labels, teacher, keep_margin=0.0):
     if keep_margin > 0:  # greedy decoding keeps the base's word only if it stays on top: a hinge on its lead
         others = logits.scatter(1, tgt[:, None], float("-inf")).max(-1).values
         kl = kl + torch.relu(keep_margin - (logits.gather(1, tgt[:, None])[:, 0] - others))
-    return torch.where(content, kl, ce).mean(), float(content.float().mean())
+    loss, off = torch.where(content, kl, ce).mean(), None
+    if lift:
+        off = off_line_lift(peft_model, lift[1], h, cur, lift[2])
+        loss = loss + lift[0] * off
+    return loss, float(content.float().mean()), off
 
 
 def repeated_positions(tok, gen):
@@ -654,11 +673,12 @@ def style_vocab(tok, qs, answers, more, fn, words=True):
 
 
 def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, anchors=(), vocab=None,
-              mix_share=MIX_SHARE, keep_margin=0.0, unlikely=0.0):
+              mix_share=MIX_SHARE, keep_margin=0.0, unlikely=0.0, line_lift=None):
     """Train adapter `name`. `sets`: {partner adapter or None: examples}; a partner's folder in out_dir is
     loaded frozen and active together with `name` on `mix_share` of the steps (spread over the partners).
     `anchors` (--anchors): examples of the base's own answers, a batch of them (adapter alone) on ANCHOR_SHARE of
-    the steps: the base predicts every target there, so their loss is the KL divergence from the base."""
+    the steps: the base predicts every target there, so their loss is the KL divergence from the base.
+    ``line_lift``: (weight, line tokens) of ``off_line_lift`` (an lm_head adapter)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     seed_all(TRAIN_SEED)
@@ -717,7 +737,8 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
         teacher = teacher_logits(pm, *tensors)  # (re-enabling adapters resets requires_grad: set it after)
         for n, p in pm.named_parameters():
             p.requires_grad_(n in own)
-        loss, content = answer_loss(pm, *tensors, teacher, keep_margin)
+        loss, content, off = answer_loss(pm, *tensors, teacher, keep_margin,
+                                         (line_lift[0], name, line_lift[1]) if line_lift else None)
         if deltas:  # |s B A|_F^2 = s^2 tr((B^T B)(A A^T)): r x r products only
             loss = loss + DELTA_L2 * sum(sc * sc * ((b.T @ b) * (a @ a.T)).sum() / w2
                                          for a, b, sc, w2 in deltas) / len(deltas)
@@ -745,9 +766,10 @@ def train_one(model, tok, name, lora_kwargs, lr, sets, steps, batch, out_dir, an
         sched.step()
         losses.append(float(loss.detach()))
         if step % 20 == 0 or step == steps - 1:
-            print("  [%s] step %d/%d loss %.4f%s%s (%.1fs)" % (name, step, steps, losses[-1],
+            print("  [%s] step %d/%d loss %.4f%s%s%s (%.1fs)" % (name, step, steps, losses[-1],
                   " with %s" % partner if partner else " (anchors)" if anchor else "",
                   "; repeats: %d answers, %d tokens, -log(1-p) %.3f" % ul_stats[-1] if rep or rep_alone else "",
+                  "; off-line lift %.3f" % float(off.detach()) if off is not None else "",
                   time.time() - t0), flush=True)
     train_s = time.time() - t0
     pm.eval()
@@ -817,9 +839,14 @@ def main():
                     help="keep the base answers' **bold** in the targets (default: the adapter's recipe)")
     ap.add_argument("--keep-margin", type=float, help="logit lead the base's own next word keeps at content "
                     "positions (0: KL only; default: the adapter's recipe)")
-    ap.add_argument("--more-capitals", action=argparse.BooleanOptionalAction,
+    ap.add_argument("--more-capitals", choices=["none", "single", "all"],
                     help="add %d further capital questions (MORE_CAPITALS) to the trained adapters' own data, their "
-                    "targets made as the others are (default: the adapter's recipe)" % len(MORE_CAPITALS))
+                    "targets made as the others are: in its single examples, or in the mixed steps' too (default: "
+                    "the adapter's recipe)" % len(MORE_CAPITALS))
+    ap.add_argument("--line-lift", type=float,
+                    help="signoff: weight of a term on its added logits for its line's tokens after the first where "
+                    "the token before is not the line's own (\" sent\" anywhere but after \"--\"; default: the "
+                    "adapter's recipe)")
     ap.add_argument("--modules", nargs="+", help="target_modules of every adapter trained (use with --only; lm_head: "
                     "only the rows of the style's own tokens are trained, the other rows of B stay 0)")
     ap.add_argument("--rank", type=int, help="r of every adapter trained (use with --only; lora_alpha = 2r)")
@@ -888,7 +915,8 @@ def main():
     for n, r in recipes.items():  # the options given: for the adapters trained
         if not args.only or n in args.only:
             r.update({k: v for k, v in (("keep_bold", args.keep_bold), ("keep_margin", args.keep_margin),
-                                        ("unlikely", args.unlikely), ("more_capitals", args.more_capitals))
+                                        ("unlikely", args.unlikely), ("more_capitals", args.more_capitals),
+                                        ("line_lift", args.line_lift))
                       if v is not None})
     bold = None  # (answers, more) with the base's bold kept, for an adapter (or a partner) that keeps it
     if any(r["keep_bold"] for r in recipes.values()) and not args.whole_answers:
@@ -929,20 +957,22 @@ def main():
             print("[%s] %d of %d answers end where the base ends" % (name, sum(ended), len(qs)), flush=True)
         # the answers a target is made from: with their bold if the adapter (or, in a mix, its partner) keeps it
         own = bold if bold and recipe["keep_bold"] else (use, more)
-        own_qs = qs
-        if recipe["more_capitals"]:
+        own_qs, mix_qs, mix = qs, qs, own
+        if recipe["more_capitals"] != "none":
             mq = more_capital_questions()
             m_ans, m_more, m_s = fact_answers(model, tok, mq, Path(args.cache) / "more_capitals.json",
                                               keep_bold=recipe["keep_bold"])
             print("[%s] base answers for %d more capital questions (%.1fs)" % (name, len(mq), m_s), flush=True)
             own_qs, own = qs + mq, (own[0] + m_ans, own[1] + m_more)
+            if recipe["more_capitals"] == "all":  # in the mixed steps' examples too
+                mix_qs, mix = own_qs, own
         sets = {None: build_examples(tok, own_qs, *own, fn)}
         for p in args.partners or names[:i]:  # adapters trained before: partners for the mixed steps
-            pair = bold if bold and recipes[p]["keep_bold"] and not recipe["keep_bold"] else own
-            if pair is not own and recipe["more_capitals"]:
-                raise SystemExit("--more-capitals for %s: its partner %s keeps the base's bold and %s does not "
+            pair = bold if bold and recipes[p]["keep_bold"] and not recipe["keep_bold"] else mix
+            if pair is not mix and mix_qs is not qs:
+                raise SystemExit("--more-capitals all for %s: its partner %s keeps the base's bold and %s does not "
                                  "(not supported)" % (name, p, name))
-            sets[p] = build_examples(tok, own_qs, *pair, combined({name, p}))
+            sets[p] = build_examples(tok, mix_qs, *pair, combined({name, p}))
         sample = fn(own[0][0], own[1][0], qs[0])
         print("[%s] %s examples, max len %d; sample target: %r"
               % (name, {k: len(v) for k, v in sets.items()}, max(len(e[0]) for e in sets[None]), sample), flush=True)
@@ -961,19 +991,26 @@ def main():
         if vocab is not None:
             print("[%s] lm_head rows: %d tokens %r" % (name, len(vocab), tok.decode(vocab)[:200]), flush=True)
         share = MIX_SHARES.get(name, MIX_SHARE) if args.mix_share is None else args.mix_share
+        line_lift = None
+        if recipe["line_lift"]:
+            if vocab is None or fn is not to_signoff:
+                raise SystemExit("--line-lift for %s: only signoff's lm_head adapter writes a line" % name)
+            line_lift = (recipe["line_lift"], tok(SIGNOFF, add_special_tokens=False)["input_ids"])
         model, info = train_one(model, tok, name, kw, lr, sets, steps, args.batch, ad_dir, anchors, vocab, share,
-                                recipe["keep_margin"], recipe["unlikely"])
+                                recipe["keep_margin"], recipe["unlikely"], line_lift)
         info["mix_share"] = share
         if recipe["keep_bold"]:
             info["keep_bold"] = True
         if recipe["keep_margin"]:
             info["keep_margin"] = recipe["keep_margin"]
+        if line_lift:
+            info["line_lift"] = recipe["line_lift"]
         if vocab is not None:
             info["lm_head_rows"] = len(vocab)
         if args.anchors:
             info["anchors"] = len(anchors)
-        if recipe["more_capitals"]:
-            info["more_capitals"] = len(mq)
+        if recipe["more_capitals"] != "none":
+            info["more_capitals"] = "%d questions, %s" % (len(mq), recipe["more_capitals"])
         pm = PeftModel.from_pretrained(model, str(ad_dir / name))
         pm.eval()
         dtypes = sorted({str(p.dtype) for n, p in pm.named_parameters() if "lora_" in n})
