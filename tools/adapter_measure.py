@@ -99,6 +99,44 @@ VALIDATION_CAPITALS = {
     "What is the capital of Sierra Leone?": r"freetown", "What is the capital of the United States?": r"washington",
     "What is the capital of Wales?": r"cardiff",
 }
+# the test split (stop 42): written after the validation split had been read for a recipe choice (stop 41), before
+# any run of stop 42's trials was read; none of these (nor their topics) in the training, anchor, eval, fact or
+# validation questions, no capital in COUNTRIES, MORE_CAPITALS, ANCHOR_CAPITALS or the sets above; every fact's
+# answer a word (``empty_answer`` counts a number answer as empty). `--eval-only --split test` measures it
+TEST_PROMPTS = [
+    "Give me three tips for keeping a journal.", "Give me tips to save energy at home.",
+    "How can I keep my phone battery healthy?", "Give me tips for a first camping trip.",
+    "What are some ways to get better at typing?", "Why do we yawn?", "Explain how a thermometer works.",
+    "What causes the seasons?", "What is a tsunami?", "How do bats find their way in the dark?",
+    "Give me three tips for learning to draw.", "How can I stay calm before a test?",
+    "What is an eclipse?", "Why do onions make you cry?",
+]
+TEST_FACTS = {
+    "Who wrote The Odyssey?": r"homer", "What is the chemical symbol for sodium?": r"\bna\b",
+    "Which planet is famous for its rings?": r"saturn", "Who painted the ceiling of the Sistine Chapel?":
+    r"michelangelo", "What is the largest organ of the human body?": r"\bskin\b",
+    "Who wrote Don Quixote?": r"cervantes", "What language is spoken in Mexico?": r"spanish",
+    "What is the largest continent?": r"\basia\b", "Who composed the Fifth Symphony?": r"beethoven",
+    "Which metal is liquid at room temperature?": r"mercury", "Who wrote the Harry Potter books?": r"rowling",
+    "What is the currency of Japan?": r"\byen\b", "Which ocean lies between Africa and Australia?": r"indian",
+    "Who was the first person in space?": r"gagarin", "What is the main ingredient of hummus?": r"chickpea",
+    "What color do you get by mixing blue and yellow?": r"green",
+}
+TEST_CAPITALS = {
+    "What is the capital of California?": r"sacramento", "What is the capital of Texas?": r"austin",
+    "What is the capital of Florida?": r"tallahassee", "What is the capital of Ontario?": r"toronto",
+    "What is the capital of Northern Ireland?": r"belfast", "What is the capital of England?": r"\blondon\b",
+    "What is the capital of Puerto Rico?": r"san juan", "What is the capital of Greenland?": r"\bnuuk\b",
+    "What is the capital of Bhutan?": r"thimphu", "What is the capital of the Maldives?": r"\bmal[eé]\b",
+    "What is the capital of Brunei?": r"bandar seri begawan", "What is the capital of Papua New Guinea?":
+    r"port moresby", "What is the capital of Trinidad and Tobago?": r"port of spain|port-of-spain",
+    "What is the capital of Barbados?": r"bridgetown", "What is the capital of Guyana?": r"georgetown",
+    "What is the capital of Suriname?": r"paramaribo", "What is the capital of Kosovo?": r"pri[sš]tin",
+    "What is the capital of Liechtenstein?": r"vaduz", "What is the capital of Andorra?": r"andorra la vella",
+    "What is the capital of Gabon?": r"libreville", "What is the capital of Togo?": r"\blom[eé]\b",
+    "What is the capital of Burkina Faso?": r"ouagadougou", "What is the capital of Mauritius?": r"port louis",
+    "What is the capital of the Gambia?": r"banjul",
+}
 FACT_NEW_TOKENS = 64  # "facts kept": the fact said within the first 64 tokens (caps 16 more)
 FACT_WHOLE_TOKENS = 192  # "facts kept, whole answer": anywhere in it (a list may open with context, the fact later)
 MIXES = [("caps", "signoff"), ("caps", "listify"), ("listify", "signoff")]
@@ -332,13 +370,19 @@ def evaluate(model, tok, ad_dir, names):
     return model, table, answers, round(time.time() - t0, 1)
 
 
-def validate(model, tok, ad_dir, names):
-    """The validation split: greedy answers to ``VALIDATION_PROMPTS``, ``VALIDATION_FACTS`` and
-    ``VALIDATION_CAPITALS`` (as ``evaluate`` asks its own) under the base model, each adapter and each mix; per use-case the style rate, the empty-or-looping
-    answers (prompts, facts, capitals) and the facts and capitals kept (of those the base says right). Returns
-    (model, table, answers, seconds)."""
-    convs = [[{"role": "user", "content": q}] for q in VALIDATION_PROMPTS]
-    sets = {"facts": VALIDATION_FACTS, "capitals": VALIDATION_CAPITALS}  # question -> regex of the right answer
+SPLITS = {  # name: (prompts, {set: question -> regex of the right answer})
+    "validation": (VALIDATION_PROMPTS, {"facts": VALIDATION_FACTS, "capitals": VALIDATION_CAPITALS}),
+    "test": (TEST_PROMPTS, {"facts": TEST_FACTS, "capitals": TEST_CAPITALS}),
+}
+
+
+def validate(model, tok, ad_dir, names, split="validation"):
+    """A split of ``SPLITS`` (the validation or the test split): greedy answers to its prompts, facts and capitals
+    (as ``evaluate`` asks its own) under the base model, each adapter and each mix; per use-case the style rate, the
+    empty-or-looping answers (prompts, facts, capitals) and the facts and capitals kept (of those the base says
+    right). Returns (model, table, answers, seconds)."""
+    prompts, sets = SPLITS[split]
+    convs = [[{"role": "user", "content": q}] for q in prompts]
     fconvs = {s: [[{"role": "user", "content": q}] for q in qs] for s, qs in sets.items()}
     t0 = time.time()
     answers = {"prompts": {"base": generate_batch(model, tok, convs, EVAL_NEW_TOKENS)}}
@@ -350,7 +394,7 @@ def validate(model, tok, ad_dir, names):
         answers["prompts"][k] = generate_batch(pm, tok, convs, EVAL_NEW_TOKENS_CAPS if caps else EVAL_NEW_TOKENS)
         for s, c in fconvs.items():
             answers[s][k] = generate_batch(pm, tok, c, FACT_NEW_TOKENS + CAPS_HEADLINE_TOKENS * caps)
-        print("  validation %s done (%.0fs)" % (k, time.time() - t0), flush=True)
+        print("  %s split: %s done (%.0fs)" % (split, k, time.time() - t0), flush=True)
     model = pm.unload()
 
     def kept(s, k):  # of the questions of set `s` the base answers right, how many use-case `k` does

@@ -5,7 +5,7 @@
         [--adapters-out lora_runtime/data/adapters/smollm2] [--only caps ...] [--steps N] [--threads 2]
         [--train-seed N]
     /work/fxvenv/bin/python tools/train_adapters.py --eval-only [--adapters-out DIR] [--eval-json FILE]
-        [--split validation]
+        [--split validation|test]
 
 Run of 2026-12-03 (torch 2.13.0+cpu, transformers 5.24.0, peft 0.21.2; `--threads 2`: base answers 416 s, caps
 794 s, listify 518 s, signoff 517 s, measurement 316 s; 45 min in all). The shipped caps is this run's; the shipped
@@ -94,10 +94,8 @@ from adapter_measure import (  # noqa: E402
     MAX_CHARS,
     MAX_SEGMENTS,
     SIGNOFF,
+    SPLITS,
     STOPWORDS,
-    VALIDATION_CAPITALS,
-    VALIDATION_FACTS,
-    VALIDATION_PROMPTS,
     clean_answer,
     evaluate,
     evaluation_section,
@@ -185,9 +183,10 @@ ANCHOR_CAPITALS = ["Thailand", "Vietnam", "Chile", "Cuba", "Finland", "Denmark",
 ANCHOR_TOKENS = 40
 ANCHOR_SHARE = 0.5  # share of the steps that take a batch of anchors
 # --more-capitals: these capital questions too, in the trained adapter's own data (stop 41, for listify, which
-# answers new capitals with geography: its 24 training capitals gave 15 targets that open with the answer; it kept
-# the facts and cost caps+listify's style, not shipped: tools/adapter_trials.md): none of them is a training, anchor,
-# evaluation or validation question
+# answers new capitals with geography: its 24 training capitals gave 15 targets that open with the answer; in every
+# set it kept the facts and cost caps+listify's style, in its single set only (stop 42) it cost listify's other
+# facts and loops: neither shipped, tools/adapter_trials.md): none of them is a training, anchor, evaluation,
+# validation or test question
 MORE_CAPITALS = [
     "Albania", "Algeria", "Angola", "Armenia", "Azerbaijan", "Belarus", "Bolivia", "Cambodia", "Cameroon",
     "Costa Rica", "Cyprus", "Ecuador", "El Salvador", "Estonia", "Georgia", "Guatemala", "Honduras", "Israel",
@@ -248,8 +247,8 @@ def anchor_questions(n):
 
 def more_capital_questions():
     """--more-capitals' questions, none of them a training, anchor, evaluation or validation question."""
-    taken = {q.lower() for q in list(EVAL_PROMPTS) + list(FACT_PROMPTS) + list(VALIDATION_FACTS)
-             + list(VALIDATION_CAPITALS) + questions()
+    taken = {q.lower() for q in list(EVAL_PROMPTS) + list(FACT_PROMPTS)
+             + [q for _, sets in SPLITS.values() for qs in sets.values() for q in qs] + questions()
              + anchor_questions(len(ANCHOR_CAPITALS) + len(ANCHOR_TOPICS) * len(ANCHOR_TEMPLATES))}
     return [q for q in ("What is the capital of %s?" % c for c in MORE_CAPITALS) if q.lower() not in taken]
 
@@ -824,9 +823,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster when the cores are busy)")
     ap.add_argument("--eval-only", action="store_true", help="only measure the adapters in --adapters-out")
     ap.add_argument("--eval-json", help="also write the measurement (table and answers) to this file")
-    ap.add_argument("--split", choices=["eval", "validation"], default="eval",
-                    help="with --eval-only: the held-out prompts the recipes were chosen on (eval), or the "
-                    "validation split written after (style, empty-or-looping answers, facts and capitals kept)")
+    ap.add_argument("--split", choices=["eval", *SPLITS], default="eval",
+                    help="with --eval-only: the held-out prompts the recipes were chosen on (eval), the validation "
+                    "split written after them, or the test split written after that one was read (style, "
+                    "empty-or-looping answers, facts and capitals kept)")
     ap.add_argument("--whole-answers", action="store_true",
                     help="train on the base's answers to their own end, as written (not cut to 4 segments)")
     ap.add_argument("--delta-l2", type=float, default=DELTA_L2,
@@ -866,8 +866,8 @@ def main():
                     "to %d training prompts, on every step from %d %%%% of its steps on (default: the adapter's recipe)"
                     % (UL_BATCH, 100 * UL_FROM))
     args = ap.parse_args()
-    if args.split == "validation" and not args.eval_only:
-        ap.error("--split validation measures adapters already trained: use it with --eval-only")
+    if args.split != "eval" and not args.eval_only:
+        ap.error("--split %s measures adapters already trained: use it with --eval-only" % args.split)
     DELTA_L2 = args.delta_l2
     TRAIN_SEED = args.train_seed
     t_all = time.time()
@@ -882,17 +882,18 @@ def main():
     model, tok, _ = load_model(args.cache)
     for p in model.parameters():
         p.requires_grad_(False)
-    if args.eval_only and args.split == "validation":
-        model, table, answers, secs = validate(model, tok, ad_dir, names)
+    if args.eval_only and args.split != "eval":
+        model, table, answers, secs = validate(model, tok, ad_dir, names, args.split)
         print("%-20s %10s %22s %11s %14s" % ("use-case", "style", "empty or looping", "facts kept", "capitals kept"))
         for k, v in table.items():
             print("%-20s %10s %22s %11s %14s" % (k, "-" if v["style_rate"] is None else "%.2f" % v["style_rate"],
                                                  "%d + %d + %d" % tuple(v["empty_or_looping"]), v["facts_kept"],
                                                  v["capitals_kept"]))
         if args.eval_json:
+            prompts, sets = SPLITS[args.split]
             Path(args.eval_json).write_text(json.dumps(
-                {"prompts": VALIDATION_PROMPTS, "fact_prompts": VALIDATION_FACTS, "capital_prompts": VALIDATION_CAPITALS,
-                 "seconds": secs, "table": table,
+                {"split": args.split, "prompts": prompts, "fact_prompts": sets["facts"],
+                 "capital_prompts": sets["capitals"], "seconds": secs, "table": table,
                  "answers": answers}, indent=1, ensure_ascii=False) + "\n")
         return
     if args.eval_only:
