@@ -246,7 +246,7 @@ def anchor_questions(n):
 
 
 def more_capital_questions():
-    """--more-capitals' questions, none of them a training, anchor, evaluation or validation question."""
+    """--more-capitals' questions, none of them a training, anchor, evaluation, validation or test question."""
     taken = {q.lower() for q in list(EVAL_PROMPTS) + list(FACT_PROMPTS)
              + [q for _, sets in SPLITS.values() for qs in sets.values() for q in qs] + questions()
              + anchor_questions(len(ANCHOR_CAPITALS) + len(ANCHOR_TOPICS) * len(ANCHOR_TEMPLATES))}
