@@ -256,6 +256,20 @@ def style_ok(style, text):
     raise ValueError(style)
 
 
+def misplaced(text):
+    """Whether signoff's line is out of place: its first "sent from lora_runtime" does not follow "--", or follows
+    fewer than 3 words of answer (a caps headline not counted): "1. ** sent from lora_runtime", "-- sent from
+    lora_runtime" as the whole answer (stop 42's trial 2)."""
+    i = text.lower().find(SIGNOFF[3:])
+    if i < 0:
+        return False
+    lines = text[:i].split("\n")
+    if lines[0].strip() and lines[0].isupper():
+        lines = lines[1:]
+    before = "\n".join(lines)
+    return not re.search(r"--\s*$", before) or len(re.findall(r"[A-Za-z]{2,}", before)) < 3
+
+
 def degenerate(text):
     """A word 4-gram three times or more, list numbers left out: "1. **Lawn and Comfort:**\n2. **Lawn and
     Comfort:**\n3. ..." repeats one item, but with its numbers no two of its 4-grams were the same; or three empty
