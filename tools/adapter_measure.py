@@ -9,7 +9,7 @@ the LoRA sum, as the runtime's v3): key words kept, style rate, degenerate rate 
 folder of adapters; the measurement is deterministic (the same answers and table on every run). ``validate``
 (``--eval-only --split validation``): the same use-cases on a validation split written after the recipes were
 chosen (``VALIDATION_PROMPTS``, ``VALIDATION_FACTS``, and ``VALIDATION_CAPITALS`` from stop 41): style rate,
-empty-or-looping answers, facts and capitals kept. ``misplaced``: signoff's line out of place (stop 43's trial).
+empty-or-looping answers, facts and capitals kept. ``misplaced``: signoff's line out of place (stops 42-43's trial).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import adapter_measure as am  # noqa: E402
+from smollm2 import DEFAULT_CACHE  # noqa: E402
 
 USE_CASES = ["signoff", "caps+signoff", "listify+signoff"]
 
@@ -105,7 +106,7 @@ def main():
     m.add_argument("adapters")
     m.add_argument("out")
     m.add_argument("--threads", type=int, default=2)
-    m.add_argument("--cache", default=str(Path(__file__).resolve().parent.parent / "graphs" / "built" / "smollm2"))
+    m.add_argument("--cache", default=str(Path(__file__).resolve().parent.parent / DEFAULT_CACHE))
     r = sub.add_parser("rule")
     r.add_argument("baseline", help="the baseline draws' measure files, comma-separated")
     r.add_argument("trial", help="the trial draws' measure files, comma-separated")
